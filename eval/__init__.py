@@ -1,0 +1,1 @@
+"""Caption evaluation harness (installed as ``vlm.eval``)."""

@@ -1,0 +1,1 @@
+"""Command-line interface: ``vlm SUBCOMMAND``; one module per subcommand."""

@@ -1,0 +1,1 @@
+"""Exports: PEFT adapters, merged checkpoints, vLLM checks."""

@@ -1,0 +1,27 @@
+"""LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
+
+from vlm.families.base import Family, VllmSupport
+
+
+def _clip_vision(config) -> bool:
+    return getattr(getattr(config, "vision_config", None), "model_type", None) != "pixtral"
+
+
+FAMILY = Family(
+    name="llava",
+    description="LLaVA-1.5 (CLIP vision + MLP projector + Llama)",
+    model_types=("llava",),
+    config_matches=_clip_vision,
+    component_prefixes={
+        "vision": ("model.vision_tower",),
+        "projector": ("model.multi_modal_projector",),
+        "language": ("model.language_model",),
+        "embeddings": ("model.language_model.embed_tokens",),
+        "lm_head": ("lm_head",),
+    },
+    language_layers="model.language_model.layers",
+    image_placeholder="<image>",
+    image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
+    zoo_variants=("llava",),
+    vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),
+)

@@ -1,0 +1,23 @@
+"""Llama-3.2-Vision (Mllama): vision encoder + projector feeding gated cross-attention layers."""
+
+from vlm.families.base import Family, VllmSupport
+
+FAMILY = Family(
+    name="mllama",
+    description="Llama-3.2-Vision (Mllama: tiled vision encoder + cross-attention decoder)",
+    model_types=("mllama",),
+    component_prefixes={
+        "vision": ("model.vision_model",),
+        "projector": ("model.multi_modal_projector",),
+        "language": ("model.language_model",),
+        "embeddings": ("model.language_model.embed_tokens",),
+        "lm_head": ("lm_head",),
+    },
+    language_layers="model.language_model.layers",
+    image_placeholder="<|image|>",
+    image_token_rule="cross_attention: one <|image|> token per image; pixels enter through "
+                     "cross-attention (aspect_ratio_ids / aspect_ratio_mask / cross_attention_mask)",
+    zoo_variants=("mllama",),
+    vllm=VllmSupport(architecture="MllamaForConditionalGeneration", lora=True, bnb_4bit=True),
+    extra={"cross_attention": True},
+)

@@ -1,0 +1,22 @@
+"""Qwen2-VL and Qwen2.5-VL: ViT with 2×2 patch merger (the projector) + Qwen2 decoder with M-RoPE."""
+
+from vlm.families.base import Family, VllmSupport
+
+FAMILY = Family(
+    name="qwen2_vl",
+    description="Qwen2-VL / Qwen2.5-VL (ViT + PatchMerger + Qwen2 decoder, multimodal RoPE)",
+    model_types=("qwen2_vl", "qwen2_5_vl"),
+    component_prefixes={
+        "vision": ("model.visual",),
+        "projector": ("model.visual.merger",),
+        "language": ("model.language_model",),
+        "embeddings": ("model.language_model.embed_tokens",),
+        "lm_head": ("lm_head",),
+    },
+    language_layers="model.language_model.layers",
+    image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end",
+    zoo_variants=("qwen2_vl", "qwen2_5_vl"),
+    vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True),
+    extra={"needs_mm_token_type_ids": True, "rope": "mrope"},
+)

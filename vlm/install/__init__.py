@@ -1,0 +1,1 @@
+"""Install-time tooling (runs before the package itself may import)."""

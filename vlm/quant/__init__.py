@@ -1,0 +1,1 @@
+"""Per-component quantization policies and sensitivity analysis."""

@@ -1,0 +1,1 @@
+"""Offline tiny-model zoo: small checkpoints of each real architecture."""
