@@ -1,0 +1,1 @@
+"""Typed YAML configuration with strict keys and helpful errors."""

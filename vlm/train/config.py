@@ -1,0 +1,135 @@
+"""The training recipe's config: one YAML per model × method under ``configs/``.
+
+Sections: ``model``, ``quant``, ``kernels``, ``lora``, ``data``, ``training``, ``output``, ``logging``.
+Every key is checked (unknown → closest valid key; bad value → allowed values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlm.config.schema import apply_overrides, choices, load_yaml, parse_section
+from vlm.errors import ConfigError
+
+LORA_TARGET_GROUPS = ("language.attention", "language.mlp", "vision", "projector")
+
+
+@dataclass
+class ModelSection:
+    path: str
+    dtype: str = choices("bf16", "fp16", "fp32", default="bf16")
+    device: str | None = None
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # groups (language.attention, language.mlp, vision, projector) and/or explicit module names
+    targets: list[str] = field(default_factory=lambda: ["language.attention", "language.mlp"])
+    modules_to_save: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.r < 1:
+            raise ConfigError(f"{where}.r: must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ConfigError(f"{where}.targets: give at least one of {', '.join(LORA_TARGET_GROUPS)} "
+                              "or explicit module names")
+
+
+@dataclass
+class DataFile:
+    path: str
+    weight: float = 1.0
+    format: str = choices("auto", "sharegpt", "messages", default="auto")
+
+
+@dataclass
+class DataSection:
+    train: list[DataFile | str] = field(default_factory=list)
+    eval: list[DataFile | str] = field(default_factory=list)
+    image_root: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_length: int = 2048
+    truncation: str = choices("text", "drop", default="text",
+                              doc="over-long samples: cut text only (never an image block) or drop")
+    on_error: str = choices("raise", "skip", default="raise")
+    labels: str = choices("assistant", "all", "last", default="assistant")
+    group_by_length: bool = True
+    pad_to_multiple_of: int | None = 8
+    num_workers: int = 0
+
+    def validate(self, where: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{where}.train: give at least one data file")
+        self.train = [DataFile(path=f) if isinstance(f, str) else f for f in self.train]
+        self.eval = [DataFile(path=f) if isinstance(f, str) else f for f in self.eval]
+        if self.max_length < 16:
+            raise ConfigError(f"{where}.max_length: must be >= 16, got {self.max_length}")
+
+
+@dataclass
+class TrainingSection:
+    lr: float = 2e-4
+    schedule: str = choices("cosine", "linear", "constant", "constant_with_warmup", default="cosine")
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 1
+    grad_accum: int = 1
+    gradient_checkpointing: bool = True
+    optimizer: str = choices("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", default="adamw")
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = choices("bf16", "fp16", "fp32", default="bf16")
+    seed: int = 42
+    save_steps: int = 100
+    save_total_limit: int = 3
+    logging_steps: int = 1
+    train_vision: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError(f"{where}: batch_size and grad_accum must be >= 1")
+        if self.save_total_limit < 2:
+            raise ConfigError(f"{where}.save_total_limit: must be >= 2 so a crash mid-save keeps the "
+                              "previous checkpoint")
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = True
+    report_to: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection
+    data: DataSection
+    quant: Any = None            # preset name, dict or YAML path: see vlm.quant.policy
+    kernels: bool = True
+    lora: LoraSection = field(default_factory=LoraSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    output: str = "runs/train"
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+def parse_config(data: dict, overrides: list[str] | None = None) -> TrainConfig:
+    data = apply_overrides(data, overrides or [])
+    if isinstance(data.get("model"), str):
+        data["model"] = {"path": data["model"]}
+    return parse_section(TrainConfig, data)
+
+
+def load_config(path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training YAML (+ ``key=value`` overrides); relative data/model paths stay as written."""
+    return parse_config(load_yaml(path), overrides)
