@@ -1,0 +1,104 @@
+"""LoRA adapters (PEFT) on the components a config names, with vLLM-servability warnings.
+
+Targets are groups — ``language.attention``, ``language.mlp``, ``vision``, ``projector`` — resolved
+through the family record to a regex over *full* module names (PEFT matches a string
+``target_modules`` with ``re.fullmatch``), or explicit module names/regexes passed through.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Iterable
+
+import torch.nn as nn
+
+from vlm.errors import ConfigError
+from vlm.families import Family
+from vlm.families.base import VLLM_LORA_RANKS
+
+GROUPS = ("language.attention", "language.mlp", "vision", "projector")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    import bitsandbytes as bnb  # noqa: F401  (Linear4bit/8bitLt subclass nn.Linear)
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def resolve_targets(model: nn.Module, family: Family, targets: Iterable[str]) -> list[str]:
+    """Full names of the linear modules that get LoRA, in model order."""
+    linears = _linear_names(model)
+    chosen: set[str] = set()
+    for t in targets:
+        if t in ("language.attention", "language.mlp"):
+            leaves = family.lora_attention if t.endswith("attention") else family.lora_mlp
+            hit = [n for n in linears if family.component_of(n) == "language" and n.rsplit(".", 1)[-1] in leaves]
+        elif t in ("vision", "projector"):
+            hit = [n for n in linears if family.component_of(n) == t]
+        else:  # explicit: a leaf name ("q_proj"), a full name, or a regex over full names
+            try:
+                pat = re.compile(t)
+            except re.error as e:
+                raise ConfigError(f"lora.targets: {t!r} is not a group ({', '.join(GROUPS)}), a module "
+                                  f"name or a valid regex: {e}") from None
+            hit = [n for n in linears if n == t or n.endswith("." + t) or pat.fullmatch(n)]
+        if not hit:
+            raise ConfigError(f"lora.targets: {t!r} matches no linear module of this {family.name} model")
+        chosen.update(hit)
+    return [n for n in linears if n in chosen]
+
+
+def names_to_regex(names: list[str]) -> str:
+    """An exact-match regex for a list of full module names (compact: one alternative per leaf)."""
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def vllm_serving_warnings(family: Family, target_names: list[str], r: int,
+                          modules_to_save: list[str]) -> list[str]:
+    """What vLLM will refuse or ignore in an adapter with these targets (ENVIRONMENT.md, vLLM 0.32)."""
+    out = []
+    comps = {family.component_of(n) for n in target_names}
+    if family.vllm is None or not family.vllm.lora:
+        out.append(f"vLLM does not serve LoRA for {family.name}: serve a merged checkpoint (vlm export --merged)")
+    if r not in VLLM_LORA_RANKS:
+        out.append(f"rank {r} is not one vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))}): "
+                   "pick one of those or serve merged")
+    if {"lm_head", "embeddings"} & comps:
+        out.append("LoRA on lm_head/embeddings is rejected by vLLM: serve merged (vlm export --merged)")
+    if modules_to_save:
+        out.append("modules_to_save is rejected by vLLM: serve merged (vlm export --merged)")
+    if {"vision", "projector"} & comps:
+        if family.vllm is not None and family.vllm.tower_connector_lora:
+            out.append("vision/projector LoRA is ignored by vLLM unless served with "
+                       "--enable-tower-connector-lora (experimental); `vlm serve` sets it, or serve merged")
+        else:
+            out.append("vLLM cannot serve vision/projector LoRA for this family: serve merged")
+    return out
+
+
+def apply_lora(model: nn.Module, family: Family, *, r: int = 16, alpha: float = 16.0,
+               dropout: float = 0.0, targets: Iterable[str] = ("language.attention", "language.mlp"),
+               modules_to_save: list[str] | None = None, use_rslora: bool = False,
+               gradient_checkpointing: bool = False, warn: bool = True) -> Any:
+    """Wrap ``model`` in a PEFT ``PeftModel`` with LoRA on the resolved targets."""
+    from peft import LoraConfig, get_peft_model
+
+    names = resolve_targets(model, family, list(targets))
+    if warn:
+        for w in vllm_serving_warnings(family, names, r, modules_to_save or []):
+            warnings.warn(f"vLLM serving: {w}", stacklevel=2)
+    # Unlike peft's prepare_model_for_kbit_training we do not upcast the 16-bit parts to fp32: the
+    # protected vision tower and lm_head stay in their load dtype (half the memory); LoRA weights
+    # are created in fp32 by PEFT and autocast handles the mixed matmuls.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names_to_regex(names),
+                        modules_to_save=modules_to_save or None, use_rslora=use_rslora, bias="none",
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_model.vlm_family = family
+    return peft_model
