@@ -1,0 +1,165 @@
+"""RMSNorm: forward and backward in Triton, fp32 accumulation, any of fp32/fp16/bf16 in and out.
+
+Math (one row x of length N, weight w, eps):
+
+    forward   r   = 1 / sqrt(mean_j(x_j²) + eps)           (saved per row, fp32)
+              x̂   = x · r
+              y   = x̂ · w
+
+    backward  g   = dy · w                                   (elementwise)
+              dx  = r · (g − x̂ · mean_j(g_j · x̂_j))
+              dw  = Σ_rows dy · x̂
+
+Bytes per call (M rows): forward reads x and writes y (2·M·N·itemsize) plus w; backward reads x, dy
+and writes dx (3·M·N·itemsize) plus a (programs × N) fp32 partial for dw that torch sums.
+HF's LlamaRMSNorm rounds x̂ to the input dtype before multiplying by w; we keep x̂ in fp32 (a rounding
+difference of one bf16 ulp at most).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vlm.kernels._util import check_device, interpreting, next_pow2, warps_for
+
+
+@triton.jit
+def _rms_fwd_kernel(X, W, Y, RSTD, M, N, stride_x, stride_y, eps,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    ms = tl.sum(x * x, axis=1) / N
+    r = 1.0 / tl.sqrt(ms + eps)
+    y = x * r[:, None] * w[None, :]
+    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, r, mask=rmask)
+
+
+@triton.jit
+def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, M, N, stride_dy, stride_x, stride_dx, rows_per_prog,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for start in range(row_start, row_end, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = x * r[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * xhat, axis=1) / N
+        dx = r[:, None] * (g - xhat * c[:, None])
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dy * xhat, axis=0)
+    tl.store(DW_PART + pid * N + cols, dw_acc, mask=cmask)
+
+
+def _fwd_config(N: int, M: int):
+    block_n = next_pow2(N)
+    # the interpreter's cost is per program: give it 2-D tiles; a GPU gets one row per program
+    # unless rows are short (then pack rows so a program still moves >= 4 KB).
+    if interpreting():
+        rows = max(1, min(next_pow2(M), 4096 // block_n))
+    else:
+        rows = max(1, min(16, 2048 // block_n))
+    return block_n, rows, warps_for(block_n * rows)
+
+
+def _rms_fwd(x2: torch.Tensor, w: torch.Tensor, eps: float):
+    M, N = x2.shape
+    y = torch.empty_like(x2)
+    rstd = torch.empty(M, device=x2.device, dtype=torch.float32)
+    block_n, rows, nw = _fwd_config(N, M)
+    _rms_fwd_kernel[(triton.cdiv(M, rows),)](x2, w, y, rstd, M, N, x2.stride(0), y.stride(0), eps,
+                                             ROWS=rows, BLOCK_N=block_n, num_warps=nw)
+    return y, rstd
+
+
+def _rms_bwd(dy2, x2, w, rstd):
+    M, N = x2.shape
+    dx = torch.empty_like(x2)
+    block_n = next_pow2(N)
+    if interpreting():
+        programs, rows = 1, max(1, min(next_pow2(M), 4096 // block_n))
+    else:
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        programs, rows = min(M, 4 * sms), max(1, min(8, 2048 // block_n))
+    rows_per_prog = triton.cdiv(M, programs)
+    programs = triton.cdiv(M, rows_per_prog)
+    dw_part = torch.empty(programs, N, device=x2.device, dtype=torch.float32)
+    _rms_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, dw_part, M, N, dy2.stride(0), x2.stride(0),
+                                 dx.stride(0), rows_per_prog, ROWS=rows, BLOCK_N=block_n,
+                                 num_warps=warps_for(block_n * rows))
+    return dx, dw_part.sum(0).to(w.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        check_device(x, weight)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y, rstd = _rms_fwd(x2, weight.contiguous(), eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dy2 = dy.reshape(-1, x2.shape[-1])
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx, dw = _rms_bwd(dy2, x2, weight.contiguous(), rstd)
+        return dx.view(dy.shape), (dw if ctx.needs_input_grad[1] else None), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Triton RMSNorm over the last dimension; output dtype = x's dtype."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Pure torch, fp32 math, same rounding points as the kernel (output cast to x's dtype)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return y.to(x.dtype)
+
+
+class TritonRMSNorm(torch.nn.Module):
+    """Drop-in for HF ``*RMSNorm`` modules (same ``weight`` parameter and ``variance_epsilon``)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, weight: torch.nn.Parameter | None = None):
+        super().__init__()
+        self.weight = weight if weight is not None else torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    @classmethod
+    def from_module(cls, mod: torch.nn.Module) -> "TritonRMSNorm":
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
+        new = cls(mod.weight.shape[0], eps, weight=mod.weight)
+        new._replaced = mod  # kept for unpatch
+        return new
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, triton"
