@@ -1,0 +1,27 @@
+"""Named problems a record can have. Each is the ``code`` of a :class:`vlm.errors.DataError`.
+
+Tests and the rejects file refer to problems by these names, so they are part of the public API.
+"""
+
+INVALID_JSON = "invalid_json"             # a line / array element is not valid JSON (line number given)
+WRONG_TYPE = "wrong_type"                 # a field has the wrong JSON type (e.g. conversations is a dict)
+UNKNOWN_FORMAT = "unknown_format"         # neither `conversations` nor `messages`
+UNKNOWN_ROLE = "unknown_role"             # `from`/`role` outside the known names
+EMPTY_CONVERSATION = "empty_conversation"  # no turns at all
+NO_ASSISTANT_TURN = "no_assistant_turn"   # nothing to train on
+NON_STRING_CONTENT = "non_string_content"  # a text value that is not a string
+PLACEHOLDER_MISMATCH = "placeholder_mismatch"  # `<image>` count != number of images
+MISSING_IMAGE = "missing_image"           # the image file does not exist
+CORRUPT_IMAGE = "corrupt_image"           # unreadable / truncated / not an image
+IMAGE_TOO_LARGE = "image_too_large"       # over the pixel limit (decompression bomb guard)
+PATH_ESCAPE = "path_escape"               # `../` or an absolute path outside image_root
+TOO_LONG = "too_long"                     # over max_length and cannot be truncated in text only
+NO_TRAINABLE_TOKENS = "no_trainable_tokens"  # after truncation nothing is left to learn from
+
+# Source-level problems (the whole file, not one record).
+MISSING_FILE = "missing_file"
+UNSUPPORTED_SOURCE = "unsupported_source"
+
+ALL = (INVALID_JSON, WRONG_TYPE, UNKNOWN_FORMAT, UNKNOWN_ROLE, EMPTY_CONVERSATION, NO_ASSISTANT_TURN,
+       NON_STRING_CONTENT, PLACEHOLDER_MISMATCH, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE,
+       PATH_ESCAPE, TOO_LONG, NO_TRAINABLE_TOKENS, MISSING_FILE, UNSUPPORTED_SOURCE)

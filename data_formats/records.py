@@ -1,0 +1,60 @@
+"""Raw record (a dict from any source) -> validated-structure :class:`Conversation`.
+
+Detects the record format (``conversations`` = LLaVA/ShareGPT, ``messages`` = OpenAI style), parses
+it, checks the structure every format shares (not empty, has an assistant turn) and stamps the
+location (file, record index, id) on the result and on every error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlm.data_formats import problems
+from vlm.data_formats.conversation import Conversation
+from vlm.data_formats.messages import parse_messages
+from vlm.data_formats.sharegpt import parse_sharegpt
+from vlm.errors import DataError
+
+
+def record_id_of(raw: Any) -> str | None:
+    if isinstance(raw, dict) and raw.get("id") is not None and not isinstance(raw.get("id"), (dict, list)):
+        return str(raw["id"])
+    return None
+
+
+def located(err: DataError, *, source: str | None, index: int | None, record_id: str | None) -> DataError:
+    """A copy of ``err`` that names where it happened (keeps what it already named)."""
+    return DataError(err.problem, file=err.file or source, index=err.index if err.index is not None else index,
+                     record_id=err.record_id or record_id, code=err.code)
+
+
+def check_structure(conv: Conversation) -> None:
+    """Problems shared by every format: nothing to read, or nothing to learn."""
+    if not conv.turns:
+        raise DataError("the conversation is empty", code=problems.EMPTY_CONVERSATION)
+    if not conv.assistant_turn_indices():
+        raise DataError(f"no assistant turn (roles: {', '.join(conv.roles())})",
+                        code=problems.NO_ASSISTANT_TURN)
+
+
+def parse_record(raw: Any, *, source: str | None = None, index: int | None = None,
+                 image_root: str | None = None) -> Conversation:
+    """Parse one record of either format; every error names ``source``, ``index`` and the id."""
+    rid = record_id_of(raw)
+    try:
+        if not isinstance(raw, dict):
+            raise DataError(f"a record must be a JSON object, got {type(raw).__name__}",
+                            code=problems.WRONG_TYPE)
+        if "conversations" in raw:
+            conv = parse_sharegpt(raw)
+        elif "messages" in raw:
+            conv = parse_messages(raw)
+        else:
+            keys = ", ".join(sorted(map(str, raw))[:8]) or "none"
+            raise DataError(f"neither 'conversations' (LLaVA/ShareGPT) nor 'messages' (OpenAI) "
+                            f"in the record (keys: {keys})", code=problems.UNKNOWN_FORMAT)
+        check_structure(conv)
+    except DataError as e:
+        raise located(e, source=source, index=index, record_id=rid) from None
+    conv.record_id, conv.source, conv.index, conv.image_root = rid, source, index, image_root
+    return conv

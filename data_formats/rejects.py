@@ -1,0 +1,96 @@
+"""The record of what was rejected: counts per problem, the first few errors for the report, and
+(optionally) every rejected record written to a JSONL rejects file. Nothing is dropped silently.
+
+The rejects file is written to ``<path>.tmp`` and moved into place by :meth:`RejectLog.close`
+(``os.replace``), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import IO, Any
+
+from vlm.errors import DataError
+
+MAX_KEPT_ERRORS = 200          # errors kept in memory for the printed report
+MAX_RECORD_CHARS_IN_REJECTS = 65_536
+
+
+class RejectLog:
+    """Collects rejected records. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike | None = None, keep: int = MAX_KEPT_ERRORS):
+        self.path = Path(path) if path is not None else None
+        self.keep = keep
+        self.counts: Counter[str] = Counter()
+        self.errors: list[DataError] = []
+        self._fh: IO[str] | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, err: DataError, raw: Any = None) -> None:
+        self.counts[err.code] += 1
+        if len(self.errors) < self.keep:
+            self.errors.append(err)
+        if self.path is not None:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self._tmp_path(), "w", encoding="utf-8")
+            entry = {"file": err.file, "index": err.index, "id": err.record_id, "code": err.code,
+                     "problem": err.problem}
+            record = _json_or_none(raw)
+            if record is not None:
+                entry["record"] = record
+            self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def _tmp_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
+
+    def close(self) -> None:
+        """Finish the rejects file (atomically). With no rejects, no file is written."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            os.replace(self._tmp_path(), self.path)
+
+    def __enter__(self) -> "RejectLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def summary(self) -> str:
+        """One paragraph: how many, which problems, the first errors, where the file is."""
+        if not self.total:
+            return "no records rejected"
+        kinds = ", ".join(f"{code}: {n}" for code, n in self.counts.most_common())
+        lines = [f"{self.total} record(s) rejected ({kinds})"]
+        lines += [f"  {e}" for e in self.errors[:20]]
+        if self.total > 20:
+            lines.append(f"  ... and {self.total - 20} more")
+        if self.path is not None:
+            lines.append(f"  all rejects written to {self.path}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "by_problem": dict(self.counts),
+                "errors": [{"file": e.file, "index": e.index, "id": e.record_id, "code": e.code,
+                            "problem": e.problem} for e in self.errors],
+                "errors_truncated": self.total > len(self.errors),
+                "rejects_file": str(self.path) if self.path is not None else None}
+
+
+def _json_or_none(raw: Any) -> Any:
+    """The raw record if it is small plain JSON (not images in memory), else None."""
+    if raw is None:
+        return None
+    try:
+        text = json.dumps(raw, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return None
+    return raw if len(text) <= MAX_RECORD_CHARS_IN_REJECTS else None
