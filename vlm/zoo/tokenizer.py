@@ -1,0 +1,103 @@
+"""Train the zoo's small BPE tokenizers offline, in the style of each family's real tokenizer.
+
+Every family's real tokenizer is a BPE; they differ in how text is split before BPE runs:
+
+- ``qwen2``: byte-level BPE after Qwen2's split regex (digits one by one), NFC normalization.
+- ``llama3``: byte-level BPE after Llama 3's split regex (digits in groups of up to three).
+- ``tekken``: byte-level BPE after Mistral's Tekken regex (Pixtral).
+- ``spm``: SentencePiece-style BPE (LLaVA-1.5's Llama 2 tokenizer): ``▁`` marks word starts,
+  unknown characters fall back to byte tokens ``<0x00>``..``<0xFF>`` (ids 3..258, as in Llama 2).
+
+``train_bpe`` returns ``(vocab, merges)``; the builders hand them to the family's own transformers
+tokenizer class, so the saved tokenizer is what that class would load for a real checkpoint.
+Training is deterministic (fixed corpus, one thread) and takes a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from vlm.errors import VlmError
+from vlm.zoo.corpus import corpus_lines
+
+QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+TEKKEN_REGEX = (r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+                r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
+                r"""|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_REGEXES = {"qwen2": QWEN2_REGEX, "llama3": LLAMA3_REGEX, "tekken": TEKKEN_REGEX}
+STYLES = ("qwen2", "llama3", "tekken", "spm")
+SPM_BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+
+
+def _byte_level_tokenizer(style: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())
+    if style == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_REGEXES[style]), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _spm_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    # split=True while training keeps merges inside words, as SentencePiece does.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def _train(style: str, vocab_size: int, head_specials: tuple[str, ...]) -> str:
+    from tokenizers import pre_tokenizers, trainers
+
+    if style not in STYLES:
+        raise VlmError(f"tokenizer style {style!r} is not one of {', '.join(STYLES)}")
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    if style == "spm":
+        tok = _spm_tokenizer()
+        specials = list(head_specials) + list(SPM_BYTE_TOKENS)
+        alphabet: list[str] = []
+    else:
+        tok = _byte_level_tokenizer(style)
+        specials = list(head_specials)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False, min_frequency=1)
+    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    return json.dumps({"vocab": model["vocab"], "merges": model["merges"]})
+
+
+def train_bpe(style: str, vocab_size: int, head_specials: tuple[str, ...] = ()
+              ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train a BPE of ``vocab_size`` entries on the built-in corpus.
+
+    ``head_specials`` take ids ``0..k-1`` (e.g. Llama's ``<unk> <s> </s>``). Returns ``(vocab, merges)``
+    with merges as pairs. Raises if the corpus cannot fill ``vocab_size`` (choose a smaller size).
+    """
+    data = json.loads(_train(style, vocab_size, tuple(head_specials)))
+    vocab = data["vocab"]
+    if len(vocab) != vocab_size:
+        raise VlmError(f"the zoo corpus gives a {style} BPE of {len(vocab)} entries, not {vocab_size}: "
+                       f"choose a vocab size <= {len(vocab)}")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["merges"]]
+    return vocab, merges
+
+
+def check_special_ids(tokenizer, expected: dict[str, int]) -> None:
+    """Fail loudly if a special token did not land on the id the model config names."""
+    for token, want in expected.items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != want:
+            raise VlmError(f"zoo tokenizer: {token!r} has id {got}, the model config expects {want}")
