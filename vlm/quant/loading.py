@@ -1,0 +1,200 @@
+"""Load a checkpoint with a quantization policy; save it so plain ``from_pretrained`` reloads it.
+
+``load_quantized`` (called by ``vlm.load(path, quant=...)``):
+
+1. parse the policy (preset name / dict / YAML path / QuantPolicy);
+2. plan: a static policy resolves against a meta-device skeleton (no weights read); a dynamic one
+   loads the 16-bit weights once on ``device``, measures every candidate layer on calibration
+   batches (vlm.quant.sensitivity) and protects the worst under the budget, then frees them;
+3. load through transformers + bitsandbytes with a ``BitsAndBytesConfig`` whose
+   ``llm_int8_skip_modules`` lists every 16-bit linear by full name (vlm.quant.plan.skip_modules)
+   plus vLLM's names for them, and check that the set of bitsandbytes layers equals the plan
+   (a mismatch is an error, never a silent difference);
+4. record the policy, the plan and the analysis in ``model.config.vlmtune["quant"]``: it rides in
+   config.json next to the standard ``quantization_config`` when the model is saved.
+
+Storage type: one of nf4/fp4/int8 per model, the rest 16-bit in the load dtype (bf16/fp16 in a
+policy both mean "not quantized").
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.errors import VlmError
+from vlm.quant.calibration import calibration_batches
+from vlm.quant.plan import QuantPlan, quantizable_linears, resolve_plan
+from vlm.quant.policy import FOUR_BIT, QUANTIZED, QuantPolicy
+from vlm.quant.sensitivity import choose_protected, measure
+from vlm.quant.vllm_names import vllm_skip_names
+
+
+def meta_model(config, dtype: torch.dtype = torch.bfloat16):
+    """The model's module tree on the meta device (names and shapes, no memory)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+
+
+def analyse(model, family, policy: QuantPolicy, batches: list[dict] | None, *,
+            measure_all: bool = False) -> QuantPlan:
+    """Plan for a loaded 16-bit ``model``; runs the sensitivity analysis when the policy asks.
+
+    ``measure_all``: measure every quantizable linear (as if stored in the policy's quantized type,
+    nf4 when it has none), not only the analysis' candidates (used by the quant report).
+    """
+    base = resolve_plan(policy, model, family)
+    kind = base.quant_kind or "nf4"
+    if measure_all:
+        names = {n: (lp.precision if lp.precision in QUANTIZED else kind) for n, lp in base.layers.items()}
+    elif policy.sensitivity:
+        names = {n: lp.precision for n, lp in base.layers.items()
+                 if lp.precision in QUANTIZED and lp.reason == "component"}
+    else:
+        return base
+    errors = measure(model, names, batches, double_quant=policy.double_quant,
+                     max_rows=policy.max_rows, seed=policy.seed)
+    if not policy.sensitivity:
+        return resolve_plan(policy, model, family, analysis={"errors": errors})
+    protected, analysis = choose_protected(base, errors, budget=policy.budget, metric=policy.metric)
+    analysis["errors"] = errors
+    return resolve_plan(policy, model, family, protected=protected, analysis=analysis)
+
+
+def bnb_config(plan: QuantPlan, dtype: torch.dtype):
+    """The BitsAndBytesConfig that quantizes exactly ``plan.quantized()``."""
+    from transformers import BitsAndBytesConfig
+
+    kind = plan.quant_kind
+    skip = plan.skip_modules()
+    vllm, partial = vllm_skip_names(plan.family, plan.kept())
+    # vLLM's names go in the same list when transformers would read none of them as a quantized
+    # layer (they are usually no HF name at all; otherwise they name the same kept layer).
+    quantized = set(plan.quantized())
+    from vlm.quant.plan import _hf_skip_matches
+    vllm_ok = [v for v in vllm if not any(_hf_skip_matches(v, q) for q in quantized)]
+    plan.analysis["vllm"] = {"skip_modules": vllm_ok, "not_skippable_alone": partial}
+    names = skip + [v for v in vllm_ok if v not in skip]
+    if kind in FOUR_BIT:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                  bnb_4bit_use_double_quant=plan.policy.double_quant,
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+                                  llm_int8_skip_modules=names)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=names)
+    raise VlmError("bnb_config: the plan quantizes nothing")
+
+
+def bnb_layer_names(model) -> dict[str, str]:
+    """Full names of bitsandbytes layers in ``model`` → 'nf4'/'fp4'/'int8'."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            out[n] = getattr(m.weight, "quant_type", None) or "nf4"
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            out[n] = "int8"
+    return out
+
+
+def verify(model, plan: QuantPlan) -> None:
+    """The bitsandbytes layers of ``model`` must be exactly the plan's quantized layers."""
+    got = bnb_layer_names(model)
+    want = {n: plan.layers[n].precision for n in plan.quantized()}
+    if got != want:
+        extra = sorted(set(got) - set(want))[:3]
+        missing = sorted(set(want) - set(got))[:3]
+        wrong = sorted(n for n in set(got) & set(want) if got[n] != want[n])[:3]
+        raise VlmError(f"quantized layers differ from the plan: unexpectedly quantized {extra}, "
+                       f"not quantized {missing}, wrong type {wrong}")
+
+
+def _metadata(plan: QuantPlan) -> dict[str, Any]:
+    meta = plan.to_json()
+    errs = meta.get("analysis", {}).get("errors")
+    if errs:  # compact: name -> [weight_error, activation_error]
+        meta["analysis"] = dict(meta["analysis"])
+        meta["analysis"]["errors"] = {n: [round(e["weight_error"], 6),
+                                          None if e["activation_error"] is None
+                                          else round(e["activation_error"], 6)]
+                                      for n, e in errs.items()}
+    return meta
+
+
+def attach_metadata(model, plan: QuantPlan) -> None:
+    """``model.config.vlmtune["quant"]`` = policy, counts, protected layers, analysis."""
+    vt = dict(getattr(model.config, "vlmtune", None) or {})
+    vt["quant"] = _metadata(plan)
+    model.config.vlmtune = vt
+    model.vlm_quant_plan = plan
+
+
+def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: torch.dtype,
+                   device: str | torch.device, calibration: Any = None, processor=None,
+                   budget: Any = None):
+    """``vlm.load``'s quantized path; see the module docstring. Returns the model."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlm.families import family_for_config
+    from vlm.load import load_config
+
+    config = config if config is not None else load_config(source)
+    family = family if family is not None else family_for_config(config)
+    policy = QuantPolicy.parse(quant, budget=budget)
+    device = str(device)
+    if policy.quant_kind is None:
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device)
+        attach_metadata(model, resolve_plan(policy, model, family))
+        return model
+    if policy.sensitivity:
+        model16 = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device)
+        batches = calibration_batches(calibration, processor, n=policy.calibration_samples,
+                                      seed=policy.seed)
+        plan = analyse(model16, family, policy, batches)
+        del model16
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        plan = resolve_plan(policy, meta_model(config, dtype), family)
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, quantization_config=bnb_config(plan, dtype), dtype=dtype, device_map=device)
+    verify(model, plan)
+    attach_metadata(model, plan)
+    return model
+
+
+def save_quantized(model, out_dir: str | os.PathLike, processor=None) -> Path:
+    """Write ``model`` (and ``processor``) to ``out_dir`` atomically: a sibling temp folder, then
+    a rename. config.json carries ``quantization_config`` and ``vlmtune.quant``."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["analyse", "attach_metadata", "bnb_config", "bnb_layer_names", "load_quantized",
+           "meta_model", "save_quantized", "verify", "quantizable_linears"]

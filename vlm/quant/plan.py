@@ -1,0 +1,211 @@
+"""Resolve a QuantPolicy against a concrete model: a precision for every linear, by full name.
+
+Quantizable layers are modules whose type is exactly ``torch.nn.Linear`` (what transformers'
+bitsandbytes integration converts). Each gets, in order:
+
+1. its component's precision (``family.component_of(name)``; outside every component: 16-bit);
+2. the last override whose glob matches its full name or the full name of one of its ancestors
+   (``fnmatch``: ``model.visual.blocks.1`` covers that block only, ``*.mlp.down_proj`` every
+   down projection); a glob that matches no module is an error;
+3. for dynamic policies, "protected" (kept 16-bit) when the sensitivity analysis chose it.
+
+The plan also knows the rest of the model's parameters (embeddings, norms, convolutions) so it
+can state whole-model bytes, and produces the ``llm_int8_skip_modules`` list that makes
+transformers quantize exactly the planned layers (``skip_modules``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from vlm.errors import ConfigError, VlmError
+from vlm.quant.metrics import layer_bytes
+from vlm.quant.policy import QUANTIZED, QuantPolicy
+
+# Linears that vLLM fuses into one layer (q,k,v → qkv_proj; gate,up → gate_up_proj): the
+# sensitivity analysis protects such siblings together so the skip list stays servable.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    component: str
+    out_features: int
+    in_features: int
+    bias: bool
+    precision: str                 # final precision
+    base_precision: str            # before the sensitivity analysis
+    reason: str                    # "component", "override <glob>", "protected", "outside components"
+    group: str                     # fused-sibling group key (== name for singletons)
+    index: int                     # position in module order (for plots)
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features + (self.out_features if self.bias else 0)
+
+    def nbytes(self, precision: str | None = None, double_quant: bool = True) -> int:
+        return layer_bytes(self.out_features, self.in_features, precision or self.precision,
+                           double_quant, self.bias)
+
+
+@dataclass
+class QuantPlan:
+    policy: QuantPolicy
+    family: str
+    layers: dict[str, LayerPlan]
+    other_params: int                       # parameters outside quantizable linears
+    other_bytes: int                        # their bytes (load dtype)
+    analysis: dict[str, Any] = field(default_factory=dict)   # sensitivity results, if any
+    linear_names: tuple[str, ...] = ()      # every module name in the model (for skip checks)
+
+    @property
+    def quant_kind(self) -> str | None:
+        kinds = {lp.precision for lp in self.layers.values() if lp.precision in QUANTIZED}
+        return next(iter(kinds)) if kinds else None
+
+    def quantized(self) -> list[str]:
+        return [n for n, lp in self.layers.items() if lp.precision in QUANTIZED]
+
+    def kept(self) -> list[str]:
+        return [n for n, lp in self.layers.items() if lp.precision not in QUANTIZED]
+
+    def count_by_component(self, precision: str | None = None) -> dict[str, int]:
+        """Number of layers per component stored in ``precision`` (default: any quantized one)."""
+        out: dict[str, int] = {}
+        for lp in self.layers.values():
+            hit = lp.precision in QUANTIZED if precision is None else lp.precision == precision
+            if hit:
+                out[lp.component] = out.get(lp.component, 0) + 1
+        return out
+
+    def total_bytes(self) -> int:
+        dq = self.policy.double_quant
+        return self.other_bytes + sum(lp.nbytes(double_quant=dq) for lp in self.layers.values())
+
+    def bytes_if(self, precision_of: dict[str, str], double_quant: bool = True) -> int:
+        return self.other_bytes + sum(lp.nbytes(precision_of.get(n, lp.precision), double_quant)
+                                      for n, lp in self.layers.items())
+
+    def skip_modules(self, module_names: list[str] | None = None) -> list[str]:
+        """Full names of every linear kept 16-bit, written so transformers skips exactly them.
+
+        transformers (quantizers_utils.should_convert_module) skips a module when a key k gives
+        ``re.match(k + "\\.", name) or re.match(k, name) or name.endswith(k)``: keys are regexes
+        matched at the start without a boundary, so ``...blocks.1.mlp.fc1`` would also skip
+        ``...blocks.1.mlp.fc10`` if such a module existed. A plain name is used where it matches
+        no other module name; otherwise the anchored regex ``re.escape(name) + "$"``.
+        """
+        names = list(module_names or self.linear_names or self.layers)
+        out = []
+        for n in self.kept():
+            if any(m != n and _hf_skip_matches(n, m) for m in names):
+                out.append(re.escape(n) + "$")
+            else:
+                out.append(n)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"policy": self.policy.to_dict(), "family": self.family,
+                "quant_kind": self.quant_kind, "double_quant": self.policy.double_quant,
+                "bytes": self.total_bytes(),
+                "counts": {"quantized": self.count_by_component(),
+                           "total": _count_all(self.layers)},
+                "protected": sorted(n for n, lp in self.layers.items() if lp.reason == "protected"),
+                "overridden": {n: lp.reason[len("override "):] for n, lp in self.layers.items()
+                               if lp.reason.startswith("override ")},
+                "analysis": self.analysis}
+
+
+def _count_all(layers: dict[str, LayerPlan]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lp in layers.values():
+        out[lp.component] = out.get(lp.component, 0) + 1
+    return out
+
+
+def _hf_skip_matches(key: str, name: str) -> bool:
+    """transformers' own test (quantizers_utils.should_convert_module, negated) for one key."""
+    return bool(re.match(f"{key}\\.", name) or re.match(f"{key}", name) or name.endswith(key))
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+
+
+def group_key(name: str) -> str:
+    parent, _, leaf = name.rpartition(".")
+    for sib in FUSED_SIBLINGS:
+        if leaf in sib:
+            return f"{parent}.{'+'.join(sib)}"
+    return name
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def tied_lm_head(model: nn.Module) -> bool:
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def resolve_plan(policy: QuantPolicy, model: nn.Module, family, *, protected: set[str] = frozenset(),
+                 analysis: dict | None = None, dtype_bytes: int = 2) -> QuantPlan:
+    """The per-layer plan for ``model`` (a real or meta-device model) under ``policy``.
+
+    ``protected``: names the sensitivity analysis keeps 16-bit (see vlm.quant.sensitivity).
+    """
+    linears = quantizable_linears(model)
+    all_names = [n for n, _ in model.named_modules()]
+    matched = {g: 0 for g, _ in policy.overrides}
+    layers: dict[str, LayerPlan] = {}
+    sixteen = "fp16" if policy.components.get("language") == "fp16" else "bf16"
+    for i, (name, mod) in enumerate(linears.items()):
+        comp = family.component_of(name)
+        if comp is None:
+            prec, reason, comp = sixteen, "outside components", "other"
+        else:
+            prec, reason = policy.components[comp], "component"
+        anc = _ancestors(name)
+        for glob, p in policy.overrides:
+            if any(fnmatch.fnmatchcase(a, glob) for a in anc):
+                prec, reason = p, f"override {glob}"
+                matched[glob] += 1
+        layers[name] = LayerPlan(name=name, component=comp, out_features=mod.out_features,
+                                 in_features=mod.in_features, bias=mod.bias is not None,
+                                 precision=prec, base_precision=prec, reason=reason,
+                                 group=group_key(name), index=i)
+    for glob, hits in matched.items():
+        if hits == 0:
+            close = [n for n in all_names if fnmatch.fnmatchcase(n, glob)]
+            hint = (f" (it matches {close[0]!r}, which holds no linear layer)" if close else
+                    f"; module names look like {next(iter(linears), '?')!r}")
+            raise ConfigError(f"quant.overrides: glob {glob!r} matches no linear layer of this "
+                              f"{family.name} model{hint}")
+    unknown = set(protected) - set(layers)
+    if unknown:
+        raise VlmError(f"protected layers not in the model: {sorted(unknown)[:3]}")
+    for name in protected:
+        layers[name].precision = sixteen
+        layers[name].reason = "protected"
+    if "lm_head" in layers and layers["lm_head"].precision in QUANTIZED and tied_lm_head(model):
+        raise ConfigError("quant.lm_head: lm_head shares its weight with the input embeddings "
+                          "(tie_word_embeddings); it cannot be stored in "
+                          f"{layers['lm_head'].precision} while the embeddings stay 16-bit: set "
+                          "lm_head: bf16")
+    linear_params = {id(p) for m in linears.values() for p in m.parameters(recurse=False)}
+    other = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in linear_params]
+    other_params = sum(p.numel() for p in other)
+    return QuantPlan(policy=policy, family=family.name, layers=layers, other_params=other_params,
+                     other_bytes=other_params * dtype_bytes, analysis=dict(analysis or {}),
+                     linear_names=tuple(all_names))
