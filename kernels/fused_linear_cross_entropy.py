@@ -1,0 +1,177 @@
+"""Fused linear cross-entropy: mean CE of (hidden · Wᵀ + b) against labels without ever holding the
+full (N × V) logits. Rows are processed in chunks of C; each chunk's logits live only while its
+gradients are formed, then are dropped.
+
+Math, per row i with label yᵢ (rows with yᵢ = ignore_index count zero), logits zᵢ = hᵢ·Wᵀ + b,
+divisor D = number of non-ignored rows (or ``num_items`` when given, like HF's num_items_in_batch):
+
+    lseᵢ   = log Σ_v exp(zᵢᵥ)
+    loss   = (1/D) Σ_i (lseᵢ − zᵢ,yᵢ)
+    ∂loss/∂zᵢᵥ = (softmax(zᵢ)ᵥ − [v = yᵢ]) / D   =: gᵢᵥ      (0 for ignored rows)
+    dh = g · W        dW = gᵀ · h        db = Σ_i gᵢ
+
+Per chunk: one matmul gives z (C × V, in the hidden dtype, as HF's lm_head does); one Triton pass reads
+each row twice (online max/sum, then gradient) and overwrites z with g in place; two matmuls give
+the chunk's rows of dh and add into dW. The gradients are computed in the forward (the backward only
+scales them by the incoming gradient), so nothing of size V·N is kept for the backward.
+Extra memory: C·V·itemsize for the chunk, N fp32 row losses, and dh/dW (the gradients themselves);
+dW accumulates in W's dtype (addmm with fp32 accumulation inside each matmul).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vlm.kernels._util import check_device, interpreting, next_pow2
+
+
+@triton.jit
+def _ce_grad_kernel(Z, LABELS, LOSS, N, V, stride_z, ignore_index, inv_div,
+                    ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    label = tl.load(LABELS + rows, mask=rmask, other=ignore_index)
+    valid = (label != ignore_index) & rmask
+    cols = tl.arange(0, BLOCK_V)
+    # pass 1: running max and running sum of exp
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    ssum = tl.zeros([ROWS], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        c = v0 + cols
+        mask = rmask[:, None] & (c[None, :] < V)
+        z = tl.load(Z + r64[:, None] * stride_z + c[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        ssum = ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+    m = tl.where(m == float("-inf"), 0.0, m)
+    lse = m + tl.log(tl.where(ssum > 0, ssum, 1.0))
+    safe_label = tl.where(valid, label, 0).to(tl.int64)
+    z_y = tl.load(Z + r64 * stride_z + safe_label, mask=valid, other=0.0).to(tl.float32)
+    tl.store(LOSS + rows, tl.where(valid, lse - z_y, 0.0), mask=rmask)
+    # pass 2: overwrite logits with the gradient (softmax - onehot) / D, zero for ignored rows
+    scale = tl.where(valid, inv_div, 0.0)
+    for v0 in range(0, V, BLOCK_V):
+        c = v0 + cols
+        mask = rmask[:, None] & (c[None, :] < V)
+        ptr = Z + r64[:, None] * stride_z + c[None, :]
+        z = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(z - lse[:, None])
+        p = tl.where(c[None, :] == safe_label[:, None], p - 1.0, p)
+        tl.store(ptr, (p * scale[:, None]).to(Z.dtype.element_ty), mask=mask)
+
+
+def _ce_launch(z: torch.Tensor, labels: torch.Tensor, loss_rows: torch.Tensor, ignore_index: int,
+               inv_div: float):
+    n, v = z.shape
+    if interpreting():
+        block_v = min(next_pow2(v), 1024)
+        rows = max(1, min(next_pow2(n), 8192 // block_v))
+        nw = 4
+    else:
+        block_v, rows, nw = min(next_pow2(v), 4096), 1, 8
+    _ce_grad_kernel[(triton.cdiv(n, rows),)](z, labels, loss_rows, n, v, z.stride(0), ignore_index,
+                                             inv_div, ROWS=rows, BLOCK_V=block_v, num_warps=nw)
+
+
+def default_chunk_rows(n: int, v: int) -> int:
+    """Rows per chunk: about 1/16 of the rows (so a chunk's logits are ≤ 1/8 of the full logits even
+    with the temporaries), at least 256 rows for matmul efficiency, a multiple of 64."""
+    c = max(256, -(-n // 16))
+    c = -(-c // 64) * 64
+    return min(n, c)
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, num_items, chunk_rows):
+        check_device(hidden, weight)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if not h.is_contiguous():
+            h = h.contiguous()
+        lab = labels.reshape(-1).to(torch.int64)
+        if lab.numel() != h.shape[0]:
+            raise ValueError(f"fused CE: {h.shape[0]} hidden rows but {lab.numel()} labels")
+        n = h.shape[0]
+        v = weight.shape[0]
+        if num_items is None:
+            div = float((lab != ignore_index).sum().item())
+        else:
+            div = float(num_items.item() if torch.is_tensor(num_items) else num_items)
+        inv_div = 1.0 / div if div > 0 else 0.0
+        need_dh = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        w = weight.to(h.dtype) if weight.dtype != h.dtype else weight
+        dh = torch.empty_like(h) if need_dh else None
+        dw = torch.zeros_like(w) if need_dw else None
+        db = torch.zeros(v, device=h.device, dtype=torch.float32) if need_db else None
+        loss_rows = torch.empty(n, device=h.device, dtype=torch.float32)
+        c = chunk_rows or default_chunk_rows(n, v)
+        for s in range(0, n, c):
+            e = min(n, s + c)
+            hc = h[s:e]
+            z = hc @ w.t()
+            if bias is not None:
+                z += bias.to(z.dtype)
+            _ce_launch(z, lab[s:e], loss_rows[s:e], ignore_index, inv_div)
+            if need_dh:
+                torch.mm(z, w, out=dh[s:e])
+            if need_dw:
+                dw.addmm_(z.t(), hc)
+            if need_db:
+                db += z.float().sum(0)
+            del z
+        loss = loss_rows.sum() * inv_div
+        ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None, db)
+        ctx.hidden_shape = hidden.shape
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        dh, dw, db = ctx.saved_tensors
+        hd, wd, bd = ctx.dtypes
+        one = go.numel() == 1 and float(go) == 1.0
+        if dh is not None:
+            dh = (dh if one else dh * go.to(dh.dtype)).view(ctx.hidden_shape).to(hd)
+        if dw is not None:
+            dw = (dw if one else dw * go.to(dw.dtype)).to(wd)
+        if db is not None:
+            db = (db * go).to(bd)
+        return dh, dw, db, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index: int = -100,
+                               num_items=None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean CE of ``hidden @ weight.T (+ bias)`` vs ``labels`` (rows = all leading dims), chunked.
+    ``num_items``: divide the summed loss by this instead of the count of non-ignored labels."""
+    return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, ignore_index, num_items,
+                                                 chunk_rows)
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, ignore_index: int = -100,
+                                         num_items=None) -> torch.Tensor:
+    """Plain torch: full logits in the hidden dtype, upcast to fp32, F.cross_entropy (HF's path)."""
+    logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype),
+                                        None if bias is None else bias.to(hidden.dtype)).float()
+    logits = logits.reshape(-1, logits.shape[-1])
+    lab = labels.reshape(-1)
+    if num_items is None:
+        return torch.nn.functional.cross_entropy(logits, lab, ignore_index=ignore_index)
+    return torch.nn.functional.cross_entropy(logits, lab, ignore_index=ignore_index,
+                                             reduction="sum") / num_items
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    def __init__(self, ignore_index: int = -100, chunk_rows: int | None = None):
+        super().__init__()
+        self.ignore_index, self.chunk_rows = ignore_index, chunk_rows
+
+    def forward(self, hidden, weight, labels, bias=None, num_items=None):
+        return fused_linear_cross_entropy(hidden, weight, labels, bias, self.ignore_index, num_items,
+                                          self.chunk_rows)
