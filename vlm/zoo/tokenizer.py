@@ -101,3 +101,20 @@ def check_special_ids(tokenizer, expected: dict[str, int]) -> None:
         got = tokenizer.convert_tokens_to_ids(token)
         if got != want:
             raise VlmError(f"zoo tokenizer: {token!r} has id {got}, the model config expects {want}")
+
+
+def byte_level_backend(style: str, vocab: dict[str, int], merges: list[tuple[str, str]], *,
+                       specials: tuple[str, ...] = (), bos: str | None = None):
+    """A ``tokenizers.Tokenizer`` for a trained byte-level BPE, for families whose real checkpoint
+    ships a plain ``tokenizer.json`` (Pixtral, Llama 3). ``specials`` (already in ``vocab``) are
+    marked special; those missing from ``vocab`` are appended after it, in order. With ``bos`` every
+    encoded sequence starts with it, as those tokenizers do."""
+    from tokenizers import AddedToken, models, processors
+
+    tok = _byte_level_tokenizer(style)
+    tok.model = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return tok
