@@ -1,0 +1,242 @@
+"""One collator for every family: conversations -> the exact tensors the model's forward takes.
+
+Per batch it
+
+1. renders each conversation with the processor's chat template and marks the trainable characters
+   (:mod:`.chat_render`: assistant turns by default, or ``last_assistant`` / ``all``);
+2. tokenizes the rendered text once with offsets (images still one placeholder token each) to get
+   per-token training flags, and predicts every image's token count from its size
+   (:mod:`.image_tokens`), so the final length is known *before* the processor runs;
+3. calls the processor once on the whole batch (it expands image tokens and builds
+   ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ``image_sizes``,
+   ``aspect_ratio_ids``/``aspect_ratio_mask``/``cross_attention_mask``... whatever the family needs);
+4. carries the flags onto the expanded ids, checking each image got exactly its predicted count,
+   and builds ``labels`` (prompt, image tokens and padding = -100);
+5. truncates over-long rows *after the last image block only* (text only: never inside or before
+   an image, so image features and image tokens always match), then pads or trims every
+   sequence tensor to a multiple of ``pad_to_multiple_of``.
+
+Samples that cannot fit (``overlong="drop"``, or images alone past ``max_length``) are refused by
+:meth:`VisionChatCollator.plan` with a ``too_long`` :class:`DataError`; use
+:func:`vlm.data_formats.prepare.prepare_samples` to filter and report them before training, so the
+collator (possibly in DataLoader workers) never has to drop anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from vlm.data_formats import problems
+from vlm.data_formats.chat_render import TRAIN_ON, token_flags, trainable_char_spans
+from vlm.data_formats.conversation import Conversation
+from vlm.data_formats.image_tokens import expand_flags, image_token_counts
+from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_image
+from vlm.data_formats.records import located
+from vlm.data_formats.resolution import Resolution, apply_resolution
+from vlm.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+OVERLONG = ("truncate", "drop")
+# Tensors whose dim 1 is the token sequence (trimmed/padded together with input_ids).
+SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX,
+                 "mm_token_type_ids": 0, "token_type_ids": 0, "cross_attention_mask": 0}
+
+
+@dataclass
+class SamplePlan:
+    """What is known about a sample before the processor runs (cheap: image headers only)."""
+
+    text: str
+    ids: list[int]              # tokens with one placeholder per image
+    flags: list[bool]           # trainable, per token of ``ids``
+    image_counts: list[int]     # tokens each image becomes
+    length: int                 # full length after image expansion
+    keep: int                   # tokens kept (== length unless truncated)
+    image_tokens: int
+    trainable_tokens: int       # after truncation
+
+    @property
+    def text_tokens(self) -> int:
+        return self.length - self.image_tokens
+
+    @property
+    def truncated(self) -> bool:
+        return self.keep < self.length
+
+
+class VisionChatCollator:
+    """``collator(conversations) -> dict`` of batched tensors incl. ``labels``.
+
+    Args:
+        processor: the model's processor (``vlm.load`` returns it).
+        family: the model's :class:`vlm.families.Family` (``model.vlm_family``).
+        max_length: cap on tokens per sample (None: no cap).
+        train_on: ``assistant`` (default), ``last_assistant`` or ``all``.
+        overlong: ``truncate`` (cut text after the last image) or ``drop``.
+        pad_to_multiple_of: pad the batch length up to a multiple of this.
+        resolution: :class:`Resolution` / dict, applied to the processor once, here.
+    """
+
+    def __init__(self, processor, family, *, max_length: int | None = None, train_on: str = "assistant",
+                 overlong: str = "truncate", pad_to_multiple_of: int = 8,
+                 resolution: Resolution | dict | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+        if train_on not in TRAIN_ON:
+            raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+        if overlong not in OVERLONG:
+            raise ConfigError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
+        if max_length is not None and max_length < 1:
+            raise ConfigError(f"max_length must be positive, got {max_length}")
+        self.processor = processor
+        self.family = family
+        self.max_length = max_length
+        self.train_on = train_on
+        self.overlong = overlong
+        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of or 1))
+        self.max_image_pixels = max_image_pixels
+        apply_resolution(processor, resolution)
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self._image_token_id()
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.eos_token_id
+
+    @classmethod
+    def for_model(cls, model, processor, **kwargs) -> "VisionChatCollator":
+        """Collator for a model from :func:`vlm.load` (uses ``model.vlm_family``)."""
+        return cls(processor, model.vlm_family, **kwargs)
+
+    def _image_token_id(self) -> int:
+        tid = getattr(self.processor, "image_token_id", None)
+        if tid is None:
+            token = getattr(self.processor, "image_token", None) or self.family.image_placeholder
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+        return int(tid)
+
+    def _add_special_tokens(self, text: str) -> bool:
+        # Same rule as processor.apply_chat_template(tokenize=True): a template that writes the BOS
+        # itself must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and text.startswith(bos))
+
+    # -- planning (no pixels decoded) ---------------------------------------------------------
+    def plan(self, conv: Conversation) -> SamplePlan:
+        """Tokens, flags and lengths of ``conv``; raises ``too_long`` / ``no_trainable_tokens`` /
+        ``placeholder_mismatch`` :class:`DataError`s that name the record."""
+        try:
+            return self._plan(conv)
+        except DataError as e:
+            raise located(e, source=conv.source, index=conv.index, record_id=conv.record_id) from None
+
+    def _plan(self, conv: Conversation) -> SamplePlan:
+        text, spans = trainable_char_spans(self.processor, conv, self.train_on)
+        enc = self.tokenizer(text, add_special_tokens=self._add_special_tokens(text),
+                             return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        flags = token_flags(offsets, spans)
+        order = conv.image_order()
+        n_placeholders = sum(t == self.image_token_id for t in ids)
+        if n_placeholders != len(order):
+            raise DataError(f"the rendered text has {n_placeholders} image token(s) for {len(order)} "
+                            "image(s) (does the text contain the model's image token literally?)",
+                            code=problems.PLACEHOLDER_MISMATCH)
+        sizes = [image_size(conv.images[i], conv.image_root, max_image_pixels=self.max_image_pixels)
+                 for i in order]
+        counts = image_token_counts(self.processor, self.family, sizes)
+        # expanded position of every token: walk once
+        pos, image_end, train_pos = 0, 0, []
+        n_img = 0
+        for tok, flag in zip(ids, flags):
+            if tok == self.image_token_id:
+                pos += counts[n_img]
+                n_img += 1
+                image_end = pos
+            else:
+                if flag:
+                    train_pos.append(pos)
+                pos += 1
+        length = pos
+        keep = length
+        if self.max_length is not None and length > self.max_length:
+            if self.overlong == "drop":
+                raise DataError(f"{length} tokens > max_length {self.max_length} (overlong='drop')",
+                                code=problems.TOO_LONG)
+            if image_end > self.max_length:
+                raise DataError(f"{length} tokens > max_length {self.max_length}, and the image "
+                                f"blocks alone reach token {image_end}: text-only truncation cannot "
+                                "fit it (raise max_length or lower the image resolution)",
+                                code=problems.TOO_LONG)
+            keep = self.max_length
+        trainable = sum(p < keep for p in train_pos)
+        if trainable == 0:
+            why = " after truncation" if keep < length else ""
+            raise DataError(f"no trainable tokens{why} (train_on={self.train_on!r}, {length} tokens)",
+                            code=problems.NO_TRAINABLE_TOKENS)
+        return SamplePlan(text, ids, flags, counts, length, keep, sum(counts), trainable)
+
+    def sample_length(self, conv: Conversation) -> int:
+        """Tokens this sample will occupy (after truncation): for length-grouped batching."""
+        return self.plan(conv).keep
+
+    # -- collation ----------------------------------------------------------------------------
+    def __call__(self, conversations: Sequence[Conversation]) -> dict[str, Any]:
+        if not conversations:
+            raise ValueError("empty batch")
+        plans = [self.plan(c) for c in conversations]
+        images = [[open_image(c.images[i], c.image_root, max_image_pixels=self.max_image_pixels)
+                   for i in c.image_order()] for c in conversations]
+        has_images = any(images)
+        add_special = {self._add_special_tokens(p.text) for p in plans}
+        if len(add_special) != 1:
+            raise ConfigError("the chat template writes a BOS for some samples and not others")
+        kwargs = dict(text=[p.text for p in plans], padding=True, return_tensors="pt",
+                      add_special_tokens=add_special.pop())
+        if has_images:
+            kwargs["images"] = images if self.family.extra.get("cross_attention") else \
+                [img for per_sample in images for img in per_sample]
+        padding_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"
+        try:
+            batch = dict(self.processor(**kwargs))
+        finally:
+            self.tokenizer.padding_side = padding_side
+        input_ids = batch["input_ids"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        real = batch["attention_mask"].sum(dim=1).tolist()
+        for row, (conv, plan) in enumerate(zip(conversations, plans)):
+            expanded = input_ids[row, :real[row]].tolist()
+            where = f"{conv.source}, record {conv.index}"
+            train, _ = expand_flags(plan.ids, plan.flags, self.image_token_id, plan.image_counts,
+                                    expanded, where)
+            row_labels = torch.tensor(expanded)
+            row_labels[~torch.tensor(train, dtype=torch.bool)] = IGNORE_INDEX
+            labels[row, :real[row]] = row_labels
+            if plan.keep < real[row]:  # text-only truncation: everything after `keep` is padding
+                self._blank_tail(batch, labels, row, plan.keep)
+        batch["labels"] = labels
+        longest = max(p.keep for p in plans)
+        target = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return self._fit_sequence(batch, target)
+
+    def _blank_tail(self, batch: dict, labels: torch.Tensor, row: int, keep: int) -> None:
+        labels[row, keep:] = IGNORE_INDEX
+        for key, pad in SEQUENCE_KEYS.items():
+            if key in batch and key != "labels":
+                batch[key][row, keep:] = self.pad_token_id if pad is None else pad
+
+    def _fit_sequence(self, batch: dict, length: int) -> dict:
+        """Trim or right-pad every sequence tensor (dim 1) to ``length``."""
+        for key, pad in SEQUENCE_KEYS.items():
+            if key not in batch:
+                continue
+            t = batch[key]
+            if t.shape[1] >= length:
+                batch[key] = t[:, :length].contiguous()
+            else:
+                fill = self.pad_token_id if pad is None else pad
+                extra = torch.full((t.shape[0], length - t.shape[1], *t.shape[2:]), fill, dtype=t.dtype)
+                batch[key] = torch.cat([t, extra], dim=1)
+        return batch
