@@ -1,0 +1,232 @@
+"""The evaluation recipe, top to bottom:
+
+1. read the eval file → images with prompts and reference captions (:mod:`vlm.eval.data`);
+2. for each variant (``bf16`` baseline first, then e.g. ``nf4``, ``dynamic``): load the model with
+   ``vlm.load(..., quant=variant)``, put the PEFT adapter on it when one is given, generate greedy
+   captions (:mod:`vlm.eval.generation`) and run the teacher-forced pass over the reference captions
+   (:mod:`vlm.eval.agreement`: the baseline's log-probs are recorded, the others compared to them);
+   free the model before loading the next;
+3. optionally the same requests to an OpenAI-compatible endpoint (:mod:`vlm.eval.endpoint`);
+4. text metrics (:mod:`vlm.eval.metrics`), CLIPScore when weights are given (:mod:`vlm.eval.clipscore`),
+   exact-match agreement with the baseline's captions;
+5. the report (:mod:`vlm.eval.report`).
+
+Variant names: ``bf16`` / ``fp16`` / ``fp32`` load 16/32-bit weights; anything else (``nf4``,
+``dynamic``, a policy YAML path) is passed to ``vlm.load`` as ``quant=`` (stored in 4-bit where the
+policy says so, computing in bf16). A name given twice is loaded twice (``bf16,bf16`` checks that two
+loads decode identically); the second copy is reported as ``bf16#2``.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vlm.config.schema import parse_section
+from vlm.errors import ConfigError, VlmError
+from vlm.eval.agreement import LogprobStore, compare_teacher_forced, exact_match_rate
+from vlm.eval.data import read_eval_items
+from vlm.eval.generation import GenerationResult, GenerationSettings, generate_captions
+from vlm.eval.metrics import caption_metrics
+
+BASELINE = "bf16"
+DTYPE_VARIANTS = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``vlm eval`` takes (CLI flags or a YAML file with these keys)."""
+
+    data: str
+    model: str | None = None
+    adapter: str | None = None
+    compare: list[str] = field(default_factory=lambda: [BASELINE])
+    endpoint: str | None = None
+    served_model: str | None = None
+    out: str = "eval_out"
+    prompt: str | None = None
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    batch_size: int = 8
+    device: str | None = None
+    image_root: str | None = None
+    limit: int | None = None
+    meteor: bool = True
+    spice: bool | None = None
+    clip_model: str = "ViT-B-32"
+    clip_weights: str | None = None
+    endpoint_timeout: float = 120.0
+    endpoint_concurrency: int = 1
+
+    def validate(self, where: str = "eval") -> None:
+        if not self.model and not self.endpoint:
+            raise ConfigError("give --model PATH (local variants) and/or --endpoint URL --served-model NAME")
+        if self.endpoint and not self.served_model:
+            raise ConfigError("--endpoint needs --served-model NAME (the model or adapter name the server serves)")
+        if self.adapter and not self.model:
+            raise ConfigError("--adapter needs --model (the base checkpoint it was trained on)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{where}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"{where}.min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{where}.limit must be >= 1, got {self.limit}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalConfig":
+        return parse_section(cls, data, "eval")
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(self.max_new_tokens, self.min_new_tokens, self.batch_size, self.prompt)
+
+
+def variant_names(compare: list[str], with_baseline: bool) -> list[tuple[str, str]]:
+    """``["nf4", "bf16", "bf16"]`` → ``[("bf16", "bf16"), ("nf4", "nf4"), ("bf16#2", "bf16")]``:
+    (report name, spec), the baseline first (added when missing)."""
+    specs = [s.strip() for s in compare if s.strip()]
+    if with_baseline and BASELINE not in specs:
+        specs.insert(0, BASELINE)
+    if BASELINE in specs:
+        specs.remove(BASELINE)
+        specs.insert(0, BASELINE)
+    seen: dict[str, int] = {}
+    out = []
+    for s in specs:
+        seen[s] = seen.get(s, 0) + 1
+        out.append((s if seen[s] == 1 else f"{s}#{seen[s]}", s))
+    return out
+
+
+def load_variant(model_path: str, spec: str, adapter: str | None, device: str | None):
+    """(model, processor) for one variant: ``vlm.load`` with the variant's dtype/quant, + adapter."""
+    # the function, not ``vlm.load``: once the submodule vlm/load.py is imported, that attribute of
+    # the package is the module
+    from vlm.load import load
+
+    if spec in DTYPE_VARIANTS:
+        model, processor = load(model_path, dtype=DTYPE_VARIANTS[spec], device=device)
+    else:
+        model, processor = load(model_path, dtype="bf16", device=device, quant=spec)
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise VlmError(f"--adapter {adapter} has no adapter_config.json: give the PEFT adapter folder "
+                           "that `vlm train` / `vlm export` wrote")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    model.eval()
+    return model, processor
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _variant_record(name: str, spec: str, kind: str, gen: GenerationResult, config: EvalConfig) -> dict:
+    return {
+        "name": name, "spec": spec, "kind": kind,
+        "adapter": config.adapter if kind == "local" else None,
+        "example_caption": gen.captions[0] if gen.captions else None,
+        "memory": {"model_bytes": gen.model_bytes, "peak_bytes": gen.peak_bytes, "peak_kind": gen.peak_kind},
+        "speed": {"tokens_per_s": gen.tokens_per_s, "generated_tokens": sum(gen.num_tokens),
+                  "seconds": gen.seconds},
+        "metrics": {}, "clipscore": None, "agreement": None, **({"extra": gen.extra} if gen.extra else {}),
+    }
+
+
+def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the whole evaluation and write the report; returns the ``results.json`` content."""
+    from vlm.eval.report import write_report
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    config.validate()
+    notices: list[str] = []
+    items = read_eval_items(config.data, image_root=config.image_root, limit=config.limit)
+    log(f"eval: {len(items)} images, {sum(len(i.references) for i in items)} reference captions from {config.data}")
+    settings = config.settings()
+
+    results: dict = {"config": asdict(config), "num_items": len(items), "baseline": None, "variants": [],
+                     "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    generations: dict[str, GenerationResult] = {}
+    store = LogprobStore() if config.model else None
+    try:
+        if config.model:
+            results["baseline"] = BASELINE
+            for name, spec in variant_names(config.compare, with_baseline=True):
+                log(f"eval: {name}: loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""))
+                model, processor = load_variant(config.model, spec, config.adapter, config.device)
+                gen = generate_captions(model, processor, items, settings)
+                log(f"eval: {name}: {sum(gen.num_tokens)} tokens in {gen.seconds:.2f} s; teacher-forced pass")
+                is_base = name == BASELINE
+                tf = compare_teacher_forced(model, processor, items, settings,
+                                            baseline=None if is_base else store, record=store if is_base else None)
+                _free(model)
+                rec = _variant_record(name, spec, "local", gen, config)
+                rec["teacher_forced"] = {"teacher_forced_accuracy": tf["teacher_forced_accuracy"],
+                                         "caption_tokens": tf["caption_tokens"]}
+                if not is_base:
+                    rec["agreement"] = {"kl_mean": tf["kl_mean"], "top1_agreement": tf["top1_agreement"]}
+                results["variants"].append(rec)
+                generations[name] = gen
+        if config.endpoint:
+            from vlm.eval.endpoint import EndpointClient
+
+            name = f"endpoint:{config.served_model}"
+            log(f"eval: {name}: {config.endpoint}")
+            client = EndpointClient(config.endpoint, config.served_model, timeout=config.endpoint_timeout,
+                                    concurrency=config.endpoint_concurrency)
+            gen = client.generate(items, settings)
+            results["variants"].append(_variant_record(name, config.served_model, "endpoint", gen, config))
+            generations[name] = gen
+            if not config.model:
+                notices.append("no --model: agreement with a local bf16 baseline is not computed")
+            else:
+                notices.append(f"{name}: KL/top-1 need logits, which the endpoint does not return; "
+                               "only exact-match agreement is reported")
+    finally:
+        if store is not None:
+            store.close()
+
+    references = [it.references for it in items]
+    base_caps = generations[BASELINE].captions if BASELINE in generations else None
+    for rec in results["variants"]:
+        gen = generations[rec["name"]]
+        log(f"eval: {rec['name']}: metrics")
+        rec["metrics"] = caption_metrics(gen.captions, references, meteor=config.meteor, spice=config.spice,
+                                         notices=notices)
+        if base_caps is not None and rec["name"] != BASELINE:
+            rec["agreement"] = {"exact_match": exact_match_rate(gen.captions, base_caps), **(rec["agreement"] or {})}
+    _clipscore(config, items, results, generations, notices)
+    results["notices"] = list(dict.fromkeys(notices))
+    for n in results["notices"]:
+        log(f"note: {n}")
+    paths = write_report(config.out, results, items, generations)
+    log(f"eval: wrote {', '.join(str(p) for p in paths.values())}")
+    return results
+
+
+def _clipscore(config: EvalConfig, items, results: dict, generations: dict, notices: list[str]) -> None:
+    if not config.clip_weights and not config.clip_model.startswith("hf-hub:"):
+        notices.append("CLIPScore skipped: no CLIP weights given (--clip-weights FILE|TAG or "
+                       "--clip-model hf-hub:org/name)")
+        return
+    from vlm.eval.clipscore import ClipScorer
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = ClipScorer(config.clip_model, config.clip_weights, device=device)
+    results["clipscore"] = scorer.describe()
+    images = [it.image for it in items]
+    for rec in results["variants"]:
+        rec["clipscore"] = scorer(images, generations[rec["name"]].captions)
