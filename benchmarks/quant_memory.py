@@ -1,0 +1,226 @@
+"""Model memory after load under bf16 / nf4 / dynamic, on random-weight full-size VLM shapes.
+
+    python benchmarks/quant_memory.py                     # GPU: Qwen2-VL-2B and Llama-3.2-11B-Vision
+    python benchmarks/quant_memory.py --tiny --device cpu # smoke test of this script on CPU
+
+For each model: build the config, initialise random bf16 weights directly on the device, save a
+checkpoint, then load it three times through ``vlm.quant.loading.load_quantized`` (the path
+``vlm.load(path, quant=...)`` takes) and measure ``torch.cuda.memory_allocated`` after each load
+(the model's resident bytes; the dynamic policy's peak while it analyses the 16-bit weights is
+reported separately). Calibration for ``dynamic``: two random image-text batches built here (no
+tokenizer is needed for random token ids); on random weights the sensitivity ranking says nothing
+about accuracy, only the memory figure is meaningful. Writes results/quant_memory.{json,md}.
+
+Published figures (GB as printed, which are GiB: 2.21 G params × 2 B = 4.11 GiB):
+    Qwen2-VL-2B             4.11 / 1.36 / 1.81
+    Llama-3.2-11B-Vision   19.87 / 6.54 / 7.23
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+PUBLISHED = {"qwen2_vl_2b": {"bf16": 4.11, "nf4": 1.36, "dynamic": 1.81},
+             "mllama_11b": {"bf16": 19.87, "nf4": 6.54, "dynamic": 7.23}}
+GiB = 2**30
+
+
+def qwen2_vl_config(tiny: bool):
+    from transformers import Qwen2VLConfig
+
+    t = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+             num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                              "mrope_section": [16, 24, 24]}, tie_word_embeddings=True)
+    v = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if tiny:
+        t.update(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+        v.update(depth=2, embed_dim=64, hidden_size=64, num_heads=4)
+    return Qwen2VLConfig(text_config=t, vision_config=v, image_token_id=151655,
+                         video_token_id=151656, vision_start_token_id=151652,
+                         vision_end_token_id=151653, tie_word_embeddings=True)
+
+
+def mllama_config(tiny: bool):
+    from transformers import MllamaConfig
+
+    if not tiny:
+        return MllamaConfig()   # the defaults are Llama-3.2-11B-Vision's shapes
+    return MllamaConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3]),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_global_layers=1, attention_heads=4, image_size=112, patch_size=14,
+                           intermediate_layers_indices=[0], vision_output_dim=128))
+
+
+def qwen2_vl_batches(config, n: int, device: str) -> list[dict]:
+    """Random ids around one 224×224 image: 16×16 patches → 64 <|image_pad|> tokens."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, 16, 16]])
+    patch = 3 * 2 * 14 * 14
+    out = []
+    for _ in range(n):
+        ids = torch.cat([torch.randint(0, 151000, (32,), generator=g), torch.tensor([151652]),
+                         torch.full((64,), 151655), torch.tensor([151653]),
+                         torch.randint(0, 151000, (32,), generator=g)])[None]
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "mm_token_type_ids": (ids == 151655).long(),
+                    "pixel_values": torch.randn(256, patch, generator=g), "image_grid_thw": grid})
+    return out
+
+
+def mllama_batches(config, n: int, device: str) -> list[dict]:
+    """Random ids after one <|image|> token; one image of 2×2 tiles (aspect-ratio id 6)."""
+    g = torch.Generator().manual_seed(0)
+    vc = config.vision_config
+    tiles, size = vc.max_num_tiles, vc.image_size
+    out = []
+    for _ in range(n):
+        ids = torch.cat([torch.tensor([128000, config.image_token_index]),
+                         torch.randint(0, 128000, (62,), generator=g)])[None]
+        xmask = torch.zeros(1, ids.shape[1], 1, tiles, dtype=torch.long)
+        xmask[:, 1:] = 1
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "pixel_values": torch.randn(1, 1, tiles, 3, size, size, generator=g),
+                    "aspect_ratio_ids": torch.tensor([[6 if tiles == 4 else 1]]),
+                    "aspect_ratio_mask": torch.ones(1, 1, tiles, dtype=torch.long),
+                    "cross_attention_mask": xmask})
+    return out
+
+
+MODELS = {"qwen2_vl_2b": (qwen2_vl_config, qwen2_vl_batches),
+          "mllama_11b": (mllama_config, mllama_batches)}
+
+
+def build_checkpoint(name: str, tiny: bool, device: str, root: Path) -> Path:
+    from transformers import AutoModelForImageTextToText
+
+    cfg_fn, _ = MODELS[name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg_fn(tiny), dtype=torch.bfloat16)
+    path = root / name
+    model.save_pretrained(path)
+    del model
+    _free()
+    return path
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(name: str, path: Path, policy: str, device: str, tiny: bool) -> dict:
+    from vlm.families import family_for_config
+    from vlm.load import load_config
+    from vlm.quant.loading import load_quantized
+
+    config = load_config(path)
+    _free()
+    base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+    t0 = time.perf_counter()
+    cal = MODELS[name][1](config, 2, device) if policy == "dynamic" else None
+    model = load_quantized(str(path), config=config, family=family_for_config(config), quant=policy,
+                           dtype=torch.bfloat16, device=device, calibration=cal)
+    seconds = time.perf_counter() - t0
+    row = {"model": name, "policy": policy, "load_seconds": round(seconds, 2),
+           "footprint_gib": model.get_memory_footprint() / GiB}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        row["allocated_gib"] = (torch.cuda.memory_allocated() - base) / GiB
+        row["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / GiB
+    plan = model.vlm_quant_plan
+    row["plan_gib"] = plan.total_bytes() / GiB
+    row["quantized_by_component"] = plan.count_by_component()
+    row["layers_by_component"] = plan.to_json()["counts"]["total"]
+    if policy == "dynamic":
+        a = plan.analysis
+        row["protected"] = plan.to_json()["protected"]
+        row["budget"] = {k: a.get(k) for k in ("budget", "budget_unit", "budget_limit", "budget_spent",
+                                               "candidate_params")}
+    row["published_gib"] = PUBLISHED[name][policy]
+    del model
+    _free()
+    return row
+
+
+def write(rows: list[dict], out: Path, env: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"env": env, "rows": rows}
+    tmp = out / "quant_memory.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, out / "quant_memory.json")
+    key = "allocated_gib" if rows and "allocated_gib" in rows[0] else "footprint_gib"
+    lines = ["# Model memory after load (GiB)", "",
+             f"{env.get('device')}; torch {env.get('torch')}; transformers {env.get('transformers')}; "
+             f"bitsandbytes {env.get('bitsandbytes')}. Random weights, full-size shapes; memory = "
+             f"`torch.cuda.memory_allocated()` after `load_quantized` (dynamic: peak while analysing "
+             f"in the last column). Published figures beside.", "",
+             "| model | policy | measured | planned | published | quantized linears | peak | load s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q = ", ".join(f"{c} {n}/{r['layers_by_component'].get(c, 0)}"
+                      for c, n in sorted(r["quantized_by_component"].items()))
+        lines.append(f"| {r['model']} | {r['policy']} | {r[key]:.3f} | {r['plan_gib']:.3f} | "
+                     f"{r['published_gib']:.2f} | {q} | {r.get('peak_gib', float('nan')):.2f} | "
+                     f"{r['load_seconds']:.1f} |")
+    for r in rows:
+        if r["policy"] == "dynamic":
+            lines += ["", f"**{r['model']} dynamic** kept 16-bit by the analysis "
+                          f"({len(r['protected'])} layers; budget {r['budget']}): "
+                          + ", ".join(r["protected"][:40]) + (" ..." if len(r["protected"]) > 40 else "")]
+    tmp = out / "quant_memory.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "quant_memory.md")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="qwen2_vl_2b,mllama_11b")
+    ap.add_argument("--policies", default="bf16,nf4,dynamic")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    import bitsandbytes
+    import transformers
+
+    env = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "bitsandbytes": bitsandbytes.__version__, "tiny": args.tiny}
+    rows = []
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="quant_memory_"))
+    for name in args.models.split(","):
+        t = time.perf_counter()
+        path = build_checkpoint(name, args.tiny, args.device, root)
+        print(f"{name}: built and saved in {time.perf_counter() - t:.1f}s", flush=True)
+        for pol in args.policies.split(","):
+            row = measure(name, path, pol, args.device, args.tiny)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "protected"}), flush=True)
+            write(rows, Path(args.out), env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
