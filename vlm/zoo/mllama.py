@@ -135,7 +135,7 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
                          intermediate_size=common.TEXT_INTERMEDIATE, num_hidden_layers=3,
                          cross_attention_layers=[1], num_attention_heads=common.TEXT_HEADS,
                          num_key_value_heads=common.TEXT_KV_HEADS, hidden_act="silu",
-                         max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 8192},
