@@ -1,0 +1,62 @@
+"""Show one sample as the model sees it: rendered text, image blocks collapsed, trained tokens marked.
+
+Trained tokens are wrapped in ``⟦ ⟧``; an image block reads ``<image × 256>`` (its token count,
+Pixtral's row breaks included).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlm.data_formats.collator import IGNORE_INDEX
+from vlm.data_formats.image_tokens import expand_flags
+from vlm.data_formats.reader import iter_conversations
+from vlm.errors import VlmError
+
+
+def find_conversation(source: Any, index: int, image_root: str | None = None):
+    for conv in iter_conversations(source, image_root=image_root):
+        if conv.index == index:
+            return conv
+        if conv.index is not None and conv.index > index:
+            break
+    raise VlmError(f"{source}: no record {index}")
+
+
+def render_preview(collator, conv) -> str:
+    plan = collator.plan(conv)
+    batch = collator([conv])
+    ids = batch["input_ids"][0][: plan.keep].tolist()
+    labels = batch["labels"][0][: plan.keep].tolist()
+    # which expanded tokens are image tokens (recomputed from the untruncated expansion)
+    full_ids = ids if plan.keep == plan.length else None
+    _, is_image = expand_flags(plan.ids, plan.flags, collator.image_token_id, plan.image_counts,
+                               full_ids, "preview") if full_ids is not None else (None, None)
+    tok = collator.tokenizer
+    out, run, training = [], 0, False
+    for k, (t, lab) in enumerate(zip(ids, labels)):
+        image = is_image[k] if is_image is not None else t == collator.image_token_id
+        if image:
+            run += 1
+            continue
+        if run:
+            out.append(f"<image × {run}>")
+            run = 0
+        trains = lab != IGNORE_INDEX
+        if trains != training:
+            out.append("⟦" if trains else "⟧")
+            training = trains
+        out.append(tok.decode([t]))
+    if run:
+        out.append(f"<image × {run}>")
+    if training:
+        out.append("⟧")
+    head = (f"record {conv.index}" + (f" (id={conv.record_id})" if conv.record_id else "")
+            + f" of {conv.source}: {plan.keep} tokens ({plan.image_tokens} image, "
+            f"{plan.keep - plan.image_tokens if plan.keep == plan.length else plan.keep} other), "
+            f"{plan.trainable_tokens} trained" + (" [truncated]" if plan.truncated else ""))
+    return head + "\n" + "".join(out) + "\n(⟦...⟧ = tokens with labels; everything else is -100)"
+
+
+def preview_sample(source: Any, collator, index: int = 0, image_root: str | None = None) -> str:
+    return render_preview(collator, find_conversation(source, index, image_root))
