@@ -9,31 +9,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vlm.errors import VlmError
 from vlm.families import Family, family_for_config
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+if TYPE_CHECKING:  # torch is imported lazily: `import vlm` (and the CLI's --help) stays cheap
+    import torch
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "fp32": "float32", "float32": "float32"}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+def resolve_dtype(dtype: "str | torch.dtype | None", device: "str | torch.device | None" = None
+                  ) -> "torch.dtype":
     """bf16 by default; fp32 on CPU when unspecified is *not* assumed: callers choose."""
+    import torch
+
     if dtype is None:
         return torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
         raise VlmError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
 
 
 def _check_source(path_or_id: str | os.PathLike) -> str:
     s = str(path_or_id)
-    p = Path(s)
+    p = Path(s).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise VlmError(f"{p} has no config.json: not a Hugging Face checkpoint folder")
@@ -49,8 +53,8 @@ def load_config(path_or_id: str | os.PathLike):
     return AutoConfig.from_pretrained(_check_source(path_or_id))
 
 
-def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, quant: Any = None,
+def load(path_or_id: str | os.PathLike, *, dtype: "str | torch.dtype | None" = None,
+         device: "str | torch.device | None" = None, quant: Any = None,
          calibration: Any = None, processor_kwargs: dict | None = None) -> tuple[Any, Any]:
     """Load a supported VLM and its processor.
 
@@ -64,6 +68,7 @@ def load(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = Non
     Returns:
         ``(model, processor)``; ``model.vlm_family`` is the ``Family`` record.
     """
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     source = _check_source(path_or_id)

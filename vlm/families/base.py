@@ -61,6 +61,16 @@ class Family:
                     best, best_len = comp, len(p)
         return best
 
+    def component_modules(self, model: Any) -> dict[str, list[str]]:
+        """Component -> names of the modules of ``model`` that belong to it (every module but the
+        containers that hold several components, such as the root and ``model``)."""
+        found: dict[str, list[str]] = {c: [] for c in self.component_prefixes}
+        for name, _ in model.named_modules(remove_duplicate=False):
+            comp = self.component_of(name)
+            if comp is not None:
+                found[comp].append(name)
+        return found
+
     @property
     def lora_language_targets(self) -> tuple[str, ...]:
         return self.lora_attention + self.lora_mlp
