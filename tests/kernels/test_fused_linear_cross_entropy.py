@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from vlm.kernels.fused_linear_cross_entropy import (default_chunk_rows, fused_linear_cross_entropy,
+                                                    fused_linear_cross_entropy_reference)
+
+from kernel_testutil import DEVICE, TOL, assert_close, rel_err
+
+
+def _check(N, H, V, dtype, chunk_rows=None, bias=False, weight_grad=True, num_items=None,
+           ignore_frac=0.2, scale=2.0):
+    h = torch.randn(N, H, device=DEVICE, dtype=dtype).requires_grad_(True)
+    w = (torch.randn(V, H, device=DEVICE) / H ** 0.5 * 2).to(dtype).requires_grad_(weight_grad)
+    b = torch.randn(V, device=DEVICE, dtype=dtype).requires_grad_(True) if bias else None
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[torch.rand(N, device=DEVICE) < ignore_frac] = -100
+    loss = fused_linear_cross_entropy(h, w, labels, bias=b, num_items=num_items, chunk_rows=chunk_rows)
+    (loss * scale).backward()
+    hr = h.detach().double().requires_grad_(True)
+    wr = w.detach().double().requires_grad_(weight_grad)
+    br = b.detach().double().requires_grad_(True) if bias else None
+    ref = fused_linear_cross_entropy_reference(hr, wr, labels, bias=br, num_items=num_items)
+    (ref * scale).backward()
+    # the logits are rounded to the input dtype (as HF's lm_head output is): the loss error is that
+    # rounding averaged over rows
+    assert abs(loss.item() - ref.item()) <= TOL[dtype] * abs(ref.item()) + 1e-6, (loss.item(), ref.item())
+    assert_close(h.grad, hr.grad, dtype, "dh", factor=1.5)
+    if weight_grad:
+        assert_close(w.grad, wr.grad, dtype, "dW", factor=1.5)
+    else:
+        assert w.grad is None
+    if bias:
+        assert_close(b.grad, br.grad, dtype, "db", factor=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,H,V,chunk", [(5 * 41, 123, 1237, 100), (37, 64, 3000, None)])
+def test_fused_ce_small(N, H, V, chunk, dtype):
+    _check(N, H, V, dtype, chunk_rows=chunk)
+
+
+def test_fused_ce_bias_frozen_weight_num_items():
+    _check(130, 48, 517, torch.float32, chunk_rows=64, bias=True, weight_grad=False, num_items=211)
+
+
+def test_fused_ce_all_ignored_is_zero_not_nan():
+    h = torch.randn(9, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    loss = fused_linear_cross_entropy(h, w, torch.full((9,), -100, device=DEVICE))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().sum().item() == 0.0 and w.grad.abs().sum().item() == 0.0
+
+
+def test_fused_ce_chunking_does_not_change_result():
+    h = torch.randn(200, 32, device=DEVICE)
+    w = torch.randn(300, 32, device=DEVICE)
+    lab = torch.randint(0, 300, (200,), device=DEVICE)
+    a = fused_linear_cross_entropy(h, w, lab, chunk_rows=7)
+    b = fused_linear_cross_entropy(h, w, lab, chunk_rows=200)
+    assert rel_err(a, b) < 1e-6
+
+
+def test_default_chunk_is_a_sixteenth():
+    assert default_chunk_rows(16384, 151936) == 1024
+    assert default_chunk_rows(4096, 151936) == 256
+    assert default_chunk_rows(100, 151936) == 100
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,H", [(4096, 1536), (8192, 3584)])
+def test_fused_ce_full_vocab(N, H):
+    _check(N, H, 151936, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_fused_ce_peak_memory_is_an_eighth_of_logits():
+    N, H, V = 8192, 1536, 151936
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") / H ** 0.5).to(torch.bfloat16)
+    lab = torch.randint(0, V, (N,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fused_linear_cross_entropy(h, w, lab)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - h.grad.numel() * 2
+    full_logits = N * V * 2
+    assert extra <= full_logits / 8, (extra, full_logits)
