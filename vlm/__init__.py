@@ -1,6 +1,6 @@
 """vlmtune: fine-tune, evaluate and serve vision-language models fast and in little memory.
 
-Public API (imports are lazy so that ``import vlm`` stays cheap):
+Public API:
     vlm.load(path, dtype=..., device=..., quant=...) -> (model, processor)
     vlm.families.get_family(name) / family_for_config(config)
     vlm.zoo.build_tiny(variant, out_dir, seed=0)
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-
-def load(*args, **kwargs):
-    from vlm.load import load as _load
-
-    return _load(*args, **kwargs)
-
+# Imported eagerly on purpose: the function shares its name with the submodule vlm/load.py, and the
+# import system sets ``vlm.load`` to the *module* the first time that submodule loads. Importing it
+# here, once, binds the name to the function for good (later imports of the submodule do not rebind).
+from vlm.load import load  # noqa: E402
 
 __all__ = ["__version__", "load"]

@@ -1,13 +1,34 @@
-"""`vlm train`: not landed yet (issue #6)."""
+"""`vlm train CONFIG.yaml [key=value ...] [--resume]`: LoRA / QLoRA fine-tuning from a YAML recipe."""
 
-from vlm.cli.pending import configure_pending, run_pending
+from __future__ import annotations
 
-HELP = "(not implemented yet: issue #6)"
+HELP = "LoRA / QLoRA fine-tune from a YAML recipe (configs/*.yaml); key=value overrides"
 
 
 def configure(parser):
-    configure_pending(parser)
+    parser.add_argument("config", help="training YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="override config keys, e.g. training.lr=1e-4 lora.r=8 output=runs/x")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in the output folder")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="train on N processes (GPUs) through accelerate launch")
 
 
-def run(args):
-    return run_pending("train", 6)
+def run(args) -> int:
+    from vlm.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validate before anything heavy starts
+    if args.nproc and args.nproc > 1:
+        from vlm.train.launch import relaunch_with_accelerate
+
+        return relaunch_with_accelerate(args)
+    from vlm.train.recipe import train
+
+    result = train(cfg, resume=args.resume)
+    s = result.summary
+    print(f"trained {s['steps']} steps on {s['samples']} samples; final loss {s['final_loss']:.4f}; "
+          f"{s['tokens_per_s']} tokens/s; peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    print(f"adapter: {result.adapter_dir}")
+    print(f"summary: {result.output_dir / 'summary.json'}  loss curve: {result.output_dir / 'loss_curve.png'}")
+    return 0

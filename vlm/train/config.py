@@ -57,10 +57,10 @@ class DataSection:
     min_pixels: int | None = None
     max_pixels: int | None = None
     max_length: int = 2048
-    truncation: str = choices("text", "drop", default="text",
+    overlong: str = choices("truncate", "drop", default="truncate",
                               doc="over-long samples: cut text only (never an image block) or drop")
     on_error: str = choices("raise", "skip", default="raise")
-    labels: str = choices("assistant", "all", "last", default="assistant")
+    train_on: str = choices("assistant", "last_assistant", "all", default="assistant")
     group_by_length: bool = True
     pad_to_multiple_of: int | None = 8
     num_workers: int = 0
@@ -133,3 +133,10 @@ def parse_config(data: dict, overrides: list[str] | None = None) -> TrainConfig:
 def load_config(path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a training YAML (+ ``key=value`` overrides); relative data/model paths stay as written."""
     return parse_config(load_yaml(path), overrides)
+
+
+def to_plain(obj: Any) -> Any:
+    """A config (section) as plain JSON-able data."""
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

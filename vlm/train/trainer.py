@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from transformers import Trainer
@@ -22,6 +23,9 @@ class VlmTrainer(Trainer):
         self._train_sampler_factory = train_sampler_factory
         self.tokens_seen = 0          # non-padding tokens through forward (this process)
         self.label_tokens_seen = 0    # tokens that carried a loss
+        self.train_seconds = 0.0      # wall time from the first step's start to the last log
+        self._t0 = None
+        self._tokens0 = 0
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler_factory is not None:
@@ -29,6 +33,8 @@ class VlmTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._t0 is None:
+            self._t0, self._tokens0 = time.perf_counter(), self.tokens_seen
         mask = inputs.get("attention_mask")
         if mask is not None:
             self.tokens_seen += int(mask.sum())
@@ -37,6 +43,17 @@ class VlmTrainer(Trainer):
             self.label_tokens_seen += int((labels[:, 1:] != -100).sum())
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        """Adds ``tokens_per_s`` (non-padding tokens / wall second since the first step) and memory
+        (``mem_gib``: peak CUDA allocated; ``rss_gib``: peak host RSS on CPU) to every log line."""
+        if self._t0 is not None:
+            self.train_seconds = time.perf_counter() - self._t0
+            if self.train_seconds > 0:
+                logs["tokens_per_s"] = round((self.tokens_seen - self._tokens0) / self.train_seconds, 1)
+        key = "mem_gib" if torch.cuda.is_available() else "rss_gib"
+        logs[key] = round(self.peak_memory_bytes() / 2**30, 3)
+        super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

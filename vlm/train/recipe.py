@@ -1,0 +1,219 @@
+"""The LoRA / QLoRA recipe, top to bottom.
+
+    config ─► load (per-component quant policy) ─► kernels.patch ─► LoRA ─► data (read, validate,
+    plan lengths) ─► VlmTrainer (transformers Trainer: checkpoints, logging, mixed precision,
+    distributed launch) ─► adapter folder + processor + metadata + summary.json + loss_curve.png
+
+Resume (``resume=True``) continues from the newest *complete* checkpoint in the output folder:
+optimizer, scheduler, RNG states and data position come from transformers' own resume path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.errors import ConfigError, VlmError
+from vlm.train.checkpoints import atomic_write_text, latest_complete
+from vlm.train.config import TrainConfig, to_plain
+
+log = logging.getLogger("vlm.train")
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    summary: dict[str, Any]
+
+
+def _precision_flags(precision: str, device: str) -> dict[str, bool]:
+    if precision == "fp32":
+        return {"bf16": False, "fp16": False}
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("training.precision: fp16 mixed precision needs a GPU; use bf16 or fp32 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _optimizer_name(name: str) -> str:
+    return {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
+            "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd"}[name]
+
+
+def _data_files(cfg: TrainConfig) -> list[dict]:
+    return [{"path": f.path, "weight": f.weight, "format": f.format} for f in cfg.data.train]
+
+
+def build_datasets(cfg: TrainConfig, collator, output_dir: Path):
+    """Read + validate every record, plan lengths (no pixels decoded), report skips."""
+    from vlm.train.dataset import prepare_train_set
+
+    return prepare_train_set(cfg, collator, output_dir)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
+    """Run the recipe; returns where everything was written and the summary."""
+    from transformers import TrainingArguments, set_seed
+
+    import vlm
+    from vlm.data_formats.collator import VisionChatCollator
+    from vlm.data_formats.resolution import Resolution, save_resolution
+    from vlm.lora import apply_lora
+    from vlm.train.metrics import plot_loss_curve
+    from vlm.train.trainer import VlmTrainer
+
+    t_start = time.perf_counter()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = None
+    if resume:
+        resume_from = latest_complete(out)
+        if resume_from is None:
+            log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
+    elif any(out.glob("checkpoint-*")):
+        raise VlmError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
+                       "output folder")
+    set_seed(cfg.training.seed)
+    device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = _precision_flags(cfg.training.precision, device)
+
+    calibration = cfg.data.train[0].path if cfg.data.train else None
+    model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
+                                calibration=calibration)
+    family = model.vlm_family
+    resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
+                                  train_on=cfg.data.train_on, overlong=cfg.data.overlong,
+                                  pad_to_multiple_of=cfg.data.pad_to_multiple_of or 1,
+                                  resolution=None if resolution.is_default() else resolution)
+    train_set, data_report = build_datasets(cfg, collator, out)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
+                           use_rslora=cfg.lora.use_rslora,
+                           gradient_checkpointing=cfg.training.gradient_checkpointing)
+    for w in caught:
+        msg = str(w.message)
+        if msg.startswith("vLLM serving:"):
+            print(f"warning: {msg}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    patch_report = None
+    if cfg.kernels:  # after LoRA, so NF4 base + LoRA linears can be fused too
+        from vlm.kernels import patch
+
+        patch_report = patch(model)
+
+    report_to = list(cfg.logging.report_to)
+    if cfg.logging.tensorboard and "tensorboard" not in report_to:
+        report_to.append("tensorboard")
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.training.batch_size,
+        gradient_accumulation_steps=cfg.training.grad_accum,
+        learning_rate=cfg.training.lr,
+        lr_scheduler_type=cfg.training.schedule,
+        warmup_steps=cfg.training.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        num_train_epochs=cfg.training.epochs,
+        max_steps=cfg.training.max_steps,
+        weight_decay=cfg.training.weight_decay,
+        max_grad_norm=cfg.training.max_grad_norm,
+        optim=_optimizer_name(cfg.training.optimizer),
+        seed=cfg.training.seed,
+        data_seed=cfg.training.seed,
+        save_strategy="steps",
+        save_steps=cfg.training.save_steps,
+        save_total_limit=cfg.training.save_total_limit,
+        logging_steps=cfg.training.logging_steps,
+        report_to=report_to or "none",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.data.num_workers,
+        disable_tqdm=not (cfg.logging.progress if progress is None else progress),
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,  # set up by apply_lora (non-reentrant) before PEFT wraps
+        **precision,
+    )
+    trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                         train_sampler_factory=train_set.sampler_factory(cfg.data.group_by_length))
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    adapter_dir = out / ADAPTER_DIR
+    save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution)
+    history = trainer.state.log_history
+    plot_loss_curve(history, out / "loss_curve.png", title=f"{Path(cfg.model.path).name}: training loss")
+    losses = [h["loss"] for h in history if "loss" in h]
+    summary = {
+        "model": cfg.model.path,
+        "family": family.name,
+        "quant": getattr(getattr(model, "config", None), "vlmtune", {}).get("quant", {}).get("counts")
+        if isinstance(getattr(model.config, "vlmtune", None), dict) else None,
+        "kernels": patch_report if patch_report is None else _jsonable(patch_report),
+        "steps": trainer.state.global_step,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "epochs": trainer.state.epoch,
+        "samples": len(train_set),
+        "data": data_report,
+        "tokens": trainer.tokens_seen,
+        "label_tokens": trainer.label_tokens_seen,
+        "train_seconds": round(trainer.train_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "tokens_per_s": round(trainer.tokens_seen / trainer.train_seconds, 1) if trainer.train_seconds else None,
+        "peak_memory_bytes": trainer.peak_memory_bytes(),
+        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
+        "trainable_parameters": trainable,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": train_output.training_loss,
+        "loss_history": [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h],
+        "config": to_plain(cfg),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return TrainResult(out, adapter_dir, summary)
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        if hasattr(obj, "to_dict"):
+            return obj.to_dict()
+        return str(obj)
+
+
+def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution) -> Path:
+    """PEFT adapter + processor files + ``vlmtune.json`` (policy, pixel limits), atomically."""
+    import shutil
+    import tempfile
+
+    from vlm.data_formats.resolution import save_resolution
+
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        meta = {"base_model": cfg.model.path, "family": model.vlm_family.name,
+                "quant": (getattr(model.base_model.model.config, "vlmtune", None) or {}).get("quant"),
+                "lora": to_plain(cfg.lora)}
+        atomic_write_text(tmp / "vlmtune.json", json.dumps({"vlmtune": meta}, indent=2) + "\n")
+        save_resolution(tmp, resolution)
+        if adapter_dir.exists():
+            old = adapter_dir.with_name(f".{adapter_dir.name}.old-{os.getpid()}")
+            os.replace(adapter_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, adapter_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return adapter_dir
