@@ -39,7 +39,15 @@ COMMON = ("people", "person", "man", "woman", "child", "dog", "cat", "bird", "ca
           "number", "count", "total", "answer", "explain", "because", "example", "model", "vision",
           "language", "text", "token", "tokens", "train", "training", "evaluate", "generate")
 
+# Where things are, as captions say it; repeated so that these phrases become whole-word tokens.
+PLACES = ("in the top left corner", "in the top right corner", "in the bottom left corner",
+          "in the bottom right corner", "in the center", "on the left side", "on the right side",
+          "at the top", "at the bottom", "in the middle of the image", "near the upper edge",
+          "near the lower edge", "above the line", "below the circle", "next to the square")
+
 _TEMPLATES = (
+    "a {size} {color} {shape} {place}.",
+    "There is a {color} {shape} {place} and a {color2} {shape} {place2}.",
     "a {size} {color} {shape} in the {pos} of the image.",
     "There is a {size} {color} {shape} near the {pos} edge.",
     "The picture shows {num} {color} {shape}s at the {pos}.",
@@ -64,6 +72,8 @@ def corpus_lines() -> list[str]:
                 shape=SHAPES[(i * 5 + 2 * t) % len(SHAPES)],
                 pos=POSITIONS[(i * 13 + j) % len(POSITIONS)],
                 num=NUMBERS[(i + t) % len(NUMBERS)],
+                place=PLACES[(i * 7 + j) % len(PLACES)],
+                place2=PLACES[(i * 3 + 1) % len(PLACES)],
             ))
     # Chat-template text (role names start a line there) and a system prompt.
     lines += ["system", "user", "assistant", "You are a helpful assistant.", "USER:", "ASSISTANT:",

@@ -1,0 +1,79 @@
+"""Family records against the real module trees of the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlm.errors import UnsupportedModelError
+from vlm.families import COMPONENTS, all_families, family_for_config, get_family
+from vlm.zoo import VARIANTS
+
+FAMILY_OF_VARIANT = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava",
+                     "pixtral": "pixtral", "mllama": "mllama"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_checkpoint):
+    """variant -> (model, family), built once for this module (meta weights are not enough: the
+    mapping is checked on the real module tree that from_pretrained builds)."""
+    from transformers import AutoModelForImageTextToText
+
+    models = {}
+    for variant in VARIANTS:
+        model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(variant))
+        models[variant] = (model, family_for_config(model.config))
+    return models
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_family_found_from_config(tiny_models, variant):
+    _, family = tiny_models[variant]
+    assert family.name == FAMILY_OF_VARIANT[variant]
+    assert variant in family.zoo_variants
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_module_maps_to_a_component(tiny_models, variant):
+    model, family = tiny_models[variant]
+    containers = {"", "model"}  # hold several components
+    unmapped = [n for n, _ in model.named_modules(remove_duplicate=False)
+                if n not in containers and family.component_of(n) is None]
+    assert unmapped == []
+    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert [n for n in params if family.component_of(n) is None] == []
+    found = family.component_modules(model)
+    assert set(found) == set(COMPONENTS)
+    for component, names in found.items():
+        assert names, f"{variant}: component {component} has no modules"
+    for component in ("vision", "projector", "language"):
+        assert any(family.component_of(n) == component for n in params), component
+    # The projector is its own component even where it lives inside the vision tower (Qwen merger).
+    assert family.component_of(found["projector"][0]) == "projector"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_language_layers_and_lora_targets(tiny_models, variant):
+    model, family = tiny_models[variant]
+    layers = model.get_submodule(family.language_layers)
+    assert len(layers) == model.config.get_text_config().num_hidden_layers
+    leaf_names = {n.rsplit(".", 1)[-1] for n, _ in layers.named_modules()}
+    missing = [t for t in family.lora_language_targets if t not in leaf_names]
+    assert missing == []
+
+
+def test_unsupported_model_type_lists_supported_ones():
+    from transformers import BertConfig
+
+    with pytest.raises(UnsupportedModelError) as err:
+        family_for_config(BertConfig())
+    message = str(err.value)
+    assert "'bert'" in message
+    for model_type in ("qwen2_vl", "qwen2_5_vl", "llava", "mllama"):
+        assert model_type in message
+
+
+def test_get_family_by_name():
+    assert set(all_families()) == {"qwen2_vl", "llava", "pixtral", "mllama"}
+    assert get_family("pixtral").image_placeholder == "[IMG]"
+    with pytest.raises(UnsupportedModelError, match="supported: llava, mllama, pixtral, qwen2_vl"):
+        get_family("gpt2")

@@ -1,0 +1,83 @@
+"""The tiny-model zoo: standard HF layout, real tokenizers, deterministic weights, small files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm.errors import VlmError
+from vlm.zoo import VARIANTS, build_tiny
+
+# What the tokenizer must spell, per variant: the image placeholder and the chat markers.
+MARKERS = {
+    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>assistant\n"),
+    "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>assistant\n"),
+    "llava": ("USER: <image>\n", "ASSISTANT:"),
+    "pixtral": ("[INST][IMG]", "[/INST]"),
+    "mllama": ("<|start_header_id|>user<|end_header_id|>\n\n<|image|>",
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+}
+EXPECTED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
+
+
+def test_all_five_variants():
+    assert tuple(VARIANTS) == ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mllama")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_standard_layout_and_size(tiny_checkpoint, variant):
+    path = tiny_checkpoint(variant)
+    names = {p.name for p in path.iterdir()}
+    assert set(EXPECTED_FILES) <= names, sorted(names)
+    assert (path / "model.safetensors").stat().st_size < 3 * 1024 * 1024
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == ("llava" if variant == "pixtral" else variant)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tokenizer_and_template(tiny_checkpoint, variant):
+    from transformers import AutoConfig, AutoProcessor
+
+    path = tiny_checkpoint(variant)
+    processor = AutoProcessor.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    tok = processor.tokenizer
+    text_vocab = config.get_text_config().vocab_size
+    # Every id the model can emit decodes to a token (no silent empty strings past the tokenizer).
+    assert len(tok) >= text_vocab
+    assert all(t is not None for t in tok.convert_ids_to_tokens(list(range(text_vocab))))
+    # The image token sits at the id the model config names.
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    placeholder = {"qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava": "<image>",
+                   "pixtral": "[IMG]", "mllama": "<|image|>"}[variant]
+    assert tok.convert_tokens_to_ids(placeholder) == image_id
+    # Generation stops on the template's end-of-turn token.
+    gen = json.loads((path / "generation_config.json").read_text())
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert tok.eos_token_id in eos
+    # The family's chat template renders the image placeholder and the turn markers.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    for marker in MARKERS[variant]:
+        assert marker in text, (marker, text)
+    # Captions tokenize into words, not bytes: the corpus was English about shapes and colours.
+    caption_ids = tok("a small red circle in the top left corner", add_special_tokens=False).input_ids
+    assert len(caption_ids) <= 10, tok.convert_ids_to_tokens(caption_ids)
+    assert tok.decode(caption_ids).strip() == "a small red circle in the top left corner"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_same_seed_same_bytes(tiny_checkpoint, tmp_path, variant):
+    first = tiny_checkpoint(variant)
+    again = build_tiny(variant, tmp_path / "again", seed=0)
+    for f in sorted(first.iterdir()):
+        assert (again / f.name).read_bytes() == f.read_bytes(), f.name
+    other = build_tiny(variant, tmp_path / "other", seed=1)
+    assert (other / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
+
+
+def test_unknown_variant_names_the_known_ones(tmp_path):
+    with pytest.raises(VlmError, match="qwen2_vl, qwen2_5_vl, llava, pixtral, mllama"):
+        build_tiny("gpt2", tmp_path)
