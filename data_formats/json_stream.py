@@ -85,12 +85,14 @@ def iter_json_array(fh: IO[str], source: str | None = None,
             try:
                 value, end = decoder.raw_decode(buf.text, start)
             except json.JSONDecodeError as e:
-                truncated = e.pos >= len(buf.text) - 1 or e.msg.startswith("Unterminated string")
+                # An error near the window's end (a \uXXXX escape or literal cut by the chunk
+                # boundary) or an open string may just need more text; elsewhere it is real.
+                truncated = e.pos >= len(buf.text) - 16 or e.msg.startswith("Unterminated string")
                 if truncated and len(buf.text) - start < MAX_RECORD_CHARS and buf.fill():
                     start = buf.pos  # fill() may have shifted the window
                     continue
-                raise fail(f"{e.msg} (column {e.colno})" if not truncated else
-                           "the file ends inside a record", e.pos, index) from None
+                ends = " (the file ends inside a record)" if e.pos >= len(buf.text) - 1 else ""
+                raise fail(f"{e.msg} (column {e.colno}){ends}", e.pos, index) from None
             if end == len(buf.text) and buf.fill():  # a number/literal may continue in the next chunk
                 start = buf.pos
                 continue

@@ -33,24 +33,27 @@ def render_preview(collator, conv) -> str:
     _, is_image = expand_flags(plan.ids, plan.flags, collator.image_token_id, plan.image_counts,
                                full_ids, "preview") if full_ids is not None else (None, None)
     tok = collator.tokenizer
-    out, run, training = [], 0, False
+    out: list[str] = []
+    segment: list[int] = []      # consecutive text tokens in one state, decoded together
+    state = None                 # "train" / "prompt" / "image"
+
+    def flush():
+        if state == "image":
+            out.append(f"<image × {len(segment)}>")
+        elif state == "train":
+            out.append("⟦" + tok.decode(segment) + "⟧")
+        elif segment:
+            out.append(tok.decode(segment))
+        segment.clear()
+
     for k, (t, lab) in enumerate(zip(ids, labels)):
         image = is_image[k] if is_image is not None else t == collator.image_token_id
-        if image:
-            run += 1
-            continue
-        if run:
-            out.append(f"<image × {run}>")
-            run = 0
-        trains = lab != IGNORE_INDEX
-        if trains != training:
-            out.append("⟦" if trains else "⟧")
-            training = trains
-        out.append(tok.decode([t]))
-    if run:
-        out.append(f"<image × {run}>")
-    if training:
-        out.append("⟧")
+        now = "image" if image else ("train" if lab != IGNORE_INDEX else "prompt")
+        if now != state:
+            flush()
+            state = now
+        segment.append(t)
+    flush()
     head = (f"record {conv.index}" + (f" (id={conv.record_id})" if conv.record_id else "")
             + f" of {conv.source}: {plan.keep} tokens ({plan.image_tokens} image, "
             f"{plan.keep - plan.image_tokens if plan.keep == plan.length else plan.keep} other), "

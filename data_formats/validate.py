@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from vlm.data_formats.conversation import Conversation
-from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, open_image, resolve_image_path
+from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from vlm.data_formats.records import located
 from vlm.errors import DataError
 
@@ -24,14 +24,14 @@ class ImageValidator:
     def __init__(self, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, decode: bool = True):
         self.max_image_pixels = max_image_pixels
         self.decode = decode
-        self._good: OrderedDict[str, None] = OrderedDict()
+        self._good: OrderedDict[tuple, None] = OrderedDict()
 
     def __call__(self, conv: Conversation) -> None:
         for i, ref in enumerate(conv.images):
             try:
                 key = None
                 if ref.kind == "path":
-                    key = str(resolve_image_path(ref.value, conv.image_root))
+                    key = (conv.image_root, ref.value)   # same root + same path = same verdict
                     if key in self._good:
                         self._good.move_to_end(key)
                         continue
