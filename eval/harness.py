@@ -33,7 +33,7 @@ from vlm.errors import ConfigError, VlmError
 from vlm.eval.agreement import LogprobStore, compare_teacher_forced, exact_match_rate
 from vlm.eval.data import read_eval_items
 from vlm.eval.generation import GenerationResult, GenerationSettings, generate_captions
-from vlm.eval.metrics import caption_metrics
+from vlm.eval.metrics import caption_metrics, java_available
 
 BASELINE = "bf16"
 DTYPE_VARIANTS = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -201,13 +201,19 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
 
     references = [it.references for it in items]
     base_caps = generations[BASELINE].captions if BASELINE in generations else None
+    meteor_scorer = None
+    if config.meteor and java_available():
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor_scorer = Meteor()   # one JVM (~30 s to start) for every variant
     for rec in results["variants"]:
         gen = generations[rec["name"]]
         log(f"eval: {rec['name']}: metrics")
         rec["metrics"] = caption_metrics(gen.captions, references, meteor=config.meteor, spice=config.spice,
-                                         notices=notices)
+                                         notices=notices, meteor_scorer=meteor_scorer)
         if base_caps is not None and rec["name"] != BASELINE:
             rec["agreement"] = {"exact_match": exact_match_rate(gen.captions, base_caps), **(rec["agreement"] or {})}
+    del meteor_scorer
     _clipscore(config, items, results, generations, notices)
     results["notices"] = list(dict.fromkeys(notices))
     for n in results["notices"]:

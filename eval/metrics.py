@@ -79,12 +79,14 @@ def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> No
 
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], *,
                     meteor: bool = True, spice: bool | None = None,
-                    notices: list[str] | None = None) -> dict[str, float]:
+                    notices: list[str] | None = None, meteor_scorer=None) -> dict[str, float]:
     """Corpus-level metrics of ``hypotheses[i]`` against ``references[i]`` (a list of strings).
 
     ``meteor``: compute METEOR when Java is present (False skips it, e.g. in fast tests).
     ``spice``: None = when its CoreNLP jars are present; True = required (error if absent).
     Skipped metrics are left out of the result and explained in ``notices`` (appended to).
+    ``meteor_scorer``: a live ``pycocoevalcap`` ``Meteor()`` to reuse (its JVM takes ~30 s to start;
+    one scorer can serve every variant). Without it a scorer is started and stopped here.
     """
     _check(hypotheses, references)
     from pycocoevalcap.bleu.bleu import Bleu
@@ -115,11 +117,11 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
     out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if meteor:
-        from pycocoevalcap.meteor.meteor import Meteor
+        if meteor_scorer is None:
+            from pycocoevalcap.meteor.meteor import Meteor
 
-        scorer = Meteor()  # a Java subprocess, killed when the scorer is collected
-        out["METEOR"] = float(scorer.compute_score(gts, res)[0])
-        del scorer
+            meteor_scorer = Meteor()  # a Java subprocess, killed when the scorer is collected
+        out["METEOR"] = float(meteor_scorer.compute_score(gts, res)[0])
     elif java:
         notices.append("METEOR skipped (turned off)")
     want_spice = spice_available() if spice is None else spice
