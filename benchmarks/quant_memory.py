@@ -29,7 +29,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+
+def _importable_vlm() -> None:
+    """Make ``vlm`` importable from an uninstalled checkout without putting the repo root on the
+    path (its top-level ``kernels/`` folder would shadow Hugging Face's ``kernels`` package)."""
+    try:
+        import vlm  # noqa: F401  (installed, e.g. pip install -e .)
+        return
+    except ImportError:
+        pass
+    link_dir = Path(tempfile.mkdtemp(prefix="vlm_path_"))
+    (link_dir / "vlm").symlink_to(Path(__file__).resolve().parents[1] / "vlm")
+    sys.path.insert(0, str(link_dir))
+
+
+_importable_vlm()
 
 PUBLISHED = {"qwen2_vl_2b": {"bf16": 4.11, "nf4": 1.36, "dynamic": 1.81},
              "mllama_11b": {"bf16": 19.87, "nf4": 6.54, "dynamic": 7.23}}
