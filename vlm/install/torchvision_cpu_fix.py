@@ -98,63 +98,65 @@ SHIM_SOURCE = textwrap.dedent('''\
         sys.meta_path.insert(0, _Finder())
 ''')
 
-PROBE_TORCH = "import torch, json; print(json.dumps({'cuda': torch.version.cuda, 'hip': getattr(torch.version, 'hip', None)}))"
+# One interpreter start answers every question (each start imports torch: seconds on a busy CPU).
+PROBE = textwrap.dedent('''\
+    import importlib.util, json, sys, sysconfig
+    info = {"site": sysconfig.get_paths()["purelib"], "installed": {}, "errors": {}}
+    try:
+        import torch
+    except BaseException as e:
+        info["torch_error"] = f"{type(e).__name__}: {e}"
+        print(json.dumps(info)); sys.exit(0)
+    info["cuda"] = torch.version.cuda
+    info["hip"] = getattr(torch.version, "hip", None)
+    for name in ("torchvision", "torchaudio", "torchcodec"):
+        info["installed"][name] = importlib.util.find_spec(name) is not None
+        if info["installed"][name]:
+            try:
+                __import__(name)
+                info["errors"][name] = None
+            except BaseException as e:
+                info["errors"][name] = f"{type(e).__name__}: {e}".strip().splitlines()[-1]
+    print(json.dumps(info))
+''')
 
 
-def _run(python: str, code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([python, "-c", code], capture_output=True, text=True)
-
-
-def _site_packages(python: str) -> str:
-    out = _run(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    out.check_returncode()
-    return out.stdout.strip()
-
-
-def _cpu_only_torch(python: str) -> bool:
+def _probe(python: str) -> dict:
+    """torch's build, site-packages, and which of torchvision/torchaudio/torchcodec are installed
+    and fail to import (with the error's last line)."""
     import json
 
-    out = _run(python, PROBE_TORCH)
-    if out.returncode != 0:
-        raise SystemExit(f"torchvision_cpu_fix: torch does not import in {python}:\n{out.stderr[-2000:]}")
+    out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise SystemExit(f"torchvision_cpu_fix: cannot probe {python}:\n{out.stderr[-2000:]}")
     info = json.loads(out.stdout.strip().splitlines()[-1])
-    return info["cuda"] is None and info["hip"] is None
-
-
-def _import_error(python: str, module: str) -> str | None:
-    out = _run(python, f"import {module}")
-    if out.returncode == 0:
-        return None
-    return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
-
-
-def _installed(python: str, module: str) -> bool:
-    out = _run(python, f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)")
-    return out.returncode == 0
+    if "torch_error" in info:
+        raise SystemExit(f"torchvision_cpu_fix: torch does not import in {python}: {info['torch_error']}")
+    return info
 
 
 def fix(python: str, check_only: bool = False) -> list[str]:
     """Apply (or with check_only, report) the CPU-only fixes. Returns what was (or would be) done."""
     actions: list[str] = []
-    if not _cpu_only_torch(python):
+    info = _probe(python)
+    if info["cuda"] is not None or info["hip"] is not None:
         return actions  # GPU build of torch: leave its install untouched
-    site = _site_packages(python)
-    if _installed(python, "torchvision"):
-        err = _import_error(python, "torchvision")
-        if err is not None:
-            if "torchvision::nms does not exist" not in err:
-                raise SystemExit(f"torchvision_cpu_fix: torchvision fails to import for another reason: {err}")
-            actions.append(f"install {SHIM_MODULE} shim into {site}")
-            if not check_only:
-                with open(f"{site}/{SHIM_MODULE}.py", "w") as f:
-                    f.write(SHIM_SOURCE)
-                with open(f"{site}/{PTH_NAME}", "w") as f:
-                    f.write(f"import {SHIM_MODULE}\n")
-                err = _import_error(python, "torchvision")
-                if err is not None:
-                    raise SystemExit(f"torchvision_cpu_fix: torchvision still fails after the shim: {err}")
+    site = info["site"]
+    err = info["errors"].get("torchvision")
+    if info["installed"]["torchvision"] and err is not None:
+        if "torchvision::nms does not exist" not in err:
+            raise SystemExit(f"torchvision_cpu_fix: torchvision fails to import for another reason: {err}")
+        actions.append(f"install {SHIM_MODULE} shim into {site}")
+        if not check_only:
+            with open(f"{site}/{SHIM_MODULE}.py", "w") as f:
+                f.write(SHIM_SOURCE)
+            with open(f"{site}/{PTH_NAME}", "w") as f:
+                f.write(f"import {SHIM_MODULE}\n")
+            err = _probe(python)["errors"].get("torchvision")
+            if err is not None:
+                raise SystemExit(f"torchvision_cpu_fix: torchvision still fails after the shim: {err}")
     for module, dist in (("torchaudio", "torchaudio"), ("torchcodec", "torchcodec")):
-        if _installed(python, module) and _import_error(python, module) is not None:
+        if info["installed"][module] and info["errors"].get(module) is not None:
             actions.append(f"uninstall {dist} (a CUDA build that cannot import on CPU torch)")
             if not check_only:
                 subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", dist], check=True)
