@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install this checkout into the device image's Python (torch/transformers/peft come with the image).
+# Usage on the device:  source benchmarks/device_install.sh   (optionally with .whl carried: bitsandbytes)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>/tmp/pip-e.log \
+  || python3 -m pip install -q --no-deps --no-build-isolation --break-system-packages -e . 2>>/tmp/pip-e.log \
+  || { echo "editable install failed:"; tail -5 /tmp/pip-e.log; }
+python3 -c "import vlm, vlm.data_formats, vlm.kernels, vlm.eval; print('vlm importable from', vlm.__file__)"

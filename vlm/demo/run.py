@@ -1,0 +1,125 @@
+"""`vlm demo`: teach the self-trained tiny base a new captioning task with QLoRA, before vs after.
+
+1. Generate a fresh task the base has never seen: the variant vocabulary ("gem, cobalt, huge,
+   northwest corner" for what the base calls "a large blue diamond in the top left"), a new
+   question and a new caption order; train and held-out sets use different seeds.
+2. Load the shipped base (``vlm/zoo/assets/demo_base``) under the ``dynamic`` 4-bit policy and
+   score greedy captions on the held-out images: exact match and per-attribute accuracy.
+3. Fine-tune LoRA adapters with the ``configs/demo.yaml`` recipe (the same ``vlm train`` path).
+4. Reload base + saved adapter and score again. Everything lands in one folder.
+
+Every number printed is measured in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:5.1f}%"
+
+
+def _plot(before: dict, after: dict, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["exact", *before["per_attribute"]]
+    b = [before["exact_match"], *before["per_attribute"].values()]
+    a = [after["exact_match"], *after["per_attribute"].values()]
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.bar([i - 0.2 for i in x], b, width=0.4, label="base (dynamic 4-bit)")
+    ax.bar([i + 0.2 for i in x], a, width=0.4, label="base + LoRA")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = None, n_train: int = 384,
+             n_heldout: int = 100, overrides: list[str] | None = None, seed: int = 0) -> dict:
+    """Run the demo; returns the results dict (also written to ``OUT/demo_results.json``)."""
+    import torch
+    from peft import PeftModel
+
+    import vlm
+    from vlm.data_formats.scene_vocab import VARIANT_VOCAB
+    from vlm.data_formats.synthetic import generate
+    from vlm.demo.accuracy import caption_accuracy, heldout_items
+    from vlm.train.checkpoints import atomic_write_text
+    from vlm.train.config import load_config
+    from vlm.train.recipe import train
+    from vlm.zoo.demo_base import IMAGE_SIZE, SHIPPED
+
+    t0 = time.perf_counter()
+    out = Path(out_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(base or SHIPPED)
+    print(f"vlm demo: outputs go to {out}")
+    print(f"base model: {base} (a ~1.2 M-parameter Qwen2-VL the project trained on its synthetic "
+          "captions)")
+
+    # 1. a task the base does not know
+    train_set = generate(out / "data" / "train", n=n_train, seed=seed + 1, image_size=IMAGE_SIZE,
+                         vocab=VARIANT_VOCAB)
+    items = heldout_items(out / "data" / "heldout", VARIANT_VOCAB, n=n_heldout, seed=seed + 2,
+                          image_size=IMAGE_SIZE)
+    print(f"new task: {VARIANT_VOCAB.question!r} -> e.g. {train_set.captions[0]!r} "
+          f"({n_train} training images, {n_heldout} held-out)")
+
+    cfg = load_config(DEMO_CONFIG, [f"model.path={base}", f"data.train=[{train_set.sharegpt_json}]",
+                                    f"output={out / 'train'}", f"training.seed={seed}", *(overrides or [])])
+
+    # 2. before
+    device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = vlm.load(base, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
+                                calibration=str(train_set.sharegpt_json))
+    counts = (getattr(model.config, "vlmtune", None) or {}).get("quant", {}).get("counts")
+    before = caption_accuracy(model, processor, items, VARIANT_VOCAB)
+    print(f"before fine-tuning: exact {_pct(before['exact_match'])}  e.g. "
+          f"{before['examples'][0]['caption']!r} (want {before['examples'][0]['reference']!r})")
+    del model
+
+    # 3. fine-tune with the recipe
+    result = train(cfg)
+
+    # 4. after: the saved adapter on a freshly loaded base
+    model, processor = vlm.load(base, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
+                                calibration=str(train_set.sharegpt_json))
+    model = PeftModel.from_pretrained(model, result.adapter_dir)
+    after = caption_accuracy(model, processor, items, VARIANT_VOCAB)
+
+    _plot(before, after, out / "accuracy.png")
+    results = {
+        "output_dir": str(out), "base": str(base), "task": VARIANT_VOCAB.name,
+        "n_train": n_train, "n_heldout": n_heldout, "quant_counts": counts,
+        "before": before, "after": after,
+        "train": {k: result.summary[k] for k in ("steps", "final_loss", "tokens_per_s", "train_seconds",
+                                                 "peak_memory_bytes", "peak_memory_kind",
+                                                 "trainable_parameters")},
+        "adapter": str(result.adapter_dir), "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_text(out / "demo_results.json", json.dumps(results, indent=2) + "\n")
+
+    print("\nheld-out accuracy      before    after")
+    print(f"  exact match          {_pct(before['exact_match'])}   {_pct(after['exact_match'])}")
+    for a in before["per_attribute"]:
+        print(f"  {a:<20} {_pct(before['per_attribute'][a])}   {_pct(after['per_attribute'][a])}")
+    for ex in after["examples"][:3]:
+        print(f"  after: {ex['caption']!r}  (reference {ex['reference']!r})")
+    print(f"\ntrained {results['train']['steps']} steps, final loss {results['train']['final_loss']:.3f}, "
+          f"{results['train']['tokens_per_s']} tokens/s; total {results['wall_seconds']} s")
+    print(f"outputs: {out}  (adapter: {result.adapter_dir}, summary.json, loss_curve.png, "
+          "accuracy.png, demo_results.json)")
+    return results
