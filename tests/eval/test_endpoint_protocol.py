@@ -1,0 +1,87 @@
+"""Protocol test of the endpoint client against a stub HTTP server written here.
+
+The stub only checks how requests are formed and answers are parsed (OpenAI chat-completions
+schema); it is not a model server. The test against a real vLLM server belongs to the serving issue.
+"""
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm.eval.data import read_eval_items
+from vlm.eval.endpoint import EndpointClient, EndpointError, chat_completions_url
+from vlm.eval.generation import GenerationSettings
+
+from ._helpers import write_eval_file
+
+
+class _Stub(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).received.append((self.path, body))
+        if body["model"] != "served-name":
+            self.send_response(404)
+            self.end_headers()
+            self.wfile.write(b'{"error": "model not found"}')
+            return
+        text = body["messages"][0]["content"][1]["text"]
+        answer = {"choices": [{"message": {"role": "assistant", "content": f" echo {len(type(self).received)}: {text} "}}],
+                  "usage": {"completion_tokens": 3}}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    _Stub.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_request_formation_and_parsing(stub, tmp_path):
+    items = read_eval_items(write_eval_file(tmp_path))
+    settings = GenerationSettings(max_new_tokens=7, min_new_tokens=2, prompt="What is shown?")
+    result = EndpointClient(stub + "/v1", "served-name").generate(items, settings)
+    assert result.captions == [f"echo {i + 1}: What is shown?" for i in range(len(items))]
+    assert result.num_tokens == [3] * len(items) and result.model_bytes is None
+    assert len(_Stub.received) == len(items)
+    for (path, body), item in zip(_Stub.received, items):
+        assert path == "/v1/chat/completions"
+        assert body["temperature"] == 0 and body["max_tokens"] == 7 and body["min_tokens"] == 2
+        image_part, text_part = body["messages"][0]["content"]
+        assert text_part == {"type": "text", "text": "What is shown?"}
+        head, payload = image_part["image_url"]["url"].split(",", 1)
+        assert head == "data:image/png;base64"
+        sent = Image.open(io.BytesIO(base64.b64decode(payload)))
+        assert np.array_equal(np.asarray(sent.convert("RGB")), np.asarray(item.image))   # lossless
+
+
+def test_http_error_is_reported(stub, tmp_path):
+    items = read_eval_items(write_eval_file(tmp_path))
+    with pytest.raises(EndpointError, match="HTTP 404.*model not found"):
+        EndpointClient(stub, "wrong-name").generate(items[:1], GenerationSettings())
+
+
+def test_url_forms():
+    assert chat_completions_url("http://h:8000") == "http://h:8000/v1/chat/completions"
+    assert chat_completions_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
+    assert chat_completions_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
