@@ -8,7 +8,8 @@
    free the model before loading the next;
 3. optionally the same requests to an OpenAI-compatible endpoint (:mod:`vlm.eval.endpoint`);
 4. text metrics (:mod:`vlm.eval.metrics`), CLIPScore when weights are given (:mod:`vlm.eval.clipscore`),
-   exact-match agreement with the baseline's captions;
+   exact-match agreement with the baseline's captions, and, for the synthetic scenes of
+   ``vlm.data_formats.synthetic`` (``scene_vocab``), per-attribute accuracy;
 5. the report (:mod:`vlm.eval.report`).
 
 Variant names: ``bf16`` / ``fp16`` / ``fp32`` load 16/32-bit weights; anything else (``nf4``,
@@ -61,6 +62,7 @@ class EvalConfig:
     spice: bool | None = None
     clip_model: str = "ViT-B-32"
     clip_weights: str | None = None
+    scene_vocab: str | None = None     # synthetic scenes: per-attribute accuracy in this vocabulary
     endpoint_timeout: float = 120.0
     endpoint_concurrency: int = 1
 
@@ -211,6 +213,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
         log(f"eval: {rec['name']}: metrics")
         rec["metrics"] = caption_metrics(gen.captions, references, meteor=config.meteor, spice=config.spice,
                                          notices=notices, meteor_scorer=meteor_scorer)
+        if config.scene_vocab:
+            rec["attributes"] = _attribute_scores(config.scene_vocab, gen.captions, items)
         if base_caps is not None and rec["name"] != BASELINE:
             rec["agreement"] = {"exact_match": exact_match_rate(gen.captions, base_caps), **(rec["agreement"] or {})}
     del meteor_scorer
@@ -221,6 +225,17 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
     paths = write_report(config.out, results, items, generations)
     log(f"eval: wrote {', '.join(str(p) for p in paths.values())}")
     return results
+
+
+def _attribute_scores(vocab_name: str, captions: list[str], items) -> dict:
+    """Per-attribute accuracy of synthetic-scene captions against each image's first reference
+    (``vlm.data_formats.caption_attributes``: exact match, all attributes right, each attribute)."""
+    from vlm.data_formats.caption_attributes import caption_scores
+    from vlm.data_formats.scene_vocab import VOCABS
+
+    if vocab_name not in VOCABS:
+        raise ConfigError(f"scene_vocab {vocab_name!r} is not one of {', '.join(VOCABS)}")
+    return caption_scores(captions, [it.references[0] for it in items], VOCABS[vocab_name])
 
 
 def _clipscore(config: EvalConfig, items, results: dict, generations: dict, notices: list[str]) -> None:

@@ -77,6 +77,8 @@ def markdown_table(results: dict) -> str:
         if v.get("clipscore") is not None:
             scores["CLIPScore"] = v["clipscore"]
         metrics = ", ".join(f"{k} {_num(scores[k])}" for k in TABLE_METRICS if k in scores)
+        if v.get("attributes"):
+            metrics += f", all-attributes {_num(v['attributes']['all_attributes'])}"
         a = v.get("agreement") or {}
         if v["name"] == results.get("baseline"):
             agreement = "baseline"

@@ -109,3 +109,24 @@ def test_cli_bf16_nf4_dynamic_writes_the_four_files(qwen, tmp_path):
     table = (out / "results.md").read_text()
     assert "| variant | example caption | memory | metrics | agreement |" in table
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_yaml_config_on_synthetic_scenes(qwen, tmp_path):
+    """A YAML config (messages-format synthetic scenes): per-attribute accuracy is reported."""
+    import yaml
+
+    from vlm.data_formats.synthetic import generate
+
+    data = generate(tmp_path / "scenes", n=3, seed=1)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(qwen), "data": str(data.messages_jsonl), "compare": "bf16",
+                                   "out": str(tmp_path / "out"), "max_new_tokens": 4, "meteor": False,
+                                   "scene_vocab": "default", "device": "cpu"}))
+    assert main(["eval", "--config", str(cfg), "--batch-size", "2"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["batch_size"] == 2 and results["num_items"] == 3
+    (base,) = results["variants"]
+    attrs = base["attributes"]
+    assert attrs["n"] == 3 and set(attrs["per_attribute"]) == {"shape", "color", "size", "position"}
+    lines = (tmp_path / "out" / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["references"][0] for x in lines] == data.captions
