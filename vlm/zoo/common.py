@@ -8,7 +8,6 @@ tokenizer + processor files, chat template), so plain ``from_pretrained`` loads 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,6 +58,3 @@ def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, processor: Any,
         raise VlmError(f"zoo checkpoint {out} has {weights} bytes of weights (> {MAX_BYTES}): shrink it")
     return out
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
