@@ -110,8 +110,9 @@ def chart_png(results: dict) -> bytes:
     names = [v["name"] for v in variants]
     series: dict[str, list[float]] = {}
     keys = [k for k in ("BLEU-4", "ROUGE-L", "METEOR", "CIDEr") if any(k in v["metrics"] for v in variants)]
-    for k in keys:
-        series[k] = [v["metrics"].get(k, math.nan) for v in variants]
+    for k in keys:   # CIDEr is on a 0-10 scale: shown /10 to share the axis with the [0, 1] metrics
+        scale = 10.0 if k == "CIDEr" else 1.0
+        series["CIDEr / 10" if k == "CIDEr" else k] = [v["metrics"].get(k, math.nan) / scale for v in variants]
     if any(v.get("clipscore") is not None for v in variants):
         series["CLIPScore"] = [v.get("clipscore") if v.get("clipscore") is not None else math.nan for v in variants]
     for k, label in (("exact_match", "exact match"), ("top1_agreement", "top-1 agreement")):
