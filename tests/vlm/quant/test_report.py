@@ -1,0 +1,33 @@
+"""`vlm quant-report`: JSON keys exactly as issue #4 lists them, a plot, sane totals."""
+
+import json
+
+
+def test_quant_report_json_and_plot(tiny_checkpoint, tmp_path):
+    from vlm.cli.main import main
+
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["quant-report", str(tiny_checkpoint("qwen2_vl")), "--policy", "dynamic",
+               "--budget", "0.2", "--json", str(out), "--plot", str(png), "--device", "cpu"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert {"layers", "totals", "agreement"} <= set(rep)
+    assert {"name", "component", "params", "weight_error", "activation_error", "precision"} <= set(rep["layers"][0])
+    assert set(rep["totals"]) == {"bf16_bytes", "nf4_bytes", "policy_bytes"}
+    assert set(rep["agreement"]) == {"nf4", "policy"}
+    for a in rep["agreement"].values():
+        assert set(a) == {"kl", "top1"} and a["kl"] >= 0 and 0 <= a["top1"] <= 1
+    t = rep["totals"]
+    assert t["nf4_bytes"] < t["policy_bytes"] < t["bf16_bytes"]
+    assert rep["policy"]["budget"] == 0.2
+    assert all(r["activation_error"] is not None for r in rep["layers"])   # every layer ran
+    assert png.stat().st_size > 1000
+
+
+def test_quant_report_bad_policy_is_one_line_error(tiny_checkpoint, capsys):
+    from vlm.cli.main import main
+
+    rc = main(["quant-report", str(tiny_checkpoint("qwen2_vl")), "--policy", "dynamic",
+               "--budget", "2.5", "--device", "cpu"])
+    assert rc != 0
+    assert "budget" in capsys.readouterr().err
