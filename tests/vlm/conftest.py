@@ -37,6 +37,3 @@ def chat_batch(chat_image):
 
     return make
 
-
-def image_token_id(config) -> int:
-    return getattr(config, "image_token_id", None) or config.image_token_index
