@@ -29,13 +29,16 @@ from vlm.kernels._util import check_device, interpreting
 
 
 @triton.jit
-def _nf4_dequant_kernel(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OUT, n, K, stride_out, offset,
+def _nf4_dequant_kernel(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OUT, K, stride_out, offset,
                         BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                         BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < n
-    byte = tl.load(PACKED + e // 2, mask=mask, other=0).to(tl.int32)
-    nib = tl.where((e % 2) == 0, byte >> 4, byte & 15)
+    # grid: (rows, column blocks); element e = row·K + col of the flattened (N, K) weight
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < K
+    e = row * K + col
+    byte = tl.load(PACKED + (e >> 1), mask=mask, other=0).to(tl.int32)
+    nib = tl.where((e & 1) == 0, byte >> 4, byte & 15)
     q = tl.load(CODE + nib, mask=mask, other=0.0)
     b = e // BLOCKSIZE
     if NESTED:
@@ -44,10 +47,7 @@ def _nf4_dequant_kernel(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OUT, n, K, stride_
                                                                       other=0.0) + offset
     else:
         scale = tl.load(ABSMAX + b, mask=mask, other=0.0).to(tl.float32)
-    w = q * scale
-    row = e // K
-    col = e - row * K
-    tl.store(OUT + row * stride_out + col, w.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row * stride_out + col, (q * scale).to(OUT.dtype.element_ty), mask=mask)
 
 
 def _state_parts(quant_state):
@@ -76,11 +76,9 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
         raise ValueError(f"dequantize_nf4: out {tuple(out.shape)} does not fit weight ({N}, {K})")
     check_device(packed, out)
     code, absmax, code2, absmax2, bs2, offset, nested = _state_parts(quant_state)
-    n = N * K
-    block = 1 << 16 if interpreting() else 2048
-    block = min(block, triton.next_power_of_2(n))
-    _nf4_dequant_kernel[(triton.cdiv(n, block),)](
-        packed.reshape(-1), code, absmax, code2, absmax2, out, n, K, out.stride(0), offset,
+    block = min(1 << 16 if interpreting() else 1024, triton.next_power_of_2(K))
+    _nf4_dequant_kernel[(N, triton.cdiv(K, block))](
+        packed.reshape(-1), code, absmax, code2, absmax2, out, K, out.stride(0), offset,
         BLOCKSIZE=int(quant_state.blocksize), BLOCKSIZE2=bs2, NESTED=nested, BLOCK=block,
         num_warps=4)
     return out

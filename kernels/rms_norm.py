@@ -18,6 +18,8 @@ difference of one bf16 ulp at most).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -91,6 +93,11 @@ def _rms_fwd(x2: torch.Tensor, w: torch.Tensor, eps: float):
     return y, rstd
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
+
+
 def _rms_bwd(dy2, x2, w, rstd):
     M, N = x2.shape
     dx = torch.empty_like(x2)
@@ -98,7 +105,7 @@ def _rms_bwd(dy2, x2, w, rstd):
     if interpreting():
         programs, rows = 1, max(1, min(next_pow2(M), 4096 // block_n))
     else:
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        sms = _sm_count(x2.device.index)
         programs, rows = min(M, 4 * sms), max(1, min(8, 2048 // block_n))
     rows_per_prog = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_prog)
