@@ -16,15 +16,27 @@ Read -> validate -> :class:`Conversation` -> :class:`VisionChatCollator` batches
                         batch_sampler=sampler, collate_fn=collator, num_workers=2)
 """
 
-from vlm.data_formats.caption_attributes import caption_scores, parse_caption
-from vlm.data_formats.collator import IGNORE_INDEX, SamplePlan, VisionChatCollator
-from vlm.data_formats.conversation import Conversation, ImageRef, ImageSlot, Turn
-from vlm.data_formats.prepare import PreparedSamples, prepare_samples
-from vlm.data_formats.reader import DataSpec, iter_conversations, read_conversations
-from vlm.data_formats.rejects import RejectLog
-from vlm.data_formats.resolution import Resolution, apply_resolution, load_resolution, save_resolution
-from vlm.data_formats.sampler import LengthGroupedSampler
-from vlm.data_formats.torch_datasets import ConversationDataset, StreamingConversations, load_training_data
+import importlib
+
+# name -> submodule; imported on first use so that reading data does not import torch.
+_EXPORTS = {
+    "caption_scores": "caption_attributes", "parse_caption": "caption_attributes",
+    "IGNORE_INDEX": "collator", "SamplePlan": "collator", "VisionChatCollator": "collator",
+    "Conversation": "conversation", "ImageRef": "conversation", "ImageSlot": "conversation",
+    "Turn": "conversation", "PreparedSamples": "prepare", "prepare_samples": "prepare",
+    "DataSpec": "reader", "iter_conversations": "reader", "read_conversations": "reader",
+    "RejectLog": "rejects", "Resolution": "resolution", "apply_resolution": "resolution",
+    "load_resolution": "resolution", "save_resolution": "resolution",
+    "LengthGroupedSampler": "sampler", "ConversationDataset": "torch_datasets",
+    "StreamingConversations": "torch_datasets", "load_training_data": "torch_datasets",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"vlm.data_formats.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'vlm.data_formats' has no attribute {name!r}")
+
 
 __all__ = [
     "Conversation", "ConversationDataset", "DataSpec", "IGNORE_INDEX", "ImageRef", "ImageSlot",
