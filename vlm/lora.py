@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from vlm.errors import ConfigError
 from vlm.families import Family
-from vlm.families.base import VLLM_LORA_RANKS
 
 GROUPS = ("language.attention", "language.mlp", "vision", "projector")
 
@@ -56,25 +55,14 @@ def names_to_regex(names: list[str]) -> str:
 
 def vllm_serving_warnings(family: Family, target_names: list[str], r: int,
                           modules_to_save: list[str]) -> list[str]:
-    """What vLLM will refuse or ignore in an adapter with these targets (ENVIRONMENT.md, vLLM 0.32)."""
-    out = []
-    comps = {family.component_of(n) for n in target_names}
-    if family.vllm is None or not family.vllm.lora:
-        out.append(f"vLLM does not serve LoRA for {family.name}: serve a merged checkpoint (vlm export --merged)")
-    if r not in VLLM_LORA_RANKS:
-        out.append(f"rank {r} is not one vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))}): "
-                   "pick one of those or serve merged")
-    if {"lm_head", "embeddings"} & comps:
-        out.append("LoRA on lm_head/embeddings is rejected by vLLM: serve merged (vlm export --merged)")
-    if modules_to_save:
-        out.append("modules_to_save is rejected by vLLM: serve merged (vlm export --merged)")
-    if {"vision", "projector"} & comps:
-        if family.vllm is not None and family.vllm.tower_connector_lora:
-            out.append("vision/projector LoRA is ignored by vLLM unless served with "
-                       "--enable-tower-connector-lora (experimental); `vlm serve` sets it, or serve merged")
-        else:
-            out.append("vLLM cannot serve vision/projector LoRA for this family: serve merged")
-    return out
+    """What vLLM will refuse or ignore in an adapter with these targets.
+
+    The rules live in ``vlm.export.check.vllm_rules`` (one source of truth, also behind
+    ``vlm export --check-vllm`` and ``vlm serve``).
+    """
+    from vlm.export.check import vllm_rules
+
+    return [str(p) for p in vllm_rules(family, target_names, r, modules_to_save)]
 
 
 def apply_lora(model: nn.Module, family: Family, *, r: int = 16, alpha: float = 16.0,

@@ -96,6 +96,31 @@ def vllm_rules(family: Family, target_names: list[str], r: int | list[int], modu
     return out
 
 
+# PEFT options that change what an adapter means and that vLLM 0.32 refuses (vllm/lora/peft_helper.py).
+_UNSUPPORTED_FEATURES = {
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+    "layer_replication": "layer_replication",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "use_qalora": "QALoRA",
+}
+# init_lora_weights values that only set initial weights (a saved adapter is a plain LoRA).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def peft_feature_rules(cfg: dict) -> list[Problem]:
+    """Problems from adapter_config.json options vLLM does not implement."""
+    out = []
+    for key, what in _UNSUPPORTED_FEATURES.items():
+        if cfg.get(key):
+            out.append(Problem("peft_feature", f"{what} ({key}) is not supported by vLLM", MERGED))
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        out.append(Problem("init", f"init_lora_weights={init!r} (PiSSA/OLoRA/CorDA/LoftQ) changes the base "
+                           "weights, which vLLM does not", "convert it to a plain LoRA with PEFT's "
+                           f"path_initial_model_for_weight_conversion, or {MERGED}"))
+    return out
+
+
 @dataclass
 class CheckReport:
     adapter: Path
@@ -145,9 +170,15 @@ def check_adapter(path: str | Path, *, base: str | None = None, family: Family |
     linear = [m for m, kinds in info.lora_modules.items() if {"lora_A", "lora_B"} & kinds]
     emb = [m for m, kinds in info.lora_modules.items() if {"lora_embedding_A", "lora_embedding_B"} & kinds]
     dora = bool(cfg.get("use_dora")) or any("lora_magnitude_vector" in k for k in info.lora_modules.values())
-    saved = sorted(set(cfg.get("modules_to_save") or []) | set(info.full_modules))
+    saved = sorted(cfg.get("modules_to_save") or [])
+    full = [m for m in info.full_modules if not any(m == s or m.endswith("." + s) for s in saved)]
     bias = "lora_bias" if cfg.get("lora_bias") else cfg.get("bias", "none")
     problems += vllm_rules(fam, linear, info.ranks(), saved, embedding_targets=emb, use_dora=dora, bias=bias)
+    if full:
+        problems.append(Problem("full_weights", f"the adapter carries full weight copies of {', '.join(full[:3])} "
+                                "(PEFT saves these for embedding targets or save_embedding_layers); vLLM loads "
+                                "only LoRA A/B tensors", f"re-save with save_embedding_layers=False, or {MERGED}"))
+    problems += peft_feature_rules(cfg)
     if not linear and not emb:
         problems.append(Problem("empty", "the adapter holds no LoRA tensors", "re-save the trained adapter"))
     return CheckReport(adapter=info.path, family=fam, info=info, problems=problems)

@@ -87,6 +87,13 @@ def dequantize_bnb(model: torch.nn.Module, dtype: torch.dtype) -> int:
                     setattr(model, attr, False if attr != "quantization_config" else None)
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
+        # transformers replays the load-time weight conversions in reverse on save; the bnb ones
+        # (re-serializing quant states) no longer apply to plain Linear weights.
+        conv = getattr(model, "_weight_conversions", None)
+        if conv:
+            model._weight_conversions = [c for c in conv if not any(
+                "bitsandbytes" in type(op).__module__ or "bnb" in type(op).__name__.lower()
+                for op in (getattr(c, "operations", None) or []))] or None
     return len(swaps)
 
 

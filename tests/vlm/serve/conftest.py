@@ -1,0 +1,120 @@
+"""Fixtures for export/serve tests: a vLLM-servable tiny Qwen2-VL and LoRA adapters made on it.
+
+Why not the zoo model as is: vLLM's CPU attention supports head sizes 32, 64, 80, ... only (vllm
+0.32 ``CPUAttentionBackend.get_supported_head_sizes``) and the zoo's tiny Qwen2-VL uses 4 heads of
+16. This builds the same model from the zoo's own pieces (tokenizer, processor, chat template) with
+2 query heads over 1 KV head of 32 dims, ``mrope_section`` rescaled to sum to 32 / 2 = 16.
+
+The "trained" adapter is real training: LoRA r=8 on every language projection, Adam for a few dozen
+steps until the model answers the probe image with ``CAPTION`` — so base and adapter give
+different greedy tokens, and a served adapter that were ignored would be caught.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CAPTION = "a bright gradient with noise"
+
+
+def build_servable_qwen2_vl(out_dir: Path, seed: int = 0) -> Path:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from vlm.zoo import common
+    from vlm.zoo import qwen2_vl as zq
+
+    text = zq.text_config_kwargs()
+    text.update(num_attention_heads=2, num_key_value_heads=1)
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[4, 6, 6])
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=common.TEXT_HIDDEN, mlp_ratio=2, num_heads=1,
+                           in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           hidden_act="quick_gelu"),
+        tie_word_embeddings=True, **zq.token_id_kwargs())
+    model = common.build_model(Qwen2VLForConditionalGeneration, config, seed)
+    processor = zq.build_processor(Qwen2VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    return common.save_checkpoint(out_dir, model, processor, zq.generation_kwargs())
+
+
+def train_adapter(base: Path, out: Path, *, steps: int = 40, targets=("language.attention", "language.mlp"),
+                  modules_to_save=None, r: int = 8, seed: int = 0) -> Path:
+    """LoRA-train ``base`` to caption the probe image with CAPTION; save a PEFT adapter folder."""
+    from vlm.export.verify import probe_image, probe_messages
+    from vlm.load import load
+    from vlm.lora import apply_lora
+
+    torch.manual_seed(seed)
+    model, processor = load(base, dtype="fp32", device="cpu")
+    pm = apply_lora(model, model.vlm_family, r=r, alpha=2 * r, targets=list(targets),
+                    modules_to_save=modules_to_save, warn=False)
+    prompt = processor.apply_chat_template(probe_messages(), add_generation_prompt=True)
+    full = processor(text=[prompt + CAPTION + "<|im_end|>"], images=[probe_image()], return_tensors="pt")
+    n_prompt = processor(text=[prompt], images=[probe_image()], return_tensors="pt")["input_ids"].shape[1]
+    labels = full["input_ids"].clone()
+    labels[:, :n_prompt] = -100
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    for _ in range(steps):
+        loss = pm(**full, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
+    pm.save_pretrained(out)
+    processor.save_pretrained(out)
+    ip = processor.image_processor.size
+    (out / "vlmtune.json").write_text(json.dumps({"min_pixels": ip["shortest_edge"], "max_pixels": ip["longest_edge"],
+                                                  "max_images_per_prompt": 1, "final_loss": loss.item()}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def servable_base(tmp_path_factory) -> Path:
+    return build_servable_qwen2_vl(tmp_path_factory.mktemp("serve") / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(servable_base, tmp_path_factory) -> Path:
+    return train_adapter(servable_base, tmp_path_factory.mktemp("serve") / "adapter")
+
+
+def hf_greedy(model_dir: Path, adapter: Path | None, n: int) -> list[int]:
+    """transformers(+PEFT) greedy tokens for the probe request, EOS banned for n tokens (= vLLM min_tokens)."""
+    from vlm.export.verify import probe_inputs
+    from vlm.load import load
+
+    model, processor = load(model_dir, dtype="fp32", device="cpu")
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    inputs = probe_inputs(processor)
+    with torch.no_grad():
+        out = model.eval().generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="session")
+def make_adapter(servable_base, tmp_path_factory):
+    """Factory: ``make_adapter(targets=..., modules_to_save=..., steps=...)`` -> a fresh adapter folder."""
+    root = tmp_path_factory.mktemp("adapters")
+    count = iter(range(1000))
+
+    def make(**kw) -> Path:
+        kw.setdefault("steps", 2)
+        return train_adapter(servable_base, root / f"a{next(count)}", **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_tokens():
+    """``hf_tokens(model_dir, adapter, n)``: transformers(+PEFT) greedy tokens of the probe request."""
+    return hf_greedy
