@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import time
 import sys
@@ -24,8 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM --max-model-len")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--log", default=None, help="vLLM's log file (default: a temp file, path printed)")
-    parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                        help="after `--`: extra arguments passed to vLLM unchanged")
+    parser.add_argument("--vllm-args", default="", metavar="'ARGS'",
+                        help="extra vLLM server arguments, one quoted string (e.g. --vllm-args '--seed 1')")
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM → the same clean path as Ctrl-C
@@ -36,7 +37,7 @@ def run(args) -> int:
     from vlm.serve import VllmServer
     from vlm.serve.plan import parse_adapter_specs
 
-    extra = [a for a in args.vllm_args if a != "--"] if args.vllm_args else []
+    extra = shlex.split(args.vllm_args)
     srv = VllmServer(args.model, adapters=parse_adapter_specs(args.adapter), host=args.host,
                      port=args.port or None, api_key=args.api_key, served_name=args.served_name,
                      dtype=args.dtype, max_images=args.max_images, max_model_len=args.max_model_len,

