@@ -27,7 +27,8 @@ def run(args) -> int:
 
     result = train(cfg, resume=args.resume)
     s = result.summary
-    print(f"trained {s['steps']} steps on {s['samples']} samples; final loss {s['final_loss']:.4f}; "
+    final = "n/a" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
+    print(f"trained {s['steps']} steps on {s['samples']} samples; final loss {final}; "
           f"{s['tokens_per_s']} tokens/s; peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
     print(f"adapter: {result.adapter_dir}")
     print(f"summary: {result.output_dir / 'summary.json'}  loss curve: {result.output_dir / 'loss_curve.png'}")

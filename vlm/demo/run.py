@@ -118,7 +118,9 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
         print(f"  {a:<20} {_pct(before['per_attribute'][a])}   {_pct(after['per_attribute'][a])}")
     for ex in after["examples"][:3]:
         print(f"  after: {ex['caption']!r}  (reference {ex['reference']!r})")
-    print(f"\ntrained {results['train']['steps']} steps, final loss {results['train']['final_loss']:.3f}, "
+    final = results["train"]["final_loss"]
+    print(f"\ntrained {results['train']['steps']} steps, final loss "
+          f"{'n/a' if final is None else f'{final:.3f}'}, "
           f"{results['train']['tokens_per_s']} tokens/s; total {results['wall_seconds']} s")
     print(f"outputs: {out}  (adapter: {result.adapter_dir}, summary.json, loss_curve.png, "
           "accuracy.png, demo_results.json)")

@@ -13,7 +13,10 @@ Training: full-parameter AdamW on ``n_train`` synthetic scenes (default vocabula
 cosine schedule; labels on the assistant caption only (the project's collator). Deterministic for a
 seed on one CPU thread. Rebuild the shipped copy with::
 
-    vlm zoo demo-base vlm/zoo/assets/demo_base [--device cuda]   # ~1 min on a GPU, ~30 on a CPU core
+    vlm zoo demo-base vlm/zoo/assets/demo_base --steps 2500 --n-train 6000 --device cuda
+
+(the shipped copy: that command on an H100, 319 s; held-out exact match 1.0 on 200 scenes, recorded
+in its config.json under ``vlmtune.demo_base``). On a CPU core it takes about an hour.
 """
 
 from __future__ import annotations
