@@ -15,41 +15,24 @@ sampler and skips the batches already seen) reproduces the data order exactly.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
-from vlm.data_formats.mixing import mix_epoch
-from vlm.data_formats.reader import DataSpec, read_conversations
+from vlm.data_formats.prepare import prepare_samples
 from vlm.data_formats.rejects import RejectLog
-from vlm.errors import DataError, VlmError
-
-
-class ConversationDataset(Dataset):
-    """Map-style dataset of Conversation objects with their planned token lengths."""
-
-    def __init__(self, conversations: list, lengths: list[int], seed: int):
-        self.conversations = conversations
-        self.lengths = lengths
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.conversations)
-
-    def __getitem__(self, i: int):
-        return self.conversations[i]
-
-    def sampler_factory(self, group_by_length: bool):
-        def make(args) -> Sampler:
-            batch = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-            return SeededSampler(self.lengths, batch if group_by_length else 0, self.seed)
-        return make
+from vlm.data_formats.torch_datasets import ConversationDataset, load_training_data
+from vlm.errors import VlmError
 
 
 class SeededSampler(Sampler[int]):
     """Shuffle seeded by ``seed + epoch``; optionally grouped by length.
+
+    (``vlm.data_formats.LengthGroupedSampler`` is a *batch* sampler for plain DataLoaders; Trainer
+    and accelerate need a per-index sampler they can shard across processes, which this is.)
 
     With ``group_size > 0`` indices are shuffled, cut into mega-batches of ``50 × group_size``,
     each sorted by length (longest first), so a batch holds samples of similar length (less padding)
@@ -83,42 +66,36 @@ class SeededSampler(Sampler[int]):
 
 
 def prepare_train_set(cfg, collator, output_dir: Path) -> tuple[ConversationDataset, dict[str, Any]]:
-    """Read, validate, plan and mix the configured training files."""
+    """Read, validate, mix (by weight) and plan the configured training files."""
     data = cfg.data
-    rejects = RejectLog(Path(output_dir) / "rejects.jsonl") if data.on_error == "skip" else None
-    per_source, report_sources = [], []
-    truncated = 0
     for f in data.train:
-        spec = DataSpec.parse({"path": f.path, "weight": f.weight, "image_root": data.image_root})
-        if not Path(spec.source).exists():
-            raise VlmError(f"data.train: {spec.source} does not exist")
-        kept = []
-        convs = read_conversations([spec], on_error=data.on_error, rejects=rejects)
-        for conv in convs:
-            try:
-                plan = collator.plan(conv)
-            except DataError as e:
-                if data.on_error == "raise" and not (e.code == "too_long" and data.overlong == "drop"):
-                    raise
-                if rejects is None:  # overlong=drop with on_error=raise still reports the drop
-                    rejects = RejectLog(Path(output_dir) / "rejects.jsonl")
-                rejects.add(e)
-                continue
-            truncated += plan.truncated
-            kept.append((conv, plan.keep))
-        per_source.append(kept)
-        report_sources.append({"path": str(f.path), "weight": f.weight, "records": len(kept)})
-    if rejects is not None:
-        rejects.close()
-    mixed = mix_epoch(per_source, [f.weight for f in data.train], seed=cfg.training.seed, shuffle=False)
-    if not mixed:
+        if not Path(f.path).exists():
+            raise VlmError(f"data.train: {f.path} does not exist")
+    # overlong=drop means "drop and report" even when bad records should raise
+    skip = data.on_error == "skip" or data.overlong == "drop"
+    rejects = RejectLog(Path(output_dir) / "rejects.jsonl") if skip else None
+    with rejects if rejects is not None else nullcontext():
+        convs = load_training_data([{"path": f.path, "weight": f.weight} for f in data.train],
+                                   seed=cfg.training.seed, on_error=data.on_error, rejects=rejects,
+                                   image_root=data.image_root)
+        prepared = prepare_samples(convs, collator, on_error="skip" if skip else "raise", rejects=rejects)
+    if not prepared.conversations:
         raise VlmError("data.train: no usable training sample" +
                        (f"; {rejects.summary()}" if rejects is not None else ""))
-    report = {"sources": report_sources, "samples": len(mixed), "text_truncated": truncated,
+    report = {"files": [f.path for f in data.train], **prepared.stats,
               "rejected": rejects.as_dict() if rejects is not None else {"total": 0}}
     if rejects is not None and rejects.total:
         print(f"data: {rejects.summary()}")
-    if truncated:
-        print(f"data: {truncated} sample(s) longer than max_length={data.max_length} are cut in text "
-              "after their last image (overlong: truncate)")
-    return ConversationDataset([c for c, _ in mixed], [n for _, n in mixed], cfg.training.seed), report
+    if prepared.truncated:
+        print(f"data: {prepared.truncated} sample(s) longer than max_length={data.max_length} are cut "
+              "in text after their last image (overlong: truncate)")
+    dataset = ConversationDataset(prepared.conversations, prepared.lengths)
+    return dataset, report
+
+
+def sampler_factory(dataset: ConversationDataset, seed: int, group_by_length: bool):
+    """For ``VlmTrainer``: builds the seeded sampler once Trainer knows the global batch size."""
+    def make(args) -> Sampler:
+        batch = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        return SeededSampler(dataset.lengths, batch if group_by_length else 0, seed)
+    return make

@@ -50,10 +50,6 @@ def _optimizer_name(name: str) -> str:
             "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd"}[name]
 
 
-def _data_files(cfg: TrainConfig) -> list[dict]:
-    return [{"path": f.path, "weight": f.weight, "format": f.format} for f in cfg.data.train]
-
-
 def build_datasets(cfg: TrainConfig, collator, output_dir: Path):
     """Read + validate every record, plan lengths (no pixels decoded), report skips."""
     from vlm.train.dataset import prepare_train_set
@@ -70,6 +66,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.data_formats.resolution import Resolution, save_resolution
     from vlm.lora import apply_lora
     from vlm.train.metrics import plot_loss_curve
+    from vlm.train.dataset import sampler_factory
     from vlm.train.trainer import VlmTrainer
 
     t_start = time.perf_counter()
@@ -145,7 +142,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **precision,
     )
     trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
-                         train_sampler_factory=train_set.sampler_factory(cfg.data.group_by_length))
+                         train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
+                                                               cfg.data.group_by_length))
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir = out / ADAPTER_DIR
