@@ -23,7 +23,7 @@ import torch
 
 from vlm.errors import VlmError
 from vlm.export.adapter import read_adapter
-from vlm.export.metadata import CONFIG_KEY, read_metadata
+from vlm.export.metadata import CONFIG_KEY, policy_from_record, read_metadata
 
 # Files a processor/tokenizer may consist of (copied verbatim from the adapter folder when it has
 # its own processor files — the training recipe saves them there — else from the base).
@@ -113,7 +113,7 @@ def load_merged(adapter: str | Path, *, base: str | None = None, dtype: str | to
     if dtype is None:
         dtype = meta.get("dtype") or str(getattr(config, "dtype", None) or "bfloat16").replace("torch.", "")
     torch_dtype = resolve_dtype(dtype)
-    quant = meta.get("quant") if quant == "auto" else quant
+    quant = policy_from_record(meta.get("quant")) if quant == "auto" else quant
     model, processor = load(base, dtype=torch_dtype, device="cpu", quant=quant)
     n = dequantize_bnb(model, torch_dtype)
     peft_model = PeftModel.from_pretrained(model, str(info.path), is_trainable=False)
@@ -171,8 +171,10 @@ def export_merged(adapter: str | Path, out: str | Path, *, base: str | None = No
         meta.update(merged_from=d["adapter"], base_model=d["base"], dtype=d["dtype"], family=family.name)
         if d["quant"] is not None:
             meta["trained_on_quant"] = d["quant"]
-        meta.pop("quant", None)
-        cfg[CONFIG_KEY] = meta
+        meta.pop("quant", None)  # the merged weights are 16-bit: no quantization plan applies
+        meta.pop("lora", None)
+        cfg[CONFIG_KEY] = {**(cfg.get(CONFIG_KEY) or {}), **meta}
+        cfg[CONFIG_KEY].pop("quant", None)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         _fsync_tree(tmp)
         if out.exists():  # overwrite: swap in, then drop the old copy

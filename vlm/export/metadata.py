@@ -1,18 +1,18 @@
 """vlmtune's own metadata: the facts a trained model needs at serving time, in plain JSON.
 
-Where it lives (DESIGN.md: "metadata rides along in the saved config, never in a pickle"):
-  - an adapter folder: ``vlmtune.json`` beside ``adapter_config.json`` (PEFT's own config is left
-    untouched so PEFT and vLLM read it as they always do);
-  - a full checkpoint (base or merged): the ``"vlmtune"`` key of ``config.json`` (transformers keeps
-    unknown config keys, so a merged model round-trips it).
+Where it lives (DESIGN.md: "metadata rides along in the saved config, never in a pickle"), as the
+training recipe (vlm.train.recipe.save_adapter), vlm.quant and vlm.data_formats.resolution write it:
+  - an adapter folder: ``vlmtune.json`` = ``{"vlmtune": {...}}`` beside ``adapter_config.json``
+    (PEFT's own config is left untouched so PEFT and vLLM read it as always);
+  - a full checkpoint (base or merged): the ``"vlmtune"`` key of ``config.json``.
 
-Keys (all optional): ``min_pixels`` / ``max_pixels`` (the image resolution range trained with),
-``max_images_per_prompt``, ``quant`` (the base's quantization policy during training: a preset name
-or dict), ``dtype``, ``family``, ``base_model``, ``merged_from``.
+Keys used here: ``resolution`` (``min_pixels``/``max_pixels`` for Qwen2-VL, ``longest_edge`` for
+Pixtral: what training resized images to), ``quant`` (the recorded quantization plan of the base
+during training: ``policy``, ``protected`` layers, ...), ``base_model``, ``max_images_per_prompt``;
+a merged export adds ``merged_from``, ``trained_on_quant``, ``dtype``, ``family``.
 
-When a folder carries no metadata the pixel limits fall back to its saved image processor
-(``processor_config.json`` / ``preprocessor_config.json``), so a plain checkpoint serves with the
-resolution its processor declares.
+Without recorded resolution the pixel limits fall back to the folder's saved image processor
+(``processor_config.json`` / ``preprocessor_config.json``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     """The vlmtune metadata of an adapter or checkpoint folder ({} when there is none)."""
     folder = Path(folder)
     if (folder / ADAPTER_FILE).is_file():
-        return dict(_read_json(folder / ADAPTER_FILE))
+        data = _read_json(folder / ADAPTER_FILE)
+        return dict(data.get(CONFIG_KEY, data) or {})
     if (folder / "config.json").is_file():
         return dict(_read_json(folder / "config.json").get(CONFIG_KEY) or {})
     return {}
@@ -73,7 +74,38 @@ def processor_pixel_limits(folder: str | Path) -> dict[str, int]:
 
 
 def pixel_limits(folder: str | Path) -> dict[str, int]:
-    """The pixel limits a folder was trained with: metadata first, then its saved processor."""
-    meta = read_metadata(folder)
-    out = {k: int(meta[k]) for k in ("min_pixels", "max_pixels") if meta.get(k)}
+    """The image-size limits a folder was trained with: recorded resolution, else its processor."""
+    res = read_metadata(folder).get("resolution") or {}
+    out = {k: int(v) for k, v in res.items() if k in ("min_pixels", "max_pixels", "longest_edge") and v}
     return out or processor_pixel_limits(folder)
+
+
+def mm_processor_kwargs(limits: dict[str, int]) -> dict:
+    """vLLM ``--mm-processor-kwargs`` for pixel limits (transformers 5 ``size`` conventions).
+
+    Qwen2-VL's processor reads ``size={"shortest_edge": min_pixels, "longest_edge": max_pixels}``
+    (pixel *counts*); Pixtral's reads ``size={"longest_edge": px}`` (an edge length).
+    """
+    if "min_pixels" in limits or "max_pixels" in limits:
+        size = {"shortest_edge": limits.get("min_pixels"), "longest_edge": limits.get("max_pixels")}
+        return {"size": {k: v for k, v in size.items() if v}}
+    if "longest_edge" in limits:
+        return {"size": {"longest_edge": limits["longest_edge"]}}
+    return {}
+
+
+def policy_from_record(quant: object) -> object:
+    """A quantization spec that reloads the base exactly as training quantized it.
+
+    The recorded plan (``vlm.quant``'s ``policy`` + ``protected``) becomes a static policy whose
+    overrides keep the protected layers 16-bit, so a ``dynamic`` policy is not re-measured (a new
+    calibration could protect different layers). Preset names / None pass through.
+    """
+    if not isinstance(quant, dict) or "policy" not in quant:
+        return quant
+    pol = dict(quant["policy"])
+    pol["dynamic"] = False
+    overrides = dict(pol.get("overrides") or {})
+    overrides.update({name: "bf16" for name in quant.get("protected") or []})
+    pol["overrides"] = overrides
+    return pol

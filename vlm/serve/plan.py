@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vlm.errors import VlmError
 from vlm.export.check import max_lora_rank_for, require_servable
-from vlm.export.metadata import pixel_limits, read_metadata
+from vlm.export.metadata import mm_processor_kwargs, pixel_limits, read_metadata
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vllm 0.32 CPUAttentionBackend.get_supported_head_sizes()
@@ -151,9 +151,8 @@ def plan_launch(model: str, *, adapters: dict[str, str] | None = None, host: str
     argv = [python or sys.executable, "-m", SERVER_MODULE, "--model", source, "--served-model-name", served_name,
             "--host", host, "--port", str(port), "--dtype", dtype,
             "--limit-mm-per-prompt", json.dumps({"image": images, "video": 0})]
-    if limits:
-        size = {"shortest_edge": limits.get("min_pixels"), "longest_edge": limits.get("max_pixels")}
-        argv += ["--mm-processor-kwargs", json.dumps({"size": {k: v for k, v in size.items() if v}})]
+    if mm_processor_kwargs(limits):
+        argv += ["--mm-processor-kwargs", json.dumps(mm_processor_kwargs(limits))]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     if adapters:

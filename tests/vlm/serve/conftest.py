@@ -44,14 +44,20 @@ def build_servable_qwen2_vl(out_dir: Path, seed: int = 0) -> Path:
 
 
 def train_adapter(base: Path, out: Path, *, steps: int = 40, targets=("language.attention", "language.mlp"),
-                  modules_to_save=None, r: int = 8, seed: int = 0) -> Path:
-    """LoRA-train ``base`` to caption the probe image with CAPTION; save a PEFT adapter folder."""
+                  modules_to_save=None, r: int = 8, seed: int = 0, quant=None) -> Path:
+    """LoRA-train ``base`` (optionally quantized: QLoRA) to caption the probe image with CAPTION.
+
+    Saves what the training recipe saves: the PEFT adapter, the processor files and ``vlmtune.json``
+    (base, recorded quantization plan, resolution).
+    """
+    from vlm.data_formats.resolution import save_resolution
     from vlm.export.verify import probe_image, probe_messages
     from vlm.load import load
     from vlm.lora import apply_lora
 
     torch.manual_seed(seed)
-    model, processor = load(base, dtype="fp32", device="cpu")
+    model, processor = load(base, dtype="fp32", device="cpu", quant=quant)
+    recorded_quant = (getattr(model.config, "vlmtune", None) or {}).get("quant") if quant else None
     pm = apply_lora(model, model.vlm_family, r=r, alpha=2 * r, targets=list(targets),
                     modules_to_save=modules_to_save, warn=False)
     prompt = processor.apply_chat_template(probe_messages(), add_generation_prompt=True)
@@ -69,9 +75,10 @@ def train_adapter(base: Path, out: Path, *, steps: int = 40, targets=("language.
     pm.eval()
     pm.save_pretrained(out)
     processor.save_pretrained(out)
+    (out / "vlmtune.json").write_text(json.dumps({"vlmtune": {
+        "base_model": str(base), "family": "qwen2_vl", "quant": recorded_quant, "max_images_per_prompt": 1}}))
     ip = processor.image_processor.size
-    (out / "vlmtune.json").write_text(json.dumps({"min_pixels": ip["shortest_edge"], "max_pixels": ip["longest_edge"],
-                                                  "max_images_per_prompt": 1, "final_loss": loss.item()}))
+    save_resolution(out, {"min_pixels": ip["shortest_edge"], "max_pixels": ip["longest_edge"]})
     return out
 
 

@@ -82,7 +82,7 @@ def test_merged_export_matches_base_plus_adapter(servable_base, trained_adapter,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2VLForConditionalGeneration"] and "quantization_config" not in cfg
-    assert cfg["vlmtune"]["min_pixels"] == 3136 and cfg["vlmtune"]["max_pixels"] == 12544
+    assert cfg["vlmtune"]["resolution"] == {"min_pixels": 3136, "max_pixels": 12544}
     assert cfg["vlmtune"]["merged_from"] == str(trained_adapter)
 
     # Plain transformers loads it; logits match PEFT base+adapter (fp32 tolerance: 1e-4 of max |logit|).
@@ -114,4 +114,18 @@ def test_merge_dequantizes_a_4bit_base(servable_base, trained_adapter, tmp_path)
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg
     result = compare_merged(trained_adapter, out, base=str(tmp_path / "base-nf4"))
+    assert result["ok"], result
+
+
+def test_merge_of_a_qlora_adapter_uses_the_recorded_plan(make_adapter, tmp_path):
+    """QLoRA (base loaded NF4 by vlm.quant): merging reloads the base under the recorded plan and
+    dequantizes it, so the merged model equals what was trained (NF4 weights + LoRA), not the
+    original 16-bit weights + LoRA."""
+    adapter = make_adapter(quant="nf4", steps=3)
+    meta = json.loads((adapter / "vlmtune.json").read_text())["vlmtune"]
+    assert meta["quant"]["counts"]["quantized"]  # training really ran on a 4-bit base
+    out = export_merged(adapter, tmp_path / "merged")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vlmtune"]["trained_on_quant"]["dynamic"] is False and "quantization_config" not in cfg
+    result = compare_merged(adapter, out)
     assert result["ok"], result
