@@ -95,6 +95,20 @@ def _model_source(model: str) -> str:
     return model  # a hub id
 
 
+def _base_notes(name: str, adapter: str, source: str, adapter_base: str | None) -> list[str]:
+    """Warnings when an adapter was trained on another base, or on a quantized one."""
+    out = []
+    meta = read_metadata(adapter)
+    base = meta.get("base_model") or adapter_base
+    if base and Path(base).exists() and Path(source).exists() and Path(base).resolve() != Path(source).resolve():
+        out.append(f"adapter {name} was trained on {base}, not on {source}: make sure they hold the same weights")
+    if meta.get("quant") and (meta["quant"].get("quant_kind") if isinstance(meta["quant"], dict) else True):
+        out.append(f"adapter {name} was trained on a quantized base (QLoRA); vLLM applies it to the 16-bit "
+                   "weights, so outputs can differ slightly from training: for exact outputs serve merged "
+                   "(vlm export ADAPTER --merged OUT dequantizes the base first)")
+    return out
+
+
 def plan_launch(model: str, *, adapters: dict[str, str] | None = None, host: str = "127.0.0.1",
                 port: int = 8000, api_key: str | None = None, served_name: str | None = None,
                 dtype: str = "auto", max_images: int | None = None, max_model_len: int | None = None,
@@ -126,6 +140,7 @@ def plan_launch(model: str, *, adapters: dict[str, str] | None = None, host: str
         ranks += report.info.ranks()
         tower |= any(p.code == "tower" for p in report.problems)
         notes += [f"adapter {name}: {p}" for p in report.problems]
+        notes += _base_notes(name, path, source, report.info.base_model)
         lim = pixel_limits(path)
         if lim:
             adapter_limits[name] = lim
