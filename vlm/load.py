@@ -55,7 +55,8 @@ def load_config(path_or_id: str | os.PathLike):
 
 def load(path_or_id: str | os.PathLike, *, dtype: "str | torch.dtype | None" = None,
          device: "str | torch.device | None" = None, quant: Any = None,
-         calibration: Any = None, processor_kwargs: dict | None = None) -> tuple[Any, Any]:
+         calibration: Any = None, processor_kwargs: dict | None = None,
+         quant_storage: "str | torch.dtype | None" = None) -> tuple[Any, Any]:
     """Load a supported VLM and its processor.
 
     Args:
@@ -65,6 +66,8 @@ def load(path_or_id: str | os.PathLike, *, dtype: "str | torch.dtype | None" = N
         quant: None / "bf16" for 16-bit; a preset name (``nf4``, ``dynamic``), a dict, a YAML path
             or a ``vlm.quant.QuantPolicy`` for per-component quantization.
         calibration: samples for the sensitivity analysis of ``dynamic`` policies.
+        quant_storage: dtype that 4-bit weights are packed into (default uint8); QLoRA under FSDP
+            needs the compute dtype here (``vlm.quant.loading.bnb_config``).
     Returns:
         ``(model, processor)``; ``model.vlm_family`` is the ``Family`` record.
     """
@@ -83,7 +86,9 @@ def load(path_or_id: str | os.PathLike, *, dtype: "str | torch.dtype | None" = N
         from vlm.quant.loading import load_quantized
 
         model = load_quantized(source, config=config, family=family, quant=quant, dtype=torch_dtype,
-                               device=device, calibration=calibration, processor=processor)
+                               device=device, calibration=calibration, processor=processor,
+                               quant_storage=None if quant_storage in (None, "uint8")
+                               else resolve_dtype(quant_storage))
     else:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
         model.to(device)

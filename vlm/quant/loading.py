@@ -69,8 +69,14 @@ def analyse(model, family, policy: QuantPolicy, batches: list[dict] | None, *,
     return resolve_plan(policy, model, family, protected=protected, analysis=analysis)
 
 
-def bnb_config(plan: QuantPlan, dtype: torch.dtype):
-    """The BitsAndBytesConfig that quantizes exactly ``plan.quantized()``."""
+def bnb_config(plan: QuantPlan, dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+    """The BitsAndBytesConfig that quantizes exactly ``plan.quantized()``.
+
+    ``quant_storage``: the dtype 4-bit weights are packed into (default uint8, bitsandbytes' own).
+    FSDP shards only floating tensors and needs one dtype per shard group, so QLoRA under FSDP
+    packs them into the compute dtype (a bf16 element holds four 4-bit values); the
+    values and the checkpoint's meaning are unchanged.
+    """
     from transformers import BitsAndBytesConfig
 
     kind = plan.quant_kind
@@ -86,7 +92,8 @@ def bnb_config(plan: QuantPlan, dtype: torch.dtype):
     if kind in FOUR_BIT:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
                                   bnb_4bit_use_double_quant=plan.policy.double_quant,
-                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+                                  bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=quant_storage or torch.uint8,
                                   llm_int8_skip_modules=names)
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=names)
@@ -140,8 +147,10 @@ def attach_metadata(model, plan: QuantPlan) -> None:
 
 def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: torch.dtype,
                    device: str | torch.device, calibration: Any = None, processor=None,
-                   budget: Any = None):
-    """``vlm.load``'s quantized path; see the module docstring. Returns the model."""
+                   budget: Any = None, quant_storage: torch.dtype | None = None):
+    """``vlm.load``'s quantized path; see the module docstring. Returns the model.
+
+    ``quant_storage``: see ``bnb_config`` (the compute dtype for QLoRA under FSDP)."""
     from transformers import AutoModelForImageTextToText
 
     from vlm.families import family_for_config
@@ -167,7 +176,7 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
     else:
         plan = resolve_plan(policy, meta_model(config, dtype), family)
     model = AutoModelForImageTextToText.from_pretrained(
-        source, quantization_config=bnb_config(plan, dtype), dtype=dtype, device_map=device)
+        source, quantization_config=bnb_config(plan, dtype, quant_storage), dtype=dtype, device_map=device)
     verify(model, plan)
     attach_metadata(model, plan)
     return model
