@@ -1,0 +1,179 @@
+"""Multi-process training: what the recipe needs to know about DDP and FSDP.
+
+The processes are started by ``accelerate launch`` (or torchrun; ``vlm train --nproc N`` calls
+accelerate, see ``vlm.train.launch``), which sets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``. transformers'
+Trainer and accelerate do the distributed work: process group, DDP/FSDP wrapping, sharding the
+sampler's indices across processes, gradient averaging, checkpoint format. This module only
+
+- picks the strategy (``distributed.strategy``: auto → FSDP when accelerate was launched with an
+  FSDP config, else DDP) and turns it into ``TrainingArguments`` keywords;
+- places each process's model on its own GPU (``cuda:LOCAL_RANK``);
+- chooses bitsandbytes' 4-bit storage dtype: under FSDP the compute dtype, because FSDP shards only
+  floating tensors and wants one dtype per shard group (uint8 4-bit weights would stay unsharded);
+- sums per-process counters for the summary (tokens, memory per process);
+- reconciles a checkpoint written by N processes with a run on M (see ``reconcile_resume``).
+
+Same samples per step on N or M processes: the sampler yields one global order (seed + epoch);
+accelerate cuts it into per-process batches of ``batch_size``, so one optimizer step consumes
+``batch_size × grad_accum × world_size`` consecutive indices of that order, whatever the split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlm.errors import VlmError
+
+META = "vlmtune_distributed.json"   # written into every checkpoint: world size and global batch
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place, from the launcher's environment (1 process when not launched)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), size)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def strategy(cfg, w: World | None = None) -> str:
+    """``single``, ``ddp`` or ``fsdp`` for this run."""
+    w = w or world()
+    if w.size <= 1:
+        return "single"
+    s = cfg.distributed.strategy
+    if s == "auto":
+        return "fsdp" if _env_true("ACCELERATE_USE_FSDP") else "ddp"
+    return s
+
+
+def device_for(device: str, w: World | None = None) -> str:
+    """``cuda`` → ``cuda:LOCAL_RANK`` (and make it current) in a multi-process run."""
+    w = w or world()
+    if w.size > 1 and device == "cuda":
+        torch.cuda.set_device(w.local_rank)
+        return f"cuda:{w.local_rank}"
+    return device
+
+
+def quant_storage(cfg, compute_dtype: str, strat: str) -> str | None:
+    """bitsandbytes 4-bit storage dtype name for ``vlm.load`` (None: bitsandbytes' uint8)."""
+    q = cfg.distributed.quant_storage
+    if q == "auto":
+        return compute_dtype if strat == "fsdp" else None
+    return None if q == "uint8" else q
+
+
+def training_arguments(cfg, strat: str, device: str) -> dict:
+    """Keywords for ``TrainingArguments`` (empty in a single process)."""
+    if strat == "single":
+        return {}
+    d = cfg.distributed
+    kw: dict = {"ddp_backend": d.backend or ("gloo" if device == "cpu" else "nccl"),
+                "ddp_find_unused_parameters": d.find_unused_parameters}
+    if strat == "fsdp" and not _env_true("ACCELERATE_USE_FSDP"):
+        # (with `accelerate launch --use_fsdp` / an FSDP config file, accelerate's own settings rule)
+        kw["fsdp"] = "full_shard auto_wrap" + (" offload" if d.fsdp_cpu_offload else "")
+        kw["fsdp_config"] = {
+            "version": d.fsdp_version,
+            # decoder layers / vision blocks: the model's `_no_split_modules` (accelerate's default);
+            # PEFT models get LoRA layers wrapped too (Trainer's update_fsdp_plugin_peft)
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "SHARDED_STATE_DICT" if d.fsdp_state_dict == "sharded" else "FULL_STATE_DICT",
+            # gradient checkpointing is set up by vlm.lora (non-reentrant), not by FSDP
+            "activation_checkpointing": False,
+        }
+    return kw
+
+
+def global_batch(args) -> int:
+    """Samples per optimizer step over all processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+
+
+def write_meta(checkpoint_dir: str | os.PathLike, args) -> None:
+    """Record how the checkpoint was trained (read back by ``reconcile_resume``)."""
+    meta = {"world_size": int(args.world_size), "per_device_batch_size": args.per_device_train_batch_size,
+            "grad_accum": args.gradient_accumulation_steps, "global_batch": global_batch(args)}
+    (Path(checkpoint_dir) / META).write_text(json.dumps(meta) + "\n")
+
+
+def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None) -> str | None:
+    """Resume a checkpoint from N processes on M: keep the global batch, or refuse.
+
+    Trainer resumes by skipping ``global_step × grad_accum`` per-process batches; that lands on the
+    right sample only if the global batch is unchanged. When it would change (same per-device batch,
+    other process count) ``training.grad_accum`` is set so that it is not (2 processes × accum 1 →
+    1 process × accum 2) and a note is returned; when no whole number does, an error says what to set.
+    """
+    if checkpoint is None or not (Path(checkpoint) / META).is_file():
+        return None
+    w = w or world()
+    meta = json.loads((Path(checkpoint) / META).read_text())
+    want = int(meta["global_batch"])
+    t = cfg.training
+    have = t.batch_size * t.grad_accum * w.size
+    if have == want:
+        return None
+    per_step = t.batch_size * w.size
+    if want % per_step:
+        raise VlmError(f"{checkpoint} was trained with a global batch of {want} samples "
+                       f"({meta['world_size']} process(es) × batch {meta['per_device_batch_size']} × "
+                       f"accum {meta['grad_accum']}); here batch {t.batch_size} × {w.size} process(es) "
+                       f"does not divide it: set training.batch_size and training.grad_accum so that "
+                       f"batch_size × grad_accum × {w.size} = {want}")
+    old = t.grad_accum
+    t.grad_accum = want // per_step
+    return (f"resume: {checkpoint.name} was trained on {meta['world_size']} process(es), this run has "
+            f"{w.size}: training.grad_accum {old} → {t.grad_accum} keeps the global batch at {want}")
+
+
+def sum_over_processes(trainer, value: float) -> float:
+    """Sum of ``value`` over all processes (a collective: every process must call it)."""
+    if trainer.args.world_size <= 1:
+        return value
+    t = torch.tensor([float(value)], device=trainer.args.device, dtype=torch.float64)
+    return float(trainer.accelerator.reduce(t, reduction="sum").item())
+
+
+def gather_per_process(trainer, value: int) -> list[int]:
+    """``value`` from every process, by rank (a collective)."""
+    if trainer.args.world_size <= 1:
+        return [int(value)]
+    t = torch.tensor([int(value)], device=trainer.args.device, dtype=torch.int64)
+    return [int(v) for v in trainer.accelerator.gather(t).tolist()]
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole, on CPU (a collective under FSDP2: every process calls it).
+
+    FSDP2 keeps parameter names and makes each parameter a DTensor shard; gathering only the
+    trainable ones (LoRA, modules_to_save) costs megabytes, not the base model's gigabytes.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            out[name] = full.detach().cpu()
+    if any("_fsdp_wrapped_module" in n or "_flat_param" in n for n in out):
+        raise VlmError("distributed.fsdp_version 1 flattens parameters: use fsdp_version 2")
+    return out
