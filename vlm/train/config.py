@@ -1,6 +1,7 @@
 """The training recipe's config: one YAML per model × method under ``configs/``.
 
-Sections: ``model``, ``quant``, ``kernels``, ``lora``, ``data``, ``training``, ``output``, ``logging``.
+Sections: ``model``, ``quant``, ``kernels``, ``lora``, ``data``, ``training``, ``output``, ``logging``,
+``distributed``.
 Every key is checked (unknown → closest valid key; bad value → allowed values).
 """
 
@@ -105,6 +106,22 @@ class TrainingSection:
 
 
 @dataclass
+class DistributedSection:
+    """Multi-process training (see vlm.train.distributed); ignored in a single process."""
+    strategy: str = choices("auto", "ddp", "fsdp", default="auto",
+                            doc="auto: FSDP when `accelerate launch` was given an FSDP config, else DDP")
+    backend: str | None = None          # default: nccl on GPUs, gloo on CPU
+    fsdp_version: int = choices(1, 2, default=2)
+    fsdp_state_dict: str = choices("sharded", "full", default="sharded",
+                                   doc="checkpoint format under FSDP; sharded (DCP) reshards N -> M")
+    fsdp_cpu_offload: bool = False
+    # bitsandbytes' 4-bit storage dtype. auto: the compute dtype (model.dtype) under FSDP (FSDP
+    # shards only floating tensors), uint8 otherwise (bitsandbytes' default).
+    quant_storage: str = choices("auto", "uint8", "bf16", "fp16", "fp32", default="auto")
+    find_unused_parameters: bool = False
+
+
+@dataclass
 class LoggingSection:
     tensorboard: bool = True
     report_to: list[str] = field(default_factory=list)
@@ -121,6 +138,7 @@ class TrainConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     output: str = "runs/train"
     logging: LoggingSection = field(default_factory=LoggingSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
 
 
 def parse_config(data: dict, overrides: list[str] | None = None) -> TrainConfig:
