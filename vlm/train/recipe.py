@@ -65,11 +65,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.data_formats.collator import VisionChatCollator
     from vlm.data_formats.resolution import Resolution, save_resolution
     from vlm.lora import apply_lora
+    from vlm.train import distributed as dist
     from vlm.train.metrics import plot_loss_curve
     from vlm.train.dataset import sampler_factory
     from vlm.train.trainer import VlmTrainer
 
     t_start = time.perf_counter()
+    w = dist.world()
+    strat = dist.strategy(cfg, w)  # single / ddp / fsdp: processes come from accelerate launch
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = None
@@ -77,16 +80,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         resume_from = latest_complete(out)
         if resume_from is None:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
+        note = dist.reconcile_resume(resume_from, cfg, w)  # N processes -> M: same global batch
+        if note and w.is_main:
+            print(note)
     elif any(out.glob("checkpoint-*")):
         raise VlmError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
                        "output folder")
     set_seed(cfg.training.seed)
-    device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device_for(cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu"), w)
     precision = _precision_flags(cfg.training.precision, device)
 
     calibration = cfg.data.train[0].path if cfg.data.train else None
     model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
-                                calibration=calibration)
+                                calibration=calibration,
+                                quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
     family = model.vlm_family
     resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
@@ -140,6 +147,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         use_cpu=device == "cpu",
         gradient_checkpointing=False,  # set up by apply_lora (non-reentrant) before PEFT wraps
         **precision,
+        **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
     )
     trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                          train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
@@ -147,9 +155,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir = out / ADAPTER_DIR
-    save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution)
+    # collectives first (every process), then only the main process writes
+    adapter_state = dist.adapter_state_dict(model) if strat == "fsdp" else None
+    tokens = dist.sum_over_processes(trainer, trainer.tokens_seen)
+    label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
+    peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
+    if w.is_main:
+        save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
     history = trainer.state.log_history
-    plot_loss_curve(history, out / "loss_curve.png", title=f"{Path(cfg.model.path).name}: training loss")
+    if w.is_main:
+        plot_loss_curve(history, out / "loss_curve.png", title=f"{Path(cfg.model.path).name}: training loss")
     losses = [h["loss"] for h in history if "loss" in h]
     summary = {
         "model": cfg.model.path,
@@ -162,12 +177,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "epochs": trainer.state.epoch,
         "samples": len(train_set),
         "data": data_report,
-        "tokens": trainer.tokens_seen,
-        "label_tokens": trainer.label_tokens_seen,
+        "processes": w.size,
+        "strategy": strat,
+        "tokens": int(tokens),              # over all processes
+        "label_tokens": int(label_tokens),
         "train_seconds": round(trainer.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "tokens_per_s": round(trainer.tokens_seen / trainer.train_seconds, 1) if trainer.train_seconds else None,
+        "tokens_per_s": round(tokens / trainer.train_seconds, 1) if trainer.train_seconds else None,
         "peak_memory_bytes": trainer.peak_memory_bytes(),
+        "peak_memory_bytes_per_process": peak_per_process,
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
         "final_loss": losses[-1] if losses else None,
@@ -175,7 +193,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "loss_history": [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h],
         "config": to_plain(cfg),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if w.is_main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(out, adapter_dir, summary)
 
 
@@ -189,8 +208,11 @@ def _jsonable(obj: Any) -> Any:
         return str(obj)
 
 
-def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution) -> Path:
-    """PEFT adapter + processor files + ``vlmtune.json`` (policy, pixel limits), atomically."""
+def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution,
+                 state_dict: dict | None = None) -> Path:
+    """PEFT adapter + processor files + ``vlmtune.json`` (policy, pixel limits), atomically.
+
+    ``state_dict``: the gathered trainable weights when the model is sharded (FSDP)."""
     import shutil
     import tempfile
 
@@ -199,7 +221,7 @@ def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resol
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         processor.save_pretrained(tmp)
         meta = {"base_model": cfg.model.path, "family": model.vlm_family.name,
                 "quant": (getattr(model.base_model.model.config, "vlmtune", None) or {}).get("quant"),

@@ -1,6 +1,7 @@
 """``VlmTrainer``: transformers' Trainer plus what VLM fine-tuning needs.
 
-- atomic checkpoints (``vlm.train.checkpoints``),
+- atomic checkpoints (``vlm.train.checkpoints``) that record their process count and global batch
+  (``vlm.train.distributed``: resume on another number of processes),
 - tokens counted per step (non-padding tokens) for tokens/s,
 - an optional sampler supplied by the data pipeline (length-grouped, seeded: resume-exact),
 - loss computed by the model (so fused-CE kernels patched into the model apply).
@@ -58,7 +59,10 @@ class VlmTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
+            from vlm.train.distributed import write_meta
+
             run_dir = self._get_output_dir(trial=trial)
+            write_meta(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"), self.args)
             mark_complete(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"),
                           self.state.global_step)
 
