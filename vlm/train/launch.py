@@ -34,13 +34,20 @@ def accelerate_command(args) -> list[str]:
     return cmd
 
 
-def relaunch_with_accelerate(args) -> int:
-    """Run ``vlm train`` on ``args.nproc`` processes; returns the launcher's exit code."""
+def _gpu_count() -> int:
+    """CUDA devices, without importing torch on machines that have no NVIDIA driver (start-up time)."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return 0
     import torch
 
+    return torch.cuda.device_count()
+
+
+def relaunch_with_accelerate(args) -> int:
+    """Run ``vlm train`` on ``args.nproc`` processes; returns the launcher's exit code."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise VlmError("--nproc inside an already launched multi-process run: drop --nproc")
-    n_gpu = torch.cuda.device_count()
+    n_gpu = _gpu_count()
     if n_gpu and args.nproc > n_gpu:
         raise VlmError(f"--nproc {args.nproc}: this machine has {n_gpu} GPU(s); one process per GPU")
     cmd = accelerate_command(args)
