@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.errors import VlmError
+from vlm.errors import ConfigError, VlmError
 
 META = "vlmtune_distributed.json"   # written into every checkpoint: world size and global batch
 
@@ -88,11 +88,18 @@ def training_arguments(cfg, strat: str, device: str) -> dict:
     d = cfg.distributed
     kw: dict = {"ddp_backend": d.backend or ("gloo" if device == "cpu" else "nccl"),
                 "ddp_find_unused_parameters": d.find_unused_parameters}
+    if strat == "fsdp" and device == "cpu":
+        # accelerate builds its FSDP plugin for GPU-like devices only; on CPU processes it would
+        # silently run DDP instead
+        raise ConfigError("distributed.strategy: fsdp needs GPUs (accelerate runs FSDP on accelerators "
+                          "only); on CPU use ddp")
     if strat == "fsdp" and not _env_true("ACCELERATE_USE_FSDP"):
         # (with `accelerate launch --use_fsdp` / an FSDP config file, accelerate's own settings rule)
-        kw["fsdp"] = "full_shard auto_wrap" + (" offload" if d.fsdp_cpu_offload else "")
+        kw["fsdp"] = True
         kw["fsdp_config"] = {
             "version": d.fsdp_version,
+            "reshard_after_forward": True,                  # full shard (ZeRO-3-like)
+            "cpu_offload": d.fsdp_cpu_offload,
             # decoder layers / vision blocks: the model's `_no_split_modules` (accelerate's default);
             # PEFT models get LoRA layers wrapped too (Trainer's update_fsdp_plugin_peft)
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -101,6 +108,12 @@ def training_arguments(cfg, strat: str, device: str) -> dict:
             "activation_checkpointing": False,
         }
     return kw
+
+
+def check_engaged(trainer, strat: str) -> None:
+    """FSDP asked for must be FSDP running (accelerate falls back to DDP without saying so)."""
+    if strat == "fsdp" and not getattr(trainer, "is_fsdp_enabled", False):
+        raise VlmError("distributed: FSDP was asked for but accelerate did not enable it")
 
 
 def global_batch(args) -> int:

@@ -152,6 +152,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                          train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
                                                                cfg.data.group_by_length))
+    dist.check_engaged(trainer, strat)
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir = out / ADAPTER_DIR

@@ -117,3 +117,16 @@ def test_ddp_two_gloo_processes_match_one_process_and_resume_on_one(tmp_path, ti
     for (step, a), (_, b) in zip(res["loss_history"][2:], ref["loss_history"][2:]):
         assert a == pytest.approx(b, rel=RTOL, abs=ATOL), f"step {step}: resumed on 1 {a} vs 1 process {b}"
     assert [s for s, _ in res["loss_history"]] == list(range(1, steps + 1))
+
+
+def test_fsdp_on_cpu_is_refused_not_silently_ddp():
+    from vlm.errors import ConfigError
+    from vlm.train.distributed import training_arguments
+
+    cfg = parse_config(dict(MINIMAL), ["distributed.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="fsdp needs GPUs"):
+        training_arguments(cfg, "fsdp", "cpu")
+    kw = training_arguments(cfg, "fsdp", "cuda")
+    assert kw["fsdp"] is True and kw["fsdp_config"]["version"] == 2 and kw["ddp_backend"] == "nccl"
+    assert kw["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"   # DCP: reshards N -> M
+    assert training_arguments(parse_config(dict(MINIMAL)), "ddp", "cpu")["ddp_backend"] == "gloo"
