@@ -1,0 +1,579 @@
+"""One LoRA training step on workload W, HF baselines and vlmtune side by side (issue 9).
+
+    python benchmarks/train_step.py                          # GPU: all variants, Qwen2-VL-2B shapes
+    python benchmarks/train_step.py --tiny --device cpu      # smoke test of every code path on CPU
+
+Workload W: Qwen2-VL-2B shapes, random bf16 weights built on the device (seed 0) and saved once;
+batch 8 × 512 tokens, each sample = 8 prompt tokens, <|vision_start|>, 256 <|image_pad|>,
+<|vision_end|>, 246 answer tokens, one 448×448 image (grid 1×32×32 = 1024 patches → 256 merged
+tokens); labels on the 254 text tokens only; LoRA r=16, α=16 on q,k,v,o,gate,up,down of the language
+model; vision tower frozen; AdamW (torch, fused) lr 2e-4; bf16 weights under bf16 autocast (what
+Trainer(bf16=True) does). Four distinct batches are cycled; every variant sees the same sequence.
+
+Variants (each in its own subprocess, so memory peaks never mix):
+  a        transformers + PEFT, gradient checkpointing (non-reentrant, HF's default),
+           enable_input_require_grads() (the usual HF/PEFT recipe)
+  b        (a) + bitsandbytes NF4 on the language linears (vision tower, merger, lm_head in 16-bit)
+  c        (a) + Liger-Kernel (apply_liger_kernel_to_qwen2_vl: RoPE, RMSNorm, LayerNorm, SwiGLU,
+           fused linear CE)
+  d        vlmtune 16-bit LoRA: vlm.load → vlm.lora.apply_lora(gradient_checkpointing=True) →
+           vlm.kernels.patch (the order vlm/train/recipe.py uses)
+  e        vlmtune QLoRA: (d) with vlm.load(quant="dynamic")
+Ablations of (d) (``--variants`` picks): d_old = (d) as before the frozen-tower fix (the vision tower
+in the autograd graph, as HF's enable_input_require_grads makes it); d_nokern = (d) without
+vlm.kernels.patch; d_nogc = (d) without gradient checkpointing.
+
+MFU (model FLOPs utilisation), the formula used here:
+    model FLOPs / step = 4 · N_LM · T  +  2 · N_vis · P
+  N_LM  = weights of every matmul in the language model, lm_head included (1.54 G at 2B);
+          4 = forward (2) + input-gradient backward (2): the base weights are frozen, so there is no
+          weight-gradient matmul; LoRA's own FLOPs (r=16) are < 1 % and not counted.
+  T     = tokens per step (8 × 512 = 4,096; image tokens go through the language model too).
+  N_vis = vision matmul weights per patch: patch embedding + 32 blocks + the merger / 4 (the merger
+          runs once per 2×2 patches); P = patches per step (8 × 1024 = 8,192). Frozen tower: forward
+          only (2·).
+  Attention score/value FLOPs are not counted (LM ≈ 0.3 TFLOP fwd at 512 tokens, vision ≈ 1.4 TFLOP
+  fwd at 1024-patch images; listed in the JSON).
+  Recompute: gradient checkpointing of the language layers adds 2 · N_LM(layers) · T (another
+  forward); HF's recipe (a/b/c) also recomputes and back-propagates the frozen vision tower
+  (+4 · N_vis · P). These are in "hardware FLOPs" (HFU) in the JSON, not in MFU.
+  MFU = model FLOPs / step time / peak, peak = the bf16 matmul rate measured in the same invocation
+  (8192³, random data); MFU against the 989 TFLOP/s datasheet figure is in the JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+VARIANTS = {
+    "a": "transformers + PEFT, grad. checkpointing",
+    "b": "(a) + bitsandbytes NF4 language linears",
+    "c": "(a) + Liger-Kernel",
+    "d": "vlmtune 16-bit LoRA",
+    "e": "vlmtune QLoRA (dynamic policy)",
+    "d_old": "(d) before the frozen-tower fix",
+    "d_nokern": "(d) without vlm.kernels.patch",
+    "d_nogc": "(d) without gradient checkpointing",
+}
+GiB = 2**30
+IMAGE, VSTART, VEND = 151655, 151652, 151653
+LORA_LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _importable_vlm() -> None:
+    try:
+        import vlm  # noqa: F401
+    except ImportError:  # uninstalled checkout: link vlm/ only (kernels/ would shadow HF's package)
+        import quant_memory  # noqa: F401  (its import does the linking)
+
+
+# --------------------------------------------------------------------------- workload
+
+def shapes(tiny: bool) -> dict:
+    if tiny:   # tiny config: grid 1×4×4 = 16 patches → 4 image tokens; 2 samples × 32 tokens
+        return dict(batch=2, seq=32, grid=(1, 4, 4), prompt=4)
+    return dict(batch=8, seq=512, grid=(1, 32, 32), prompt=8)
+
+
+def make_batches(config, tiny: bool, n: int = 4) -> list[dict]:
+    import torch
+
+    s = shapes(tiny)
+    t, h, w = s["grid"]
+    n_img = t * h * w // 4
+    vc = config.vision_config
+    patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(n):
+        rows = []
+        for _ in range(s["batch"]):
+            answer = s["seq"] - s["prompt"] - 2 - n_img
+            rows.append(torch.cat([torch.randint(0, 151000, (s["prompt"],), generator=g), torch.tensor([VSTART]),
+                                   torch.full((n_img,), IMAGE), torch.tensor([VEND]),
+                                   torch.randint(0, 151000, (answer,), generator=g)]))
+        ids = torch.stack(rows)
+        labels = ids.clone()
+        labels[(ids == IMAGE) | (ids == VSTART) | (ids == VEND)] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "mm_token_type_ids": (ids == IMAGE).long(),
+                    "pixel_values": torch.randn(s["batch"] * t * h * w, patch, generator=g),
+                    "image_grid_thw": torch.tensor([[t, h, w]] * s["batch"]), "labels": labels})
+    return out
+
+
+def count_flops(config, tiny: bool) -> dict:
+    """Matmul weights per component from a meta-device model (no memory), and FLOPs per step."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        m = AutoModelForImageTextToText.from_config(config)
+    lm_layers = lm_head = vis = merger = 0
+    for name, mod in m.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv3d)):
+            continue
+        n = mod.weight.numel()
+        if name == "lm_head":
+            lm_head += n
+        elif name.startswith("model.language_model"):
+            lm_layers += n
+        elif name.startswith("model.visual.merger"):
+            merger += n
+        elif name.startswith("model.visual"):
+            vis += n
+    s = shapes(tiny)
+    T = s["batch"] * s["seq"]
+    P = s["batch"] * s["grid"][0] * s["grid"][1] * s["grid"][2]
+    n_lm = lm_layers + lm_head
+    n_vis = vis + merger / 4
+    tc, vc = config.text_config, config.vision_config
+    lm_attn = 4 * s["batch"] * s["seq"] ** 2 * tc.hidden_size * tc.num_hidden_layers / 2   # causal, fwd
+    vis_attn = 4 * s["batch"] * (P // s["batch"]) ** 2 * vc.embed_dim * vc.depth            # fwd
+    model = 4 * n_lm * T + 2 * n_vis * P
+    return {"N_LM": n_lm, "N_LM_layers": lm_layers, "N_lm_head": lm_head, "N_vis_per_patch": n_vis,
+            "tokens": T, "patches": P, "model_flops": model,
+            "recompute_lm_flops": 2 * lm_layers * T, "vision_bwd_recompute_flops": 4 * n_vis * P,
+            "attention_fwd_flops": {"lm": lm_attn, "vision": vis_attn}}
+
+
+# --------------------------------------------------------------------------- build (subprocess)
+
+def build(args) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from quant_memory import qwen2_vl_config
+
+    cfg = qwen2_vl_config(args.tiny)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(args.ckpt)
+    del model
+    info = {}
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            x @ y
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(10):
+            s.record(); x @ y; e.record(); e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        info["matmul_tflops"] = 2 * 8192 ** 3 / statistics.median(times) / 1e12
+    return info
+
+
+# --------------------------------------------------------------------------- one variant (subprocess)
+
+def _hf_lora(model, gc: bool):
+    from peft import LoraConfig, get_peft_model
+
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=r"model\.language_model\..*\.(" + "|".join(LORA_LEAVES) + ")")
+    return get_peft_model(model, cfg)
+
+
+def setup(variant: str, args, batches):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype, dev = torch.bfloat16, args.device
+    info = {}
+    if variant in ("a", "b", "c"):
+        kw = {}
+        if variant == "b":
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                llm_int8_skip_modules=["model.visual", "lm_head"])
+        if variant == "c":
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen2_vl
+
+            apply_liger_kernel_to_qwen2_vl()   # before the model is built: patches the classes
+            import liger_kernel
+            info["liger_version"] = getattr(liger_kernel, "__version__", None)
+        model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype, device_map=dev, **kw)
+        model = _hf_lora(model, gc=True)
+    else:
+        import vlm.kernels
+        from vlm.lora import apply_lora
+
+        quant = "dynamic" if variant == "e" else None
+        cal = None
+        if quant == "dynamic":   # two single-sample calibration batches from W (without labels)
+            per = batches[0]["pixel_values"].shape[0] // shapes(args.tiny)["batch"]
+            cal = [{k: (v[:per] if k == "pixel_values" else v[:1]) for k, v in b.items() if k != "labels"}
+                   for b in batches[:2]]
+        # vlm.load minus the processor (the random checkpoint has no tokenizer files)
+        from vlm.families import family_for_config
+        from vlm.load import load_config
+        from vlm.quant.loading import load_quantized
+
+        config = load_config(args.ckpt)
+        family = family_for_config(config)
+        if quant is None:
+            model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype).to(dev)
+        else:
+            model = load_quantized(args.ckpt, config=config, family=family, quant=quant, dtype=dtype,
+                                   device=dev, calibration=cal)
+        model.vlm_family = family
+        gc = variant != "d_nogc"
+        model = apply_lora(model, model.vlm_family, r=16, alpha=16,
+                           targets=["language.attention", "language.mlp"], gradient_checkpointing=gc,
+                           warn=False, frozen_vision_no_grad=variant != "d_old")
+        if variant == "d_old":   # what apply_lora did before: HF's hook, vision tower included
+            model.get_base_model().enable_input_require_grads()
+        if variant != "d_nokern":
+            rep = vlm.kernels.patch(model)
+            info["patch"] = str(rep)
+        plan = getattr(model.get_base_model(), "vlm_quant_plan", None)
+        if plan is not None:
+            info["quantized_by_component"] = plan.count_by_component()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    info["trainable_params"] = sum(p.numel() for p in params)
+    fused = dev.startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=fused)
+    return model, opt, info
+
+
+def worker(args) -> dict:
+    import torch
+
+    _importable_vlm()
+    v = args.worker
+    cuda = args.device.startswith("cuda")
+    from vlm.load import load_config
+
+    config = load_config(args.ckpt)
+    cpu_batches = make_batches(config, args.tiny)
+    batches = [{k: t.to(args.device, non_blocking=True) for k, t in b.items()} for b in cpu_batches]
+    t0 = time.perf_counter()
+    model, opt, info = setup(v, args, batches)
+    if cuda:
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    ready_s = time.perf_counter() - T_START
+    if cuda:
+        load_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    tokens = int(batches[0]["attention_mask"].sum())
+    n_steps = args.warmup + args.steps
+
+    def ev():
+        return torch.cuda.Event(enable_timing=True) if cuda else None
+
+    def step(i, timed=True):
+        b = batches[i % len(batches)]
+        e0, e1, e2, e3 = ev(), ev(), ev(), ev()
+        ts = time.perf_counter()
+        if cuda:
+            e0.record()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        if cuda:
+            e1.record()
+        loss.backward()
+        if cuda:
+            e2.record()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            e3.record()
+            e3.synchronize()
+        wall = time.perf_counter() - ts
+        parts = ([e0.elapsed_time(e1), e1.elapsed_time(e2), e2.elapsed_time(e3)] if cuda else [0, 0, 0])
+        return float(loss.detach().float()), wall, parts
+
+    losses, walls, parts = [], [], []
+    for i in range(n_steps):
+        loss, wall, p = step(i)
+        losses.append(loss)
+        walls.append(wall)
+        parts.append(p)
+    timed = walls[args.warmup:]
+    med = statistics.median(timed)
+    row = {"variant": v, "label": VARIANTS[v], **info, "load_s": load_s, "process_ready_s": ready_s,
+           "first_step_s": walls[0], "second_step_s": walls[1] if len(walls) > 1 else None,
+           "steps_timed": len(timed), "warmup": args.warmup, "step_s_median": med,
+           "step_s_min": min(timed), "step_s_max": max(timed), "tokens_per_step": tokens,
+           "tokens_per_s": tokens / med, "first_step_loss": losses[0], "losses": losses,
+           "fwd_bwd_opt_ms_median": [statistics.median(p[j] for p in parts[args.warmup:]) for j in range(3)],
+           "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+           "host_offload_gib": 0.0}
+    if cuda:
+        row.update(resident_gib=resident / GiB, load_peak_alloc_gib=load_peak / GiB,
+                   peak_alloc_gib=torch.cuda.max_memory_allocated() / GiB,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB)
+    if args.profile and v in args.profile.split(","):
+        try:
+            row["profile"] = profile(step, n_steps, args, v)
+        except Exception as ex:  # noqa: BLE001 - the timings above stand without it
+            row["profile_error"] = repr(ex)[:500]
+    return row
+
+
+def profile(step, start, args, v) -> dict:
+    """A few steps under torch.profiler: top kernels by GPU time, GPU busy fraction."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    n = 3 if not args.tiny else 1
+    t = time.perf_counter()
+    with tprof(activities=acts) as prof:
+        for i in range(n):
+            step(start + i)
+    wall = (time.perf_counter() - t) / n
+    ka = prof.key_averages()
+    key = "device_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+
+    def dev_t(e):
+        return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    rows = sorted(ka, key=dev_t, reverse=True)
+    busy = sum(dev_t(e) for e in ka) / 1e6 / n
+    top = [{"name": e.key[:120], "calls_per_step": e.count / n, "gpu_ms_per_step": dev_t(e) / 1e3 / n}
+           for e in rows[:40]]
+    table = ka.table(sort_by="self_" + key.replace("_total", "_total"), row_limit=45, max_name_column_width=70)
+    out = Path(os.environ.get("OUT", args.out))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_{v}.txt").write_text(table)
+    return {"steps": n, "wall_s_per_step": wall, "gpu_busy_s_per_step": busy, "top": top}
+
+
+# --------------------------------------------------------------------------- driver
+
+def run_sub(argv: list[str], timeout: int) -> dict:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+    tail = (p.stdout + p.stderr)[-3000:]
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            r["subprocess_s"] = time.perf_counter() - t
+            return r
+    return {"error": f"exit {p.returncode}", "tail": tail}
+
+
+def env_info(args) -> dict:
+    import torch
+    import transformers
+
+    e = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+         "transformers": transformers.__version__}
+    for mod in ("peft", "triton", "bitsandbytes", "accelerate"):
+        try:
+            e[mod] = __import__(mod).__version__
+        except Exception as ex:  # noqa: BLE001
+            e[mod] = f"missing ({type(ex).__name__})"
+    try:
+        from importlib.metadata import version
+
+        e["liger_kernel"] = version("liger-kernel")
+    except Exception:  # noqa: BLE001
+        e["liger_kernel"] = "missing"
+    if args.device.startswith("cuda"):
+        e["gpu"] = torch.cuda.get_device_name()
+        try:
+            e["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                         capture_output=True, text=True).stdout.strip()
+        except Exception:  # noqa: BLE001
+            e["driver"] = "?"
+    else:
+        e["gpu"] = "cpu"
+    try:
+        e["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=HERE).stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return e
+
+
+def markdown(data: dict) -> str:
+    env, cfg, fl, rows = data["env"], data["config"], data["flops"], data["rows"]
+    peak = data.get("matmul_tflops")
+    base = next((r for r in rows if r.get("variant") == "a" and "error" not in r), None)
+    L = [f"# Training step on W ({cfg['model']}), {env['gpu']}", "",
+         f"{env['gpu']}, driver {env.get('driver')}; torch {env['torch']} (CUDA {env['cuda']}), "
+         f"transformers {env['transformers']}, peft {env['peft']}, triton {env['triton']}, "
+         f"bitsandbytes {env['bitsandbytes']}, liger-kernel {env['liger_kernel']}; commit {env.get('git')}.",
+         "",
+         f"W: batch {cfg['batch']} × {cfg['seq']} tokens, one image each (grid {cfg['grid']}: "
+         f"{cfg['patches'] // cfg['batch']} patches → {cfg['image_tokens']} image tokens), labels on the "
+         f"{cfg['label_tokens']} text tokens; LoRA r=16 α=16 on q,k,v,o,gate,up,down (language); "
+         f"vision frozen; AdamW lr 2e-4 (torch fused); bf16 weights + bf16 autocast. "
+         f"{cfg['warmup']} warm-up steps, median of {cfg['steps']} timed steps, each variant in its "
+         f"own process, all in one invocation.",
+         "",
+         f"MFU = (4·N_LM·T + 2·N_vis·P) / step time / {peak:.0f} TFLOP/s (bf16 8192³ matmul measured in "
+         f"this run); N_LM = {fl['N_LM'] / 1e9:.3f} G (lm_head included), T = {fl['tokens']}, N_vis = "
+         f"{fl['N_vis_per_patch'] / 1e9:.3f} G per patch, P = {fl['patches']}: "
+         f"{fl['model_flops'] / 1e12:.1f} TFLOP of model work per step. Recompute (not in MFU): "
+         f"gradient checkpointing adds {fl['recompute_lm_flops'] / 1e12:.1f} TFLOP (another LM forward); "
+         f"HF's recipe also recomputes and back-propagates the frozen tower "
+         f"(+{fl['vision_bwd_recompute_flops'] / 1e12:.1f} TFLOP)." if peak else "",
+         "",
+         "| variant | step ms (median) | tokens/s | × (a) | peak alloc GiB | × (a) | peak reserved GiB | "
+         "host offload GiB | first-step loss | rel. Δ vs (a) | MFU | fwd/bwd/opt ms | cold: ready s / 1st step s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            L.append(f"| {r['variant']} {VARIANTS.get(r['variant'], '')} | failed: {r['error']} |" + " |" * 11)
+            continue
+        sp = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        mem = r.get("peak_alloc_gib", float("nan"))
+        mr = mem / base["peak_alloc_gib"] if base and "peak_alloc_gib" in base else float("nan")
+        dl = abs(r["first_step_loss"] - base["first_step_loss"]) / abs(base["first_step_loss"]) if base else 0
+        mfu = fl["model_flops"] / r["step_s_median"] / (peak * 1e12) if peak else float("nan")
+        f, b, o = r["fwd_bwd_opt_ms_median"]
+        L.append(f"| {r['variant']}: {r['label']} | {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | "
+                 f"{sp:.2f} | {mem:.2f} | {mr:.2f} | {r.get('peak_reserved_gib', float('nan')):.2f} | "
+                 f"{r['host_offload_gib']:.1f} | {r['first_step_loss']:.5f} | {dl:.1e} | {mfu:.1%} | "
+                 f"{f:.0f}/{b:.0f}/{o:.0f} | {r['process_ready_s']:.1f} / {r['first_step_s']:.2f} |")
+    L += ["", "Targets (same-run ratios):", ""]
+    for t in data.get("targets", []):
+        L.append(f"- {t['what']}: measured {t['measured']}; target {t['target']} → "
+                 f"**{'met' if t['met'] else 'NOT met'}**")
+    if cfg.get("note"):
+        L += ["", cfg["note"]]
+    return "\n".join(L) + "\n"
+
+
+def targets(rows: list[dict], fl: dict, peak: float | None) -> list[dict]:
+    by = {r["variant"]: r for r in rows if "error" not in r}
+    out = []
+    a = by.get("a")
+    if not a:
+        return out
+
+    def add(what, val, target, ok, fmt="{:.2f}×"):
+        out.append({"what": what, "measured": fmt.format(val), "target": target, "met": bool(ok)})
+
+    for v, want in (("d", 3.0), ("e", 2.5)):
+        if v in by:
+            x = by[v]["tokens_per_s"] / a["tokens_per_s"]
+            add(f"({v}) tokens/s vs (a)", x, f"≥ {want}×", x >= want)
+    if "peak_alloc_gib" in a:
+        for v, want in (("e", 0.25), ("d", 0.45)):
+            if v in by:
+                x = by[v]["peak_alloc_gib"] / a["peak_alloc_gib"]
+                add(f"({v}) peak GPU memory vs (a) (no offload in any variant)", x, f"≤ {want}×", x <= want)
+    if "d" in by and peak:
+        m = fl["model_flops"] / by["d"]["step_s_median"] / (peak * 1e12)
+        add("(d) MFU", m * 100, "≥ 30%", m >= 0.30, "{:.1f}%")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="a,b,c,d,e")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", default="d", help="variants to profile after timing ('' = none)")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--name", default=None, help="results file stem (default train_step[_tiny])")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per variant subprocess")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.worker or args.build:
+        _importable_vlm()
+        r = build(args) if args.build else worker(args)
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0
+
+    _importable_vlm()
+    from quant_memory import qwen2_vl_config
+
+    work = Path(tempfile.mkdtemp(prefix="train_step_"))
+    ckpt = work / "qwen2_vl_2b"
+    common = ["--device", args.device, "--ckpt", str(ckpt), "--out", args.out,
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", args.profile]
+    if args.tiny:
+        common.append("--tiny")
+    t = time.perf_counter()
+    b = run_sub(["--build", *common], args.timeout)
+    if "error" in b:
+        print("build failed:", b["tail"])
+        return 1
+    print(f"built checkpoint in {time.perf_counter() - t:.1f}s; matmul {b.get('matmul_tflops', 0):.0f} TFLOP/s",
+          flush=True)
+    config = qwen2_vl_config(args.tiny)
+    fl = count_flops(config, args.tiny)
+    s = shapes(args.tiny)
+    cfg = {"model": "Qwen2-VL-2B shapes" if not args.tiny else "tiny Qwen2-VL", **s,
+           "patches": fl["patches"], "image_tokens": s["grid"][1] * s["grid"][2] // 4,
+           "label_tokens": s["seq"] - s["grid"][1] * s["grid"][2] // 4 - 2, "steps": args.steps,
+           "warmup": args.warmup, "lora": {"r": 16, "alpha": 16, "targets": LORA_LEAVES},
+           "optimizer": "torch.optim.AdamW(lr=2e-4, fused=True)", "autocast": "bf16",
+           "note": args.note, "text_config": config.text_config.to_dict(),
+           "vision_config": config.vision_config.to_dict()}
+    rows = []
+    stem = args.name or ("train_step_tiny" if args.tiny else "train_step")
+    data = {}
+    for v in args.variants.split(","):
+        r = run_sub(["--worker", v, *common], args.timeout)
+        r.setdefault("variant", v)
+        rows.append(r)
+        if "error" in r:
+            print(f"[{v}] FAILED {r['error']}\n{r['tail']}", flush=True)
+        else:
+            print(f"[{v}] {r['step_s_median'] * 1e3:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, "
+                  f"peak {r.get('peak_alloc_gib', 0):.2f} GiB, loss0 {r['first_step_loss']:.6f}, "
+                  f"fwd/bwd/opt {['%.0f' % x for x in r['fwd_bwd_opt_ms_median']]} ms, "
+                  f"ready {r['process_ready_s']:.1f}s, step0 {r['first_step_s']:.2f}s", flush=True)
+        data = {"env": env_info(args), "config": cfg, "flops": fl, "matmul_tflops": b.get("matmul_tflops"),
+                "datasheet_tflops": 989.0, "rows": rows,
+                "targets": targets(rows, fl, b.get("matmul_tflops"))}
+        for dst in {Path(args.out), Path(os.environ.get("OUT", args.out))}:
+            dst.mkdir(parents=True, exist_ok=True)
+            (dst / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+            (dst / f"{stem}.md").write_text(markdown(data))
+    print(markdown(data))
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            print(f"profile {r['variant']}: wall {p['wall_s_per_step'] * 1e3:.0f} ms/step, GPU busy "
+                  f"{p['gpu_busy_s_per_step'] * 1e3:.0f} ms/step")
+            for x in p["top"][:25]:
+                print(f"  {x['gpu_ms_per_step']:8.2f} ms  {x['calls_per_step']:6.0f}×  {x['name'][:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
