@@ -3,9 +3,8 @@
 A LoRA adapter trained on the tiny Qwen2-VL is served beside its base by vLLM's OpenAI server on
 127.0.0.1; an image chat request (base64 PNG, OpenAI client) must give exactly the greedy tokens
 transformers+PEFT give. EOS is banned for N tokens on both sides (vLLM ``min_tokens`` = HF
-``min_new_tokens``) so the comparison covers N real tokens. Then the merged export is served through
-the ``vlm serve`` CLI, compared the same way, and stopped with SIGTERM: no process may survive.
-Finally ``vlm eval --endpoint`` runs against the served adapter.
+``min_new_tokens``) so the comparison covers N real tokens. Then ``vlm eval --endpoint`` runs against the
+served adapter. Part 2 (merged export via the CLI; the recipe's adapter): test_serve_vllm_cli.py.
 """
 
 from __future__ import annotations
@@ -13,11 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -91,38 +86,3 @@ def test_eval_against_the_endpoint(server, tmp_path):
     row = json.loads((tmp_path / "out" / "captions.jsonl").read_text().splitlines()[0])
     assert row["variant"] == "endpoint:captions"
     assert row["caption"].startswith("a bright gradient with")  # the trained caption, through the server
-
-
-def test_merged_export_served_by_cli_matches_and_stops_cleanly(servable_base, trained_adapter, hf_tokens,
-                                                               tmp_path):
-    from vlm.export.merge import export_merged
-    from vlm.serve.process import free_port
-
-    merged = export_merged(trained_adapter, tmp_path / "merged")
-    port = free_port()
-    cli = subprocess.Popen([sys.executable, "-m", "vlm", "serve", str(merged), "--port", str(port),
-                            "--dtype", "float32", "--startup-timeout", "400", "--api-key", "test-key"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        t0 = time.monotonic()
-        lines = []
-        for line in cli.stdout:
-            lines.append(line)
-            if line.startswith("models:"):
-                break
-        assert any(f"serving at http://127.0.0.1:{port}/v1" in x for x in lines), (lines, cli.stderr.read())
-        print(f"vlm serve ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        vllm_pid = int(open(f"/proc/{cli.pid}/task/{cli.pid}/children").read().split()[0])
-        url = f"http://127.0.0.1:{port}/v1"
-        assert _served_tokens(url, "merged", "test-key") == hf_tokens(servable_base, trained_adapter, N)
-        from openai import AuthenticationError, OpenAI
-
-        with pytest.raises(AuthenticationError):  # --api-key reached vLLM
-            OpenAI(base_url=url, api_key="wrong").models.list()
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=60) == 0
-        with pytest.raises(ProcessLookupError):
-            os.killpg(vllm_pid, 0)  # the whole vLLM process group is gone
-    finally:
-        if cli.poll() is None:
-            cli.kill()
