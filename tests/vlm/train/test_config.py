@@ -1,0 +1,53 @@
+"""Training config validation: unknown keys name the closest valid key, bad values the allowed ones."""
+
+from pathlib import Path
+
+import pytest
+
+from vlm.errors import ConfigError
+from vlm.train.config import load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[3]
+MINIMAL = {"model": "some/model", "data": {"train": ["train.jsonl"]}}
+
+
+def test_minimal_config_and_overrides():
+    cfg = parse_config(dict(MINIMAL), ["training.lr=1e-4", "lora.r=8", "data.max_length=512",
+                                       "lora.targets=[language.mlp]"])
+    assert cfg.training.lr == pytest.approx(1e-4)
+    assert cfg.lora.r == 8 and cfg.lora.targets == ["language.mlp"]
+    assert cfg.data.max_length == 512
+    assert cfg.data.train[0].path == "train.jsonl" and cfg.data.train[0].weight == 1.0
+
+
+@pytest.mark.parametrize("data, message", [
+    ({**MINIMAL, "trainig": {}}, "unknown key 'trainig'; did you mean 'training'?"),
+    ({**MINIMAL, "lora": {"rank": 8}}, "unknown key 'lora.rank'"),
+    ({**MINIMAL, "training": {"optimizer": "adam8"}}, "training.optimizer: 'adam8' is not allowed; choose one of"),
+    ({**MINIMAL, "training": {"lr": "fast"}}, "training.lr: expected a number"),
+    ({**MINIMAL, "training": {"batch_size": 2.5}}, "training.batch_size: expected an integer"),
+    ({**MINIMAL, "data": {"train": ["a"], "overlong": "cut"}}, "data.overlong: 'cut' is not allowed"),
+    ({**MINIMAL, "training": {"save_total_limit": 1}}, "save_total_limit: must be >= 2"),
+    ({"model": "m", "data": {}}, "data.train: give at least one data file"),
+    ({"data": {"train": ["a"]}}, "missing required key(s): model"),
+])
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert message in str(e.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        parse_config(dict(MINIMAL), ["training.lr"])
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl_2b_lora", "qwen2_vl_7b_qlora", "qwen2_5_vl_7b_qlora",
+                                  "llava_1_5_7b_qlora", "pixtral_12b_qlora",
+                                  "llama_3_2_11b_vision_qlora", "demo"])
+def test_shipped_configs_parse_and_say_how_to_run(name):
+    path = REPO / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    assert cfg.lora.r >= 1 and cfg.training.lr > 0
+    header = path.read_text().splitlines()[:4]
+    assert any(f"vlm train configs/{name}.yaml" in line or "vlm demo" in line for line in header)
