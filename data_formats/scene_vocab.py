@@ -64,4 +64,18 @@ VARIANT_VOCAB = SceneVocab(
     question="Name the object.",
 )
 
-VOCABS = {v.name: v for v in (DEFAULT_VOCAB, VARIANT_VOCAB)}
+# The embedded demo's task (vlm demo): the same scenes named with single-token words the demo base
+# never produced in a caption, in a new order ("navy ball, huge, upper left"). See vlm.demo.
+DEMO_VOCAB = SceneVocab(
+    name="demo",
+    shapes={"ball": "circle", "box": "square", "arrow": "triangle", "star": "diamond"},
+    colors={"magenta": (220, 40, 40), "teal": (40, 170, 60), "navy": (40, 80, 220),
+            "gold": (235, 200, 30), "pink": (140, 60, 180), "dark": (20, 20, 20)},
+    sizes={"tiny": 0.11, "huge": 0.21},
+    positions={"upper left": "top_left", "upper right": "top_right", "lower left": "bottom_left",
+               "lower right": "bottom_right", "middle": "center"},
+    template="{color} {shape}, {size}, {position}",
+    question="Name the object.",
+)
+
+VOCABS = {v.name: v for v in (DEFAULT_VOCAB, VARIANT_VOCAB, DEMO_VOCAB)}

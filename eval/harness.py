@@ -20,6 +20,8 @@ loads decode identically); the second copy is reported as ``bf16#2``.
 
 from __future__ import annotations
 
+import os
+
 import gc
 import platform
 import sys
@@ -64,6 +66,7 @@ class EvalConfig:
     clip_weights: str | None = None
     scene_vocab: str | None = None     # synthetic scenes: per-attribute accuracy in this vocabulary
     endpoint_timeout: float = 120.0
+    api_key: str | None = None          # bearer token for the endpoint (vlm serve --api-key)
     endpoint_concurrency: int = 1
 
     def validate(self, where: str = "eval") -> None:
@@ -188,7 +191,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
             name = f"endpoint:{config.served_model}"
             log(f"eval: {name}: {config.endpoint}")
             client = EndpointClient(config.endpoint, config.served_model, timeout=config.endpoint_timeout,
-                                    concurrency=config.endpoint_concurrency)
+                                    concurrency=config.endpoint_concurrency,
+                                    api_key=config.api_key or os.environ.get("VLM_API_KEY"))
             gen = client.generate(items, settings)
             results["variants"].append(_variant_record(name, config.served_model, "endpoint", gen, config))
             generations[name] = gen

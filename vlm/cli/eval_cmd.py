@@ -35,9 +35,10 @@ _FLAGS = {
     "limit": (int, "evaluate only the first N images"),
     "clip_model": (str, "open_clip model name or hf-hub:org/name for CLIPScore (default ViT-B-32)"),
     "clip_weights": (str, "CLIP weights: local checkpoint file or open_clip pretrained tag; without it CLIPScore is skipped"),
-    "scene_vocab": (str, "synthetic scenes only: report per-attribute accuracy in this vocabulary (default, variant)"),
+    "scene_vocab": (str, "synthetic scenes only: report per-attribute accuracy in this vocabulary (default, variant, demo)"),
     "endpoint_timeout": (float, "seconds per endpoint request (default 120)"),
     "endpoint_concurrency": (int, "parallel endpoint requests (default 1)"),
+    "api_key": (str, "bearer token for the endpoint (default: $VLM_API_KEY)"),
 }
 
 

@@ -1,8 +1,8 @@
 """`vlm demo`: teach the self-trained tiny base a new captioning task with QLoRA, before vs after.
 
-1. Generate a fresh task the base has never seen: the variant vocabulary ("gem, cobalt, huge,
-   northwest corner" for what the base calls "a large blue diamond in the top left"), a new
-   question and a new caption order; train and held-out sets use different seeds.
+1. Generate a fresh task the base has never seen: the demo vocabulary ("navy star, huge, upper
+   left" for what the base calls "a large blue diamond in the top left": words the base never used
+   in a caption, a new question and a new order); train and held-out sets use different seeds.
 2. Load the shipped base (``vlm/zoo/assets/demo_base``) under the ``dynamic`` 4-bit policy and
    score greedy captions on the held-out images: exact match and per-attribute accuracy.
 3. Fine-tune LoRA adapters with the ``configs/demo.yaml`` recipe (the same ``vlm train`` path).
@@ -54,7 +54,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     from peft import PeftModel
 
     import vlm
-    from vlm.data_formats.scene_vocab import VARIANT_VOCAB
+    from vlm.data_formats.scene_vocab import DEMO_VOCAB
     from vlm.data_formats.synthetic import generate
     from vlm.demo.accuracy import caption_accuracy, heldout_items
     from vlm.train.checkpoints import atomic_write_text
@@ -72,10 +72,10 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
 
     # 1. a task the base does not know
     train_set = generate(out / "data" / "train", n=n_train, seed=seed + 1, image_size=IMAGE_SIZE,
-                         vocab=VARIANT_VOCAB)
-    items = heldout_items(out / "data" / "heldout", VARIANT_VOCAB, n=n_heldout, seed=seed + 2,
+                         vocab=DEMO_VOCAB)
+    items = heldout_items(out / "data" / "heldout", DEMO_VOCAB, n=n_heldout, seed=seed + 2,
                           image_size=IMAGE_SIZE)
-    print(f"new task: {VARIANT_VOCAB.question!r} -> e.g. {train_set.captions[0]!r} "
+    print(f"new task: {DEMO_VOCAB.question!r} -> e.g. {train_set.captions[0]!r} "
           f"({n_train} training images, {n_heldout} held-out)")
 
     cfg = load_config(DEMO_CONFIG, [f"model.path={base}", f"data.train=[{train_set.sharegpt_json}]",
@@ -86,7 +86,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     model, processor = vlm.load(base, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
                                 calibration=str(train_set.sharegpt_json))
     counts = (getattr(model.config, "vlmtune", None) or {}).get("quant", {}).get("counts")
-    before = caption_accuracy(model, processor, items, VARIANT_VOCAB)
+    before = caption_accuracy(model, processor, items, DEMO_VOCAB)
     print(f"before fine-tuning: exact {_pct(before['exact_match'])}  e.g. "
           f"{before['examples'][0]['caption']!r} (want {before['examples'][0]['reference']!r})")
     del model
@@ -98,11 +98,11 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     model, processor = vlm.load(base, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
                                 calibration=str(train_set.sharegpt_json))
     model = PeftModel.from_pretrained(model, result.adapter_dir)
-    after = caption_accuracy(model, processor, items, VARIANT_VOCAB)
+    after = caption_accuracy(model, processor, items, DEMO_VOCAB)
 
     _plot(before, after, out / "accuracy.png")
     results = {
-        "output_dir": str(out), "base": str(base), "task": VARIANT_VOCAB.name,
+        "output_dir": str(out), "base": str(base), "task": DEMO_VOCAB.name,
         "n_train": n_train, "n_heldout": n_heldout, "quant_counts": counts,
         "before": before, "after": after,
         "train": {k: result.summary[k] for k in ("steps", "final_loss", "tokens_per_s", "train_seconds",

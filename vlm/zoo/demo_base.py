@@ -39,6 +39,36 @@ VISION = dict(depth=4, embed_dim=64, mlp_ratio=2, num_heads=4, in_channels=3, pa
               spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
 
 
+def glossary_records() -> list[dict]:
+    """Text-only synonym questions: "Another word for blue?" -> "navy".
+
+    A real base model knows many more words than any one captioning task uses; this gives the
+    tiny base that property for the words of the demo's task (``vlm.data_formats.scene_vocab.DEMO_VOCAB``), so the
+    demo teaches a *task* (caption images in those words, in a new format), not spelling. No record
+    here has an image or the demo's caption format. Why it matters for LoRA: with tied embeddings,
+    a token the base never emits (" ball", ",") has its embedding pushed down by every softmax, and
+    low-rank adapters on the decoder cannot raise it (measured: LoRA plateaued at 3.0 nats/token
+    on the demo task without these records, while full fine-tuning fell below 1). The answers
+    therefore use each word both first and after a space, and the comma.
+    """
+    from vlm.data_formats.scene_vocab import ATTRIBUTES, DEFAULT_VOCAB
+    from vlm.data_formats.scene_vocab import DEMO_VOCAB
+
+    records = []
+    for attr in ATTRIBUTES:
+        default = {v if not isinstance(v, (list, tuple)) else tuple(v): w
+                   for w, v in DEFAULT_VOCAB.words(attr).items()}
+        for word, value in DEMO_VOCAB.words(attr).items():
+            key = value if not isinstance(value, (list, tuple)) else tuple(value)
+            base_word = default[key]
+            pairs = ((f"Another word for {base_word}?", f"{word}, that is {base_word}."),
+                     (f"Say {base_word} differently.", f"I would say {word}, or {base_word}."))
+            for i, (q, a) in enumerate(pairs):
+                records.append({"id": f"glossary-{attr}-{base_word}-{i}", "conversations": [
+                    {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+    return records
+
+
 def build_untrained(out_dir: str | Path, seed: int = 0) -> Path:
     """The demo-base architecture with random weights (the starting point of training)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
@@ -66,8 +96,10 @@ def build_untrained(out_dir: str | Path, seed: int = 0) -> Path:
 
 def train_base(model_dir: str | Path, *, seed: int = 0, n_train: int = 2000, steps: int = 1200,
                batch_size: int = 32, lr: float = 3e-3, log_every: int = 50,
-               device: str = "cpu") -> dict:
-    """Full-parameter training of the base on default-vocabulary scenes; saves in place."""
+               device: str = "cpu", glossary_share: float = 0.15, weight_decay: float = 0.05) -> dict:
+    """Full-parameter training of the base on default-vocabulary scenes (plus text-only synonym
+    questions, ``glossary_share`` of the mix); saves in place."""
+    import json
     import tempfile
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -84,8 +116,12 @@ def train_base(model_dir: str | Path, *, seed: int = 0, n_train: int = 2000, ste
     with tempfile.TemporaryDirectory() as tmp:
         data = generate(tmp, n=n_train, seed=seed + 1000, image_size=IMAGE_SIZE)
         convs = read_conversations(str(data.sharegpt_json))
+        glossary_json = Path(tmp) / "glossary.json"
+        glossary_json.write_text(json.dumps(glossary_records()))
+        words = read_conversations(str(glossary_json))
+        convs += words * max(1, round(glossary_share * len(convs) / len(words)))
         batches_per_epoch = len(convs) // batch_size
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         g = torch.Generator().manual_seed(seed)
