@@ -120,3 +120,29 @@ def test_lora_on_vision_keeps_its_graph(qwen):
     vis_grads = [p.grad for n, p in peft_model.named_parameters()
                  if p.requires_grad and ".visual." in n]
     assert vis_grads and all(g is not None for g in vis_grads)
+
+
+def test_skip_input_cast_under_autocast_is_bit_identical(qwen):
+    """bf16 model, fp32 adapters, bf16 autocast: skipping PEFT's input cast changes no bit of the
+    loss or the adapter gradients; without autocast PEFT's own cast still runs."""
+    import copy
+
+    import torch
+
+    base = copy.deepcopy(qwen).to(torch.bfloat16)
+    out = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        m = apply_lora(copy.deepcopy(base), qwen.vlm_family, r=4, alpha=8, warn=False,
+                       skip_cast_under_autocast=skip)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(**_tiny_batch(qwen, 5)).loss
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+        assert m(**_tiny_batch(qwen, 6)).loss.isfinite()   # no autocast: PEFT casts, still runs
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(out[0][1][n], out[1][1][n]) for n in out[0][1])
