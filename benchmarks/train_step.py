@@ -19,9 +19,10 @@ Variants (each in its own subprocess, so memory peaks never mix):
   d        vlmtune 16-bit LoRA: vlm.load → vlm.lora.apply_lora(gradient_checkpointing=True) →
            vlm.kernels.patch (the order vlm/train/recipe.py uses)
   e        vlmtune QLoRA: (d) with vlm.load(quant="dynamic")
-Ablations of (d) (``--variants`` picks): d_old = (d) as before the frozen-tower fix (the vision tower
-in the autograd graph, as HF's enable_input_require_grads makes it); d_nokern = (d) without
-vlm.kernels.patch; d_nogc = (d) without gradient checkpointing.
+Ablations of (d) (``--variants`` picks): d_old = (d) as before both fixes (the vision tower in the
+autograd graph, as HF's enable_input_require_grads makes it, and PEFT's input cast); d_nokern = (d) without
+vlm.kernels.patch; d_nogc = (d) without gradient checkpointing; d_cast = (d) with PEFT's
+bf16 → fp32 input cast that autocast undoes (before the cast fix).
 
 MFU (model FLOPs utilisation), the formula used here:
     model FLOPs / step = 4 · N_LM · T  +  2 · N_vis · P
@@ -65,7 +66,8 @@ VARIANTS = {
     "c": "(a) + Liger-Kernel",
     "d": "vlmtune 16-bit LoRA",
     "e": "vlmtune QLoRA (dynamic policy)",
-    "d_old": "(d) before the frozen-tower fix",
+    "d_old": "(d) before the frozen-tower and cast fixes",
+    "d_cast": "(d) with PEFT's input cast (before the cast fix)",
     "d_nokern": "(d) without vlm.kernels.patch",
     "d_nogc": "(d) without gradient checkpointing",
 }
@@ -242,7 +244,8 @@ def setup(variant: str, args, batches):
         gc = variant != "d_nogc"
         model = apply_lora(model, model.vlm_family, r=16, alpha=16,
                            targets=["language.attention", "language.mlp"], gradient_checkpointing=gc,
-                           warn=False, frozen_vision_no_grad=variant != "d_old")
+                           warn=False, frozen_vision_no_grad=variant != "d_old",
+                           skip_cast_under_autocast=variant not in ("d_old", "d_cast"))
         if variant == "d_old":   # what apply_lora did before: HF's hook, vision tower included
             model.get_base_model().enable_input_require_grads()
         if variant != "d_nokern":
