@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vlm.atomic import write_json
 from vlm.errors import ConfigError
 
 META_KEY = "vlmtune"
@@ -75,12 +76,6 @@ def apply_resolution(processor, resolution: Resolution | dict | None) -> None:
     ip.size = type(ip.size)(**size) if not isinstance(ip.size, dict) else size
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_resolution(folder: str | os.PathLike, resolution: Resolution | dict) -> Path:
     """Record ``resolution`` in ``config.json`` if the folder has one, else in ``vlmtune.json``.
     Returns the file written."""
@@ -91,7 +86,7 @@ def save_resolution(folder: str | os.PathLike, resolution: Resolution | dict) ->
     meta = dict(data.get(META_KEY) or {})
     meta["resolution"] = res.to_dict()
     data[META_KEY] = meta
-    _atomic_write_json(path, data)
+    write_json(path, data, sort_keys=True)
     return path
 
 

@@ -15,6 +15,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vlm.atomic import write_text
 from vlm.data_formats.scene_vocab import ATTRIBUTES, DEFAULT_VOCAB, POSITION_CENTERS, SceneVocab
 
 
@@ -69,12 +70,6 @@ def render_scene(scene: Scene, vocab: SceneVocab = DEFAULT_VOCAB, image_size: in
     return img
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _atomic_save_png(img, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     img.save(tmp, format="PNG")
@@ -109,6 +104,6 @@ def generate(out_dir: str | os.PathLike, n: int = 64, seed: int = 0, image_size:
                                                                   {"type": "text", "text": question}]},
                                       {"role": "assistant", "content": caption}]})
     sharegpt_path, messages_path = root / "sharegpt.json", root / "messages.jsonl"
-    _atomic_write_text(sharegpt_path, json.dumps(sharegpt, indent=1) + "\n")
-    _atomic_write_text(messages_path, "".join(json.dumps(m) + "\n" for m in messages))
+    write_text(sharegpt_path, json.dumps(sharegpt, indent=1) + "\n")
+    write_text(messages_path, "".join(json.dumps(m) + "\n" for m in messages))
     return SyntheticSet(root, image_dir, sharegpt_path, messages_path, scenes, captions, vocab)

@@ -21,8 +21,7 @@ GROUPS = ("language.attention", "language.mlp", "vision", "projector")
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    import bitsandbytes as bnb  # noqa: F401  (Linear4bit/8bitLt subclass nn.Linear)
-
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so they are found too.
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 

@@ -9,10 +9,8 @@ index/id and problem), 2 on usage errors.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 
 HELP = "validate datasets (check) and show how a sample renders and trains (preview)"
 
@@ -78,10 +76,9 @@ def _run_check(args) -> int:
                         rejects=RejectLog(args.rejects, keep=10_000))
     print(report.text())
     if args.json_out:
-        out = Path(args.json_out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        from vlm.atomic import write_json
+
+        write_json(args.json_out, report.as_dict())
     return 0 if report.ok else 1
 
 

@@ -13,7 +13,6 @@ Every number printed is measured in this run.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     from vlm.data_formats.scene_vocab import DEMO_VOCAB
     from vlm.data_formats.synthetic import generate
     from vlm.demo.accuracy import caption_accuracy, heldout_items
-    from vlm.train.checkpoints import atomic_write_text
+    from vlm.atomic import write_json
     from vlm.train.config import load_config
     from vlm.train.recipe import train
     from vlm.zoo.demo_base import IMAGE_SIZE, SHIPPED
@@ -110,7 +109,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
                                                  "trainable_parameters")},
         "adapter": str(result.adapter_dir), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
-    atomic_write_text(out / "demo_results.json", json.dumps(results, indent=2) + "\n")
+    write_json(out / "demo_results.json", results)
 
     print("\nheld-out accuracy      before    after")
     print(f"  exact match          {_pct(before['exact_match'])}   {_pct(after['exact_match'])}")

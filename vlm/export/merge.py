@@ -14,13 +14,13 @@ crash leaves OUT untouched (or absent), never half-written.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlm.atomic import replacing_folder
 from vlm.errors import VlmError
 from vlm.export.adapter import read_adapter
 from vlm.export.metadata import CONFIG_KEY, policy_from_record, read_metadata
@@ -124,18 +124,6 @@ def load_merged(adapter: str | Path, *, base: str | None = None, dtype: str | to
     return merged, processor, details
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_merged(adapter: str | Path, out: str | Path, *, base: str | None = None,
                   dtype: str | torch.dtype | None = None, quant: Any = "auto",
                   overwrite: bool = False) -> Path:
@@ -150,10 +138,7 @@ def export_merged(adapter: str | Path, out: str | Path, *, base: str | None = No
     model, _processor, d = load_merged(adapter, base=base, dtype=dtype, quant=quant)
     family = model.vlm_family
     src_proc = Path(d["adapter"]) if _processor_files(Path(d["adapter"])) else Path(d["base"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing_folder(out) as tmp:
         model.save_pretrained(tmp)
         for f in _processor_files(src_proc):
             dest = tmp / f.relative_to(src_proc)
@@ -176,15 +161,4 @@ def export_merged(adapter: str | Path, out: str | Path, *, base: str | None = No
         cfg[CONFIG_KEY] = {**(cfg.get(CONFIG_KEY) or {}), **meta}
         cfg[CONFIG_KEY].pop("quant", None)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
-        if out.exists():  # overwrite: swap in, then drop the old copy
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -185,23 +183,13 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
 def save_quantized(model, out_dir: str | os.PathLike, processor=None) -> Path:
     """Write ``model`` (and ``processor``) to ``out_dir`` atomically: a sibling temp folder, then
     a rename. config.json carries ``quantization_config`` and ``vlmtune.quant``."""
+    from vlm.atomic import replacing_folder
+
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replacing_folder(out) as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from vlm.quant.agreement import agreement, reference_logits
@@ -94,11 +92,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomic write (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    from vlm.atomic import write_json as _write
+
+    _write(path, report, indent=1)
 
 
 def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
@@ -128,12 +124,10 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_title(f"quantization error per layer: {report['family']}, policy {report['policy']['name']}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    from vlm.atomic import save_figure
+
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def report_for_path(model_path: str, *, data: Any = None, policy: Any = "dynamic", budget: Any = None,

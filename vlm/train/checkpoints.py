@@ -9,42 +9,21 @@ Rotation keeps at least two checkpoints (``save_total_limit >= 2``) so the previ
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+from vlm.atomic import fsync_tree, write_json
+
 MARKER = "vlmtune_complete.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def mark_complete(checkpoint_dir: str | os.PathLike, step: int) -> None:
     folder = Path(checkpoint_dir)
-    _fsync_tree(folder)
-    atomic_write_text(folder / MARKER, json.dumps({"step": step}) + "\n")
+    fsync_tree(folder)
+    write_json(folder / MARKER, {"step": step}, indent=None)
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:

@@ -33,9 +33,8 @@ def plot_loss_curve(log_history: list[dict], out_png: str | Path, title: str = "
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp)
+    from vlm.atomic import save_figure
+
+    save_figure(fig, out_png)
     plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return Path(out_png)

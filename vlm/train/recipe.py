@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from typing import Any
 import torch
 
 from vlm.errors import ConfigError, VlmError
-from vlm.train.checkpoints import atomic_write_text, latest_complete
+from vlm.atomic import write_json
+from vlm.train.checkpoints import latest_complete
 from vlm.train.config import TrainConfig, to_plain
 
 log = logging.getLogger("vlm.train")
@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
 
     import vlm
     from vlm.data_formats.collator import VisionChatCollator
-    from vlm.data_formats.resolution import Resolution, save_resolution
+    from vlm.data_formats.resolution import Resolution
     from vlm.lora import apply_lora
     from vlm.train import distributed as dist
     from vlm.train.metrics import plot_loss_curve
@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "config": to_plain(cfg),
     }
     if w.is_main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
 
 
@@ -214,27 +214,15 @@ def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resol
     """PEFT adapter + processor files + ``vlmtune.json`` (policy, pixel limits), atomically.
 
     ``state_dict``: the gathered trainable weights when the model is sharded (FSDP)."""
-    import shutil
-    import tempfile
-
+    from vlm.atomic import replacing_folder, write_json
     from vlm.data_formats.resolution import save_resolution
 
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
-    try:
+    with replacing_folder(adapter_dir) as tmp:
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         processor.save_pretrained(tmp)
         meta = {"base_model": cfg.model.path, "family": model.vlm_family.name,
                 "quant": (getattr(model.base_model.model.config, "vlmtune", None) or {}).get("quant"),
                 "lora": to_plain(cfg.lora)}
-        atomic_write_text(tmp / "vlmtune.json", json.dumps({"vlmtune": meta}, indent=2) + "\n")
+        write_json(tmp / "vlmtune.json", {"vlmtune": meta})
         save_resolution(tmp, resolution)
-        if adapter_dir.exists():
-            old = adapter_dir.with_name(f".{adapter_dir.name}.old-{os.getpid()}")
-            os.replace(adapter_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, adapter_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return adapter_dir

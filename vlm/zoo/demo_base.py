@@ -63,9 +63,9 @@ def glossary_records() -> list[dict]:
             base_word = default[key]
             pairs = ((f"Another word for {base_word}?", f"{word}, that is {base_word}."),
                      (f"Say {base_word} differently.", f"I would say {word}, or {base_word}."))
-            for i, (q, a) in enumerate(pairs):
+            for i, (question, answer) in enumerate(pairs):
                 records.append({"id": f"glossary-{attr}-{base_word}-{i}", "conversations": [
-                    {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+                    {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
     return records
 
 
