@@ -23,8 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "trained on the synthetic captions); the shipped copy is vlm/zoo/assets/demo_base")
     base.add_argument("out_dir", metavar="OUT_DIR")
     base.add_argument("--seed", type=int, default=0)
-    base.add_argument("--steps", type=int, default=1200)
-    base.add_argument("--n-train", type=int, default=2000)
+    base.add_argument("--steps", type=int, default=1500)
+    base.add_argument("--n-train", type=int, default=4000)
     base.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
