@@ -4,8 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# On CPU-only machines the CPU build of torch 2.13 lies on local disk; pinning it first keeps pip
-# from pulling a multi-GB CUDA build. Override with TORCH_SPEC= (empty) where torch is provided.
+# On CPU-only machines the CPU build of torch 2.13 lies on local disk; pinning it (first, and again
+# in the project install so no dependency — torchvision via open_clip/timm — can upgrade it) keeps
+# pip from pulling a multi-GB CUDA build. Override with TORCH_SPEC= (empty) where torch is provided.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.vlmtune-installed
 SERVE_STAMP := $(VENV)/.vlmtune-serve-installed
@@ -19,9 +20,12 @@ $(STAMP): pyproject.toml vlm/install/torchvision_cpu_fix.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" $(if $(TORCH_SPEC),"$(TORCH_SPEC)")
 	$(PY) vlm/install/torchvision_cpu_fix.py --python $(PY)
 	$(PY) -m pip check
+	@$(PY) -c "import importlib.metadata as m, sys; spec = '$(TORCH_SPEC)'; want = spec.split('==')[-1]; \
+	  have = m.version('torch').split('+')[0]; \
+	  sys.exit(0 if '==' not in spec or have == want else f'error: torch {have} installed, {spec} asked')"
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -9,44 +9,19 @@ served adapter. Part 2 (merged export via the CLI; the recipe's adapter): test_s
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import sys
 
 import pytest
 
+from ._vllm_client import N, require_vllm, served_tokens
+
 pytestmark = pytest.mark.serve
-N = 12  # tokens compared per request
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_vllm():
-    pytest.importorskip("openai")
-    from vlm.serve.plan import vllm_flavour
-
-    if vllm_flavour() is None:
-        pytest.fail("vLLM is not installed in this environment: run `make test-serve` (it runs `make serve-deps`)")
-
-
-def _image_url() -> str:
-    from vlm.export.verify import probe_image
-
-    buf = io.BytesIO()
-    probe_image().save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _served_tokens(url: str, model: str, api_key: str = "none") -> list[int]:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=url, api_key=api_key, timeout=300)
-    r = client.chat.completions.create(
-        model=model, temperature=0, max_tokens=N,
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url()}},
-                                                {"type": "text", "text": "Describe the image."}]}],
-        extra_body={"min_tokens": N, "return_token_ids": True, "skip_special_tokens": False})
-    return list(r.choices[0].token_ids)
+    require_vllm()
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +43,8 @@ def test_served_base_and_adapter_match_transformers(server, servable_base, train
     assert listed == {servable_base.name, "captions"}
     base_hf, adapter_hf = hf_tokens(servable_base, None, N), hf_tokens(servable_base, trained_adapter, N)
     assert base_hf != adapter_hf  # the adapter changes the answer: an ignored adapter would be caught
-    assert _served_tokens(server.url, servable_base.name) == base_hf
-    assert _served_tokens(server.url, "captions") == adapter_hf
+    assert served_tokens(server.url, servable_base.name) == base_hf
+    assert served_tokens(server.url, "captions") == adapter_hf
 
 
 def test_eval_against_the_endpoint(server, tmp_path):

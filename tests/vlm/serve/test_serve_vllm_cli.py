@@ -6,8 +6,6 @@ Greedy tokens are compared with transformers(+PEFT) exactly as in test_serve_vll
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import signal
 import subprocess
@@ -16,37 +14,14 @@ import time
 
 import pytest
 
+from ._vllm_client import N, require_vllm, served_tokens
+
 pytestmark = pytest.mark.serve
-N = 12  # tokens compared per request
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_vllm():
-    pytest.importorskip("openai")
-    from vlm.serve.plan import vllm_flavour
-
-    if vllm_flavour() is None:
-        pytest.fail("vLLM is not installed in this environment: run `make test-serve` (it runs `make serve-deps`)")
-
-
-def _image_url() -> str:
-    from vlm.export.verify import probe_image
-
-    buf = io.BytesIO()
-    probe_image().save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _served_tokens(url: str, model: str, api_key: str = "none") -> list[int]:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=url, api_key=api_key, timeout=300)
-    r = client.chat.completions.create(
-        model=model, temperature=0, max_tokens=N,
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url()}},
-                                                {"type": "text", "text": "Describe the image."}]}],
-        extra_body={"min_tokens": N, "return_token_ids": True, "skip_special_tokens": False})
-    return list(r.choices[0].token_ids)
+    require_vllm()
 
 
 
@@ -71,7 +46,7 @@ def test_merged_export_served_by_cli_matches_and_stops_cleanly(servable_base, tr
         print(f"vlm serve ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         vllm_pid = int(open(f"/proc/{cli.pid}/task/{cli.pid}/children").read().split()[0])
         url = f"http://127.0.0.1:{port}/v1"
-        assert _served_tokens(url, "merged", "test-key") == hf_tokens(servable_base, trained_adapter, N)
+        assert served_tokens(url, "merged", "test-key") == hf_tokens(servable_base, trained_adapter, N)
         from openai import AuthenticationError, OpenAI
 
         with pytest.raises(AuthenticationError):  # --api-key reached vLLM
@@ -105,4 +80,4 @@ def test_recipe_output_serves_as_is(tmp_path, hf_tokens):
     assert check_adapter(adapter).ok
     with VllmServer(str(SHIPPED), adapters={"demo": str(adapter)}, dtype="float32", startup_timeout=400) as srv:
         assert any("quantized base" in n for n in srv.launch.notes)  # QLoRA: told to serve merged for exactness
-        assert _served_tokens(srv.url, "demo") == hf_tokens(SHIPPED, adapter, N)
+        assert served_tokens(srv.url, "demo") == hf_tokens(SHIPPED, adapter, N)
