@@ -3,9 +3,9 @@
 Steps: load the base in 16 bit (if it is stored in 4/8 bit — a pre-quantized checkpoint, or the
 adapter's metadata says training quantized it — dequantize every bitsandbytes layer first, so the
 merged weights are exactly the weights the adapter was trained against: W = dequant(Q) + s·B·A);
-apply the adapter with PEFT; ``merge_and_unload``; save safetensors with the family's vLLM
-``architectures``; copy every processor, tokenizer and chat-template file verbatim; record our
-metadata (pixel limits, policy, provenance) under ``config.json["vlmtune"]``.
+apply the adapter with PEFT; ``merge_and_unload``; save safetensors with the model's class as
+``architectures`` (what vLLM dispatches on); copy every processor, tokenizer and chat-template file
+verbatim; record our metadata (pixel limits, policy, provenance) under ``config.json["vlmtune"]``.
 
 Atomic: everything is written to a hidden temp folder beside OUT, fsynced, then renamed to OUT; a
 crash leaves OUT untouched (or absent), never half-written.
@@ -149,8 +149,9 @@ def export_merged(adapter: str | Path, out: str | Path, *, base: str | None = No
                               "be served; the base checkpoint must hold its processor files")
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        arch = family.vllm.architecture if family.vllm else type(model).__name__
-        cfg["architectures"] = [arch]
+        # the merged model's own transformers class: the name vLLM dispatches on (one family record
+        # covers Qwen2-VL and Qwen2.5-VL, whose classes differ)
+        cfg["architectures"] = [type(model).__name__]
         cfg.pop("quantization_config", None)
         meta = dict(d["meta"])
         meta.update(merged_from=d["adapter"], base_model=d["base"], dtype=d["dtype"], family=family.name)

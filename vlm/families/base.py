@@ -21,7 +21,8 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class VllmSupport:
     """What vLLM can serve for this family."""
 
-    architecture: str                      # the `architectures` entry vLLM dispatches on
+    architecture: str                      # vLLM's class for the main model type (merged exports
+                                           # write the model's own transformers class instead)
     lora: bool = True                      # language-side LoRA served
     tower_connector_lora: bool = False     # vision/projector LoRA (experimental flag in vLLM)
     bnb_4bit: bool = True                  # vLLM's bitsandbytes loader supports the family
