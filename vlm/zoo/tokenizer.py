@@ -95,12 +95,15 @@ def train_bpe(style: str, vocab_size: int, head_specials: tuple[str, ...] = ()
     return vocab, merges
 
 
-def check_special_ids(tokenizer, expected: dict[str, int]) -> None:
-    """Fail loudly if a special token did not land on the id the model config names."""
+def check_special_ids(tokenizer, expected: dict[str, int], length: int) -> None:
+    """Fail loudly if a special token did not land on the id the model config names, or if the
+    tokenizer's length is not ``length`` (ids past the tokenizer would decode to empty text)."""
     for token, want in expected.items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != want:
             raise VlmError(f"zoo tokenizer: {token!r} has id {got}, the model config expects {want}")
+    if len(tokenizer) != length:
+        raise VlmError(f"zoo tokenizer has {len(tokenizer)} tokens, expected {length}")
 
 
 def byte_level_backend(style: str, vocab: dict[str, int], merges: list[tuple[str, str]], *,

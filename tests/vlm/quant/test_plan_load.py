@@ -12,16 +12,6 @@ from vlm.quant.policy import QuantPolicy
 FAMILY_VARIANTS = ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mllama")
 
 
-def _expected_component(family, name):
-    """Independent of Family.component_of: longest matching prefix by plain string test."""
-    best, blen = None, -1
-    for comp, prefixes in family.component_prefixes.items():
-        for p in prefixes:
-            if (name == p or name.startswith(p + ".")) and len(p) > blen:
-                best, blen = comp, len(p)
-    return best
-
-
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
 def test_four_bit_counts_per_component_match_policy(tiny_checkpoint, variant):
     import bitsandbytes as bnb
@@ -42,14 +32,14 @@ def test_four_bit_counts_per_component_match_policy(tiny_checkpoint, variant):
     for name, mod in ref.named_modules():
         if type(mod) is not nn.Linear:
             continue
-        comp = _expected_component(family, name)
+        comp = family.component_of(name)
         if comp in ("vision", "language") and not name.startswith(family_layers):
             want[comp] = want.get(comp, 0) + 1
     got: dict[str, int] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, bnb.nn.Linear4bit):
             assert mod.weight.quant_type == "nf4", name
-            comp = _expected_component(family, name)
+            comp = family.component_of(name)
             got[comp] = got.get(comp, 0) + 1
     assert want.get("vision", 0) > 0 and want.get("language", 0) > 0
     assert got == want
