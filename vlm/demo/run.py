@@ -55,6 +55,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     import vlm
     from vlm.data_formats.scene_vocab import DEMO_VOCAB
     from vlm.data_formats.synthetic import generate
+    from vlm.quant.loading import quant_metadata
     from vlm.demo.accuracy import caption_accuracy, heldout_items
     from vlm.atomic import write_json
     from vlm.train.config import load_config
@@ -84,7 +85,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = vlm.load(base, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
                                 calibration=str(train_set.sharegpt_json))
-    counts = (getattr(model.config, "vlmtune", None) or {}).get("quant", {}).get("counts")
+    counts = (quant_metadata(model) or {}).get("counts")
     before = caption_accuracy(model, processor, items, DEMO_VOCAB)
     print(f"before fine-tuning: exact {_pct(before['exact_match'])}  e.g. "
           f"{before['examples'][0]['caption']!r} (want {before['examples'][0]['reference']!r})")

@@ -143,6 +143,14 @@ def attach_metadata(model, plan: QuantPlan) -> None:
     model.vlm_quant_plan = plan
 
 
+def quant_metadata(model) -> dict[str, Any] | None:
+    """What :func:`attach_metadata` recorded (policy, counts, protected layers), or None for a
+    16-bit model; ``model`` may be a PEFT wrapper."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return (getattr(model.config, "vlmtune", None) or {}).get("quant")
+
+
 def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: torch.dtype,
                    device: str | torch.device, calibration: Any = None, processor=None,
                    budget: Any = None, quant_storage: torch.dtype | None = None):
@@ -193,5 +201,5 @@ def save_quantized(model, out_dir: str | os.PathLike, processor=None) -> Path:
     return out
 
 
-__all__ = ["analyse", "attach_metadata", "bnb_config", "bnb_layer_names", "load_quantized",
+__all__ = ["analyse", "attach_metadata", "quant_metadata", "bnb_config", "bnb_layer_names", "load_quantized",
            "meta_model", "save_quantized", "verify", "quantizable_linears"]

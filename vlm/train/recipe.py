@@ -10,7 +10,7 @@ optimizer, scheduler, RNG states and data position come from transformers' own r
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 import warnings
@@ -50,13 +50,6 @@ def _optimizer_name(name: str) -> str:
             "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd"}[name]
 
 
-def build_datasets(cfg: TrainConfig, collator, output_dir: Path):
-    """Read + validate every record, plan lengths (no pixels decoded), report skips."""
-    from vlm.train.dataset import prepare_train_set
-
-    return prepare_train_set(cfg, collator, output_dir)
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
     """Run the recipe; returns where everything was written and the summary."""
     from transformers import TrainingArguments, set_seed
@@ -67,7 +60,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.lora import apply_lora
     from vlm.train import distributed as dist
     from vlm.train.metrics import plot_loss_curve
-    from vlm.train.dataset import sampler_factory
+    from vlm.quant.loading import quant_metadata
+    from vlm.train.dataset import prepare_train_set, sampler_factory
     from vlm.train.trainer import VlmTrainer
 
     t_start = time.perf_counter()
@@ -100,7 +94,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                   train_on=cfg.data.train_on, overlong=cfg.data.overlong,
                                   pad_to_multiple_of=cfg.data.pad_to_multiple_of or 1,
                                   resolution=None if resolution.is_default() else resolution)
-    train_set, data_report = build_datasets(cfg, collator, out)
+    train_set, data_report = prepare_train_set(cfg, collator, out)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -170,9 +164,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     summary = {
         "model": cfg.model.path,
         "family": family.name,
-        "quant": getattr(getattr(model, "config", None), "vlmtune", {}).get("quant", {}).get("counts")
-        if isinstance(getattr(model.config, "vlmtune", None), dict) else None,
-        "kernels": patch_report if patch_report is None else _jsonable(patch_report),
+        "quant": (quant_metadata(model) or {}).get("counts"),
+        "kernels": None if patch_report is None else dataclasses.asdict(patch_report),
         "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "epochs": trainer.state.epoch,
@@ -199,16 +192,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     return TrainResult(out, adapter_dir, summary)
 
 
-def _jsonable(obj: Any) -> Any:
-    try:
-        json.dumps(obj)
-        return obj
-    except TypeError:
-        if hasattr(obj, "to_dict"):
-            return obj.to_dict()
-        return str(obj)
-
-
 def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution,
                  state_dict: dict | None = None) -> Path:
     """PEFT adapter + processor files + ``vlmtune.json`` (policy, pixel limits), atomically.
@@ -216,12 +199,13 @@ def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resol
     ``state_dict``: the gathered trainable weights when the model is sharded (FSDP)."""
     from vlm.atomic import replacing_folder, write_json
     from vlm.data_formats.resolution import save_resolution
+    from vlm.quant.loading import quant_metadata
 
     with replacing_folder(adapter_dir) as tmp:
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         processor.save_pretrained(tmp)
         meta = {"base_model": cfg.model.path, "family": model.vlm_family.name,
-                "quant": (getattr(model.base_model.model.config, "vlmtune", None) or {}).get("quant"),
+                "quant": quant_metadata(model),
                 "lora": to_plain(cfg.lora)}
         write_json(tmp / "vlmtune.json", {"vlmtune": meta})
         save_resolution(tmp, resolution)
