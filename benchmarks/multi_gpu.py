@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 CONFIG = REPO / "configs" / "qwen2_vl_7b_qlora.yaml"
 GiB = 2**30
 RUNS = {"1gpu": (1, None), "fsdp2": (2, "fsdp"), "ddp2": (2, "ddp")}
@@ -44,34 +45,9 @@ RUNS = {"1gpu": (1, None), "fsdp2": (2, "fsdp"), "ddp2": (2, "ddp")}
 
 def build_model(root: Path) -> Path:
     """Random bf16 weights at Qwen2-VL-7B's shapes + the tiny zoo processor; built once."""
-    import torch
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from random_qwen2_vl import build
 
-    from vlm.zoo import build_tiny
-
-    path = root / "qwen2_vl_7b_random"
-    if (path / "config.json").is_file():
-        return path
-    tiny = build_tiny("qwen2_vl", root / "tiny_processor", seed=0)
-    tcfg = json.loads((Path(tiny) / "config.json").read_text())
-    ids = {k: v for k, v in tcfg.items() if k.endswith("token_id")}
-    text_ids = {k: v for k, v in tcfg.get("text_config", {}).items() if k.endswith("token_id")}
-    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                rms_norm_eps=1e-6, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                **text_ids)
-    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    AutoProcessor.from_pretrained(tiny).save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    return path
+    return build(root, "7b")
 
 
 def run(name: str, model: Path, data: Path, root: Path, steps: int) -> dict:

@@ -16,12 +16,17 @@ Variants (each in its own subprocess, so memory peaks never mix):
   b        (a) + bitsandbytes NF4 on the language linears (vision tower, merger, lm_head in 16-bit)
   c        (a) + Liger-Kernel (apply_liger_kernel_to_qwen2_vl: RoPE, RMSNorm, LayerNorm, SwiGLU,
            fused linear CE)
-  d        vlmtune 16-bit LoRA: vlm.load → vlm.lora.apply_lora(gradient_checkpointing=True) →
-           vlm.kernels.patch (the order vlm/train/recipe.py uses)
+  d        vlmtune 16-bit LoRA, what `vlm train` does on a GPU: vlm.load → vlm.lora.apply_lora(
+           gradient_checkpointing=True) → vlm.kernels.patch (fused linear CE; the layer-level
+           kernels are left to inductor) → vlm.train.compile.compile_language_layers (each decoder
+           layer compiled, its checkpoint inside the compiled graph)
   e        vlmtune QLoRA: (d) with vlm.load(quant="dynamic")
-Ablations of (d) (``--variants`` picks): d_old = (d) as before both fixes (the vision tower in the
-autograd graph, as HF's enable_input_require_grads makes it, and PEFT's input cast); d_nokern = (d) without
-vlm.kernels.patch; d_nogc = (d) without gradient checkpointing; d_cast = (d) with PEFT's
+Ablations (``--variants`` picks; names in VARIANTS): d_eager / e_eager = no torch.compile, our Triton
+RMSNorm/RoPE/SwiGLU/NF4+LoRA kernels instead; d_ro / e_ro = CUDA graphs; d_vis / e_vis = compiled
+vision blocks too; d_hfck = HF's checkpoint around the compiled layer; d_gc2 = checkpoint every
+2nd layer. Ablations of d_eager from the first runs: d_old = before both fixes (the vision tower in
+the autograd graph, as HF's enable_input_require_grads makes it, and PEFT's input cast); d_nokern =
+without vlm.kernels.patch; d_nogc = without gradient checkpointing; d_cast = with PEFT's
 bf16 → fp32 input cast that autocast undoes (before the cast fix).
 
 MFU (model FLOPs utilisation), the formula used here:
@@ -66,11 +71,20 @@ VARIANTS = {
     "c": "(a) + Liger-Kernel",
     "d": "vlmtune 16-bit LoRA",
     "e": "vlmtune QLoRA (dynamic policy)",
-    "d_old": "(d) before the frozen-tower and cast fixes",
-    "d_cast": "(d) with PEFT's input cast (before the cast fix)",
-    "d_nokern": "(d) without vlm.kernels.patch",
-    "d_nogc": "(d) without gradient checkpointing",
+    "d_eager": "(d) without torch.compile (our Triton layer kernels instead)",
+    "e_eager": "(e) without torch.compile (our Triton layer kernels instead)",
+    "d_ro": "(d) + CUDA graphs (compile mode reduce-overhead)",
+    "e_ro": "(e) + CUDA graphs (compile mode reduce-overhead)",
+    "d_vis": "(d) + compiled vision blocks",
+    "e_vis": "(e) + compiled vision blocks",
+    "d_hfck": "(d) with HF's checkpoint around the compiled layer",
+    "d_gc2": "(d), checkpointing every 2nd layer only",
+    "d_old": "(d_eager) before the frozen-tower and cast fixes",
+    "d_cast": "(d_eager) with PEFT's input cast (before the cast fix)",
+    "d_nokern": "(d_eager) without vlm.kernels.patch",
+    "d_nogc": "(d_eager) without gradient checkpointing",
 }
+EAGER = ("d_eager", "e_eager", "d_old", "d_cast", "d_nokern", "d_nogc")
 GiB = 2**30
 IMAGE, VSTART, VEND = 151655, 151652, 151653
 LORA_LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -222,7 +236,7 @@ def setup(variant: str, args, batches):
         import vlm.kernels
         from vlm.lora import apply_lora
 
-        quant = "dynamic" if variant == "e" else None
+        quant = "dynamic" if variant.startswith("e") else None
         cal = None
         if quant == "dynamic":   # two single-sample calibration batches from W (without labels)
             per = batches[0]["pixel_values"].shape[0] // shapes(args.tiny)["batch"]
@@ -248,9 +262,25 @@ def setup(variant: str, args, batches):
                            skip_cast_under_autocast=variant not in ("d_old", "d_cast"))
         if variant == "d_old":   # what apply_lora did before: HF's hook, vision tower included
             model.get_base_model().enable_input_require_grads()
+        compiled = variant not in EAGER
         if variant != "d_nokern":
-            rep = vlm.kernels.patch(model)
+            from vlm.train.compile import kernel_patch_options
+
+            rep = vlm.kernels.patch(model, **kernel_patch_options(compiled))
             info["patch"] = str(rep)
+        if compiled:
+            from vlm.train.compile import compile_language_layers, language_layers
+
+            mode = "reduce-overhead" if variant.endswith("_ro") else None
+            info["compiled_layers"] = compile_language_layers(model, family, mode=mode,
+                                                              checkpoint_inside=not variant.endswith("_hfck"))
+            if variant.endswith("_vis"):
+                from vlm.train.compile import compile_vision_blocks
+
+                info["compiled_vision_blocks"] = compile_vision_blocks(model, family)
+            if variant.endswith("_gc2"):   # selective: checkpoint layers 0, 2, 4, ...
+                for i, layer in enumerate(language_layers(model, family)):
+                    layer.gradient_checkpointing = i % 2 == 0
         plan = getattr(model.get_base_model(), "vlm_quant_plan", None)
         if plan is not None:
             info["quantized_by_component"] = plan.count_by_component()
@@ -296,10 +326,18 @@ def worker(args) -> dict:
         ts = time.perf_counter()
         if cuda:
             e0.record()
+        last = i == n_steps - 1
+        if cuda and last:   # where the peak is: forward (incl. the loss) or backward
+            torch.cuda.synchronize()
+            peak_before.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
             loss = model(**b).loss
         if cuda:
             e1.record()
+            if last:
+                e1.synchronize()
+                fwd_peak.append(torch.cuda.max_memory_allocated() / GiB)
         loss.backward()
         if cuda:
             e2.record()
@@ -312,7 +350,7 @@ def worker(args) -> dict:
         parts = ([e0.elapsed_time(e1), e1.elapsed_time(e2), e2.elapsed_time(e3)] if cuda else [0, 0, 0])
         return float(loss.detach().float()), wall, parts
 
-    losses, walls, parts = [], [], []
+    losses, walls, parts, fwd_peak, peak_before = [], [], [], [], []
     for i in range(n_steps):
         loss, wall, p = step(i)
         losses.append(loss)
@@ -329,15 +367,39 @@ def worker(args) -> dict:
            "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
            "host_offload_gib": 0.0}
     if cuda:
+        peak_all = max(peak_before + [torch.cuda.max_memory_allocated()])
         row.update(resident_gib=resident / GiB, load_peak_alloc_gib=load_peak / GiB,
-                   peak_alloc_gib=torch.cuda.max_memory_allocated() / GiB,
+                   peak_alloc_gib=peak_all / GiB, last_step_fwd_peak_gib=fwd_peak[0],
+                   last_step_peak_gib=torch.cuda.max_memory_allocated() / GiB,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB)
+    if cuda:
+        row["vision_fwd_ms"] = vision_forward_ms(model, batches[0])
     if args.profile and v in args.profile.split(","):
         try:
             row["profile"] = profile(step, n_steps, args, v)
         except Exception as ex:  # noqa: BLE001 - the timings above stand without it
             row["profile_error"] = repr(ex)[:500]
     return row
+
+
+def vision_forward_ms(model, batch) -> float | None:
+    """Median time of the vision tower alone on one batch (no_grad, bf16 autocast), to split the step."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = getattr(getattr(base, "model", base), "visual", None)
+    if visual is None:
+        return None
+    times = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(6):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+    return statistics.median(times[1:])
 
 
 def profile(step, start, args, v) -> dict:
@@ -359,7 +421,9 @@ def profile(step, start, args, v) -> dict:
         return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0
 
     rows = sorted(ka, key=dev_t, reverse=True)
-    busy = sum(dev_t(e) for e in ka) / 1e6 / n
+    # kernels only: an aten op's self device time is its kernels' time again
+    kernels = [e for e in ka if str(getattr(e, "device_type", "")).endswith(("CUDA", "PrivateUse1"))]
+    busy = sum(dev_t(e) for e in (kernels or ka)) / 1e6 / n
     top = [{"name": e.key[:120], "calls_per_step": e.count / n, "gpu_ms_per_step": dev_t(e) / 1e3 / n}
            for e in rows[:40]]
     table = ka.table(sort_by="self_" + key.replace("_total", "_total"), row_limit=45, max_name_column_width=70)
@@ -502,7 +566,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="d", help="variants to profile after timing ('' = none)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default=None, help="results file stem (default train_step[_tiny])")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds per variant subprocess")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per variant subprocess")
     ap.add_argument("--note", default="")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)

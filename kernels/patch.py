@@ -19,6 +19,9 @@ What is swapped, and how (never by editing or rewriting another library's source
   Evaluation (``model.eval()``) or no labels: the original forward, logits included.
 - ``nf4_lora``: PEFT ``lora.bnb.Linear4bit`` layers on an NF4 base get the fused NF4+LoRA forward
   (falls back to PEFT's own per call when adapters are disabled/merged, several are active, or DoRA).
+- ``nf4_linear`` (off by default; on for compiled layers, see ``vlm.train.compile``): bitsandbytes
+  NF4 ``Linear4bit`` modules of the language model (PEFT's base layers included) compute through the
+  ``vlm::nf4_linear`` custom op, whose backward re-dequantizes instead of saving deq(W).
 
 ``patch`` is idempotent (a second call changes nothing and returns the same report); ``unpatch`` undoes
 everything; ``patch(model, enabled=False)`` (a config's ``kernels: false``) unpatches and patches nothing.
@@ -35,12 +38,13 @@ import torch
 
 from vlm.kernels._util import interpreting
 from vlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from vlm.kernels.nf4_linear import attach_nf4_state, bnb_linear4bit_forward, detach_nf4_state
 from vlm.kernels.nf4_lora import peft_nf4_lora_forward
 from vlm.kernels.rms_norm import TritonRMSNorm
 from vlm.kernels.rope import rope
 from vlm.kernels.swiglu import swiglu_mlp_forward
 
-KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "nf4_lora")
+KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "nf4_lora", "nf4_linear")
 _ATTR = "_vlm_kernels_report"
 
 
@@ -215,6 +219,12 @@ def _is_swiglu_mlp(mod) -> bool:
     return type(act).__name__ in ("SiLU", "SiLUActivation") or act is torch.nn.functional.silu
 
 
+def _is_bnb_nf4(mod) -> bool:
+    qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+    return (type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes")
+            and qs is not None and qs.quant_type == "nf4")
+
+
 def _is_peft_nf4_lora(mod) -> bool:
     if not (hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer")):
         return False
@@ -224,7 +234,8 @@ def _is_peft_nf4_lora(mod) -> bool:
 
 
 def patch(model, *, enabled: bool = True, rms_norm: bool = True, rope: bool = True,
-          swiglu: bool = True, cross_entropy: bool = True, nf4_lora: bool = True) -> PatchReport:
+          swiglu: bool = True, cross_entropy: bool = True, nf4_lora: bool = True,
+          nf4_linear: bool = False) -> PatchReport:
     """Patch ``model`` (a transformers VLM or a PeftModel around one) in place; return the report."""
     hf = _hf_model(model)
     if not enabled:
@@ -292,6 +303,13 @@ def patch(model, *, enabled: bool = True, rms_norm: bool = True, rope: bool = Tr
                 _set_forward(mod, MethodType(peft_nf4_lora_forward, mod))
                 mod._vlm_kind = "nf4_lora"
                 rep.counts["nf4_lora"] += 1
+    if nf4_linear:
+        for name, mod in mods:
+            if _is_bnb_nf4(mod) and not getattr(mod, "_vlm_kind", None):
+                attach_nf4_state(mod)
+                _set_forward(mod, MethodType(bnb_linear4bit_forward, mod))
+                mod._vlm_kind = "nf4_linear"
+                rep.counts["nf4_linear"] += 1
     if cross_entropy:
         head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
         if head is None or type(head) is not torch.nn.Linear:
@@ -320,6 +338,8 @@ def unpatch(model) -> PatchReport:
             continue
         if kind == "rope":
             _uninstall_rope(mod.__dict__.pop("_vlm_rope_module"))
+        if kind == "nf4_linear":
+            detach_nf4_state(mod)
         _restore_forward(mod)
     if "_vlm_orig_forward" in hf.__dict__:
         _restore_forward(hf)

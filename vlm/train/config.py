@@ -85,6 +85,11 @@ class TrainingSection:
     batch_size: int = 1
     grad_accum: int = 1
     gradient_checkpointing: bool = True
+    # torch.compile each language decoder layer (vlm.train.compile): on a GPU the eager step is
+    # launch-bound; compiled layers fuse the LoRA/norm/RoPE glue (Qwen2-VL-2B LoRA on an H100: 2.4x
+    # the eager step, benchmarks/NOTES.md). auto: on for CUDA (not under FSDP), off on CPU, where
+    # the one-off compile costs more than a short run gains.
+    compile: bool | str = choices("auto", True, False, default="auto")
     optimizer: str = choices("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", default="adamw")
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -82,6 +82,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                        "output folder")
     set_seed(cfg.training.seed)
     device = dist.device_for(cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu"), w)
+    compiled = _compile_wanted(cfg.training.compile, device, strat)
     precision = _precision_flags(cfg.training.precision, device)
 
     calibration = cfg.data.train[0].path if cfg.data.train else None
@@ -110,8 +111,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     patch_report = None
     if cfg.kernels:  # after LoRA, so NF4 base + LoRA linears can be fused too
         from vlm.kernels import patch
+        from vlm.train.compile import kernel_patch_options
 
-        patch_report = patch(model)
+        patch_report = patch(model, **kernel_patch_options(compiled))
+    if compiled:
+        from vlm.train.compile import compile_language_layers
+
+        print(f"torch.compile: {compile_language_layers(model, family)} language decoder layers "
+              "(compiled on the first step)")
 
     report_to = list(cfg.logging.report_to)
     if cfg.logging.tensorboard and "tensorboard" not in report_to:
@@ -166,6 +173,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "family": family.name,
         "quant": (quant_metadata(model) or {}).get("counts"),
         "kernels": None if patch_report is None else dataclasses.asdict(patch_report),
+        "compiled_layers": compiled,
         "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "epochs": trainer.state.epoch,
@@ -190,6 +198,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
+
+
+def _compile_wanted(setting, device: str, strat: str) -> bool:
+    """training.compile resolved: ``auto`` = CUDA and not FSDP; ``true`` under FSDP is refused."""
+    if setting == "auto":
+        return str(device).startswith("cuda") and strat != "fsdp"
+    if setting and strat == "fsdp":
+        raise ConfigError("training.compile: not supported with distributed.strategy fsdp yet (FSDP2's "
+                          "per-layer hooks inside compiled layers are untested here); use ddp or compile: false")
+    return bool(setting)
 
 
 def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution,

@@ -1,0 +1,130 @@
+"""``torch.compile`` the language decoder layers: one fused graph per layer instead of ~300 launches.
+
+Why: a LoRA training step of a 2B VLM is launch-bound, not matmul-bound. Each decoder layer in eager
+mode issues a few hundred small kernels (PEFT's per-adapter dropout/scale/add for 7 adapters, RMSNorm,
+RoPE, SwiGLU, residual adds, autocast casts) and gradient checkpointing issues them all again; on an
+H100 at Qwen2-VL-2B shapes the GPU idled ~60 % of each step waiting for Python (benchmarks/NOTES.md).
+Compiling each layer turns the elementwise glue into a few generated Triton kernels and the launch
+path into one call of a compiled graph.
+
+How (nothing of transformers or PEFT is edited):
+- every module of ``family.language_layers`` gets ``nn.Module.compile`` (its ``_call_impl`` is
+  compiled; identical layers share one compiled graph, guarded on shapes and dtypes);
+- gradient checkpointing: HF wraps ``Module.__call__`` of each layer in a checkpoint, which would run
+  the compiled layer again from Python in backward; instead the checkpoint is moved inside the
+  compiled call (``checkpoint_inside``), so dynamo sees it and the backward graph does the recompute;
+- the layer-level Triton kernels of ``vlm.kernels`` (RMSNorm, RoPE, SwiGLU) are left off inside
+  compiled layers: inductor generates and fuses that elementwise work itself (with its neighbours:
+  residual adds, LoRA scale-and-add), and our RoPE dispatch is thread-local Python that dynamo would
+  break the graph on. NF4 base linears go through our ``vlm::nf4_linear`` custom op instead of the
+  fused NF4+LoRA Function: one opaque op per linear whose backward re-dequantizes, so the compiled
+  graph can neither break on it nor keep dequantized weights alive (traced through bitsandbytes, the
+  partitioner saved every deq(W): +4 GiB at 2B). LoRA's own matmuls stay in the graph.
+  The fused linear cross-entropy sits outside the layers and stays ours.
+
+The math does not change: the compiled layer computes the same function; its float results differ
+from eager's only by the order of floating-point operations inside fused kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def language_layers(model: nn.Module, family) -> nn.ModuleList:
+    """The ModuleList of decoder layers (``family.language_layers``) in ``model`` or a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        layers = base.get_submodule(family.language_layers)
+    except AttributeError as e:
+        raise ValueError(f"{family.name}: no decoder layers at {family.language_layers!r}: {e}") from None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{family.name}: {family.language_layers!r} is {type(layers).__name__}, "
+                         "not a non-empty ModuleList of decoder layers")
+    return layers
+
+
+def _checkpointed_call(self, *args, **kwargs):
+    # non-reentrant activation checkpointing traced *inside* the compiled graph: dynamo turns it into
+    # a checkpoint region, so the backward graph recomputes what it needs (one graph per direction)
+    return torch.utils.checkpoint.checkpoint(self._vlm_uncheckpointed_forward, *args, use_reentrant=False,
+                                             **kwargs)
+
+
+def compile_language_layers(model: nn.Module, family, *, backend: str = "inductor", mode: str | None = None,
+                            dynamic: bool | None = None, checkpoint_inside: bool = True) -> int:
+    """Compile each language decoder layer of ``model`` in place; returns how many were compiled.
+
+    ``checkpoint_inside``: a layer that HF checkpoints (``layer.gradient_checkpointing``) gets the
+    checkpoint moved inside its compiled call: the forward graph keeps only the layer's inputs and
+    the backward graph recomputes the rest, instead of HF's checkpoint running the compiled forward a
+    second time from Python. ``mode="reduce-overhead"`` replays each compiled graph from a CUDA graph.
+    ``dynamic=None`` is torch's default: the first shape is compiled static, a second distinct
+    sequence length recompiles once with a dynamic length (padded batches of varying length then
+    reuse that graph). Idempotent: layers compiled already are left as they are.
+    """
+    from types import MethodType
+
+    layers = language_layers(model, family)
+    # identical layers share one graph, but each layer is its own cache entry on Module._call_impl's
+    # code object: leave room for all of them plus a dynamic-shape recompile each
+    limit = 2 * len(layers) + 8
+    if torch._dynamo.config.cache_size_limit < limit:
+        torch._dynamo.config.cache_size_limit = limit
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 4 * limit)
+    n = 0
+    for layer in layers:
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            continue
+        if checkpoint_inside and getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False          # HF's wrapper off: ours runs in the graph
+            layer._vlm_uncheckpointed_forward = layer.forward
+            layer.forward = MethodType(_checkpointed_call, layer)
+        layer.compile(backend=backend, mode=mode, dynamic=dynamic)
+        n += 1
+    return n
+
+
+def vision_blocks(model: nn.Module, family) -> nn.ModuleList | None:
+    """The largest ModuleList inside the vision tower (its transformer blocks), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    best = None
+    for prefix in family.component_prefixes.get("vision", ()):
+        try:
+            tower = base.get_submodule(prefix)
+        except AttributeError:
+            continue
+        for _, mod in tower.named_modules():
+            if isinstance(mod, nn.ModuleList) and len(mod) > 1 and (best is None or len(mod) > len(best)):
+                best = mod
+    return best
+
+
+def compile_vision_blocks(model: nn.Module, family, *, backend: str = "inductor", mode: str | None = None) -> int:
+    """Compile each vision transformer block (frozen towers run them under no_grad: inference graphs)."""
+    blocks = vision_blocks(model, family)
+    if blocks is None:
+        return 0
+    n = 0
+    for block in blocks:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(backend=backend, mode=mode)
+            n += 1
+    return n
+
+
+def is_compiled(model: nn.Module, family) -> bool:
+    return all(getattr(layer, "_compiled_call_impl", None) is not None
+               for layer in language_layers(model, family))
+
+
+def kernel_patch_options(compiled: bool) -> dict[str, Any]:
+    """``vlm.kernels.patch`` keyword arguments that go with (un)compiled layers (see module doc)."""
+    if not compiled:
+        return {}
+    return {"rms_norm": False, "rope": False, "swiglu": False, "nf4_lora": False, "nf4_linear": True}
