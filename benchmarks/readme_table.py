@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 LABELS = {"a": "transformers + PEFT (grad. checkpointing)", "b": "+ bitsandbytes NF4",
-          "c": "+ Liger-Kernel", "d": "**vlmtune LoRA (16-bit)**", "e": "**vlmtune QLoRA (dynamic policy)**"}
+          "c": "+ Liger-Kernel", "d": "**vlmtune LoRA (16-bit)**", "e": "**vlmtune QLoRA (dynamic policy)**",
+          "d_eager": "vlmtune LoRA, `training.compile: false`",
+          "e_eager": "vlmtune QLoRA, `training.compile: false`"}
 
 
 def table(results: dict) -> str:
@@ -22,16 +24,17 @@ def table(results: dict) -> str:
     lines = [f"{env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
              f"bitsandbytes {env['bitsandbytes']}, liger-kernel {env['liger_kernel']}; ratios are against "
              "transformers + PEFT measured in the same run.", "",
-             "| setup | tokens/s | vs HF+PEFT | peak GPU memory | vs HF+PEFT | first-step loss Δ |",
-             "|---|---|---|---|---|---|"]
+             "| setup | tokens/s | vs HF+PEFT | peak GPU memory | vs HF+PEFT | MFU | first-step loss Δ |",
+             "|---|---|---|---|---|---|---|"]
+    fl, peak = results["flops"]["model_flops"], results["matmul_tflops"] * 1e12
     for key, label in LABELS.items():
         r = rows.get(key)
         if r is None:
             continue
         rel = abs(r["first_step_loss"] - base["first_step_loss"]) / abs(base["first_step_loss"])
         lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}× | "
-                     f"{r['peak_alloc_gib']:.1f} GiB | {r['peak_alloc_gib'] / base['peak_alloc_gib']:.2f}× | "
-                     f"{rel:.1e} |")
+                     f"{r['peak_alloc_gib']:.2f} GiB | {r['peak_alloc_gib'] / base['peak_alloc_gib']:.2f}× | "
+                     f"{fl / r['step_s_median'] / peak:.1%} | {rel:.1e} |")
     return "\n".join(lines)
 
 
