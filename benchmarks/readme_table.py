@@ -14,7 +14,8 @@ from pathlib import Path
 LABELS = {"a": "transformers + PEFT (grad. checkpointing)", "b": "+ bitsandbytes NF4",
           "c": "+ Liger-Kernel", "d": "**vlmtune LoRA (16-bit)**", "e": "**vlmtune QLoRA (dynamic policy)**",
           "d_eager": "vlmtune LoRA, `training.compile: false`",
-          "e_eager": "vlmtune QLoRA, `training.compile: false`"}
+          "e_eager": "vlmtune QLoRA, `training.compile: false`",
+          "d_novis": "vlmtune LoRA, HF's image-by-image vision attention"}
 
 
 def table(results: dict) -> str:

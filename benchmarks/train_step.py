@@ -19,12 +19,14 @@ Variants (each in its own subprocess, so memory peaks never mix):
   d        vlmtune 16-bit LoRA, what `vlm train` does on a GPU: vlm.load → vlm.lora.apply_lora(
            gradient_checkpointing=True) → vlm.kernels.patch (fused linear CE; the layer-level
            kernels are left to inductor) → vlm.train.compile.compile_language_layers (each decoder
-           layer compiled, its checkpoint inside the compiled graph)
+           layer compiled, its checkpoint inside the compiled graph) → vlm.train.vision_attention
+           (one SDPA per vision block for equal-size images)
   e        vlmtune QLoRA: (d) with vlm.load(quant="dynamic")
 Ablations (``--variants`` picks; names in VARIANTS): d_eager / e_eager = no torch.compile, our Triton
 RMSNorm/RoPE/SwiGLU/NF4+LoRA kernels instead; d_ro / e_ro = CUDA graphs; d_vis / e_vis = compiled
 vision blocks too; d_hfck = HF's checkpoint around the compiled layer; d_gc2 = checkpoint every
-2nd layer. Ablations of d_eager from the first runs: d_old = before both fixes (the vision tower in
+2nd layer; d_novis = HF's image-by-image vision attention. Ablations of d_eager from the first runs
+(they also keep HF's vision attention): d_old = before both fixes (the vision tower in
 the autograd graph, as HF's enable_input_require_grads makes it, and PEFT's input cast); d_nokern =
 without vlm.kernels.patch; d_nogc = without gradient checkpointing; d_cast = with PEFT's
 bf16 → fp32 input cast that autocast undoes (before the cast fix).
@@ -78,6 +80,7 @@ VARIANTS = {
     "d_vis": "(d) + compiled vision blocks",
     "e_vis": "(e) + compiled vision blocks",
     "d_hfck": "(d) with HF's checkpoint around the compiled layer",
+    "d_novis": "(d) with HF's image-by-image vision attention",
     "d_gc2": "(d), checkpointing every 2nd layer only",
     "d_old": "(d_eager) before the frozen-tower and cast fixes",
     "d_cast": "(d_eager) with PEFT's input cast (before the cast fix)",
@@ -263,6 +266,10 @@ def setup(variant: str, args, batches):
         if variant == "d_old":   # what apply_lora did before: HF's hook, vision tower included
             model.get_base_model().enable_input_require_grads()
         compiled = variant not in EAGER
+        if variant not in ("d_novis", "d_old", "d_cast", "d_nokern", "d_nogc"):
+            from vlm.train.vision_attention import batch_equal_images
+
+            info["vision_attention_batched"] = batch_equal_images(model, family)
         if variant != "d_nokern":
             from vlm.train.compile import kernel_patch_options
 

@@ -108,6 +108,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if msg.startswith("vLLM serving:"):
             print(f"warning: {msg}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from vlm.train.vision_attention import batch_equal_images
+
+    vision_batched = batch_equal_images(model, family)   # exact: same math, one SDPA per block
     patch_report = None
     if cfg.kernels:  # after LoRA, so NF4 base + LoRA linears can be fused too
         from vlm.kernels import patch
@@ -174,6 +177,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "quant": (quant_metadata(model) or {}).get("counts"),
         "kernels": None if patch_report is None else dataclasses.asdict(patch_report),
         "compiled_layers": compiled,
+        "vision_attention_batched": vision_batched,
         "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "epochs": trainer.state.epoch,

@@ -1,0 +1,59 @@
+"""Batched vision attention: the same tower output as HF's image-by-image loop, in one SDPA call."""
+
+import copy
+
+import pytest
+import torch
+
+import vlm
+from vlm.train.vision_attention import batch_equal_images
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_checkpoint):
+    model, _ = vlm.load(tiny_checkpoint("qwen2_vl"), dtype="fp32", device="cpu")
+    return model
+
+
+def _sdpa_calls(monkeypatch):
+    calls = []
+    orig = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return orig(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("grid", [[[1, 4, 4]] * 3, [[2, 4, 6]], [[1, 4, 4], [1, 2, 4]]],
+                         ids=["3 equal images", "2 frames of one video", "unequal images"])
+def test_same_tower_output(qwen, grid, monkeypatch):
+    batched = copy.deepcopy(qwen)
+    n_attn = batch_equal_images(batched, qwen.vlm_family)
+    assert n_attn == qwen.config.vision_config.depth
+    assert batch_equal_images(batched, qwen.vlm_family) == n_attn          # idempotent
+    g = torch.tensor(grid)
+    n_patches = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
+    x = torch.randn(n_patches, qwen.model.visual.patch_embed.proj.weight[0].numel(),
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = qwen.model.visual(x, grid_thw=g).pooler_output
+        calls = _sdpa_calls(monkeypatch)
+        out = batched.model.visual(x, grid_thw=g).pooler_output
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    frames = int(g[:, 0].sum())
+    sizes = {h * w for _, h, w in grid}
+    if len(sizes) == 1:   # one call per block over all frames
+        assert calls == [(frames, qwen.config.vision_config.num_heads, sizes.pop(),
+                          qwen.config.vision_config.embed_dim // qwen.config.vision_config.num_heads)] * n_attn
+    else:                 # HF's loop: a call per frame per block
+        assert len(calls) == frames * n_attn
+    # outside a tower call the modules fall back to HF's forward
+    assert all(m._vlm_uniform_len is None for m in batched.model.visual._vlm_uniform_modules)
+
+
+def test_other_towers_untouched(tiny_checkpoint):
+    model, _ = vlm.load(tiny_checkpoint("llava"), dtype="fp32", device="cpu")
+    assert batch_equal_images(model, model.vlm_family) == 0

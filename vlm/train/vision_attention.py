@@ -1,0 +1,92 @@
+"""One attention call per vision block for a batch of equal-size images (Qwen2-VL's tower).
+
+Qwen2-VL's vision tower packs every image of a batch into one sequence of N patches and, outside
+flash-attention builds, runs attention *image by image* (``torch.split`` by ``cu_seqlens``, one SDPA
+call per image frame, then ``torch.cat``): 8 images × 32 blocks = 256 small attention calls plus the
+split/cat per step, and the per-image lengths come from a device-to-host copy in every block.
+
+When every frame of the batch has the same patch count L (fixed-resolution training, the common
+case), the packed sequence is exactly n = N / L independent sequences of length L, so
+
+    attn(x)[image i] = softmax(q_i k_iᵀ · d^-½) v_i      for i = 1..n
+
+is one batched SDPA over (n, heads, L, d) — the same numbers, one kernel. The tower's wrapper reads
+the frame sizes from ``grid_thw`` once per forward; each attention module uses the batched path only
+while that mark is set, and HF's own forward otherwise (unequal sizes, or a direct module call).
+Only Qwen2-VL's ``VisionAttention`` is handled (its forward, transformers 5.17–5.19, is reproduced
+below); Qwen2.5-VL's windowed attention has unequal windows and keeps HF's path.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import MethodType
+
+import torch
+from torch import nn
+
+
+def _uniform_attention_forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
+    seg = self._vlm_uniform_len
+    if seg is None or position_embeddings is None or hidden_states.shape[0] % seg:
+        return self._vlm_hf_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    n_tok = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n_tok, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rotary(q, k, cos, sin)
+    n = n_tok // seg
+
+    def frames(t):   # (N, heads, d) -> (n, heads, L, d)
+        return t.reshape(n, seg, self.num_heads, -1).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(frames(q), frames(k), frames(v), scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(n_tok, -1))
+
+
+def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
+    sizes = None
+    if grid_thw is not None:
+        rows = grid_thw.tolist()                       # one host read per forward, not per block
+        sizes = {h * w for t, h, w in rows}
+    seg = next(iter(sizes)) if sizes and len(sizes) == 1 else None
+    for mod in self._vlm_uniform_modules:
+        mod._vlm_uniform_len = seg
+    try:
+        return self._vlm_tower_forward(hidden_states, grid_thw, *args, **kwargs)
+    finally:
+        for mod in self._vlm_uniform_modules:
+            mod._vlm_uniform_len = None
+
+
+def _is_qwen2_vl_vision_attention(mod: nn.Module) -> bool:
+    return (type(mod).__name__ == "VisionAttention"
+            and type(mod).__module__.endswith("qwen2_vl.modeling_qwen2_vl")
+            and all(hasattr(mod, a) for a in ("qkv", "proj", "num_heads", "scaling")))
+
+
+def batch_equal_images(model: nn.Module, family) -> int:
+    """Install the batched path on every Qwen2-VL vision attention of ``model``; returns how many
+    (0 for other towers). Idempotent."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = 0
+    for prefix in family.component_prefixes.get("vision", ()):
+        try:
+            tower = base.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if "_vlm_tower_forward" in tower.__dict__:
+            n += len(tower._vlm_uniform_modules)
+            continue
+        mods = [m for m in tower.modules() if _is_qwen2_vl_vision_attention(m)]
+        if not mods:
+            continue
+        for m in mods:
+            m._vlm_uniform_len = None
+            m._vlm_hf_forward = m.forward
+            m.forward = MethodType(_uniform_attention_forward, m)
+        tower._vlm_uniform_modules = mods
+        tower._vlm_tower_forward = tower.forward
+        tower.forward = MethodType(_tower_forward, tower)
+        n += len(mods)
+    return n
