@@ -154,11 +154,7 @@ def no_grad_when_frozen(model: nn.Module, family: Family) -> list[str]:
     from types import MethodType
 
     wrapped = []
-    for prefix in family.component_prefixes.get("vision", ()):
-        try:
-            mod = model.get_submodule(prefix)
-        except AttributeError:
-            continue
+    for prefix, mod in family.component_roots(model, "vision"):
         if "_vlm_frozen_orig_forward" in mod.__dict__:
             continue
         mod._vlm_frozen_orig_forward = mod.forward

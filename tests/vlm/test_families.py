@@ -77,3 +77,16 @@ def test_get_family_by_name():
     assert get_family("pixtral").image_placeholder == "[IMG]"
     with pytest.raises(UnsupportedModelError, match="supported: llava, mllama, pixtral, qwen2_vl"):
         get_family("gpt2")
+
+
+def test_component_roots_find_the_tower_through_a_peft_wrapper(tiny_checkpoint):
+    import vlm
+    from vlm.lora import apply_lora
+
+    model, _ = vlm.load(tiny_checkpoint("qwen2_vl"), dtype="fp32", device="cpu")
+    fam = model.vlm_family
+    roots = fam.component_roots(model, "vision")
+    assert [p for p, _ in roots] == ["model.visual"] and roots[0][1] is model.model.visual
+    wrapped = apply_lora(model, fam, r=4, warn=False)
+    assert [m for _, m in fam.component_roots(wrapped, "vision")] == [model.model.visual]
+    assert fam.component_roots(model, "no_such_component") == []

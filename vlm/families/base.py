@@ -72,6 +72,18 @@ class Family:
                 found[comp].append(name)
         return found
 
+    def component_roots(self, model: Any, component: str) -> list[tuple[str, Any]]:
+        """(prefix, module) for each of the component's prefixes present in ``model`` (a PEFT
+        wrapper is looked through)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        found = []
+        for prefix in self.component_prefixes.get(component, ()):
+            try:
+                found.append((prefix, base.get_submodule(prefix)))
+            except AttributeError:
+                continue
+        return found
+
     @property
     def lora_language_targets(self) -> tuple[str, ...]:
         return self.lora_attention + self.lora_mlp

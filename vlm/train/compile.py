@@ -92,13 +92,8 @@ def compile_language_layers(model: nn.Module, family, *, backend: str = "inducto
 
 def vision_blocks(model: nn.Module, family) -> nn.ModuleList | None:
     """The largest ModuleList inside the vision tower (its transformer blocks), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     best = None
-    for prefix in family.component_prefixes.get("vision", ()):
-        try:
-            tower = base.get_submodule(prefix)
-        except AttributeError:
-            continue
+    for _, tower in family.component_roots(model, "vision"):
         for _, mod in tower.named_modules():
             if isinstance(mod, nn.ModuleList) and len(mod) > 1 and (best is None or len(mod) > len(best)):
                 best = mod

@@ -68,13 +68,8 @@ def _is_qwen2_vl_vision_attention(mod: nn.Module) -> bool:
 def batch_equal_images(model: nn.Module, family) -> int:
     """Install the batched path on every Qwen2-VL vision attention of ``model``; returns how many
     (0 for other towers). Idempotent."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     n = 0
-    for prefix in family.component_prefixes.get("vision", ()):
-        try:
-            tower = base.get_submodule(prefix)
-        except AttributeError:
-            continue
+    for _, tower in family.component_roots(model, "vision"):
         if "_vlm_tower_forward" in tower.__dict__:
             n += len(tower._vlm_uniform_modules)
             continue
