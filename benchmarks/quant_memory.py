@@ -51,15 +51,17 @@ PUBLISHED = {"qwen2_vl_2b": {"bf16": 4.11, "nf4": 1.36, "dynamic": 1.81},
 GiB = 2**30
 
 
-def qwen2_vl_config(tiny: bool):
+def qwen2_vl_config(tiny: bool, size: str = "2b"):
+    """Qwen2-VL config at the 2B or 7B shapes (random_qwen2_vl.SIZES), or a tiny one."""
     from transformers import Qwen2VLConfig
 
-    t = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-             num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                              "mrope_section": [16, 24, 24]}, tie_word_embeddings=True)
-    v = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-             spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    from random_qwen2_vl import SIZES
+
+    spec = SIZES[size]
+    t = dict(**spec["text"], max_position_embeddings=32768,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    v = dict(depth=32, embed_dim=1280, hidden_size=spec["vision_hidden"], num_heads=16, mlp_ratio=4,
+             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if tiny:
         t.update(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2,
@@ -67,7 +69,7 @@ def qwen2_vl_config(tiny: bool):
         v.update(depth=2, embed_dim=64, hidden_size=64, num_heads=4)
     return Qwen2VLConfig(text_config=t, vision_config=v, image_token_id=151655,
                          video_token_id=151656, vision_start_token_id=151652,
-                         vision_end_token_id=151653, tie_word_embeddings=True)
+                         vision_end_token_id=151653, tie_word_embeddings=t["tie_word_embeddings"])
 
 
 def mllama_config(tiny: bool):

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                          # GPU: all variants, Qwen2-VL-2B shapes
     python benchmarks/train_step.py --tiny --device cpu      # smoke test of every code path on CPU
+    python benchmarks/train_step.py --size 7b                # W at Qwen2-VL-7B shapes
 
 Workload W: Qwen2-VL-2B shapes, random bf16 weights built on the device (seed 0) and saved once;
 batch 8 × 512 tokens, each sample = 8 prompt tokens, <|vision_start|>, 256 <|image_pad|>,
@@ -178,7 +179,7 @@ def build(args) -> dict:
 
     from quant_memory import qwen2_vl_config
 
-    cfg = qwen2_vl_config(args.tiny)
+    cfg = qwen2_vl_config(args.tiny, args.size)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
@@ -568,6 +569,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="a,b,c,d,e")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--size", default="2b", choices=["2b", "7b"], help="Qwen2-VL shapes of W")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", default="d", help="variants to profile after timing ('' = none)")
@@ -595,9 +597,10 @@ def main(argv=None) -> int:
     from quant_memory import qwen2_vl_config
 
     work = Path(tempfile.mkdtemp(prefix="train_step_"))
-    ckpt = work / "qwen2_vl_2b"
+    ckpt = work / f"qwen2_vl_{args.size}"
     common = ["--device", args.device, "--ckpt", str(ckpt), "--out", args.out,
-              "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", args.profile]
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", args.profile,
+              "--size", args.size]
     if args.tiny:
         common.append("--tiny")
     t = time.perf_counter()
@@ -607,10 +610,10 @@ def main(argv=None) -> int:
         return 1
     print(f"built checkpoint in {time.perf_counter() - t:.1f}s; matmul {b.get('matmul_tflops', 0):.0f} TFLOP/s",
           flush=True)
-    config = qwen2_vl_config(args.tiny)
+    config = qwen2_vl_config(args.tiny, args.size)
     fl = count_flops(config, args.tiny)
     s = shapes(args.tiny)
-    cfg = {"model": "Qwen2-VL-2B shapes" if not args.tiny else "tiny Qwen2-VL", **s,
+    cfg = {"model": f"Qwen2-VL-{args.size.upper()} shapes" if not args.tiny else "tiny Qwen2-VL", **s,
            "patches": fl["patches"], "image_tokens": s["grid"][1] * s["grid"][2] // 4,
            "label_tokens": s["seq"] - s["grid"][1] * s["grid"][2] // 4 - 2, "steps": args.steps,
            "warmup": args.warmup, "lora": {"r": 16, "alpha": 16, "targets": LORA_LEAVES},
@@ -618,7 +621,7 @@ def main(argv=None) -> int:
            "note": args.note, "text_config": config.text_config.to_dict(),
            "vision_config": config.vision_config.to_dict()}
     rows = []
-    stem = args.name or ("train_step_tiny" if args.tiny else "train_step")
+    stem = args.name or ("train_step_tiny" if args.tiny else "train_step" + ("" if args.size == "2b" else "_7b"))
     data = {}
     for v in args.variants.split(","):
         r = run_sub(["--worker", v, *common], args.timeout)
