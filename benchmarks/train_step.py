@@ -68,30 +68,11 @@ T_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = {
-    "a": "transformers + PEFT, grad. checkpointing",
-    "b": "(a) + bitsandbytes NF4 language linears",
-    "c": "(a) + Liger-Kernel",
-    "d": "vlmtune 16-bit LoRA",
-    "e": "vlmtune QLoRA (dynamic policy)",
-    "d_eager": "(d) without torch.compile (our Triton layer kernels instead)",
-    "e_eager": "(e) without torch.compile (our Triton layer kernels instead)",
-    "d_ro": "(d) + CUDA graphs (compile mode reduce-overhead)",
-    "e_ro": "(e) + CUDA graphs (compile mode reduce-overhead)",
-    "d_vis": "(d) + compiled vision blocks",
-    "e_vis": "(e) + compiled vision blocks",
-    "d_hfck": "(d) with HF's checkpoint around the compiled layer",
-    "d_novis": "(d) with HF's image-by-image vision attention",
-    "d_gc2": "(d), checkpointing every 2nd layer only",
-    "d_old": "(d_eager) before the frozen-tower and cast fixes",
-    "d_cast": "(d_eager) with PEFT's input cast (before the cast fix)",
-    "d_nokern": "(d_eager) without vlm.kernels.patch",
-    "d_nogc": "(d_eager) without gradient checkpointing",
-}
-EAGER = ("d_eager", "e_eager", "d_old", "d_cast", "d_nokern", "d_nogc")
+from train_step_report import markdown, targets  # noqa: E402
+from train_step_variants import VARIANTS, setup  # noqa: E402
+from train_step_workload import LORA_LEAVES, count_flops, make_batches, shapes  # noqa: E402
+
 GiB = 2**30
-IMAGE, VSTART, VEND = 151655, 151652, 151653
-LORA_LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _importable_vlm() -> None:
@@ -100,75 +81,6 @@ def _importable_vlm() -> None:
     except ImportError:  # uninstalled checkout: link vlm/ only (kernels/ would shadow HF's package)
         import quant_memory  # noqa: F401  (its import does the linking)
 
-
-# --------------------------------------------------------------------------- workload
-
-def shapes(tiny: bool) -> dict:
-    if tiny:   # tiny config: grid 1×4×4 = 16 patches → 4 image tokens; 2 samples × 32 tokens
-        return dict(batch=2, seq=32, grid=(1, 4, 4), prompt=4)
-    return dict(batch=8, seq=512, grid=(1, 32, 32), prompt=8)
-
-
-def make_batches(config, tiny: bool, n: int = 4) -> list[dict]:
-    import torch
-
-    s = shapes(tiny)
-    t, h, w = s["grid"]
-    n_img = t * h * w // 4
-    vc = config.vision_config
-    patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    g = torch.Generator().manual_seed(1234)
-    out = []
-    for _ in range(n):
-        rows = []
-        for _ in range(s["batch"]):
-            answer = s["seq"] - s["prompt"] - 2 - n_img
-            rows.append(torch.cat([torch.randint(0, 151000, (s["prompt"],), generator=g), torch.tensor([VSTART]),
-                                   torch.full((n_img,), IMAGE), torch.tensor([VEND]),
-                                   torch.randint(0, 151000, (answer,), generator=g)]))
-        ids = torch.stack(rows)
-        labels = ids.clone()
-        labels[(ids == IMAGE) | (ids == VSTART) | (ids == VEND)] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "mm_token_type_ids": (ids == IMAGE).long(),
-                    "pixel_values": torch.randn(s["batch"] * t * h * w, patch, generator=g),
-                    "image_grid_thw": torch.tensor([[t, h, w]] * s["batch"]), "labels": labels})
-    return out
-
-
-def count_flops(config, tiny: bool) -> dict:
-    """Matmul weights per component from a meta-device model (no memory), and FLOPs per step."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    with torch.device("meta"):
-        m = AutoModelForImageTextToText.from_config(config)
-    lm_layers = lm_head = vis = merger = 0
-    for name, mod in m.named_modules():
-        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv3d)):
-            continue
-        n = mod.weight.numel()
-        if name == "lm_head":
-            lm_head += n
-        elif name.startswith("model.language_model"):
-            lm_layers += n
-        elif name.startswith("model.visual.merger"):
-            merger += n
-        elif name.startswith("model.visual"):
-            vis += n
-    s = shapes(tiny)
-    T = s["batch"] * s["seq"]
-    P = s["batch"] * s["grid"][0] * s["grid"][1] * s["grid"][2]
-    n_lm = lm_layers + lm_head
-    n_vis = vis + merger / 4
-    tc, vc = config.text_config, config.vision_config
-    lm_attn = 4 * s["batch"] * s["seq"] ** 2 * tc.hidden_size * tc.num_hidden_layers / 2   # causal, fwd
-    vis_attn = 4 * s["batch"] * (P // s["batch"]) ** 2 * vc.embed_dim * vc.depth            # fwd
-    model = 4 * n_lm * T + 2 * n_vis * P
-    return {"N_LM": n_lm, "N_LM_layers": lm_layers, "N_lm_head": lm_head, "N_vis_per_patch": n_vis,
-            "tokens": T, "patches": P, "model_flops": model,
-            "recompute_lm_flops": 2 * lm_layers * T, "vision_bwd_recompute_flops": 4 * n_vis * P,
-            "attention_fwd_flops": {"lm": lm_attn, "vision": vis_attn}}
 
 
 # --------------------------------------------------------------------------- build (subprocess)
@@ -202,103 +114,6 @@ def build(args) -> dict:
 
 
 # --------------------------------------------------------------------------- one variant (subprocess)
-
-def _hf_lora(model, gc: bool):
-    from peft import LoraConfig, get_peft_model
-
-    if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                     target_modules=r"model\.language_model\..*\.(" + "|".join(LORA_LEAVES) + ")")
-    return get_peft_model(model, cfg)
-
-
-def setup(variant: str, args, batches):
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    dtype, dev = torch.bfloat16, args.device
-    info = {}
-    if variant in ("a", "b", "c"):
-        kw = {}
-        if variant == "b":
-            from transformers import BitsAndBytesConfig
-
-            kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                llm_int8_skip_modules=["model.visual", "lm_head"])
-        if variant == "c":
-            from liger_kernel.transformers import apply_liger_kernel_to_qwen2_vl
-
-            apply_liger_kernel_to_qwen2_vl()   # before the model is built: patches the classes
-            import liger_kernel
-            info["liger_version"] = getattr(liger_kernel, "__version__", None)
-        model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype, device_map=dev, **kw)
-        model = _hf_lora(model, gc=True)
-    else:
-        import vlm.kernels
-        from vlm.lora import apply_lora
-
-        quant = "dynamic" if variant.startswith("e") else None
-        cal = None
-        if quant == "dynamic":   # two single-sample calibration batches from W (without labels)
-            per = batches[0]["pixel_values"].shape[0] // shapes(args.tiny)["batch"]
-            cal = [{k: (v[:per] if k == "pixel_values" else v[:1]) for k, v in b.items() if k != "labels"}
-                   for b in batches[:2]]
-        # vlm.load minus the processor (the random checkpoint has no tokenizer files)
-        from vlm.families import family_for_config
-        from vlm.load import load_config
-        from vlm.quant.loading import load_quantized
-
-        config = load_config(args.ckpt)
-        family = family_for_config(config)
-        if quant is None:
-            model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype).to(dev)
-        else:
-            model = load_quantized(args.ckpt, config=config, family=family, quant=quant, dtype=dtype,
-                                   device=dev, calibration=cal)
-        model.vlm_family = family
-        gc = variant != "d_nogc"
-        model = apply_lora(model, model.vlm_family, r=16, alpha=16,
-                           targets=["language.attention", "language.mlp"], gradient_checkpointing=gc,
-                           warn=False, frozen_vision_no_grad=variant != "d_old",
-                           skip_cast_under_autocast=variant not in ("d_old", "d_cast"))
-        if variant == "d_old":   # what apply_lora did before: HF's hook, vision tower included
-            model.get_base_model().enable_input_require_grads()
-        compiled = variant not in EAGER
-        if variant not in ("d_novis", "d_old", "d_cast", "d_nokern", "d_nogc"):
-            from vlm.train.vision_attention import batch_equal_images
-
-            info["vision_attention_batched"] = batch_equal_images(model, family)
-        if variant != "d_nokern":
-            from vlm.train.compile import kernel_patch_options
-
-            rep = vlm.kernels.patch(model, **kernel_patch_options(compiled))
-            info["patch"] = str(rep)
-        if compiled:
-            from vlm.train.compile import compile_language_layers, language_layers
-
-            mode = "reduce-overhead" if variant.endswith("_ro") else None
-            info["compiled_layers"] = compile_language_layers(model, family, mode=mode,
-                                                              checkpoint_inside=not variant.endswith("_hfck"))
-            if variant.endswith("_vis"):
-                from vlm.train.compile import compile_vision_blocks
-
-                info["compiled_vision_blocks"] = compile_vision_blocks(model, family)
-            if variant.endswith("_gc2"):   # selective: checkpoint layers 0, 2, 4, ...
-                for i, layer in enumerate(language_layers(model, family)):
-                    layer.gradient_checkpointing = i % 2 == 0
-        plan = getattr(model.get_base_model(), "vlm_quant_plan", None)
-        if plan is not None:
-            info["quantized_by_component"] = plan.count_by_component()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    info["trainable_params"] = sum(p.numel() for p in params)
-    fused = dev.startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=2e-4, fused=fused)
-    return model, opt, info
-
 
 def worker(args) -> dict:
     import torch
@@ -412,7 +227,6 @@ def vision_forward_ms(model, batch) -> float | None:
 
 def profile(step, start, args, v) -> dict:
     """A few steps under torch.profiler: top kernels by GPU time, GPU busy fraction."""
-    import torch
     from torch.profiler import ProfilerActivity, profile as tprof
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
@@ -488,80 +302,6 @@ def env_info(args) -> dict:
         pass
     return e
 
-
-def markdown(data: dict) -> str:
-    env, cfg, fl, rows = data["env"], data["config"], data["flops"], data["rows"]
-    peak = data.get("matmul_tflops")
-    base = next((r for r in rows if r.get("variant") == "a" and "error" not in r), None)
-    L = [f"# Training step on W ({cfg['model']}), {env['gpu']}", "",
-         f"{env['gpu']}, driver {env.get('driver')}; torch {env['torch']} (CUDA {env['cuda']}), "
-         f"transformers {env['transformers']}, peft {env['peft']}, triton {env['triton']}, "
-         f"bitsandbytes {env['bitsandbytes']}, liger-kernel {env['liger_kernel']}; commit {env.get('git')}.",
-         "",
-         f"W: batch {cfg['batch']} × {cfg['seq']} tokens, one image each (grid {cfg['grid']}: "
-         f"{cfg['patches'] // cfg['batch']} patches → {cfg['image_tokens']} image tokens), labels on the "
-         f"{cfg['label_tokens']} text tokens; LoRA r=16 α=16 on q,k,v,o,gate,up,down (language); "
-         f"vision frozen; AdamW lr 2e-4 (torch fused); bf16 weights + bf16 autocast. "
-         f"{cfg['warmup']} warm-up steps, median of {cfg['steps']} timed steps, each variant in its "
-         f"own process, all in one invocation.",
-         "",
-         f"MFU = (4·N_LM·T + 2·N_vis·P) / step time / {peak:.0f} TFLOP/s (bf16 8192³ matmul measured in "
-         f"this run); N_LM = {fl['N_LM'] / 1e9:.3f} G (lm_head included), T = {fl['tokens']}, N_vis = "
-         f"{fl['N_vis_per_patch'] / 1e9:.3f} G per patch, P = {fl['patches']}: "
-         f"{fl['model_flops'] / 1e12:.1f} TFLOP of model work per step. Recompute (not in MFU): "
-         f"gradient checkpointing adds {fl['recompute_lm_flops'] / 1e12:.1f} TFLOP (another LM forward); "
-         f"HF's recipe also recomputes and back-propagates the frozen tower "
-         f"(+{fl['vision_bwd_recompute_flops'] / 1e12:.1f} TFLOP)." if peak else "",
-         "",
-         "| variant | step ms (median) | tokens/s | × (a) | peak alloc GiB | × (a) | peak reserved GiB | "
-         "host offload GiB | first-step loss | rel. Δ vs (a) | MFU | fwd/bwd/opt ms | cold: ready s / 1st step s |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            L.append(f"| {r['variant']} {VARIANTS.get(r['variant'], '')} | failed: {r['error']} |" + " |" * 11)
-            continue
-        sp = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        mem = r.get("peak_alloc_gib", float("nan"))
-        mr = mem / base["peak_alloc_gib"] if base and "peak_alloc_gib" in base else float("nan")
-        dl = abs(r["first_step_loss"] - base["first_step_loss"]) / abs(base["first_step_loss"]) if base else 0
-        mfu = fl["model_flops"] / r["step_s_median"] / (peak * 1e12) if peak else float("nan")
-        f, b, o = r["fwd_bwd_opt_ms_median"]
-        L.append(f"| {r['variant']}: {r['label']} | {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | "
-                 f"{sp:.2f} | {mem:.2f} | {mr:.2f} | {r.get('peak_reserved_gib', float('nan')):.2f} | "
-                 f"{r['host_offload_gib']:.1f} | {r['first_step_loss']:.5f} | {dl:.1e} | {mfu:.1%} | "
-                 f"{f:.0f}/{b:.0f}/{o:.0f} | {r['process_ready_s']:.1f} / {r['first_step_s']:.2f} |")
-    L += ["", "Targets (same-run ratios):", ""]
-    for t in data.get("targets", []):
-        L.append(f"- {t['what']}: measured {t['measured']}; target {t['target']} → "
-                 f"**{'met' if t['met'] else 'NOT met'}**")
-    if cfg.get("note"):
-        L += ["", cfg["note"]]
-    return "\n".join(L) + "\n"
-
-
-def targets(rows: list[dict], fl: dict, peak: float | None) -> list[dict]:
-    by = {r["variant"]: r for r in rows if "error" not in r}
-    out = []
-    a = by.get("a")
-    if not a:
-        return out
-
-    def add(what, val, target, ok, fmt="{:.2f}×"):
-        out.append({"what": what, "measured": fmt.format(val), "target": target, "met": bool(ok)})
-
-    for v, want in (("d", 3.0), ("e", 2.5)):
-        if v in by:
-            x = by[v]["tokens_per_s"] / a["tokens_per_s"]
-            add(f"({v}) tokens/s vs (a)", x, f"≥ {want}×", x >= want)
-    if "peak_alloc_gib" in a:
-        for v, want in (("e", 0.25), ("d", 0.45)):
-            if v in by:
-                x = by[v]["peak_alloc_gib"] / a["peak_alloc_gib"]
-                add(f"({v}) peak GPU memory vs (a) (no offload in any variant)", x, f"≤ {want}×", x <= want)
-    if "d" in by and peak:
-        m = fl["model_flops"] / by["d"]["step_s_median"] / (peak * 1e12)
-        add("(d) MFU", m * 100, "≥ 30%", m >= 0.30, "{:.1f}%")
-    return out
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,128 @@
+"""The setups compared by benchmarks/train_step.py: HF baselines (a, b, c), vlmtune (d, e), ablations.
+
+``setup(variant, args, batches)`` builds one in the worker process: model, optimizer, info dict.
+"""
+
+from __future__ import annotations
+
+from train_step_workload import LORA_LEAVES, shapes
+
+VARIANTS = {
+    "a": "transformers + PEFT, grad. checkpointing",
+    "b": "(a) + bitsandbytes NF4 language linears",
+    "c": "(a) + Liger-Kernel",
+    "d": "vlmtune 16-bit LoRA",
+    "e": "vlmtune QLoRA (dynamic policy)",
+    "d_eager": "(d) without torch.compile (our Triton layer kernels instead)",
+    "e_eager": "(e) without torch.compile (our Triton layer kernels instead)",
+    "d_ro": "(d) + CUDA graphs (compile mode reduce-overhead)",
+    "e_ro": "(e) + CUDA graphs (compile mode reduce-overhead)",
+    "d_vis": "(d) + compiled vision blocks",
+    "e_vis": "(e) + compiled vision blocks",
+    "d_hfck": "(d) with HF's checkpoint around the compiled layer",
+    "d_novis": "(d) with HF's image-by-image vision attention",
+    "d_gc2": "(d), checkpointing every 2nd layer only",
+    "d_old": "(d_eager) before the frozen-tower and cast fixes",
+    "d_cast": "(d_eager) with PEFT's input cast (before the cast fix)",
+    "d_nokern": "(d_eager) without vlm.kernels.patch",
+    "d_nogc": "(d_eager) without gradient checkpointing",
+}
+EAGER = ("d_eager", "e_eager", "d_old", "d_cast", "d_nokern", "d_nogc")
+EAGER = ("d_eager", "e_eager", "d_old", "d_cast", "d_nokern", "d_nogc")
+
+
+def _hf_lora(model, gc: bool):
+    from peft import LoraConfig, get_peft_model
+
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=r"model\.language_model\..*\.(" + "|".join(LORA_LEAVES) + ")")
+    return get_peft_model(model, cfg)
+
+
+def setup(variant: str, args, batches):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype, dev = torch.bfloat16, args.device
+    info = {}
+    if variant in ("a", "b", "c"):
+        kw = {}
+        if variant == "b":
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                llm_int8_skip_modules=["model.visual", "lm_head"])
+        if variant == "c":
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen2_vl
+
+            apply_liger_kernel_to_qwen2_vl()   # before the model is built: patches the classes
+            import liger_kernel
+            info["liger_version"] = getattr(liger_kernel, "__version__", None)
+        model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype, device_map=dev, **kw)
+        model = _hf_lora(model, gc=True)
+    else:
+        import vlm.kernels
+        from vlm.lora import apply_lora
+
+        quant = "dynamic" if variant.startswith("e") else None
+        cal = None
+        if quant == "dynamic":   # two single-sample calibration batches from W (without labels)
+            per = batches[0]["pixel_values"].shape[0] // shapes(args.tiny)["batch"]
+            cal = [{k: (v[:per] if k == "pixel_values" else v[:1]) for k, v in b.items() if k != "labels"}
+                   for b in batches[:2]]
+        # vlm.load minus the processor (the random checkpoint has no tokenizer files)
+        from vlm.families import family_for_config
+        from vlm.load import load_config
+        from vlm.quant.loading import load_quantized
+
+        config = load_config(args.ckpt)
+        family = family_for_config(config)
+        if quant is None:
+            model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype).to(dev)
+        else:
+            model = load_quantized(args.ckpt, config=config, family=family, quant=quant, dtype=dtype,
+                                   device=dev, calibration=cal)
+        model.vlm_family = family
+        gc = variant != "d_nogc"
+        model = apply_lora(model, model.vlm_family, r=16, alpha=16,
+                           targets=["language.attention", "language.mlp"], gradient_checkpointing=gc,
+                           warn=False, frozen_vision_no_grad=variant != "d_old",
+                           skip_cast_under_autocast=variant not in ("d_old", "d_cast"))
+        if variant == "d_old":   # what apply_lora did before: HF's hook, vision tower included
+            model.get_base_model().enable_input_require_grads()
+        compiled = variant not in EAGER
+        if variant not in ("d_novis", "d_old", "d_cast", "d_nokern", "d_nogc"):
+            from vlm.train.vision_attention import batch_equal_images
+
+            info["vision_attention_batched"] = batch_equal_images(model, family)
+        if variant != "d_nokern":
+            from vlm.train.compile import kernel_patch_options
+
+            rep = vlm.kernels.patch(model, **kernel_patch_options(compiled))
+            info["patch"] = str(rep)
+        if compiled:
+            from vlm.train.compile import compile_language_layers, language_layers
+
+            mode = "reduce-overhead" if variant.endswith("_ro") else None
+            info["compiled_layers"] = compile_language_layers(model, family, mode=mode,
+                                                              checkpoint_inside=not variant.endswith("_hfck"))
+            if variant.endswith("_vis"):
+                from vlm.train.compile import compile_vision_blocks
+
+                info["compiled_vision_blocks"] = compile_vision_blocks(model, family)
+            if variant.endswith("_gc2"):   # selective: checkpoint layers 0, 2, 4, ...
+                for i, layer in enumerate(language_layers(model, family)):
+                    layer.gradient_checkpointing = i % 2 == 0
+        plan = getattr(model.get_base_model(), "vlm_quant_plan", None)
+        if plan is not None:
+            info["quantized_by_component"] = plan.count_by_component()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    info["trainable_params"] = sum(p.numel() for p in params)
+    fused = dev.startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=fused)
+    return model, opt, info

@@ -1,0 +1,33 @@
+"""benchmarks/train_step.py end to end on CPU (--tiny): every setup runs in its own process and the
+vlmtune setups compute the HF baseline's first-step loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_run_all_setups_agree_on_the_loss(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)   # CPU without the interpreter: vlm.kernels.patch steps aside
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--device", "cpu",
+                        "--variants", "a,d,d_eager,e", "--steps", "1", "--warmup", "1", "--profile", "",
+                        "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads((tmp_path / "train_step_tiny.json").read_text())
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert set(rows) == {"a", "d", "d_eager", "e"} and not [v for v, row in rows.items() if "error" in row]
+    a = rows["a"]["first_step_loss"]
+    for v in ("d", "d_eager"):
+        assert rows[v]["first_step_loss"] == pytest.approx(a, rel=1e-4), v
+    assert rows["e"]["first_step_loss"] == pytest.approx(a, rel=1e-2)   # 4-bit weights: close, not equal
+    assert rows["d"]["compiled_layers"] == 2 and rows["d"]["vision_attention_batched"] == 2
+    assert "compiled_layers" not in rows["d_eager"]
+    assert (tmp_path / "train_step_tiny.md").read_text().startswith("# Training step on W")
