@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py                          # GPU: all variants, Qwen2-VL-2B shapes
     python benchmarks/train_step.py --tiny --device cpu      # smoke test of every code path on CPU
-    python benchmarks/train_step.py --size 7b                # W at Qwen2-VL-7B shapes
+    python benchmarks/train_step.py --model qwen2_vl_7b      # W at Qwen2-VL-7B (or llava_1_5_7b) shapes
 
 Workload W: Qwen2-VL-2B shapes, random bf16 weights built on the device (seed 0) and saved once;
 batch 8 × 512 tokens, each sample = 8 prompt tokens, <|vision_start|>, 256 <|image_pad|>,
@@ -10,6 +10,8 @@ batch 8 × 512 tokens, each sample = 8 prompt tokens, <|vision_start|>, 256 <|im
 tokens); labels on the 254 text tokens only; LoRA r=16, α=16 on q,k,v,o,gate,up,down of the language
 model; vision tower frozen; AdamW (torch, fused) lr 2e-4; bf16 weights under bf16 autocast (what
 Trainer(bf16=True) does). Four distinct batches are cycled; every variant sees the same sequence.
+``--model`` picks the shapes: qwen2_vl_2b (the default, above), qwen2_vl_7b (same W), llava_1_5_7b
+(batch 8 × 832 tokens around one 336×336 image each: 576 image tokens; train_step_workload.py).
 
 Variants (each in its own subprocess, so memory peaks never mix):
   a        transformers + PEFT, gradient checkpointing (non-reentrant, HF's default),
@@ -70,7 +72,8 @@ sys.path.insert(0, str(HERE))
 
 from train_step_report import markdown, targets  # noqa: E402
 from train_step_variants import VARIANTS, setup  # noqa: E402
-from train_step_workload import LORA_LEAVES, count_flops, make_batches, shapes  # noqa: E402
+from train_step_workload import (LORA_LEAVES, MODELS, count_flops, label_tokens, make_batches,  # noqa: E402
+                                 model_config, shapes)
 
 GiB = 2**30
 
@@ -89,9 +92,7 @@ def build(args) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from quant_memory import qwen2_vl_config
-
-    cfg = qwen2_vl_config(args.tiny, args.size)
+    cfg = model_config(args.model, args.tiny)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
@@ -124,7 +125,7 @@ def worker(args) -> dict:
     from vlm.load import load_config
 
     config = load_config(args.ckpt)
-    cpu_batches = make_batches(config, args.tiny)
+    cpu_batches = make_batches(args.model, config, args.tiny)
     batches = [{k: t.to(args.device, non_blocking=True) for k, t in b.items()} for b in cpu_batches]
     t0 = time.perf_counter()
     model, opt, info = setup(v, args, batches)
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="a,b,c,d,e")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--size", default="2b", choices=["2b", "7b"], help="Qwen2-VL shapes of W")
+    ap.add_argument("--model", default="qwen2_vl_2b", choices=MODELS, help="the model shapes of W")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", default="d", help="variants to profile after timing ('' = none)")
@@ -334,13 +335,11 @@ def main(argv=None) -> int:
         return 0
 
     _importable_vlm()
-    from quant_memory import qwen2_vl_config
-
     work = Path(tempfile.mkdtemp(prefix="train_step_"))
-    ckpt = work / f"qwen2_vl_{args.size}"
+    ckpt = work / args.model
     common = ["--device", args.device, "--ckpt", str(ckpt), "--out", args.out,
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", args.profile,
-              "--size", args.size]
+              "--model", args.model]
     if args.tiny:
         common.append("--tiny")
     t = time.perf_counter()
@@ -350,18 +349,18 @@ def main(argv=None) -> int:
         return 1
     print(f"built checkpoint in {time.perf_counter() - t:.1f}s; matmul {b.get('matmul_tflops', 0):.0f} TFLOP/s",
           flush=True)
-    config = qwen2_vl_config(args.tiny, args.size)
-    fl = count_flops(config, args.tiny)
-    s = shapes(args.tiny)
-    cfg = {"model": f"Qwen2-VL-{args.size.upper()} shapes" if not args.tiny else "tiny Qwen2-VL", **s,
-           "patches": fl["patches"], "image_tokens": s["grid"][1] * s["grid"][2] // 4,
-           "label_tokens": s["seq"] - s["grid"][1] * s["grid"][2] // 4 - 2, "steps": args.steps,
+    config = model_config(args.model, args.tiny)
+    fl = count_flops(args.model, config, args.tiny)
+    s = shapes(args.model, args.tiny)
+    cfg = {"model": f"{args.model} shapes" if not args.tiny else f"tiny {args.model}", **s,
+           "patches": fl["patches"], "label_tokens": label_tokens(args.model, s), "steps": args.steps,
            "warmup": args.warmup, "lora": {"r": 16, "alpha": 16, "targets": LORA_LEAVES},
            "optimizer": "torch.optim.AdamW(lr=2e-4, fused=True)", "autocast": "bf16",
            "note": args.note, "text_config": config.text_config.to_dict(),
            "vision_config": config.vision_config.to_dict()}
     rows = []
-    stem = args.name or ("train_step_tiny" if args.tiny else "train_step" + ("" if args.size == "2b" else "_7b"))
+    stem = args.name or ("train_step" + ("" if args.model == "qwen2_vl_2b" else f"_{args.model}")
+                         + ("_tiny" if args.tiny else ""))
     data = {}
     for v in args.variants.split(","):
         r = run_sub(["--worker", v, *common], args.timeout)

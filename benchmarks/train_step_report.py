@@ -14,7 +14,8 @@ def markdown(data: dict) -> str:
          f"transformers {env['transformers']}, peft {env['peft']}, triton {env['triton']}, "
          f"bitsandbytes {env['bitsandbytes']}, liger-kernel {env['liger_kernel']}; commit {env.get('git')}.",
          "",
-         f"W: batch {cfg['batch']} × {cfg['seq']} tokens, one image each (grid {cfg['grid']}: "
+         f"W: batch {cfg['batch']} × {cfg['seq']} tokens, one image each ("
+         + (f"grid {cfg['grid']}: " if "grid" in cfg else f"{cfg.get('image_px')} px: ") +
          f"{cfg['patches'] // cfg['batch']} patches → {cfg['image_tokens']} image tokens), labels on the "
          f"{cfg['label_tokens']} text tokens; LoRA r=16 α=16 on q,k,v,o,gate,up,down (language); "
          f"vision frozen; AdamW lr 2e-4 (torch fused); bf16 weights + bf16 autocast. "

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from train_step_workload import LORA_LEAVES, shapes
+from train_step_workload import LORA_LEAVES, frozen_16bit_modules, is_llava, shapes
 
 VARIANTS = {
     "a": "transformers + PEFT, grad. checkpointing",
@@ -55,11 +55,12 @@ def setup(variant: str, args, batches):
 
             kw["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                llm_int8_skip_modules=["model.visual", "lm_head"])
+                llm_int8_skip_modules=frozen_16bit_modules(args.model))
         if variant == "c":
-            from liger_kernel.transformers import apply_liger_kernel_to_qwen2_vl
+            import liger_kernel.transformers as liger
 
-            apply_liger_kernel_to_qwen2_vl()   # before the model is built: patches the classes
+            # before the model is built: patches the classes
+            (liger.apply_liger_kernel_to_llava if is_llava(args.model) else liger.apply_liger_kernel_to_qwen2_vl)()
             import liger_kernel
             info["liger_version"] = getattr(liger_kernel, "__version__", None)
         model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype, device_map=dev, **kw)
@@ -71,7 +72,7 @@ def setup(variant: str, args, batches):
         quant = "dynamic" if variant.startswith("e") else None
         cal = None
         if quant == "dynamic":   # two single-sample calibration batches from W (without labels)
-            per = batches[0]["pixel_values"].shape[0] // shapes(args.tiny)["batch"]
+            per = batches[0]["pixel_values"].shape[0] // shapes(args.model, args.tiny)["batch"]
             cal = [{k: (v[:per] if k == "pixel_values" else v[:1]) for k, v in b.items() if k != "labels"}
                    for b in batches[:2]]
         # vlm.load minus the processor (the random checkpoint has no tokenizer files)
