@@ -22,7 +22,7 @@ Variants (each in its own subprocess, so memory peaks never mix):
   d        vlmtune 16-bit LoRA, what `vlm train` does on a GPU: vlm.load → vlm.lora.apply_lora(
            gradient_checkpointing=True) → vlm.kernels.patch (fused linear CE; the layer-level
            kernels are left to inductor) → vlm.train.compile.compile_language_layers (each decoder
-           layer compiled, its checkpoint inside the compiled graph) → vlm.train.vision_attention
+           layer compiled, its checkpoint inside the compiled graph) → vlm.vision_attention
            (one SDPA per vision block for equal-size images)
   e        vlmtune QLoRA: (d) with vlm.load(quant="dynamic")
 Ablations (``--variants`` picks; names in VARIANTS): d_eager / e_eager = no torch.compile, our Triton

@@ -97,7 +97,7 @@ def setup(variant: str, args, batches):
             model.get_base_model().enable_input_require_grads()
         compiled = variant not in EAGER
         if variant not in ("d_novis", "d_old", "d_cast", "d_nokern", "d_nogc"):
-            from vlm.train.vision_attention import batch_equal_images
+            from vlm.vision_attention import batch_equal_images
 
             info["vision_attention_batched"] = batch_equal_images(model, family)
         if variant != "d_nokern":

@@ -116,10 +116,13 @@ def load_variant(model_path: str, spec: str, adapter: str | None, device: str | 
     # the package is the module
     from vlm.load import load
 
+    from vlm.vision_attention import batch_equal_images
+
     if spec in DTYPE_VARIANTS:
         model, processor = load(model_path, dtype=DTYPE_VARIANTS[spec], device=device)
     else:
         model, processor = load(model_path, dtype="bf16", device=device, quant=spec)
+    batch_equal_images(model, model.vlm_family)   # same captions, one attention call per vision block
     if adapter:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise VlmError(f"--adapter {adapter} has no adapter_config.json: give the PEFT adapter folder "

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if msg.startswith("vLLM serving:"):
             print(f"warning: {msg}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    from vlm.train.vision_attention import batch_equal_images
+    from vlm.vision_attention import batch_equal_images
 
     vision_batched = batch_equal_images(model, family)   # exact: same math, one SDPA per block
     patch_report = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlm
-from vlm.train.vision_attention import batch_equal_images
+from vlm.vision_attention import batch_equal_images
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ is one batched SDPA over (n, heads, L, d) — the same numbers, one kernel. The 
 the frame sizes from ``grid_thw`` once per forward; each attention module uses the batched path only
 while that mark is set, and HF's own forward otherwise (unequal sizes, or a direct module call).
 Only Qwen2-VL's ``VisionAttention`` is handled (its forward, transformers 5.17–5.19, is reproduced
-below); Qwen2.5-VL's windowed attention has unequal windows and keeps HF's path.
+below); Qwen2.5-VL's windowed attention has unequal windows and keeps HF's path. Used by training
+(``vlm train``) and by the eval harness's local generation.
 """
 
 from __future__ import annotations
