@@ -120,6 +120,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if compiled:
         from vlm.train.compile import compile_language_layers
 
+        warning = compile_memory_warning(model, kernels=cfg.kernels)
+        if warning:
+            print(f"warning: {warning}")
+
         print(f"torch.compile: {compile_language_layers(model, family)} language decoder layers "
               "(compiled on the first step)")
 
@@ -202,6 +206,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
+
+
+def compile_memory_warning(model, *, kernels: bool) -> str | None:
+    """Compiled layers over 4-bit language linears without our nf4_linear op keep deq(W) alive."""
+    from vlm.quant.loading import quant_metadata
+
+    quantized = ((quant_metadata(model) or {}).get("counts") or {}).get("quantized") or {}
+    if kernels or not quantized.get("language"):
+        return None
+    return ("training.compile with kernels: false on a 4-bit model: compiled layers trace bitsandbytes, "
+            "whose dequantized weights are then kept for backward (about the 16-bit size of every "
+            "quantized layer); kernels: true routes them through vlm::nf4_linear")
 
 
 def _compile_wanted(setting, device: str, strat: str) -> bool:

@@ -141,3 +141,13 @@ def test_compile_setting_resolution():
     assert _compile_wanted(True, "cpu", "single") is True
     with pytest.raises(ConfigError, match="fsdp"):
         _compile_wanted(True, "cuda", "fsdp")
+
+
+def test_compile_without_kernels_on_4bit_warns(tiny_checkpoint, qwen):
+    pytest.importorskip("bitsandbytes")
+    from vlm.train.recipe import compile_memory_warning
+
+    q4, _ = vlm.load(tiny_checkpoint("qwen2_vl"), dtype="bf16", device="cpu", quant="nf4")
+    assert "vlm::nf4_linear" in compile_memory_warning(q4, kernels=False)
+    assert compile_memory_warning(q4, kernels=True) is None
+    assert compile_memory_warning(qwen[0], kernels=False) is None   # 16-bit: nothing to keep
