@@ -79,7 +79,6 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
         out = torch.empty(N, K, device=packed.device, dtype=dtype)
     if out.shape[0] != N or out.shape[1] != K or out.stride(1) != 1:
         raise ValueError(f"dequantize_nf4: out {tuple(out.shape)} does not fit weight ({N}, {K})")
-    check_device(packed, out)
     code, absmax, code2, absmax2, bs2, offset, nested = state_parts(quant_state)
     return dequantize_nf4_parts(packed, code, absmax, code2, absmax2, N, K, int(quant_state.blocksize), bs2,
                                 offset, nested, dtype, out=out)
@@ -119,16 +118,6 @@ def dequantize_nf4_parts_reference(packed, code, absmax, code2, absmax2, N: int,
 def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None):
     """Pure torch, same math (independent of bitsandbytes' own kernels)."""
     N, K = quant_state.shape
-    n = N * K
-    p = packed.reshape(-1).to(torch.int32)
-    nib = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1)[:n].long()
-    if quant_state.nested:
-        s2 = quant_state.state2
-        a8 = quant_state.absmax.long()
-        idx = torch.arange(a8.numel(), device=a8.device) // s2.blocksize
-        scale = s2.code.float()[a8] * s2.absmax.float()[idx] + float(quant_state.offset)
-    else:
-        scale = quant_state.absmax.float()
-    blocks = torch.arange(n, device=p.device) // quant_state.blocksize
-    w = quant_state.code.float()[nib] * scale[blocks]
-    return w.reshape(N, K).to(dtype or quant_state.dtype)
+    code, absmax, code2, absmax2, bs2, offset, nested = state_parts(quant_state)
+    return dequantize_nf4_parts_reference(packed, code, absmax, code2, absmax2, N, K, int(quant_state.blocksize),
+                                          bs2, offset, nested, dtype or quant_state.dtype)
