@@ -40,6 +40,16 @@ class SceneVocab:
     def caption(self, scene) -> str:
         return self.template.format(**{a: getattr(scene, a) for a in ATTRIBUTES})
 
+    def renamed(self, name: str, *, shapes: dict, colors: dict, sizes: dict, positions: dict,
+                **fields) -> "SceneVocab":
+        """The same scenes under other words: each table maps a new word to the word of this
+        vocabulary it stands for (so RGB values, sizes and positions live in one place)."""
+        def pick(table: dict, words: dict) -> dict:
+            return {new: table[old] for new, old in words.items()}
+
+        return SceneVocab(name=name, shapes=pick(self.shapes, shapes), colors=pick(self.colors, colors),
+                          sizes=pick(self.sizes, sizes), positions=pick(self.positions, positions), **fields)
+
 
 DEFAULT_VOCAB = SceneVocab(
     name="default",
@@ -51,29 +61,28 @@ DEFAULT_VOCAB = SceneVocab(
                "bottom right": "bottom_right", "center": "center"},
 )
 
-VARIANT_VOCAB = SceneVocab(
-    name="variant",
+VARIANT_VOCAB = DEFAULT_VOCAB.renamed(
+    "variant",
     shapes={"blob": "circle", "tile": "square", "wedge": "triangle", "gem": "diamond"},
-    colors={"vermilion": (220, 40, 40), "jade": (40, 170, 60), "cobalt": (40, 80, 220),
-            "saffron": (235, 200, 30), "mauve": (140, 60, 180), "onyx": (20, 20, 20)},
-    sizes={"tiny": 0.11, "huge": 0.21},
-    positions={"northwest corner": "top_left", "northeast corner": "top_right",
-               "southwest corner": "bottom_left", "southeast corner": "bottom_right",
-               "middle": "center"},
+    colors={"vermilion": "red", "jade": "green", "cobalt": "blue", "saffron": "yellow", "mauve": "purple",
+            "onyx": "black"},
+    sizes={"tiny": "small", "huge": "large"},
+    positions={"northwest corner": "top left", "northeast corner": "top right",
+               "southwest corner": "bottom left", "southeast corner": "bottom right", "middle": "center"},
     template="{shape}, {color}, {size}, {position}",
     question="Name the object.",
 )
 
 # The embedded demo's task (vlm demo): the same scenes named with single-token words the demo base
 # never produced in a caption, in a new order ("navy ball, huge, upper left"). See vlm.demo.
-DEMO_VOCAB = SceneVocab(
-    name="demo",
+DEMO_VOCAB = DEFAULT_VOCAB.renamed(
+    "demo",
     shapes={"ball": "circle", "box": "square", "arrow": "triangle", "star": "diamond"},
-    colors={"magenta": (220, 40, 40), "teal": (40, 170, 60), "navy": (40, 80, 220),
-            "gold": (235, 200, 30), "pink": (140, 60, 180), "dark": (20, 20, 20)},
-    sizes={"tiny": 0.11, "huge": 0.21},
-    positions={"upper left": "top_left", "upper right": "top_right", "lower left": "bottom_left",
-               "lower right": "bottom_right", "middle": "center"},
+    colors={"magenta": "red", "teal": "green", "navy": "blue", "gold": "yellow", "pink": "purple",
+            "dark": "black"},
+    sizes={"tiny": "small", "huge": "large"},
+    positions={"upper left": "top left", "upper right": "top right", "lower left": "bottom left",
+               "lower right": "bottom right", "middle": "center"},
     template="{color} {shape}, {size}, {position}",
     question="Name the object.",
 )
