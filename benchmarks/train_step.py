@@ -260,7 +260,12 @@ def profile(step, start, args, v) -> dict:
 
 def run_sub(argv: list[str], timeout: int) -> dict:
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as ex:   # recorded as that variant's error; the others still run
+        out = ex.stdout.decode(errors="replace") if isinstance(ex.stdout, bytes) else (ex.stdout or "")
+        err = ex.stderr.decode(errors="replace") if isinstance(ex.stderr, bytes) else (ex.stderr or "")
+        return {"error": f"timed out after {timeout} s", "tail": (out + err)[-3000:]}
     tail = (p.stdout + p.stderr)[-3000:]
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):

@@ -17,17 +17,21 @@ VARIANTS = {
     "e_eager": "(e) without torch.compile (our Triton layer kernels instead)",
     "d_ro": "(d) + CUDA graphs (compile mode reduce-overhead)",
     "e_ro": "(e) + CUDA graphs (compile mode reduce-overhead)",
-    "d_vis": "(d) + compiled vision blocks",
-    "e_vis": "(e) + compiled vision blocks",
+    "d_evis": "(d) with the frozen vision tower eager (compiled language layers only)",
+    "e_evis": "(e) with the frozen vision tower eager (compiled language layers only)",
     "d_hfck": "(d) with HF's checkpoint around the compiled layer",
-    "d_novis": "(d) with HF's image-by-image vision attention",
+    "d_novis": "(d) with HF's image-by-image vision attention (tower eager)",
     "d_gc2": "(d), checkpointing every 2nd layer only",
+    "d_mlp2": "(d), each layer's MLP over 2 token blocks",
+    "d_mlp4": "(d), each layer's MLP over 4 token blocks",
+    "e_mlp2": "(e), each layer's MLP over 2 token blocks",
+    "e_mlp4": "(e), each layer's MLP over 4 token blocks",
+    "d_cpp": "(d) with inductor's C++ wrapper (no Python per kernel call)",
     "d_old": "(d_eager) before the frozen-tower and cast fixes",
     "d_cast": "(d_eager) with PEFT's input cast (before the cast fix)",
     "d_nokern": "(d_eager) without vlm.kernels.patch",
     "d_nogc": "(d_eager) without gradient checkpointing",
 }
-EAGER = ("d_eager", "e_eager", "d_old", "d_cast", "d_nokern", "d_nogc")
 EAGER = ("d_eager", "e_eager", "d_old", "d_cast", "d_nokern", "d_nogc")
 
 
@@ -108,14 +112,24 @@ def setup(variant: str, args, batches):
         if compiled:
             from vlm.train.compile import compile_language_layers, language_layers
 
-            mode = "reduce-overhead" if variant.endswith("_ro") else None
+            flags = set(variant.split("_")[1:])
+            if "cpp" in flags:
+                import torch._inductor.config as inductor_config
+
+                inductor_config.cpp_wrapper = True
+            mode = "reduce-overhead" if "ro" in flags else None
             info["compiled_layers"] = compile_language_layers(model, family, mode=mode,
-                                                              checkpoint_inside=not variant.endswith("_hfck"))
-            if variant.endswith("_vis"):
+                                                              checkpoint_inside="hfck" not in flags)
+            if info.get("vision_attention_batched") and "evis" not in flags:   # as vlm train does
                 from vlm.train.compile import compile_vision_blocks
 
                 info["compiled_vision_blocks"] = compile_vision_blocks(model, family)
-            if variant.endswith("_gc2"):   # selective: checkpoint layers 0, 2, 4, ...
+            chunks = [int(f[3:]) for f in flags if f.startswith("mlp")] or [1]   # vlm train's default
+            if chunks[0] > 1:
+                from vlm.train.compile import chunk_mlps
+
+                info["mlp_chunks"] = (chunks[0], chunk_mlps(model, family, chunks[0]))
+            if "gc2" in flags:   # selective: checkpoint layers 0, 2, 4, ...
                 for i, layer in enumerate(language_layers(model, family)):
                     layer.gradient_checkpointing = i % 2 == 0
         plan = getattr(model.get_base_model(), "vlm_quant_plan", None)

@@ -20,8 +20,9 @@ What is swapped, and how (never by editing or rewriting another library's source
 - ``nf4_lora``: PEFT ``lora.bnb.Linear4bit`` layers on an NF4 base get the fused NF4+LoRA forward
   (falls back to PEFT's own per call when adapters are disabled/merged, several are active, or DoRA).
 - ``nf4_linear`` (off by default; on for compiled layers, see ``vlm.train.compile``): bitsandbytes
-  NF4 ``Linear4bit`` modules of the language model (PEFT's base layers included) compute through the
-  ``vlm::nf4_linear`` custom op, whose backward re-dequantizes instead of saving deq(W).
+  NF4 ``Linear4bit`` modules of the whole model (the language model's, PEFT's base layers included,
+  and the frozen vision tower's) compute through the ``vlm::nf4_linear`` custom op, whose backward
+  re-dequantizes instead of saving deq(W); compiled vision blocks then share one graph too.
 
 ``patch`` is idempotent (a second call changes nothing and returns the same report); ``unpatch`` undoes
 everything; ``patch(model, enabled=False)`` (a config's ``kernels: false``) unpatches and patches nothing.
@@ -303,8 +304,8 @@ def patch(model, *, enabled: bool = True, rms_norm: bool = True, rope: bool = Tr
                 _set_forward(mod, MethodType(peft_nf4_lora_forward, mod))
                 mod._vlm_kind = "nf4_lora"
                 rep.counts["nf4_lora"] += 1
-    if nf4_linear:
-        for name, mod in mods:
+    if nf4_linear:   # every NF4 linear of the model, the (frozen) vision tower's included
+        for name, mod in list(hf.named_modules()):
             if _is_bnb_nf4(mod) and not getattr(mod, "_vlm_kind", None):
                 attach_nf4_state(mod)
                 _set_forward(mod, MethodType(bnb_linear4bit_forward, mod))

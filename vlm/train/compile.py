@@ -54,6 +54,41 @@ def _checkpointed_call(self, *args, **kwargs):
                                              **kwargs)
 
 
+def _chunked_mlp_forward(self, x, *args, **kwargs):
+    # MLP(x) row by row is MLP over token blocks, concatenated: same numbers, smaller live set
+    n = self._vlm_mlp_chunks
+    rows = x.reshape(-1, x.shape[-1])
+    if n <= 1 or rows.shape[0] < n:
+        return self._vlm_mlp_forward(x, *args, **kwargs)
+    out = [self._vlm_mlp_forward(part, *args, **kwargs) for part in rows.chunk(n)]
+    return torch.cat(out).reshape(*x.shape[:-1], out[0].shape[-1])
+
+
+def chunk_mlps(model: nn.Module, family, chunks: int) -> int:
+    """Run each decoder layer's MLP over ``chunks`` token blocks (``mlp`` child of the layer).
+
+    The MLP acts on each token alone, so MLP(x) = cat(MLP(x_1), …, MLP(x_c)) over row blocks x_i of
+    the (tokens, hidden) input: the same function. Inside a compiled, checkpointed layer the backward
+    graph recomputes and differentiates one block at a time, so the (tokens × intermediate) tensors
+    it holds at once (gate, up, their product and gradients: ~6 × 4096 × 8960 × 2 B at Qwen2-VL-2B's
+    W) shrink by ~``chunks``×. Returns the number of MLPs changed; ``chunks`` ≤ 1 restores them."""
+    from types import MethodType
+
+    n = 0
+    for layer in language_layers(model, family):
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(mlp, nn.Module):
+            continue
+        if "_vlm_mlp_forward" not in mlp.__dict__:
+            if chunks <= 1:
+                continue
+            mlp._vlm_mlp_forward = mlp.forward
+            mlp.forward = MethodType(_chunked_mlp_forward, mlp)
+        mlp._vlm_mlp_chunks = int(chunks)
+        n += 1
+    return n
+
+
 def compile_language_layers(model: nn.Module, family, *, backend: str = "inductor", mode: str | None = None,
                             dynamic: bool | None = None, checkpoint_inside: bool = True) -> int:
     """Compile each language decoder layer of ``model`` in place; returns how many were compiled.

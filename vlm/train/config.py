@@ -90,6 +90,11 @@ class TrainingSection:
     # the eager step, benchmarks/NOTES.md). auto: on for CUDA (not under FSDP), off on CPU, where
     # the one-off compile costs more than a short run gains.
     compile: bool | str = choices("auto", True, False, default="auto")
+    # compiled layers only: each decoder layer's MLP runs over this many token blocks, so its
+    # backward holds ~1/n of the (tokens x intermediate) tensors at once (same function). Qwen2-VL-2B
+    # LoRA on an H100 (benchmarks/NOTES.md): 2 blocks take 0.36 GiB off the peak for 15-20 % of step
+    # time; on a 4-bit model each block dequantizes the MLP weights again (QLoRA: 0.33 GiB for ~35 %).
+    mlp_chunks: int = 1
     optimizer: str = choices("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", default="adamw")
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -103,6 +108,8 @@ class TrainingSection:
     def validate(self, where: str) -> None:
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.mlp_chunks < 1:
+            raise ConfigError(f"{where}.mlp_chunks: must be >= 1, got {self.mlp_chunks}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError(f"{where}: batch_size and grad_accum must be >= 1")
         if self.save_total_limit < 2:

@@ -112,6 +112,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
 
     vision_batched = batch_equal_images(model, family)   # exact: same math, one SDPA per block
     patch_report = None
+    n_vision, mlp_chunks = 0, 1   # compiled vision blocks; MLP token blocks per layer
     if cfg.kernels:  # after LoRA, so NF4 base + LoRA linears can be fused too
         from vlm.kernels import patch
         from vlm.train.compile import kernel_patch_options
@@ -124,8 +125,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if warning:
             print(f"warning: {warning}")
 
-        print(f"torch.compile: {compile_language_layers(model, family)} language decoder layers "
-              "(compiled on the first step)")
+        if vision_batched and not _vision_trains(model, family):
+            # the batched tower's blocks trace whole (one graph for all); other towers graph-break
+            # (HF's per-image/per-window split, transformers' output-capturing hooks): left eager
+            from vlm.train.compile import compile_vision_blocks
+
+            n_vision = compile_vision_blocks(model, family)
+        print(f"torch.compile: {compile_language_layers(model, family)} language decoder layers"
+              + (f", {n_vision} frozen vision blocks" if n_vision else "") + " (compiled on the first step)")
+        mlp_chunks = cfg.training.mlp_chunks
+        if mlp_chunks > 1:
+            from vlm.train.compile import chunk_mlps
+
+            chunk_mlps(model, family, mlp_chunks)
+            print(f"MLP over {mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
+    elif cfg.training.mlp_chunks > 1:
+        print("warning: training.mlp_chunks applies to compiled layers only (compile is off here): "
+              "eager checkpointing recomputes the whole layer at once, so the MLP runs in one block")
 
     report_to = list(cfg.logging.report_to)
     if cfg.logging.tensorboard and "tensorboard" not in report_to:
@@ -182,6 +198,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "kernels": None if patch_report is None else dataclasses.asdict(patch_report),
         "compiled_layers": compiled,
         "vision_attention_batched": vision_batched,
+        "compiled_vision_blocks": n_vision,
+        "mlp_chunks": mlp_chunks,
         "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "epochs": trainer.state.epoch,
@@ -208,12 +226,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     return TrainResult(out, adapter_dir, summary)
 
 
-def compile_memory_warning(model, *, kernels: bool) -> str | None:
-    """Compiled layers over 4-bit language linears without our nf4_linear op keep deq(W) alive."""
+def _vision_trains(model, family) -> bool:
+    """Whether any parameter of the vision tower is trainable (LoRA or modules_to_save on it)."""
+    return any(p.requires_grad for _, root in family.component_roots(model, "vision") for p in root.parameters())
+
+
+def _quantized_language(model) -> int:
+    """How many language linears of ``model`` are 4-bit (0 for a 16-bit model)."""
     from vlm.quant.loading import quant_metadata
 
     quantized = ((quant_metadata(model) or {}).get("counts") or {}).get("quantized") or {}
-    if kernels or not quantized.get("language"):
+    return int(quantized.get("language") or 0)
+
+
+def compile_memory_warning(model, *, kernels: bool) -> str | None:
+    """Compiled layers over 4-bit language linears without our nf4_linear op keep deq(W) alive."""
+    if kernels or not _quantized_language(model):
         return None
     return ("training.compile with kernels: false on a 4-bit model: compiled layers trace bitsandbytes, "
             "whose dequantized weights are then kept for backward (about the 16-bit size of every "

@@ -8,8 +8,10 @@ import torch
 import vlm
 from vlm.errors import ConfigError
 from vlm.lora import apply_lora
-from vlm.train.compile import compile_language_layers, is_compiled, kernel_patch_options, language_layers
+from vlm.train.compile import (chunk_mlps, compile_language_layers, compile_vision_blocks, is_compiled,
+                               kernel_patch_options, language_layers)
 from vlm.train.recipe import _compile_wanted
+from vlm.vision_attention import batch_equal_images
 
 
 def _batch(processor):
@@ -78,6 +80,37 @@ def test_compiled_layers_same_loss_and_grads_checkpoint_inside(qwen):
         torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_chunked_mlps_compile_to_the_same_loss_and_grads(qwen):
+    """MLP over token blocks inside compiled, checkpointed layers: the same function (fp32: the row
+    blocks' matmuls may sum in another order, so closeness, not equality); 1 block restores it."""
+    model, processor = qwen
+    batch = _batch(processor)
+    eager = _lora(copy.deepcopy(model), seed=2)
+    chunked = copy.deepcopy(eager)
+    l_eager, g_eager = _loss_and_grads(eager, batch)
+    torch._dynamo.reset()
+    compile_language_layers(chunked, model.vlm_family, backend="aot_eager")
+    layers = language_layers(chunked, model.vlm_family)
+    assert chunk_mlps(chunked, model.vlm_family, 3) == len(layers)
+    mlp = layers[0].mlp
+    rows = batch["input_ids"].numel()
+    x = torch.randn(rows, model.config.text_config.hidden_size)
+    inner, seen = mlp._vlm_mlp_forward, []
+    mlp._vlm_mlp_forward = lambda t: (seen.append(t.shape[0]), inner(t))[1]
+    with torch.no_grad():   # the split is real: 3 row blocks, concatenated back in order
+        torch.testing.assert_close(mlp(x), inner(x), rtol=1e-5, atol=1e-6)
+    mlp._vlm_mlp_forward = inner
+    assert len(seen) == 3 and sum(seen) == rows, seen
+    l_comp, g_comp = _loss_and_grads(chunked, batch)
+    assert _graph_breaks() == 0
+    assert l_comp == pytest.approx(l_eager, rel=1e-6)
+    for name, g in g_eager.items():
+        torch.testing.assert_close(g_comp[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert chunk_mlps(chunked, model.vlm_family, 1) == len(layers) and mlp._vlm_mlp_chunks == 1
+    with torch.no_grad():   # one block: the original forward runs
+        assert torch.equal(mlp(x), mlp._vlm_mlp_forward(x))
+
+
 def test_inductor_compiled_layers_match_eager(qwen):
     """The real backend (inductor, C++ on CPU): same loss, gradients within fused-op rounding."""
     model, processor = qwen
@@ -101,13 +134,16 @@ def test_qlora_compiles_without_graph_breaks(tiny_checkpoint):
     batch = _batch(processor)
     peft_model = _lora(model)
     rep = vlm.kernels.patch(peft_model, **kernel_patch_options(True))
-    n_linear4bit = sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
-                       for name, m in peft_model.named_modules()
-                       if model.vlm_family.component_of(name.removeprefix("base_model.model.")) == "language")
-    assert rep.counts["nf4_linear"] == n_linear4bit > 0 and rep.counts["nf4_lora"] == 0
+    components = [model.vlm_family.component_of(name.removeprefix("base_model.model."))
+                  for name, m in peft_model.named_modules()
+                  if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
+    assert {"language", "vision"} <= set(components), components   # the tiny tower is quantized too
+    assert rep.counts["nf4_linear"] == len(components) and rep.counts["nf4_lora"] == 0
     l_eager, g_eager = _loss_and_grads(peft_model, batch, autocast=True)
     torch._dynamo.reset()
     compile_language_layers(peft_model, model.vlm_family, backend="aot_eager")
+    assert batch_equal_images(peft_model, model.vlm_family) > 0   # the tower's blocks trace whole
+    assert compile_vision_blocks(peft_model, model.vlm_family, backend="aot_eager") > 0
     l_comp, g_comp = _loss_and_grads(peft_model, batch, autocast=True)
     assert _graph_breaks() == 0
     assert l_comp == pytest.approx(l_eager, rel=1e-6)
