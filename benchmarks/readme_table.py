@@ -1,8 +1,9 @@
-"""Print the README's performance table from benchmarks/results/train_step.json.
+"""Print the README's performance tables from benchmarks/results/train_step*.json.
 
-    python benchmarks/readme_table.py [results/train_step.json]
+    python benchmarks/readme_table.py            # every table the README shows
+    python benchmarks/readme_table.py FILE.json  # one results file
 
-The README table is this script's output, pasted; rerun it after a new train_step.py run.
+The README tables are this script's output, pasted; rerun it after a new train_step.py run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from pathlib import Path
 
 LABELS = {"a": "transformers + PEFT (grad. checkpointing)", "b": "+ bitsandbytes NF4",
           "c": "+ Liger-Kernel", "d": "**vlmtune LoRA (16-bit)**", "e": "**vlmtune QLoRA (dynamic policy)**",
+          "d_ro": "vlmtune LoRA, `training.cuda_graphs: true`",
+          "d_ro_mlp2": "**vlmtune LoRA, `cuda_graphs: true`, `mlp_chunks: 2`**",
+          "e_ro": "vlmtune QLoRA, `training.cuda_graphs: true`",
+          "e_ro_mlp2": "**vlmtune QLoRA, `cuda_graphs: true`, `mlp_chunks: 2`**",
+          "d_mlp2": "vlmtune LoRA, `training.mlp_chunks: 2`",
           "d_eager": "vlmtune LoRA, `training.compile: false`",
           "e_eager": "vlmtune QLoRA, `training.compile: false`",
           "d_novis": "vlmtune LoRA, HF's image-by-image vision attention"}
@@ -39,6 +45,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+RESULTS = Path(__file__).parent / "results"
+# (heading, results file): the table of record first, then the other setups and W at 7B shapes
+README_TABLES = (
+    ("Qwen2-VL-2B shapes (table of record)", "train_step.json"),
+    ("Qwen2-VL-2B shapes, other setups (another run)", "train_step_run14.json"),
+    ("Qwen2-VL-7B shapes", "train_step_qwen2_vl_7b.json"),
+    ("LLaVA-1.5-7B shapes (batch 8 × 832 tokens, 576 image tokens per 336² image)", "train_step_llava_1_5_7b.json"),
+)
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "train_step.json")
-    print(table(json.loads(path.read_text())))
+    if len(sys.argv) > 1:
+        print(table(json.loads(Path(sys.argv[1]).read_text())))
+    else:
+        print("\n\n".join(f"**{head}** (`benchmarks/results/{name}`):\n\n{table(json.loads((RESULTS / name).read_text()))}"
+                           for head, name in README_TABLES))

@@ -91,9 +91,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
     family = model.vlm_family
     resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    cuda_graphs = compiled and cfg.training.cuda_graphs
+    # CUDA graphs replay one recorded shape: every batch padded to max_length (samples never exceed it)
+    pad_to = cfg.data.max_length if cuda_graphs else (cfg.data.pad_to_multiple_of or 1)
     collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
                                   train_on=cfg.data.train_on, overlong=cfg.data.overlong,
-                                  pad_to_multiple_of=cfg.data.pad_to_multiple_of or 1,
+                                  pad_to_multiple_of=pad_to,
                                   resolution=None if resolution.is_default() else resolution)
     train_set, data_report = prepare_train_set(cfg, collator, out)
 
@@ -131,15 +134,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             from vlm.train.compile import compile_vision_blocks
 
             n_vision = compile_vision_blocks(model, family)
-        print(f"torch.compile: {compile_language_layers(model, family)} language decoder layers"
-              + (f", {n_vision} frozen vision blocks" if n_vision else "") + " (compiled on the first step)")
+        n_layers = compile_language_layers(model, family, mode="reduce-overhead" if cuda_graphs else None)
+        print(f"torch.compile: {n_layers} language decoder layers"
+              + (f", {n_vision} frozen vision blocks" if n_vision else "") + " (compiled on the first step)"
+              + (f"; CUDA graphs, every batch padded to {pad_to} tokens" if cuda_graphs else ""))
         mlp_chunks = cfg.training.mlp_chunks
         if mlp_chunks > 1:
             from vlm.train.compile import chunk_mlps
 
             chunk_mlps(model, family, mlp_chunks)
             print(f"MLP over {mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
-    elif cfg.training.mlp_chunks > 1:
+    elif cfg.training.cuda_graphs:
+        print("warning: training.cuda_graphs replays compiled layers and compile is off here "
+              f"(training.compile: {cfg.training.compile} on {device}): ignored")
+    if not compiled and cfg.training.mlp_chunks > 1:
         print("warning: training.mlp_chunks applies to compiled layers only (compile is off here): "
               "eager checkpointing recomputes the whole layer at once, so the MLP runs in one block")
 
@@ -200,6 +208,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "vision_attention_batched": vision_batched,
         "compiled_vision_blocks": n_vision,
         "mlp_chunks": mlp_chunks,
+        "cuda_graphs": cuda_graphs,
+        "padded_to": pad_to,
         "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "epochs": trainer.state.epoch,

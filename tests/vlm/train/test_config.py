@@ -29,6 +29,7 @@ def test_minimal_config_and_overrides():
     ({**MINIMAL, "data": {"train": ["a"], "overlong": "cut"}}, "data.overlong: 'cut' is not allowed"),
     ({**MINIMAL, "training": {"save_total_limit": 1}}, "save_total_limit: must be >= 2"),
     ({**MINIMAL, "training": {"mlp_chunks": 0}}, "training.mlp_chunks: must be >= 1"),
+    ({**MINIMAL, "training": {"compile": False, "cuda_graphs": True}}, "training.cuda_graphs: replays compiled"),
     ({**MINIMAL, "training": {"mlp_chunks": "auto"}}, "training.mlp_chunks"),
     ({"model": "m", "data": {}}, "data.train: give at least one data file"),
     ({"data": {"train": ["a"]}}, "missing required key(s): model"),
