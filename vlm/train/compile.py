@@ -21,6 +21,13 @@ How (nothing of transformers or PEFT is edited):
   graph can neither break on it nor keep dequantized weights alive (traced through bitsandbytes, the
   partitioner saved every deq(W): +4 GiB at 2B). LoRA's own matmuls stay in the graph.
   The fused linear cross-entropy sits outside the layers and stays ours.
+- the frozen vision tower's blocks (``compile_vision_blocks``): inference graphs, one for all blocks,
+  where they trace whole — Qwen2-VL's with ``vlm.vision_attention``'s batched attention; other
+  towers graph-break inside their blocks and stay eager (``vlm train`` compiles only the former);
+- ``chunk_mlps``: each layer's MLP over n token blocks, so the compiled backward holds ~1/n of its
+  (tokens × intermediate) tensors at once (``training.mlp_chunks``);
+- ``mode="reduce-overhead"`` (``training.cuda_graphs``): each compiled layer replays a CUDA graph per
+  input shape, removing the host's per-launch cost that bounds a small model's compiled step.
 
 The math does not change: the compiled layer computes the same function; its float results differ
 from eager's only by the order of floating-point operations inside fused kernels.

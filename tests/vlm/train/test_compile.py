@@ -58,13 +58,19 @@ def qwen(tiny_checkpoint):
     return vlm.load(tiny_checkpoint("qwen2_vl"), dtype="fp32", device="cpu")
 
 
-def test_compiled_layers_same_loss_and_grads_checkpoint_inside(qwen):
+def _eager_reference(qwen, seed):
+    """(model, batch, a LoRA copy to transform, eager loss, eager grads); dynamo's caches reset."""
     model, processor = qwen
     batch = _batch(processor)
-    eager = _lora(copy.deepcopy(model))
-    compiled = copy.deepcopy(eager)
+    eager = _lora(copy.deepcopy(model), seed=seed)
+    other = copy.deepcopy(eager)
     l_eager, g_eager = _loss_and_grads(eager, batch)
     torch._dynamo.reset()
+    return model, batch, other, l_eager, g_eager
+
+
+def test_compiled_layers_same_loss_and_grads_checkpoint_inside(qwen):
+    model, batch, compiled, l_eager, g_eager = _eager_reference(qwen, seed=0)
     n = compile_language_layers(compiled, model.vlm_family, backend="aot_eager")
     layers = language_layers(compiled, model.vlm_family)
     assert n == len(layers) and is_compiled(compiled, model.vlm_family)
@@ -83,12 +89,7 @@ def test_compiled_layers_same_loss_and_grads_checkpoint_inside(qwen):
 def test_chunked_mlps_compile_to_the_same_loss_and_grads(qwen):
     """MLP over token blocks inside compiled, checkpointed layers: the same function (fp32: the row
     blocks' matmuls may sum in another order, so closeness, not equality); 1 block restores it."""
-    model, processor = qwen
-    batch = _batch(processor)
-    eager = _lora(copy.deepcopy(model), seed=2)
-    chunked = copy.deepcopy(eager)
-    l_eager, g_eager = _loss_and_grads(eager, batch)
-    torch._dynamo.reset()
+    model, batch, chunked, l_eager, g_eager = _eager_reference(qwen, seed=2)
     compile_language_layers(chunked, model.vlm_family, backend="aot_eager")
     layers = language_layers(chunked, model.vlm_family)
     assert chunk_mlps(chunked, model.vlm_family, 3) == len(layers)
@@ -113,12 +114,7 @@ def test_chunked_mlps_compile_to_the_same_loss_and_grads(qwen):
 
 def test_inductor_compiled_layers_match_eager(qwen):
     """The real backend (inductor, C++ on CPU): same loss, gradients within fused-op rounding."""
-    model, processor = qwen
-    batch = _batch(processor)
-    eager = _lora(copy.deepcopy(model), seed=1)
-    compiled = copy.deepcopy(eager)
-    l_eager, g_eager = _loss_and_grads(eager, batch)
-    torch._dynamo.reset()
+    model, batch, compiled, l_eager, g_eager = _eager_reference(qwen, seed=1)
     compile_language_layers(compiled, model.vlm_family)
     l_comp, g_comp = _loss_and_grads(compiled, batch)
     assert l_comp == pytest.approx(l_eager, rel=1e-5)
