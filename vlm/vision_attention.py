@@ -1,4 +1,4 @@
-"""One attention call per vision block for a batch of equal-size images (Qwen2-VL's tower).
+"""One attention call per vision block for a batch of equal-size images (Qwen2-VL, Qwen2.5-VL towers).
 
 Qwen2-VL's vision tower packs every image of a batch into one sequence of N patches and, outside
 flash-attention builds, runs attention *image by image* (``torch.split`` by ``cu_seqlens``, one SDPA
@@ -13,8 +13,17 @@ case), the packed sequence is exactly n = N / L independent sequences of length 
 is one batched SDPA over (n, heads, L, d) — the same numbers, one kernel. The tower's wrapper reads
 the frame sizes from ``grid_thw`` once per forward; each attention module uses the batched path only
 while that mark is set, and HF's own forward otherwise (unequal sizes, or a direct module call).
-Only Qwen2-VL's ``VisionAttention`` is handled (its forward, transformers 5.17–5.19, is reproduced
-below); Qwen2.5-VL's windowed attention has unequal windows and keeps HF's path. Used by training
+
+Qwen2.5-VL's tower runs 28 of its 32 blocks over *windows* and the others over whole frames (HF:
+one SDPA call per window, 16 per 448² image per block). Its windows are equal whenever each frame's
+merged grid is a multiple of the window side w = window_size / (patch_size · spatial_merge_size) in
+both directions (112 px windows: image sides that are multiples of 112 px): every window then holds
+w² · merge² consecutive patches (the tower has already permuted patches into window order, rotary
+tables included), so the window blocks batch the same way with L = w² · merge², and the
+full-attention blocks with L = h · w.
+
+Handled: Qwen2-VL's ``VisionAttention`` and Qwen2.5-VL's ``Qwen2_5_VLVisionAttention`` (same fields
+and math; their forward, transformers 5.17–5.19, is reproduced below). Used by training
 (``vlm train``) and by the eval harness's local generation.
 """
 
@@ -45,14 +54,26 @@ def _uniform_attention_forward(self, hidden_states, cu_seqlens=None, position_em
     return self.proj(out.transpose(1, 2).reshape(n_tok, -1))
 
 
+def _segment_lengths(tower, rows: list[list[int]]) -> tuple[int | None, int | None]:
+    """(frame length, window length) in patches when all frames / all windows are equal, else None."""
+    sizes = {h * w for _, h, w in rows}
+    frame = next(iter(sizes)) if len(sizes) == 1 else None
+    window = None
+    if hasattr(tower, "window_size") and rows:    # Qwen2.5-VL: windows of side w merged patches
+        merge = tower.spatial_merge_size
+        side = tower.window_size // merge // tower.patch_size
+        if side > 0 and all(h % merge == 0 and w % merge == 0 and (h // merge) % side == 0
+                            and (w // merge) % side == 0 for _, h, w in rows):
+            window = side * side * merge * merge
+    return frame, window
+
+
 def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
-    sizes = None
-    if grid_thw is not None:
-        rows = grid_thw.tolist()                       # one host read per forward, not per block
-        sizes = {h * w for t, h, w in rows}
-    seg = next(iter(sizes)) if sizes and len(sizes) == 1 else None
+    frame = window = None
+    if grid_thw is not None:   # one host read per forward, not per block
+        frame, window = _segment_lengths(self, grid_thw.tolist())
     for mod in self._vlm_uniform_modules:
-        mod._vlm_uniform_len = seg
+        mod._vlm_uniform_len = window if mod._vlm_window else frame
     try:
         return self._vlm_tower_forward(hidden_states, grid_thw, *args, **kwargs)
     finally:
@@ -60,24 +81,39 @@ def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
             mod._vlm_uniform_len = None
 
 
-def _is_qwen2_vl_vision_attention(mod: nn.Module) -> bool:
-    return (type(mod).__name__ == "VisionAttention"
-            and type(mod).__module__.endswith("qwen2_vl.modeling_qwen2_vl")
+_ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
+                      ("Qwen2_5_VLVisionAttention", "qwen2_5_vl.modeling_qwen2_5_vl")}
+
+
+def _is_qwen_vision_attention(mod: nn.Module) -> bool:
+    return (any(type(mod).__name__ == name and type(mod).__module__.endswith(module)
+                for name, module in _ATTENTION_CLASSES)
             and all(hasattr(mod, a) for a in ("qkv", "proj", "num_heads", "scaling")))
 
 
+def _windowed(tower: nn.Module, mods: list[nn.Module]) -> list[bool]:
+    """Per attention module: does its block attend within windows (Qwen2.5-VL) rather than frames?"""
+    full = getattr(tower, "fullatt_block_indexes", None)
+    blocks = getattr(tower, "blocks", None)
+    if full is None or blocks is None:
+        return [False] * len(mods)
+    block_of = {id(m): i for i, blk in enumerate(blocks) for m in blk.modules()}
+    return [block_of.get(id(m)) not in set(full) for m in mods]
+
+
 def batch_equal_images(model: nn.Module, family) -> int:
-    """Install the batched path on every Qwen2-VL vision attention of ``model``; returns how many
-    (0 for other towers). Idempotent."""
+    """Install the batched path on every Qwen2-VL / Qwen2.5-VL vision attention of ``model``; returns
+    how many (0 for other towers). Idempotent."""
     n = 0
     for _, tower in family.component_roots(model, "vision"):
         if "_vlm_tower_forward" in tower.__dict__:
             n += len(tower._vlm_uniform_modules)
             continue
-        mods = [m for m in tower.modules() if _is_qwen2_vl_vision_attention(m)]
+        mods = [m for m in tower.modules() if _is_qwen_vision_attention(m)]
         if not mods:
             continue
-        for m in mods:
+        for m, windowed in zip(mods, _windowed(tower, mods)):
+            m._vlm_window = windowed
             m._vlm_uniform_len = None
             m._vlm_hf_forward = m.forward
             m.forward = MethodType(_uniform_attention_forward, m)

@@ -57,3 +57,39 @@ def test_same_tower_output(qwen, grid, monkeypatch):
 def test_other_towers_untouched(tiny_checkpoint):
     model, _ = vlm.load(tiny_checkpoint("llava"), dtype="fp32", device="cpu")
     assert batch_equal_images(model, model.vlm_family) == 0
+
+
+@pytest.fixture(scope="module")
+def qwen25(tiny_checkpoint):
+    model, _ = vlm.load(tiny_checkpoint("qwen2_5_vl"), dtype="fp32", device="cpu")
+    return model
+
+
+@pytest.mark.parametrize("grid", [[[1, 8, 8]] * 3, [[2, 4, 8]], [[1, 4, 4], [1, 8, 4]], [[1, 6, 6]] * 2],
+                         ids=["3 equal images", "2 frames of one video", "unequal images, equal windows",
+                              "windows cut by the image border"])
+def test_qwen2_5_vl_windows_same_tower_output(qwen25, grid, monkeypatch):
+    tower_cfg = qwen25.config.vision_config
+    batched = copy.deepcopy(qwen25)
+    assert batch_equal_images(batched, qwen25.vlm_family) == tower_cfg.depth
+    tower = batched.model.visual
+    windowed = [m._vlm_window for m in tower._vlm_uniform_modules]
+    assert windowed == [i not in tower_cfg.fullatt_block_indexes for i in range(tower_cfg.depth)]
+    g = torch.tensor(grid)
+    n_patches = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
+    x = torch.randn(n_patches, qwen25.model.visual.patch_embed.proj.weight[0].numel(),
+                    generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = qwen25.model.visual(x, grid_thw=g).pooler_output
+        calls = _sdpa_calls(monkeypatch)
+        out = batched.model.visual(x, grid_thw=g).pooler_output
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    merge, side = tower.spatial_merge_size, tower.window_size // tower.spatial_merge_size // tower.patch_size
+    window_len = side * side * merge * merge
+    windows_equal = all((h // merge) % side == 0 and (w // merge) % side == 0 for _, h, w in grid)
+    frames_equal = len({h * w for _, h, w in grid}) == 1
+    window_calls = [c for c in calls if c[2] == window_len and c[0] == n_patches // window_len]
+    # a batched window block is one call over all n windows; otherwise HF's loop, a call per window
+    assert len(window_calls) == (sum(windowed) if windows_equal else 0), calls
+    frame_calls = [c for c in calls if frames_equal and c[0] == int(g[:, 0].sum()) and c[2] == grid[0][1] * grid[0][2]]
+    assert len(frame_calls) == (len(windowed) - sum(windowed) if frames_equal else 0), calls

@@ -22,8 +22,9 @@ How (nothing of transformers or PEFT is edited):
   partitioner saved every deq(W): +4 GiB at 2B). LoRA's own matmuls stay in the graph.
   The fused linear cross-entropy sits outside the layers and stays ours.
 - the frozen vision tower's blocks (``compile_vision_blocks``): inference graphs, one for all blocks,
-  where they trace whole — Qwen2-VL's with ``vlm.vision_attention``'s batched attention; other
-  towers graph-break inside their blocks and stay eager (``vlm train`` compiles only the former);
+  where they trace whole — Qwen2-VL's and Qwen2.5-VL's with ``vlm.vision_attention``'s batched
+  attention; other towers graph-break inside their blocks and stay eager (``vlm train`` compiles
+  only the former);
 - ``chunk_mlps``: each layer's MLP over n token blocks, so the compiled backward holds ~1/n of its
   (tokens × intermediate) tensors at once (``training.mlp_chunks``);
 - ``mode="reduce-overhead"`` (``training.cuda_graphs``): each compiled layer replays a CUDA graph per
@@ -111,14 +112,6 @@ def compile_language_layers(model: nn.Module, family, *, backend: str = "inducto
     from types import MethodType
 
     layers = language_layers(model, family)
-    # identical layers share one graph, but each layer is its own cache entry on Module._call_impl's
-    # code object: leave room for all of them plus a dynamic-shape recompile each
-    limit = 2 * len(layers) + 8
-    if torch._dynamo.config.cache_size_limit < limit:
-        torch._dynamo.config.cache_size_limit = limit
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, 4 * limit)
     n = 0
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is not None:
@@ -129,7 +122,22 @@ def compile_language_layers(model: nn.Module, family, *, backend: str = "inducto
             layer.forward = MethodType(_checkpointed_call, layer)
         layer.compile(backend=backend, mode=mode, dynamic=dynamic)
         n += 1
+    _make_room(n)
     return n
+
+
+def _make_room(n_modules: int) -> None:
+    """Raise dynamo's recompile limits by room for ``n_modules`` more compiled modules.
+
+    Identical modules share one graph, but each compiled module is its own cache entry on
+    ``Module._call_impl``'s one code object (language layers and vision blocks alike): past the
+    limit dynamo silently runs the rest eager. Room: each module plus one dynamic-shape recompile."""
+    if n_modules <= 0:
+        return
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 8) + 2 * n_modules
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * cfg.cache_size_limit)
 
 
 def vision_blocks(model: nn.Module, family) -> nn.ModuleList | None:
@@ -152,6 +160,7 @@ def compile_vision_blocks(model: nn.Module, family, *, backend: str = "inductor"
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(backend=backend, mode=mode)
             n += 1
+    _make_room(n)
     return n
 
 

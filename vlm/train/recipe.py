@@ -129,8 +129,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             print(f"warning: {warning}")
 
         if vision_batched and not _vision_trains(model, family):
-            # the batched tower's blocks trace whole (one graph for all); other towers graph-break
-            # (HF's per-image/per-window split, transformers' output-capturing hooks): left eager
+            # Qwen2-VL / Qwen2.5-VL towers with the batched attention trace whole for equal-size
+            # frames/windows (other sizes: HF's split, a graph break inside each block, still
+            # correct); other towers graph-break (transformers' output-capturing hooks): left eager
             from vlm.train.compile import compile_vision_blocks
 
             n_vision = compile_vision_blocks(model, family)

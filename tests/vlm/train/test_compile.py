@@ -147,6 +147,29 @@ def test_qlora_compiles_without_graph_breaks(tiny_checkpoint):
         torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_qwen2_5_vl_tower_with_batched_windows_compiles_whole(tiny_checkpoint):
+    """With equal windows (vlm.vision_attention) the Qwen2.5-VL blocks trace without a graph break
+    and training gives the eager loss and gradients."""
+    model, processor = vlm.load(tiny_checkpoint("qwen2_5_vl"), dtype="fp32", device="cpu")
+    batch = _batch(processor)
+    eager = _lora(model, seed=3)
+    compiled = copy.deepcopy(eager)
+    l_eager, g_eager = _loss_and_grads(eager, batch)
+    torch._dynamo.reset()
+    assert batch_equal_images(compiled, model.vlm_family) == model.config.vision_config.depth
+    before = torch._dynamo.config.cache_size_limit
+    n_lang = compile_language_layers(compiled, model.vlm_family, backend="aot_eager")
+    n_vis = compile_vision_blocks(compiled, model.vlm_family, backend="aot_eager")
+    assert n_vis == model.config.vision_config.depth
+    # every compiled module is a cache entry on Module._call_impl: room for all + a recompile each
+    assert torch._dynamo.config.cache_size_limit >= before + 2 * (n_lang + n_vis)
+    l_comp, g_comp = _loss_and_grads(compiled, batch)
+    assert _graph_breaks() == 0
+    assert l_comp == pytest.approx(l_eager, rel=1e-6)
+    for name, g in g_eager.items():
+        torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["qwen2_5_vl", "llava", "pixtral", "mllama"])
 def test_every_family_compiles_to_the_same_gradients(tiny_checkpoint, chat_batch, variant):
     model, processor = vlm.load(tiny_checkpoint(variant), dtype="fp32", device="cpu")
