@@ -10,8 +10,8 @@ batch 8 × 512 tokens, each sample = 8 prompt tokens, <|vision_start|>, 256 <|im
 tokens); labels on the 254 text tokens only; LoRA r=16, α=16 on q,k,v,o,gate,up,down of the language
 model; vision tower frozen; AdamW (torch, fused) lr 2e-4; bf16 weights under bf16 autocast (what
 Trainer(bf16=True) does). Four distinct batches are cycled; every variant sees the same sequence.
-``--model`` picks the shapes: qwen2_vl_2b (the default, above), qwen2_vl_7b (same W), llava_1_5_7b
-(batch 8 × 832 tokens around one 336×336 image each: 576 image tokens; train_step_workload.py).
+``--model`` picks the shapes: qwen2_vl_2b (the default, above), qwen2_vl_7b, qwen2_5_vl_7b (same W),
+llava_1_5_7b (batch 8 × 832 tokens around one 336×336 image each: 576 image tokens; train_step_workload.py).
 
 Variants (each in its own subprocess, so memory peaks never mix):
   a        transformers + PEFT, gradient checkpointing (non-reentrant, HF's default),

@@ -2,8 +2,9 @@
 
 Models (random bf16 weights, real shapes):
   qwen2_vl_2b / qwen2_vl_7b  batch 8 × 512 tokens: 8 prompt tokens, <|vision_start|>, 256
-                             <|image_pad|>, <|vision_end|>, 246 answer tokens; one 448×448 image each
-                             (grid 1×32×32 = 1024 patches → 256 merged tokens)
+  qwen2_5_vl_7b              <|image_pad|>, <|vision_end|>, 246 answer tokens; one 448×448 image each
+                             (grid 1×32×32 = 1024 patches → 256 merged tokens; Qwen2.5-VL: 16
+                             windows of 64 patches per image in 28 of its 32 vision blocks)
   llava_1_5_7b               batch 8 × 832 tokens: 8 prompt tokens, 576 <image> tokens, 248 answer
                              tokens; one 336×336 image each (CLIP ViT-L/14: 576 patches + CLS)
 Labels on the text tokens only. ``--tiny`` shrinks every model to a CPU-sized one of the same kind.
@@ -11,7 +12,7 @@ Labels on the text tokens only. ``--tiny`` shrinks every model to a CPU-sized on
 
 from __future__ import annotations
 
-MODELS = ("qwen2_vl_2b", "qwen2_vl_7b", "llava_1_5_7b")
+MODELS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_5_vl_7b", "llava_1_5_7b")
 QWEN_IMAGE, QWEN_VSTART, QWEN_VEND = 151655, 151652, 151653
 LLAVA_IMAGE = 32000
 LORA_LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -24,6 +25,8 @@ def is_llava(model: str) -> bool:
 def model_config(model: str, tiny: bool):
     if is_llava(model):
         return llava_config(tiny)
+    if model.startswith("qwen2_5_vl"):
+        return qwen2_5_vl_config(tiny)
     from quant_memory import qwen2_vl_config
 
     return qwen2_vl_config(tiny, model.rsplit("_", 1)[-1])
@@ -46,6 +49,29 @@ def llava_config(tiny: bool):
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE,
                        projector_hidden_act="gelu", vision_feature_layer=-2,
                        vision_feature_select_strategy="default", image_seq_length=(2 if tiny else 24) ** 2)
+
+
+def qwen2_5_vl_config(tiny: bool):
+    """Qwen2.5-VL-7B-Instruct's config.json values: Qwen2-VL-7B's text model; a SwiGLU vision tower
+    with 112 px windows and full attention in blocks 7, 15, 23, 31."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3, tokens_per_second=2)
+    if tiny:   # 56 px windows: the tiny 4×4-patch grid is one window of 16 patches
+        text.update(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+        vision.update(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                      window_size=56, fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                            video_token_id=151656, vision_start_token_id=QWEN_VSTART,
+                            vision_end_token_id=QWEN_VEND, tie_word_embeddings=False)
 
 
 def shapes(model: str, tiny: bool) -> dict:

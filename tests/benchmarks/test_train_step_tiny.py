@@ -29,5 +29,22 @@ def test_tiny_run_all_setups_agree_on_the_loss(tmp_path):
         assert rows[v]["first_step_loss"] == pytest.approx(a, rel=1e-4), v
     assert rows["e"]["first_step_loss"] == pytest.approx(a, rel=1e-2)   # 4-bit weights: close, not equal
     assert rows["d"]["compiled_layers"] == 2 and rows["d"]["vision_attention_batched"] == 2
+    assert rows["d"]["compiled_vision_blocks"] == 2   # the frozen, batched tower compiles as in vlm train
     assert "compiled_layers" not in rows["d_eager"]
     assert (tmp_path / "train_step_tiny.md").read_text().startswith("# Training step on W")
+
+
+def test_tiny_qwen2_5_vl_windows_batched_and_compiled(tmp_path):
+    """W at Qwen2.5-VL shapes (tiny): its windowed tower batches and compiles, same first-step loss."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--device", "cpu",
+                        "--model", "qwen2_5_vl_7b", "--variants", "a,d", "--steps", "1", "--warmup", "1",
+                        "--profile", "", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["variant"]: row for row in
+            json.loads((tmp_path / "train_step_qwen2_5_vl_7b_tiny.json").read_text())["rows"]}
+    assert not [v for v, row in rows.items() if "error" in row], rows
+    assert rows["d"]["first_step_loss"] == pytest.approx(rows["a"]["first_step_loss"], rel=1e-4)
+    assert rows["d"]["vision_attention_batched"] == 2 and rows["d"]["compiled_vision_blocks"] == 2
