@@ -66,9 +66,9 @@ def setup(variant: str, args, batches):
             import liger_kernel.transformers as liger
 
             # before the model is built: patches the classes
-            family = ("llava" if is_llava(args.model) else
-                      "qwen2_5_vl" if args.model.startswith("qwen2_5_vl") else "qwen2_vl")
-            getattr(liger, f"apply_liger_kernel_to_{family}")()
+            arch = ("llava" if is_llava(args.model) else
+                    "qwen2_5_vl" if args.model.startswith("qwen2_5_vl") else "qwen2_vl")
+            getattr(liger, f"apply_liger_kernel_to_{arch}")()
             import liger_kernel
             info["liger_version"] = getattr(liger_kernel, "__version__", None)
         model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype, device_map=dev, **kw)

@@ -98,7 +98,7 @@ def _windowed(tower: nn.Module, mods: list[nn.Module]) -> list[bool]:
     if full is None or blocks is None:
         return [False] * len(mods)
     block_of = {id(m): i for i, blk in enumerate(blocks) for m in blk.modules()}
-    return [block_of.get(id(m)) not in set(full) for m in mods]
+    return [id(m) in block_of and block_of[id(m)] not in set(full) for m in mods]
 
 
 def batch_equal_images(model: nn.Module, family) -> int:
