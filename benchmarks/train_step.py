@@ -302,8 +302,9 @@ def env_info(args) -> dict:
     else:
         e["gpu"] = "cpu"
     try:
-        e["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=HERE).stdout.strip()
+        # "-dirty": the run measured uncommitted changes on top of that commit
+        e["git"] = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                                  text=True, cwd=HERE).stdout.strip()
     except Exception:  # noqa: BLE001
         pass
     return e
