@@ -14,10 +14,13 @@ Data: ``vlm.data_formats.synthetic`` scenes at 448 × 448 (the recipe's min_pixe
 training.save_steps (no checkpoint inside the timed run), logging off.
 
 Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
-  1gpu   one process, plain QLoRA (bitsandbytes uint8 storage)
-  fsdp2  ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard, 4-bit weights stored in bf16
-         (``distributed.quant_storage: auto``) so FSDP can shard them
-  ddp2   ``--nproc 2 distributed.strategy=ddp``: a replica per GPU
+  1gpu        one process, plain QLoRA (bitsandbytes uint8 storage), compiled layers (the default)
+  1gpu_eager  the same with ``training.compile=false``: FSDP's reference, since compile is off under
+              FSDP (``training.compile: auto``)
+  fsdp2       ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard, 4-bit weights stored in bf16
+              (``distributed.quant_storage: auto``) so FSDP can shard them; eager
+  ddp2        ``--nproc 2 distributed.strategy=ddp``: a replica per GPU, compiled layers
+"× 1 GPU" compares each row with the 1-GPU row of the same compile setting.
 The per-device batch is the config's (2 × grad_accum 8), so the 2-GPU rows step over a global batch
 twice as large: tokens/s is the throughput figure to compare, not steps/s.
 Recorded per row (summary.json of the run): tokens/s over all processes (non-padding tokens / train
@@ -40,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 CONFIG = REPO / "configs" / "qwen2_vl_7b_qlora.yaml"
 GiB = 2**30
-RUNS = {"1gpu": (1, None), "fsdp2": (2, "fsdp"), "ddp2": (2, "ddp")}
+RUNS = {"1gpu": (1, None), "1gpu_eager": (1, None), "fsdp2": (2, "fsdp"), "ddp2": (2, "ddp")}
 
 
 def build_model(root: Path) -> Path:
@@ -59,6 +62,8 @@ def run(name: str, model: Path, data: Path, root: Path, steps: int) -> dict:
            "training.logging_steps=5"]
     if strategy:
         cmd += [f"distributed.strategy={strategy}", "--nproc", str(nproc)]
+    if name.endswith("_eager"):
+        cmd += ["training.compile=false"]
     if out.exists():
         import shutil
 
@@ -75,7 +80,8 @@ def run(name: str, model: Path, data: Path, root: Path, steps: int) -> dict:
     per = s.get("peak_memory_bytes_per_process") or [s["peak_memory_bytes"]]
     row.update(steps=s["steps"], tokens=s["tokens"], train_seconds=s["train_seconds"],
                tokens_per_s=s["tokens_per_s"], peak_mem_gib_per_gpu=[round(b / GiB, 2) for b in per],
-               final_loss=s["final_loss"], global_batch=s["config"]["training"]["batch_size"]
+               final_loss=s["final_loss"], compiled=bool(s.get("compiled_layers")),
+               global_batch=s["config"]["training"]["batch_size"]
                * s["config"]["training"]["grad_accum"] * nproc)
     return row
 
@@ -85,21 +91,24 @@ def write(rows: list[dict], env: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = "multi_gpu_" + env["gpu"].replace(" ", "_")
     (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-    base = next((r for r in rows if r["run"] == "1gpu" and r.get("tokens_per_s")), None)
+    base = {r["compiled"]: r for r in rows if r["gpus"] == 1 and r.get("tokens_per_s")}
     lines = [f"# Multi-GPU QLoRA, Qwen2-VL-7B shapes (random weights) — {env['gpu']}", "",
              f"configs/qwen2_vl_7b_qlora.yaml, {env['steps']} steps per run; torch {env['torch']}, "
              f"transformers {env['transformers']}, accelerate {env['accelerate']}.", "",
-             "| run | GPUs | tokens/s (all GPUs) | × 1 GPU | peak mem per GPU (GiB) | global batch | final loss |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | GPUs | compiled | tokens/s (all GPUs) | × 1 GPU | peak mem per GPU (GiB) | global batch "
+             "| final loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['run']} | {r['gpus']} | not run: {r['skipped']} | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | not run: {r['skipped']} | | | | |")
             continue
         if r["returncode"] != 0:
-            lines.append(f"| {r['run']} | {r['gpus']} | failed (rc {r['returncode']}) | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | failed (rc {r['returncode']}) | | | | |")
             continue
-        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "n/a"
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['tokens_per_s']:.0f} | {speed} | "
+        ref = base.get(r["compiled"])
+        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "n/a"
+        lines.append(f"| {r['run']} | {r['gpus']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:.0f} | "
+                     f"{speed} | "
                      f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {r['global_batch']} | "
                      f"{r['final_loss']:.4f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -111,7 +120,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--runs", default="1gpu,fsdp2,ddp2")
+    ap.add_argument("--runs", default="1gpu,1gpu_eager,fsdp2,ddp2")
     ap.add_argument("--root", default="/tmp/vlm_multi_gpu")
     args = ap.parse_args(argv)
 
