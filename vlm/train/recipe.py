@@ -139,6 +139,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         print(f"torch.compile: {n_layers} language decoder layers"
               + (f", {n_vision} frozen vision blocks" if n_vision else "") + " (compiled on the first step)"
               + (f"; CUDA graphs, every batch padded to {pad_to} tokens" if cuda_graphs else ""))
+        if cuda_graphs:
+            print(_padding_note(train_set.lengths, pad_to))
         mlp_chunks = cfg.training.mlp_chunks
         if mlp_chunks > 1:
             from vlm.train.compile import chunk_mlps
@@ -235,6 +237,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
+
+
+def _padding_note(lengths: list[int], pad_to: int) -> str:
+    """How much of what CUDA-graph training computes is padding (every sample padded to ``pad_to``)."""
+    mean = sum(lengths) / max(len(lengths), 1)
+    share = 1 - mean / pad_to
+    note = (f"training.cuda_graphs: samples average {mean:.0f} of {pad_to} tokens, so {share:.0%} of the "
+            "tokens computed are padding")
+    if share > 0.5:
+        note = "warning: " + note + "; a data.max_length nearer the longest sample (or cuda_graphs: false) saves it"
+    return note
 
 
 def _vision_trains(model, family) -> bool:
