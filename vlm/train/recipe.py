@@ -1,7 +1,8 @@
 """The LoRA / QLoRA recipe, top to bottom.
 
-    config ─► load (per-component quant policy) ─► kernels.patch ─► LoRA ─► data (read, validate,
-    plan lengths) ─► VlmTrainer (transformers Trainer: checkpoints, logging, mixed precision,
+    config ─► load (per-component quant policy) ─► data (read, validate, plan lengths) ─► LoRA
+    ─► fast path (batched vision attention, kernels.patch, torch.compile, CUDA graphs:
+    vlm.train.fast_path) ─► VlmTrainer (transformers Trainer: checkpoints, logging, mixed precision,
     distributed launch) ─► adapter folder + processor + metadata + summary.json + loss_curve.png
 
 Resume (``resume=True``) continues from the newest *complete* checkpoint in the output folder:
@@ -22,6 +23,7 @@ import torch
 
 from vlm.errors import ConfigError, VlmError
 from vlm.atomic import write_json
+from vlm.train import fast_path
 from vlm.train.checkpoints import latest_complete
 from vlm.train.config import TrainConfig, to_plain
 
@@ -82,7 +84,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                        "output folder")
     set_seed(cfg.training.seed)
     device = dist.device_for(cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu"), w)
-    compiled = _compile_wanted(cfg.training.compile, device, strat)
+    plan = fast_path.resolve(cfg, device, strat)
     precision = _precision_flags(cfg.training.precision, device)
 
     calibration = cfg.data.train[0].path if cfg.data.train else None
@@ -91,12 +93,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
     family = model.vlm_family
     resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    cuda_graphs = compiled and cfg.training.cuda_graphs
-    # CUDA graphs replay one recorded shape: every batch padded to max_length (samples never exceed it)
-    pad_to = cfg.data.max_length if cuda_graphs else (cfg.data.pad_to_multiple_of or 1)
     collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
                                   train_on=cfg.data.train_on, overlong=cfg.data.overlong,
-                                  pad_to_multiple_of=pad_to,
+                                  pad_to_multiple_of=plan.pad_to,
                                   resolution=None if resolution.is_default() else resolution)
     train_set, data_report = prepare_train_set(cfg, collator, out)
 
@@ -111,48 +110,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if msg.startswith("vLLM serving:"):
             print(f"warning: {msg}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    from vlm.vision_attention import batch_equal_images
-
-    vision_batched = batch_equal_images(model, family)   # exact: same math, one SDPA per block
-    patch_report = None
-    n_vision, mlp_chunks = 0, 1   # compiled vision blocks; MLP token blocks per layer
-    if cfg.kernels:  # after LoRA, so NF4 base + LoRA linears can be fused too
-        from vlm.kernels import patch
-        from vlm.train.compile import kernel_patch_options
-
-        patch_report = patch(model, **kernel_patch_options(compiled))
-    if compiled:
-        from vlm.train.compile import compile_language_layers
-
-        warning = compile_memory_warning(model, kernels=cfg.kernels)
-        if warning:
-            print(f"warning: {warning}")
-
-        if vision_batched and not _vision_trains(model, family):
-            # Qwen2-VL / Qwen2.5-VL towers with the batched attention trace whole for equal-size
-            # frames/windows (other sizes: HF's split, a graph break inside each block, still
-            # correct); other towers graph-break (transformers' output-capturing hooks): left eager
-            from vlm.train.compile import compile_vision_blocks
-
-            n_vision = compile_vision_blocks(model, family)
-        n_layers = compile_language_layers(model, family, mode="reduce-overhead" if cuda_graphs else None)
-        print(f"torch.compile: {n_layers} language decoder layers"
-              + (f", {n_vision} frozen vision blocks" if n_vision else "") + " (compiled on the first step)"
-              + (f"; CUDA graphs, every batch padded to {pad_to} tokens" if cuda_graphs else ""))
-        if cuda_graphs:
-            print(_padding_note(train_set.lengths, pad_to))
-        mlp_chunks = cfg.training.mlp_chunks
-        if mlp_chunks > 1:
-            from vlm.train.compile import chunk_mlps
-
-            chunk_mlps(model, family, mlp_chunks)
-            print(f"MLP over {mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
-    elif cfg.training.cuda_graphs:
-        print("warning: training.cuda_graphs replays compiled layers and compile is off here "
-              f"(training.compile: {cfg.training.compile} on {device}): ignored")
-    if not compiled and cfg.training.mlp_chunks > 1:
-        print("warning: training.mlp_chunks applies to compiled layers only (compile is off here): "
-              "eager checkpointing recomputes the whole layer at once, so the MLP runs in one block")
+    fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
 
     report_to = list(cfg.logging.report_to)
     if cfg.logging.tensorboard and "tensorboard" not in report_to:
@@ -206,13 +164,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "model": cfg.model.path,
         "family": family.name,
         "quant": (quant_metadata(model) or {}).get("counts"),
-        "kernels": None if patch_report is None else dataclasses.asdict(patch_report),
-        "compiled_layers": compiled,
-        "vision_attention_batched": vision_batched,
-        "compiled_vision_blocks": n_vision,
-        "mlp_chunks": mlp_chunks,
-        "cuda_graphs": cuda_graphs,
-        "padded_to": pad_to,
+        "kernels": None if fast.kernels is None else dataclasses.asdict(fast.kernels),
+        "compiled_layers": plan.compiled,
+        "vision_attention_batched": fast.vision_attention_batched,
+        "compiled_vision_blocks": fast.compiled_vision_blocks,
+        "mlp_chunks": fast.mlp_chunks,
+        "cuda_graphs": plan.cuda_graphs,
+        "padded_to": plan.pad_to,
         "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "epochs": trainer.state.epoch,
@@ -237,49 +195,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
-
-
-def _padding_note(lengths: list[int], pad_to: int) -> str:
-    """How much of what CUDA-graph training computes is padding (every sample padded to ``pad_to``)."""
-    mean = sum(lengths) / max(len(lengths), 1)
-    share = 1 - mean / pad_to
-    note = (f"training.cuda_graphs: samples average {mean:.0f} of {pad_to} tokens, so {share:.0%} of the "
-            "tokens computed are padding")
-    if share > 0.5:
-        note = "warning: " + note + "; a data.max_length nearer the longest sample (or cuda_graphs: false) saves it"
-    return note
-
-
-def _vision_trains(model, family) -> bool:
-    """Whether any parameter of the vision tower is trainable (LoRA or modules_to_save on it)."""
-    return any(p.requires_grad for _, root in family.component_roots(model, "vision") for p in root.parameters())
-
-
-def _quantized_language(model) -> int:
-    """How many language linears of ``model`` are 4-bit (0 for a 16-bit model)."""
-    from vlm.quant.loading import quant_metadata
-
-    quantized = ((quant_metadata(model) or {}).get("counts") or {}).get("quantized") or {}
-    return int(quantized.get("language") or 0)
-
-
-def compile_memory_warning(model, *, kernels: bool) -> str | None:
-    """Compiled layers over 4-bit language linears without our nf4_linear op keep deq(W) alive."""
-    if kernels or not _quantized_language(model):
-        return None
-    return ("training.compile with kernels: false on a 4-bit model: compiled layers trace bitsandbytes, "
-            "whose dequantized weights are then kept for backward (about the 16-bit size of every "
-            "quantized layer); kernels: true routes them through vlm::nf4_linear")
-
-
-def _compile_wanted(setting, device: str, strat: str) -> bool:
-    """training.compile resolved: ``auto`` = CUDA and not FSDP; ``true`` under FSDP is refused."""
-    if setting == "auto":
-        return str(device).startswith("cuda") and strat != "fsdp"
-    if setting and strat == "fsdp":
-        raise ConfigError("training.compile: not supported with distributed.strategy fsdp yet (FSDP2's "
-                          "per-layer hooks inside compiled layers are untested here); use ddp or compile: false")
-    return bool(setting)
 
 
 def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution,

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import vlm
-from vlm.errors import ConfigError
 from vlm.lora import apply_lora
 from vlm.train.compile import (chunk_mlps, compile_language_layers, compile_vision_blocks, is_compiled,
                                kernel_patch_options, language_layers)
-from vlm.train.recipe import _compile_wanted
 from vlm.vision_attention import batch_equal_images
 
 
@@ -185,24 +183,3 @@ def test_every_family_compiles_to_the_same_gradients(tiny_checkpoint, chat_batch
     assert l_comp == pytest.approx(l_eager, rel=1e-6)
     for name, g in g_eager.items():
         torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_compile_setting_resolution():
-    assert _compile_wanted("auto", "cuda", "single") is True
-    assert _compile_wanted("auto", "cuda:1", "ddp") is True
-    assert _compile_wanted("auto", "cpu", "single") is False
-    assert _compile_wanted("auto", "cuda", "fsdp") is False
-    assert _compile_wanted(False, "cuda", "single") is False
-    assert _compile_wanted(True, "cpu", "single") is True
-    with pytest.raises(ConfigError, match="fsdp"):
-        _compile_wanted(True, "cuda", "fsdp")
-
-
-def test_compile_without_kernels_on_4bit_warns(tiny_checkpoint, qwen):
-    pytest.importorskip("bitsandbytes")
-    from vlm.train.recipe import compile_memory_warning
-
-    q4, _ = vlm.load(tiny_checkpoint("qwen2_vl"), dtype="bf16", device="cpu", quant="nf4")
-    assert "vlm::nf4_linear" in compile_memory_warning(q4, kernels=False)
-    assert compile_memory_warning(q4, kernels=True) is None
-    assert compile_memory_warning(qwen[0], kernels=False) is None   # 16-bit: nothing to keep

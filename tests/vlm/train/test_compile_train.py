@@ -78,13 +78,3 @@ def test_cuda_graphs_setting_pads_every_batch_to_max_length(tmp_path, tiny_check
     assert graphs["cuda_graphs"] is True and graphs["padded_to"] == 96 and graphs["mlp_chunks"] == 2
     for (step, a), (_, b) in zip(graphs["loss_history"], eager["loss_history"]):
         assert a == pytest.approx(b, rel=1e-4), f"step {step}: padded+compiled {a} vs eager {b}"
-
-
-def test_padding_note_says_what_cuda_graph_padding_costs():
-    from vlm.train.recipe import _padding_note
-
-    assert _padding_note([10, 30], 40) == ("training.cuda_graphs: samples average 20 of 40 tokens, so 50% of "
-                                           "the tokens computed are padding")
-    note = _padding_note([10], 40)
-    assert note.startswith("warning: ") and "75% of the tokens computed are padding" in note
-    assert "data.max_length" in note

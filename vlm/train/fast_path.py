@@ -1,0 +1,125 @@
+"""What `vlm train` does to make the step fast, resolved from the config in one place.
+
+    resolve(cfg, device, strategy) -> Plan        compile on/off, CUDA graphs, batch padding
+    apply(model, family, cfg, plan, lengths) -> Applied
+
+Applied after LoRA (so NF4 base + LoRA linears can be fused) and in this order: the batched vision
+attention (exact: same math, one SDPA per block; ``vlm.vision_attention``), ``vlm.kernels.patch``
+(options matching compiled or eager layers), then, when compiling (``vlm.train.compile``), the
+frozen vision blocks, the language layers (CUDA graphs with ``training.cuda_graphs``) and the MLP
+token blocks (``training.mlp_chunks``). Every choice is printed and returned for summary.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vlm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Plan:
+    compiled: bool       # training.compile resolved
+    cuda_graphs: bool    # training.cuda_graphs, where compile is on
+    pad_to: int          # the collator pads every batch to a multiple of this
+
+
+@dataclass
+class Applied:
+    vision_attention_batched: int = 0
+    kernels: Any = None            # vlm.kernels PatchReport, or None with kernels: false
+    compiled_vision_blocks: int = 0
+    mlp_chunks: int = 1
+
+
+def compile_wanted(setting, device: str, strategy: str) -> bool:
+    """training.compile resolved: ``auto`` = CUDA and not FSDP; ``true`` under FSDP is refused."""
+    if setting == "auto":
+        return str(device).startswith("cuda") and strategy != "fsdp"
+    if setting and strategy == "fsdp":
+        raise ConfigError("training.compile: not supported with distributed.strategy fsdp yet (FSDP2's "
+                          "per-layer hooks inside compiled layers are untested here); use ddp or compile: false")
+    return bool(setting)
+
+
+def resolve(cfg, device: str, strategy: str) -> Plan:
+    compiled = compile_wanted(cfg.training.compile, device, strategy)
+    cuda_graphs = compiled and cfg.training.cuda_graphs
+    # CUDA graphs replay one recorded shape: every batch padded to max_length (samples never exceed it)
+    pad_to = cfg.data.max_length if cuda_graphs else (cfg.data.pad_to_multiple_of or 1)
+    if cfg.training.cuda_graphs and not compiled:
+        print("warning: training.cuda_graphs replays compiled layers and compile is off here "
+              f"(training.compile: {cfg.training.compile} on {device}): ignored")
+    if cfg.training.mlp_chunks > 1 and not compiled:
+        print("warning: training.mlp_chunks applies to compiled layers only (compile is off here): "
+              "eager checkpointing recomputes the whole layer at once, so the MLP runs in one block")
+    return Plan(compiled=compiled, cuda_graphs=cuda_graphs, pad_to=pad_to)
+
+
+def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
+    from vlm.vision_attention import batch_equal_images
+
+    done = Applied(vision_attention_batched=batch_equal_images(model, family))
+    if cfg.kernels:
+        from vlm.kernels import patch
+        from vlm.train.compile import kernel_patch_options
+
+        done.kernels = patch(model, **kernel_patch_options(plan.compiled))
+    if not plan.compiled:
+        return done
+    from vlm.train.compile import chunk_mlps, compile_language_layers, compile_vision_blocks
+
+    warning = compile_memory_warning(model, kernels=cfg.kernels)
+    if warning:
+        print(f"warning: {warning}")
+    if done.vision_attention_batched and not vision_trains(model, family):
+        # Qwen2-VL / Qwen2.5-VL towers with the batched attention trace whole for equal-size
+        # frames/windows (other sizes: HF's split, a graph break inside each block, still
+        # correct); other towers graph-break (transformers' output-capturing hooks): left eager
+        done.compiled_vision_blocks = compile_vision_blocks(model, family)
+    n_layers = compile_language_layers(model, family, mode="reduce-overhead" if plan.cuda_graphs else None)
+    print(f"torch.compile: {n_layers} language decoder layers"
+          + (f", {done.compiled_vision_blocks} frozen vision blocks" if done.compiled_vision_blocks else "")
+          + " (compiled on the first step)"
+          + (f"; CUDA graphs, every batch padded to {plan.pad_to} tokens" if plan.cuda_graphs else ""))
+    if plan.cuda_graphs:
+        print(padding_note(lengths, plan.pad_to))
+    done.mlp_chunks = cfg.training.mlp_chunks
+    if done.mlp_chunks > 1:
+        chunk_mlps(model, family, done.mlp_chunks)
+        print(f"MLP over {done.mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
+    return done
+
+
+def padding_note(lengths: list[int], pad_to: int) -> str:
+    """How much of what CUDA-graph training computes is padding (every sample padded to ``pad_to``)."""
+    mean = sum(lengths) / max(len(lengths), 1)
+    share = 1 - mean / pad_to
+    note = (f"training.cuda_graphs: samples average {mean:.0f} of {pad_to} tokens, so {share:.0%} of the "
+            "tokens computed are padding")
+    if share > 0.5:
+        note = "warning: " + note + "; a data.max_length nearer the longest sample (or cuda_graphs: false) saves it"
+    return note
+
+
+def vision_trains(model, family) -> bool:
+    """Whether any parameter of the vision tower is trainable (LoRA or modules_to_save on it)."""
+    return any(p.requires_grad for _, root in family.component_roots(model, "vision") for p in root.parameters())
+
+
+def quantized_language(model) -> int:
+    """How many language linears of ``model`` are 4-bit (0 for a 16-bit model)."""
+    from vlm.quant.loading import quant_metadata
+
+    quantized = ((quant_metadata(model) or {}).get("counts") or {}).get("quantized") or {}
+    return int(quantized.get("language") or 0)
+
+
+def compile_memory_warning(model, *, kernels: bool) -> str | None:
+    """Compiled layers over 4-bit language linears without our nf4_linear op keep deq(W) alive."""
+    if kernels or not quantized_language(model):
+        return None
+    return ("training.compile with kernels: false on a 4-bit model: compiled layers trace bitsandbytes, "
+            "whose dequantized weights are then kept for backward (about the 16-bit size of every "
+            "quantized layer); kernels: true routes them through vlm::nf4_linear")
