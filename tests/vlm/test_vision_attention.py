@@ -27,6 +27,20 @@ def _sdpa_calls(monkeypatch):
     return calls
 
 
+def _tower_outputs(model, batched, grid, monkeypatch, seed):
+    """(HF's tower output, the batched tower's, the SDPA query shapes of the batched run) on random
+    patches for ``grid`` (rows t, h, w)."""
+    g = torch.tensor(grid)
+    n_patches = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
+    x = torch.randn(n_patches, model.model.visual.patch_embed.proj.weight[0].numel(),
+                    generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = model.model.visual(x, grid_thw=g).pooler_output
+        calls = _sdpa_calls(monkeypatch)
+        out = batched.model.visual(x, grid_thw=g).pooler_output
+    return ref, out, calls
+
+
 @pytest.mark.parametrize("grid", [[[1, 4, 4]] * 3, [[2, 4, 6]], [[1, 4, 4], [1, 2, 4]]],
                          ids=["3 equal images", "2 frames of one video", "unequal images"])
 def test_same_tower_output(qwen, grid, monkeypatch):
@@ -34,16 +48,9 @@ def test_same_tower_output(qwen, grid, monkeypatch):
     n_attn = batch_equal_images(batched, qwen.vlm_family)
     assert n_attn == qwen.config.vision_config.depth
     assert batch_equal_images(batched, qwen.vlm_family) == n_attn          # idempotent
-    g = torch.tensor(grid)
-    n_patches = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
-    x = torch.randn(n_patches, qwen.model.visual.patch_embed.proj.weight[0].numel(),
-                    generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = qwen.model.visual(x, grid_thw=g).pooler_output
-        calls = _sdpa_calls(monkeypatch)
-        out = batched.model.visual(x, grid_thw=g).pooler_output
+    ref, out, calls = _tower_outputs(qwen, batched, grid, monkeypatch, seed=0)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    frames = int(g[:, 0].sum())
+    frames = sum(t for t, _, _ in grid)
     sizes = {h * w for _, h, w in grid}
     if len(sizes) == 1:   # one call per block over all frames
         assert calls == [(frames, qwen.config.vision_config.num_heads, sizes.pop(),
@@ -75,15 +82,9 @@ def test_qwen2_5_vl_windows_same_tower_output(qwen25, grid, monkeypatch):
     tower = batched.model.visual
     windowed = [m._vlm_window for m in tower._vlm_uniform_modules]
     assert windowed == [i not in tower_cfg.fullatt_block_indexes for i in range(tower_cfg.depth)]
-    g = torch.tensor(grid)
-    n_patches = int((g[:, 0] * g[:, 1] * g[:, 2]).sum())
-    x = torch.randn(n_patches, qwen25.model.visual.patch_embed.proj.weight[0].numel(),
-                    generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = qwen25.model.visual(x, grid_thw=g).pooler_output
-        calls = _sdpa_calls(monkeypatch)
-        out = batched.model.visual(x, grid_thw=g).pooler_output
+    ref, out, calls = _tower_outputs(qwen25, batched, grid, monkeypatch, seed=1)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    n_patches = sum(t * h * w for t, h, w in grid)
     merge, side = tower.spatial_merge_size, tower.window_size // tower.spatial_merge_size // tower.patch_size
     window_len = side * side * merge * merge
     windows_equal = all((h // merge) % side == 0 and (w // merge) % side == 0 for _, h, w in grid)
@@ -91,5 +92,6 @@ def test_qwen2_5_vl_windows_same_tower_output(qwen25, grid, monkeypatch):
     window_calls = [c for c in calls if c[2] == window_len and c[0] == n_patches // window_len]
     # a batched window block is one call over all n windows; otherwise HF's loop, a call per window
     assert len(window_calls) == (sum(windowed) if windows_equal else 0), calls
-    frame_calls = [c for c in calls if frames_equal and c[0] == int(g[:, 0].sum()) and c[2] == grid[0][1] * grid[0][2]]
+    frames = sum(t for t, _, _ in grid)
+    frame_calls = [c for c in calls if frames_equal and c[0] == frames and c[2] == grid[0][1] * grid[0][2]]
     assert len(frame_calls) == (len(windowed) - sum(windowed) if frames_equal else 0), calls
