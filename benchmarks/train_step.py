@@ -19,16 +19,19 @@ Variants (each in its own subprocess, so memory peaks never mix):
   b        (a) + bitsandbytes NF4 on the language linears (vision tower, merger, lm_head in 16-bit)
   c        (a) + Liger-Kernel (apply_liger_kernel_to_qwen2_vl: RoPE, RMSNorm, LayerNorm, SwiGLU,
            fused linear CE)
-  d        vlmtune 16-bit LoRA, what `vlm train` does on a GPU: vlm.load → vlm.lora.apply_lora(
-           gradient_checkpointing=True) → vlm.kernels.patch (fused linear CE; the layer-level
-           kernels are left to inductor) → vlm.train.compile.compile_language_layers (each decoder
-           layer compiled, its checkpoint inside the compiled graph) → vlm.vision_attention
-           (one SDPA per vision block for equal-size images)
+  d        vlmtune 16-bit LoRA, what `vlm train` does on a GPU by default (vlm.train.fast_path):
+           vlm.load → vlm.lora.apply_lora(gradient_checkpointing=True) → vlm.vision_attention (one
+           SDPA per vision block for equal-size images) → vlm.kernels.patch (fused linear CE, NF4
+           linears through vlm::nf4_linear; the layer-level kernels are left to inductor) →
+           vlm.train.compile: the frozen vision blocks and each decoder layer compiled, the layer's
+           checkpoint inside its compiled graph
   e        vlmtune QLoRA: (d) with vlm.load(quant="dynamic")
-Ablations (``--variants`` picks; names in VARIANTS): d_eager / e_eager = no torch.compile, our Triton
-RMSNorm/RoPE/SwiGLU/NF4+LoRA kernels instead; d_ro / e_ro = CUDA graphs; d_vis / e_vis = compiled
-vision blocks too; d_hfck = HF's checkpoint around the compiled layer; d_gc2 = checkpoint every
-2nd layer; d_novis = HF's image-by-image vision attention. Ablations of d_eager from the first runs
+Ablations (``--variants`` picks; names and labels in train_step_variants.VARIANTS; flags after the
+first "_" combine): d_eager / e_eager = no torch.compile, our Triton RMSNorm/RoPE/SwiGLU/NF4+LoRA
+kernels instead; _ro = CUDA graphs (training.cuda_graphs); _mlpN = MLP over N token blocks
+(training.mlp_chunks); d_ro_mlp2 / e_ro_mlp2 = both; _evis = the vision tower left eager; d_hfck =
+HF's checkpoint around the compiled layer; d_gc2 = checkpoint every 2nd layer; d_novis = HF's
+image-by-image vision attention; d_cpp = inductor's C++ wrapper. Ablations of d_eager from the first runs
 (they also keep HF's vision attention): d_old = before both fixes (the vision tower in
 the autograd graph, as HF's enable_input_require_grads makes it, and PEFT's input cast); d_nokern =
 without vlm.kernels.patch; d_nogc = without gradient checkpointing; d_cast = with PEFT's
