@@ -51,8 +51,12 @@ PUBLISHED = {"qwen2_vl_2b": {"bf16": 4.11, "nf4": 1.36, "dynamic": 1.81},
 GiB = 2**30
 
 
-def qwen2_vl_config(tiny: bool, size: str = "2b"):
-    """Qwen2-VL config at the 2B or 7B shapes (random_qwen2_vl.SIZES), or a tiny one."""
+def qwen2_vl_config(tiny: bool, size: str = "2b", *, text_extra: dict | None = None,
+                    token_ids: dict | None = None):
+    """Qwen2-VL config at the 2B or 7B shapes (random_qwen2_vl.SIZES), or a tiny one.
+
+    ``text_extra``: more text-config values; ``token_ids``: the image/video/vision-start/end ids to
+    use instead of the real model's (random_qwen2_vl takes the tiny processor's)."""
     from transformers import Qwen2VLConfig
 
     from random_qwen2_vl import SIZES
@@ -67,9 +71,10 @@ def qwen2_vl_config(tiny: bool, size: str = "2b"):
                  num_attention_heads=4, num_key_value_heads=2,
                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
         v.update(depth=2, embed_dim=64, hidden_size=64, num_heads=4)
-    return Qwen2VLConfig(text_config=t, vision_config=v, image_token_id=151655,
-                         video_token_id=151656, vision_start_token_id=151652,
-                         vision_end_token_id=151653, tie_word_embeddings=t["tie_word_embeddings"])
+    t.update(text_extra or {})
+    ids = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+           "vision_end_token_id": 151653, **(token_ids or {})}
+    return Qwen2VLConfig(text_config=t, vision_config=v, tie_word_embeddings=t["tie_word_embeddings"], **ids)
 
 
 def mllama_config(tiny: bool):

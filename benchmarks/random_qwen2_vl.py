@@ -27,11 +27,11 @@ SIZES = {
 def build(root: Path, size: str) -> Path:
     """Build (once) and return the folder of a random Qwen2-VL checkpoint at ``size`` shapes."""
     import torch
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+    from quant_memory import qwen2_vl_config
     from vlm.zoo import build_tiny
 
-    spec = SIZES[size]
     path = Path(root) / f"qwen2_vl_{size}_random"
     if (path / "config.json").is_file():
         return path
@@ -39,12 +39,8 @@ def build(root: Path, size: str) -> Path:
     tcfg = json.loads((Path(tiny) / "config.json").read_text())
     ids = {k: v for k, v in tcfg.items() if k.endswith("token_id")}
     text_ids = {k: v for k, v in tcfg.get("text_config", {}).items() if k.endswith("token_id")}
-    text = dict(**spec["text"], max_position_embeddings=32768, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                **text_ids)
-    vision = dict(depth=32, embed_dim=1280, hidden_size=spec["vision_hidden"], num_heads=16, mlp_ratio=4,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie"], **ids)
+    # the 2B / 7B values of quant_memory's config, with the tiny processor's special-token ids
+    config = qwen2_vl_config(False, size, text_extra=dict(rms_norm_eps=1e-6, **text_ids), token_ids=ids)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
