@@ -141,3 +141,32 @@ def test_quantized_export_top1_agreement(quant, tmp_path):
     # random tiny weights have near-flat logits: report, and guard only against a broken file
     assert r["top1_agreement"] >= 0.5 and r["kl_mean"] < 0.1, r
     assert os.path.getsize(out / f"model-{quant}.gguf") < os.path.getsize(out / "mmproj-f16.gguf") * 10
+
+
+@gguf
+def test_eval_gguf_variant_in_the_same_table(tmp_path):
+    """`vlm eval --compare bf16,gguf:f16`: the llama.cpp run gets KL / top-1 against bf16 like nf4 does."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm.eval.harness import EvalConfig, run_eval
+
+    _toolchain_or_fail()
+    variant = GGUF_VARIANTS[0]
+    src = build_gguf_zoo(variant, tmp_path / "src")
+    rng = np.random.default_rng(0)
+    records = []
+    for i, cap in enumerate(["a red circle on white", "two blue squares"]):
+        Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        records.append({"id": f"i{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": cap}]})
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = run_eval(EvalConfig(data=str(tmp_path / "eval.jsonl"), model=str(src), compare=["bf16", "gguf:f16"],
+                              out=str(tmp_path / "report"), max_new_tokens=6, meteor=False, device="cpu"),
+                   log=lambda m: None)
+    by_name = {v["name"]: v for v in res["variants"]}
+    g = by_name["gguf:f16"]
+    assert g["kind"] == "gguf"
+    assert g["teacher_forced"]["caption_tokens"] == by_name["bf16"]["teacher_forced"]["caption_tokens"] > 0
+    # bf16 baseline vs f16 weights in fp32 compute: close, not equal
+    assert 0 <= g["agreement"]["kl_mean"] < 1e-2 and g["agreement"]["top1_agreement"] >= 0.8, g
