@@ -22,9 +22,14 @@ The packed path is wrong for this project twice over:
 
 So every 4-bit layer the project loads takes the portable path on CPU: bitsandbytes reads the
 decision from the layer's own ``support_avx512bf16_for_cpu`` attribute (set from the CPU at
-construction), and :func:`use_portable_cpu_path` sets it to False per layer; a layer already
-repacked is restored first with bitsandbytes' inverse. The attribute is read only for CPU inputs,
-so the GPU path is untouched.
+construction), and :func:`use_portable_cpu_path` sets it to False per layer, right after loading.
+The attribute is read only for CPU inputs, so the GPU path is untouched.
+
+A layer bitsandbytes already repacked cannot be given back its saved statistics: the repack
+rounded absmax to bf16 (and bitsandbytes' inverse re-quantizes the double-quantized absmax from
+those rounded values, or leaves a plain absmax transposed), so saving such a layer writes other
+numbers than were loaded. :func:`use_portable_cpu_path` refuses it with an error rather than
+carry on with changed weights.
 """
 
 from __future__ import annotations
@@ -58,20 +63,25 @@ def _four_bit_layers(model):
 
 def use_portable_cpu_path(model) -> int:
     """Make every bitsandbytes ``Linear4bit`` of ``model`` (a PEFT wrapper too) take the portable
-    CPU path, whatever the CPU (see the module docstring); undo a packing already done.
-    Returns the number of 4-bit layers. Idempotent; a no-op for models without 4-bit layers."""
+    CPU path, whatever the CPU (see the module docstring). Returns the number of 4-bit layers.
+    Idempotent; a no-op for models without 4-bit layers. Raises VlmError naming the layers that
+    bitsandbytes already repacked (call this before the first eval-mode forward)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:      # no bitsandbytes: no 4-bit layers either
         return 0
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from vlm.errors import VlmError
 
+    layers = list(_four_bit_layers(model))
+    repacked = [name for name, layer in layers
+                if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False)]
+    if repacked:
+        raise VlmError(f"{len(repacked)} 4-bit layer(s) were already repacked by bitsandbytes' AVX512-BF16 "
+                       f"CPU path ({', '.join(repacked[:3])}{', ...' if len(repacked) > 3 else ''}); their "
+                       "statistics were rounded to bf16 and cannot be restored exactly: reload the model "
+                       "and choose the CPU path before its first eval-mode forward")
     count = 0
-    for _, layer in _four_bit_layers(model):
-        weight = layer.weight
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    for _, layer in layers:
         layer.support_avx512bf16_for_cpu = False
         count += 1
     return count
