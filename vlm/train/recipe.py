@@ -105,10 +105,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                            targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
                            use_rslora=cfg.lora.use_rslora,
                            gradient_checkpointing=cfg.training.gradient_checkpointing)
-    for w in caught:
-        msg = str(w.message)
-        if msg.startswith("vLLM serving:"):
-            print(f"warning: {msg}")
+    for caught_warning in caught:   # not `w`: that is the process world, used after training
+        if str(caught_warning.message).startswith("vLLM serving:"):
+            print(f"warning: {caught_warning.message}")
+        else:  # every other warning goes back to Python's machinery (filters, -W, logging capture)
+            warnings.warn_explicit(caught_warning.message, caught_warning.category,
+                                   caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
 
