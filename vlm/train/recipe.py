@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vlm.errors import ConfigError, VlmError
-from vlm.atomic import write_json
+from vlm.atomic import ensure_writable_folder, write_json
 from vlm.train import fast_path
 from vlm.train.checkpoints import latest_complete
 from vlm.train.config import TrainConfig, to_plain
@@ -69,8 +69,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     t_start = time.perf_counter()
     w = dist.world()
     strat = dist.strategy(cfg, w)  # single / ddp / fsdp: processes come from accelerate launch
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_folder(cfg.output)  # read-only / full / forbidden: said now, not at the first save
     resume_from = None
     if resume:
         resume_from = latest_complete(out)
