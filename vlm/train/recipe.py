@@ -76,7 +76,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         resume_from = latest_complete(out)
         if resume_from is None:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
-        note = dist.reconcile_resume(resume_from, cfg, w)  # N processes -> M: same global batch
+        note = dist.reconcile_resume(resume_from, cfg, w, strat)  # N processes -> M: same global batch
         if note and w.is_main:
             print(note)
     elif any(out.glob("checkpoint-*")):
