@@ -24,13 +24,17 @@ collator (possibly in DataLoader workers) never has to drop anything.
 
 from __future__ import annotations
 
+import re
+import uuid
+from array import array
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from vlm.data_formats import problems
-from vlm.data_formats.chat_render import TRAIN_ON, token_flags, trainable_char_spans
+from vlm.data_formats.chat_render import (TRAIN_ON, end_of_turn_to_append, token_flags,
+                                          trainable_char_spans)
 from vlm.data_formats.conversation import Conversation
 from vlm.data_formats.image_tokens import expand_flags, image_token_counts
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_image
@@ -40,6 +44,7 @@ from vlm.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 OVERLONG = ("truncate", "drop")
+PLANS_KEPT_PER_SAMPLE = 4   # collator settings remembered per conversation (tests switch train_on)
 # Tensors whose dim 1 is the token sequence (trimmed/padded together with input_ids).
 SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX,
                  "mm_token_type_ids": 0, "token_type_ids": 0, "cross_attention_mask": 0}
@@ -50,8 +55,8 @@ class SamplePlan:
     """What is known about a sample before the processor runs (cheap: image headers only)."""
 
     text: str
-    ids: list[int]              # tokens with one placeholder per image
-    flags: list[bool]           # trainable, per token of ``ids``
+    ids: Sequence[int]          # tokens with one placeholder per image (kept as array('i'): 4 B each)
+    flags: Sequence[bool]       # trainable, per token of ``ids`` (kept as bytes: 1 B each)
     image_counts: list[int]     # tokens each image becomes
     length: int                 # full length after image expansion
     keep: int                   # tokens kept (== length unless truncated)
@@ -103,6 +108,12 @@ class VisionChatCollator:
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id
+        self.append_end_of_turn = end_of_turn_to_append(processor, family)
+        self._control_tokens = _control_token_pattern(self.tokenizer)
+        self._plan_uid = uuid.uuid4().hex   # survives pickling into DataLoader workers
+
+    def _plan_key(self) -> tuple:
+        return (self._plan_uid, self.train_on, self.max_length, self.overlong)
 
     @classmethod
     def for_model(cls, model, processor, **kwargs) -> "VisionChatCollator":
@@ -125,14 +136,44 @@ class VisionChatCollator:
     # -- planning (no pixels decoded) ---------------------------------------------------------
     def plan(self, conv: Conversation) -> SamplePlan:
         """Tokens, flags and lengths of ``conv``; raises ``too_long`` / ``no_trainable_tokens`` /
-        ``placeholder_mismatch`` :class:`DataError`s that name the record."""
+        ``placeholder_mismatch`` :class:`DataError`s that name the record.
+
+        The plan is kept on the conversation (``conv.plan_cache``), so a sample planned once (by
+        :func:`prepare_samples`) is not re-rendered and re-tokenized by every batch."""
+        key = self._plan_key()
+        cached = conv.plan_cache.get(key)
+        if cached is not None:
+            return cached
         try:
-            return self._plan(conv)
+            plan = self._plan(conv)
         except DataError as e:
             raise located(e, source=conv.source, index=conv.index, record_id=conv.record_id) from None
+        if len(conv.plan_cache) >= PLANS_KEPT_PER_SAMPLE:
+            conv.plan_cache.pop(next(iter(conv.plan_cache)))
+        conv.plan_cache[key] = plan
+        return plan
+
+    def _refuse_control_tokens(self, conv: Conversation) -> None:
+        """Chat-control tokens written as text (``<|im_end|>\\n<|im_start|>user``) would be parsed
+        as real turn boundaries by the tokenizer: a record could smuggle in turns of its own (a
+        poisoning path for scraped data). They are refused, not escaped: no escape keeps the
+        text's meaning for the model, and silently changing data is worse than a named error."""
+        if self._control_tokens is None:
+            return
+        for i, turn in enumerate(conv.turns):
+            for part in turn.parts:
+                if isinstance(part, str):
+                    found = self._control_tokens.search(part)
+                    if found:
+                        raise DataError(f"turn {i} ({turn.role}) contains the chat-control token "
+                                        f"{found.group()!r} written as text (it would act as a real "
+                                        "turn boundary); remove it from the data",
+                                        code=problems.CONTROL_TOKEN)
 
     def _plan(self, conv: Conversation) -> SamplePlan:
-        text, spans = trainable_char_spans(self.processor, conv, self.train_on)
+        self._refuse_control_tokens(conv)
+        text, spans = trainable_char_spans(self.processor, conv, self.train_on, family=self.family,
+                                           append_end_of_turn=self.append_end_of_turn)
         enc = self.tokenizer(text, add_special_tokens=self._add_special_tokens(text),
                              return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -145,7 +186,7 @@ class VisionChatCollator:
                             code=problems.PLACEHOLDER_MISMATCH)
         sizes = [image_size(conv.images[i], conv.image_root, max_image_pixels=self.max_image_pixels)
                  for i in order]
-        counts = image_token_counts(self.processor, self.family, sizes)
+        counts = self._image_token_counts(sizes)
         # expanded position of every token: walk once
         pos, image_end, train_pos = 0, 0, []
         n_img = 0
@@ -175,7 +216,21 @@ class VisionChatCollator:
             why = " after truncation" if keep < length else ""
             raise DataError(f"no trainable tokens{why} (train_on={self.train_on!r}, {length} tokens)",
                             code=problems.NO_TRAINABLE_TOKENS)
-        return SamplePlan(text, ids, flags, counts, length, keep, sum(counts), trainable)
+        return SamplePlan(text, array("i", ids), bytes(flags), counts, length, keep, sum(counts), trainable)
+
+    def _image_token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """Per-image token counts; an image the processor cannot resize (Qwen2-VL refuses an aspect
+        ratio of 200 or more) is a ``image_shape`` error naming it, not a crash of the run."""
+        try:
+            return image_token_counts(self.processor, self.family, sizes)
+        except (ValueError, ZeroDivisionError) as e:
+            for n, (h, w) in enumerate(sizes, start=1):
+                try:
+                    image_token_counts(self.processor, self.family, [(h, w)])
+                except (ValueError, ZeroDivisionError):
+                    raise DataError(f"image {n} ({w}x{h} pixels) cannot be resized by the model's "
+                                    f"processor: {e}", code=problems.IMAGE_SHAPE) from None
+            raise
 
     def sample_length(self, conv: Conversation) -> int:
         """Tokens this sample will occupy (after truncation): for length-grouped batching."""
@@ -240,3 +295,13 @@ class VisionChatCollator:
                 extra = torch.full((t.shape[0], length - t.shape[1], *t.shape[2:]), fill, dtype=t.dtype)
                 batch[key] = torch.cat([t, extra], dim=1)
         return batch
+
+
+def _control_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching any special token of ``tokenizer`` as it would be written in text."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            tokens.add(str(tok))
+    tokens = sorted((t for t in tokens if t and t.strip()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None

@@ -22,9 +22,13 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class ImageSlot:
-    """Where an image sits inside a turn: ``index`` into ``Conversation.images``."""
+    """Where an image sits inside a turn: ``index`` into ``Conversation.images``.
+
+    ``placeholder`` is True when the slot came from an ``<image>`` written in text (LLaVA style):
+    the newline written next to such a placeholder is layout, not content."""
 
     index: int
+    placeholder: bool = field(default=False, compare=False)
 
 
 Part = Union[str, ImageSlot]
@@ -83,6 +87,9 @@ class Conversation:
     source: str | None = None
     index: int | None = None
     image_root: str | None = None   # where relative image paths resolve (default: the file's folder)
+    # Collator plans of this sample (key: the collator's settings), so that planning in
+    # prepare_samples is not redone by every batch; a few bytes per token (see SamplePlan).
+    plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def roles(self) -> list[str]:
         return [t.role for t in self.turns]
@@ -97,8 +104,10 @@ class Conversation:
     def to_messages(self) -> list[dict]:
         """HF chat-template messages: content lists of ``{"type": "text"|"image"}`` items.
 
-        The ``\n`` that LLaVA data puts between ``<image>`` and the question is layout, not text:
-        newlines touching an image are dropped, and whitespace-only text parts vanish.
+        The ``\n`` that LLaVA data puts between an ``<image>`` placeholder and the question is
+        layout, not text: newlines touching a *placeholder* are dropped (the templates write their
+        own). Text next to an image *part* is kept exactly, as transformers'
+        ``apply_chat_template`` keeps it ("book?\n" then an image stays "book?\n<image>").
         """
         messages = []
         for turn in self.turns:
@@ -108,11 +117,11 @@ class Conversation:
                 if isinstance(p, ImageSlot):
                     content.append({"type": "image"})
                     continue
-                if i > 0 and isinstance(parts[i - 1], ImageSlot):
+                if i > 0 and isinstance(parts[i - 1], ImageSlot) and parts[i - 1].placeholder:
                     p = p.lstrip("\n")
-                if i + 1 < len(parts) and isinstance(parts[i + 1], ImageSlot):
+                if i + 1 < len(parts) and isinstance(parts[i + 1], ImageSlot) and parts[i + 1].placeholder:
                     p = p.rstrip("\n")
-                if p.strip():
+                if p:
                     content.append({"type": "text", "text": p})
             messages.append({"role": turn.role, "content": content})
         return messages

@@ -5,7 +5,8 @@
 A part is ``{"type": "text", "text": str}``, ``{"type": "image", "image"|"path": ...}``,
 ``{"type": "image"}`` (takes the next entry of ``images``) or
 ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``. In string content,
-``<image>`` takes the next entry of ``images`` too.
+``<image>`` takes the next entry of ``images`` too. TRL's singular ``image`` column and
+LLaMA-Factory's top-level ``system`` column are read as well (see :mod:`.record_fields`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 from vlm.data_formats import problems
 from vlm.data_formats.conversation import Conversation, ImageRef, ImageSlot, Part, Turn
-from vlm.data_formats.image_refs import image_list, to_image_ref
-from vlm.data_formats.sharegpt import PLACEHOLDER, split_placeholders
+from vlm.data_formats.image_refs import to_image_ref
+from vlm.data_formats.record_fields import (record_images, record_system, refuse_video_fields,
+                                            refuse_video_text, video_refusal)
+from vlm.data_formats.sharegpt import PLACEHOLDER, both_system, split_placeholders
 from vlm.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -31,8 +34,8 @@ class _ImagePool:
 
     def next_listed(self, where: str) -> int:
         if self.taken >= len(self.listed):
-            raise DataError(f"{where} asks for image #{self.taken + 1} but 'images' has "
-                            f"{len(self.listed)}", code=problems.PLACEHOLDER_MISMATCH)
+            raise DataError(f"{where} asks for image #{self.taken + 1} but the record lists "
+                            f"{len(self.listed)} ('image' / 'images')", code=problems.PLACEHOLDER_MISMATCH)
         self.order.append(self.listed[self.taken])
         self.taken += 1
         return len(self.order) - 1
@@ -44,9 +47,10 @@ class _ImagePool:
 
 def _parts_of(content: Any, pool: _ImagePool, where: str) -> list[Part]:
     if isinstance(content, str):
+        refuse_video_text(content, where)
         parts: list[Part] = []
         for p in split_placeholders(content, 0):
-            parts.append(ImageSlot(pool.next_listed(where)) if isinstance(p, ImageSlot) else p)
+            parts.append(ImageSlot(pool.next_listed(where), placeholder=True) if isinstance(p, ImageSlot) else p)
         return parts
     if not isinstance(content, list):
         raise DataError(f"{where}.content must be a string or a list of parts, got "
@@ -64,7 +68,8 @@ def _parts_of(content: Any, pool: _ImagePool, where: str) -> list[Part]:
             if not isinstance(text, str):
                 raise DataError(f"{at}.text must be a string, got {type(text).__name__}",
                                 code=problems.NON_STRING_CONTENT)
-            parts.extend(p if isinstance(p, str) else ImageSlot(pool.next_listed(at))
+            refuse_video_text(text, at)
+            parts.extend(p if isinstance(p, str) else ImageSlot(pool.next_listed(at), placeholder=True)
                          for p in split_placeholders(text, 0))
         elif kind == "image":
             value = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
@@ -74,6 +79,8 @@ def _parts_of(content: Any, pool: _ImagePool, where: str) -> list[Part]:
             url = item.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             parts.append(ImageSlot(pool.inline(to_image_ref(url, f"{at}.image_url"))))
+        elif kind in ("video", "video_url"):
+            raise DataError(video_refusal(f"{at} (a {kind!r} part)"), code=problems.VIDEO_UNSUPPORTED)
         else:
             raise DataError(f"{at} has unknown type {kind!r} (expected text, image or image_url)",
                             code=problems.WRONG_TYPE)
@@ -86,17 +93,21 @@ def parse_messages(record: dict[str, Any]) -> Conversation:
     if not isinstance(messages, list):
         raise DataError(f"'messages' must be a list, got {type(messages).__name__}",
                         code=problems.WRONG_TYPE)
-    pool = _ImagePool(image_list(record.get("images"), "images"))
-    turns = []
+    refuse_video_fields(record)
+    pool = _ImagePool(record_images(record))
+    system = record_system(record)
+    turns = [Turn("system", [system])] if system is not None else []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise DataError(f"{where} must be an object, got {type(message).__name__}",
                             code=problems.WRONG_TYPE)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"{where} has unknown role {role!r}; expected one of {', '.join(ROLES)}",
                             code=problems.UNKNOWN_ROLE)
+        if system is not None and role == "system":
+            raise DataError(both_system(where), code=problems.TURN_ORDER)
         turns.append(Turn(role, _parts_of(message.get("content"), pool, where)))
     if pool.taken != len(pool.listed):
         raise DataError(f"'images' has {len(pool.listed)} image(s) but the messages place "

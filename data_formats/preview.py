@@ -10,16 +10,27 @@ from typing import Any
 
 from vlm.data_formats.collator import IGNORE_INDEX
 from vlm.data_formats.image_tokens import expand_flags
-from vlm.data_formats.reader import iter_conversations
-from vlm.errors import VlmError
+from vlm.data_formats.records import parse_record
+from vlm.data_formats.sources import default_image_root, iter_raw_records
+from vlm.data_formats.validate import ImageValidator
+from vlm.errors import DataError, VlmError
 
 
 def find_conversation(source: Any, index: int, image_root: str | None = None):
-    for conv in iter_conversations(source, image_root=image_root):
-        if conv.index == index:
-            return conv
-        if conv.index is not None and conv.index > index:
+    """Record ``index`` of ``source``, parsed and validated; records before it are only skipped
+    over (a bad one there is not this record's problem)."""
+    root = str(image_root) if image_root is not None else default_image_root(source)
+    for item in iter_raw_records(source):
+        at = item.index
+        if isinstance(item, DataError) and (at is None or at == index):
+            raise item
+        if at is None or at < index:
+            continue
+        if at > index:
             break
+        conv = parse_record(item.data, source=item.source, index=item.index, image_root=root)
+        ImageValidator()(conv)
+        return conv
     raise VlmError(f"{source}: no record {index}")
 
 

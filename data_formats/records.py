@@ -29,12 +29,28 @@ def located(err: DataError, *, source: str | None, index: int | None, record_id:
 
 
 def check_structure(conv: Conversation) -> None:
-    """Problems shared by every format: nothing to read, or nothing to learn."""
+    """Problems shared by every format: nothing to read, nothing to learn, or something that would
+    be learnt wrong (an empty reply teaches the model to stop at once; an image inside a reply makes
+    the vision markers trained tokens; an assistant speaking first has no prompt to answer)."""
     if not conv.turns:
         raise DataError("the conversation is empty", code=problems.EMPTY_CONVERSATION)
     if not conv.assistant_turn_indices():
         raise DataError(f"no assistant turn (roles: {', '.join(conv.roles())})",
                         code=problems.NO_ASSISTANT_TURN)
+    first = next(t.role for t in conv.turns if t.role != "system")
+    if first != "user":
+        raise DataError(f"the assistant speaks first (roles: {', '.join(conv.roles())}): a reply "
+                        "needs a user turn before it", code=problems.TURN_ORDER)
+    for i, turn in enumerate(conv.turns):
+        if turn.role != "assistant":
+            continue
+        if turn.image_slots:
+            raise DataError(f"turn {i} (assistant) holds an image: images belong in user turns "
+                            "(the model would be trained to write vision markers)",
+                            code=problems.IMAGE_IN_REPLY)
+        if not turn.text.strip():
+            raise DataError(f"turn {i} (assistant) is empty or whitespace only: nothing to learn but "
+                            "stopping at once", code=problems.EMPTY_REPLY)
 
 
 def parse_record(raw: Any, *, source: str | None = None, index: int | None = None,

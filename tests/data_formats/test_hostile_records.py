@@ -159,7 +159,7 @@ def test_json_array_that_cannot_be_resynced_says_what_was_not_read(folder):
     report = check_data([str(data)])
     assert report.files[str(data)]["valid"] == 2 and not report.ok
     err = report.rejects.errors[0]
-    assert err.index == 2 and "not read" in err.problem and "line 3" in err.problem
+    assert err.index == 2 and "not read" in err.problem and "from line 4" in err.problem
 
 
 # -- accepted but wrong --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ FAMILY = Family(
     },
     language_layers="model.language_model.layers",
     image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    end_of_turn="<|im_end|>",
     image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end",
     zoo_variants=("qwen2_vl", "qwen2_5_vl"),
     vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True),

@@ -87,7 +87,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     plan = fast_path.resolve(cfg, device, strat)
     precision = _precision_flags(cfg.training.precision, device)
 
-    calibration = cfg.data.train[0].path if cfg.data.train else None
+    # the data section's image root and bad-record policy hold for calibration records too
+    calibration = ({"path": cfg.data.train[0].path, "image_root": cfg.data.image_root,
+                    "on_error": cfg.data.on_error} if cfg.data.train else None)
     model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
                                 calibration=calibration,
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
