@@ -33,8 +33,8 @@ from typing import Any, Sequence
 import torch
 
 from vlm.data_formats import problems
-from vlm.data_formats.chat_render import (TRAIN_ON, end_of_turn_to_append, token_flags,
-                                          trainable_char_spans)
+from vlm.data_formats.chat_render import (TRAIN_ON, end_of_turn_to_append, generation_prompt,
+                                          token_flags, trainable_char_spans)
 from vlm.data_formats.conversation import Conversation
 from vlm.data_formats.image_tokens import expand_flags, image_token_counts
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_image
@@ -109,6 +109,7 @@ class VisionChatCollator:
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id
         self.append_end_of_turn = end_of_turn_to_append(processor, family)
+        self.generation_prompt = generation_prompt(processor)
         self._control_tokens = _control_token_pattern(self.tokenizer)
         self._plan_uid = uuid.uuid4().hex   # survives pickling into DataLoader workers
 
@@ -173,7 +174,8 @@ class VisionChatCollator:
     def _plan(self, conv: Conversation) -> SamplePlan:
         self._refuse_control_tokens(conv)
         text, spans = trainable_char_spans(self.processor, conv, self.train_on, family=self.family,
-                                           append_end_of_turn=self.append_end_of_turn)
+                                           append_end_of_turn=self.append_end_of_turn,
+                                           prompt=self.generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=self._add_special_tokens(text),
                              return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
