@@ -40,6 +40,8 @@ from vlm.data_formats.image_tokens import expand_flags, image_token_counts
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_image
 from vlm.data_formats.records import located
 from vlm.data_formats.resolution import Resolution, apply_resolution
+from vlm.data_formats.video import (DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling,
+                                    read_video, video_header)
 from vlm.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -57,7 +59,7 @@ class SamplePlan:
     text: str
     ids: Sequence[int]          # tokens with one placeholder per image (kept as array('i'): 4 B each)
     flags: Sequence[bool]       # trainable, per token of ``ids`` (kept as bytes: 1 B each)
-    image_counts: list[int]     # tokens each image becomes
+    image_counts: list[int]     # tokens each image (or video) becomes, in text order
     length: int                 # full length after image expansion
     keep: int                   # tokens kept (== length unless truncated)
     image_tokens: int
@@ -83,12 +85,14 @@ class VisionChatCollator:
         overlong: ``truncate`` (cut text after the last image) or ``drop``.
         pad_to_multiple_of: pad the batch length up to a multiple of this.
         resolution: :class:`Resolution` / dict, applied to the processor once, here.
+        video_fps, video_max_frames: frame sampling of video records (families that take video).
     """
 
     def __init__(self, processor, family, *, max_length: int | None = None, train_on: str = "assistant",
                  overlong: str = "truncate", pad_to_multiple_of: int = 8,
                  resolution: Resolution | dict | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 video_fps: float = DEFAULT_VIDEO_FPS, video_max_frames: int = DEFAULT_VIDEO_MAX_FRAMES):
         if train_on not in TRAIN_ON:
             raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         if overlong not in OVERLONG:
@@ -105,6 +109,9 @@ class VisionChatCollator:
         apply_resolution(processor, resolution)
         self.tokenizer = processor.tokenizer
         self.image_token_id = self._image_token_id()
+        self.video_sampling = VideoSampling(video_fps, video_max_frames)
+        self.video_token_id = (int(self.processor.video_token_id)
+                               if getattr(family, "takes_video", False) else None)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id
@@ -114,7 +121,12 @@ class VisionChatCollator:
         self._plan_uid = uuid.uuid4().hex   # survives pickling into DataLoader workers
 
     def _plan_key(self) -> tuple:
-        return (self._plan_uid, self.train_on, self.max_length, self.overlong)
+        return (self._plan_uid, self.train_on, self.max_length, self.overlong, self.video_sampling)
+
+    @property
+    def placeholder_ids(self) -> set[int]:
+        """Token ids that the processor expands: the image token, and the video token if any."""
+        return {self.image_token_id} | ({self.video_token_id} if self.video_token_id is not None else set())
 
     @classmethod
     def for_model(cls, model, processor, **kwargs) -> "VisionChatCollator":
@@ -172,6 +184,7 @@ class VisionChatCollator:
                                         code=problems.CONTROL_TOKEN)
 
     def _plan(self, conv: Conversation) -> SamplePlan:
+        self._refuse_video_unless_taken(conv)
         self._refuse_control_tokens(conv)
         text, spans = trainable_char_spans(self.processor, conv, self.train_on, family=self.family,
                                            append_end_of_turn=self.append_end_of_turn,
@@ -186,14 +199,23 @@ class VisionChatCollator:
             raise DataError(f"the rendered text has {n_placeholders} image token(s) for {len(order)} "
                             "image(s) (does the text contain the model's image token literally?)",
                             code=problems.PLACEHOLDER_MISMATCH)
+        if conv.videos and self.video_token_id is not None:
+            n_video = sum(t == self.video_token_id for t in ids)
+            if n_video != len(conv.videos):
+                raise DataError(f"the rendered text has {n_video} video token(s) for "
+                                f"{len(conv.videos)} video(s)", code=problems.PLACEHOLDER_MISMATCH)
         sizes = [image_size(conv.images[i], conv.image_root, max_image_pixels=self.max_image_pixels)
                  for i in order]
-        counts = self._image_token_counts(sizes)
+        image_counts = iter(self._image_token_counts(sizes))
+        video_counts = iter(self._video_token_counts(conv))
+        counts = [next(image_counts) if kind == "image" else next(video_counts)
+                  for kind, _ in conv.media_order()]   # in text order, as the placeholders appear
+        placeholders = self.placeholder_ids
         # expanded position of every token: walk once
         pos, image_end, train_pos = 0, 0, []
         n_img = 0
         for tok, flag in zip(ids, flags):
-            if tok == self.image_token_id:
+            if tok in placeholders:
                 pos += counts[n_img]
                 n_img += 1
                 image_end = pos
@@ -219,6 +241,30 @@ class VisionChatCollator:
             raise DataError(f"no trainable tokens{why} (train_on={self.train_on!r}, {length} tokens)",
                             code=problems.NO_TRAINABLE_TOKENS)
         return SamplePlan(text, array("i", ids), bytes(flags), counts, length, keep, sum(counts), trainable)
+
+    def _refuse_video_unless_taken(self, conv: Conversation) -> None:
+        if conv.videos and self.video_token_id is None:
+            from vlm.families.registry import all_families
+
+            takers = sorted(f.name for f in all_families().values() if f.takes_video)
+            raise DataError(f"the record holds {len(conv.videos)} video(s), but the {self.family.name} "
+                            f"family takes no video (families that do: {', '.join(takers)})",
+                            code=problems.VIDEO_UNSUPPORTED)
+
+    def _video_token_counts(self, conv: Conversation) -> list[int]:
+        """Tokens per video (in video order) from the container header and the frame sampling."""
+        if not conv.videos:
+            return []
+        sizes = []
+        for ref in conv.videos:
+            header = video_header(ref, conv.image_root)
+            sizes.append([len(header.indices(self.video_sampling)), header.height, header.width])
+        try:
+            counted = self.processor._get_num_multimodal_tokens(video_sizes=sizes)
+        except (ValueError, ZeroDivisionError) as e:
+            raise DataError(f"a video cannot be resized by the model's processor: {e}",
+                            code=problems.IMAGE_SHAPE) from None
+        return [int(n) for n in counted.num_video_tokens]
 
     def _image_token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
         """Per-image token counts; an image the processor cannot resize (Qwen2-VL refuses an aspect
@@ -246,6 +292,8 @@ class VisionChatCollator:
         images = [[open_image(c.images[i], c.image_root, max_image_pixels=self.max_image_pixels)
                    for i in c.image_order()] for c in conversations]
         has_images = any(images)
+        videos = [read_video(v, c.image_root, self.video_sampling) for c in conversations
+                  for v in self._video_order(c)]
         add_special = {self._add_special_tokens(p.text) for p in plans}
         if len(add_special) != 1:
             raise ConfigError("the chat template writes a BOS for some samples and not others")
@@ -254,6 +302,10 @@ class VisionChatCollator:
         if has_images:
             kwargs["images"] = images if self.family.extra.get("cross_attention") else \
                 [img for per_sample in images for img in per_sample]
+        if videos:
+            kwargs["videos"] = [frames for frames, _ in videos]
+            kwargs["video_metadata"] = [meta for _, meta in videos]
+            kwargs["do_sample_frames"] = False   # sampled here, as planned
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
@@ -266,7 +318,7 @@ class VisionChatCollator:
         for row, (conv, plan) in enumerate(zip(conversations, plans)):
             expanded = input_ids[row, :real[row]].tolist()
             where = f"{conv.source}, record {conv.index}"
-            train, _ = expand_flags(plan.ids, plan.flags, self.image_token_id, plan.image_counts,
+            train, _ = expand_flags(plan.ids, plan.flags, self.placeholder_ids, plan.image_counts,
                                     expanded, where)
             row_labels = torch.tensor(expanded)
             row_labels[~torch.tensor(train, dtype=torch.bool)] = IGNORE_INDEX
@@ -277,6 +329,10 @@ class VisionChatCollator:
         longest = max(p.keep for p in plans)
         target = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         return self._fit_sequence(batch, target)
+
+    @staticmethod
+    def _video_order(conv: Conversation) -> list:
+        return [conv.videos[i] for kind, i in conv.media_order() if kind == "video"]
 
     def _blank_tail(self, batch: dict, labels: torch.Tensor, row: int, keep: int) -> None:
         labels[row, keep:] = IGNORE_INDEX

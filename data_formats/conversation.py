@@ -31,7 +31,15 @@ class ImageSlot:
     placeholder: bool = field(default=False, compare=False)
 
 
-Part = Union[str, ImageSlot]
+@dataclass(frozen=True)
+class VideoSlot:
+    """Where a video sits inside a turn: ``index`` into ``Conversation.videos``."""
+
+    index: int
+    placeholder: bool = field(default=False, compare=False)
+
+
+Part = Union[str, ImageSlot, VideoSlot]
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Conversation:
 
     turns: list[Turn]
     images: list[ImageRef] = field(default_factory=list)
+    videos: list[ImageRef] = field(default_factory=list)   # video files (kind "path")
     record_id: str | None = None
     source: str | None = None
     index: int | None = None
@@ -101,6 +110,11 @@ class Conversation:
         """Image indices in the order they appear in the text (what a processor consumes)."""
         return [s.index for t in self.turns for s in t.image_slots]
 
+    def media_order(self) -> list[tuple[str, int]]:
+        """``("image", i)`` / ``("video", j)`` in the order they appear in the text."""
+        return [("image", p.index) if isinstance(p, ImageSlot) else ("video", p.index)
+                for t in self.turns for p in t.parts if isinstance(p, (ImageSlot, VideoSlot))]
+
     def to_messages(self) -> list[dict]:
         """HF chat-template messages: content lists of ``{"type": "text"|"image"}`` items.
 
@@ -114,12 +128,13 @@ class Conversation:
             content = []
             parts = turn.parts
             for i, p in enumerate(parts):
-                if isinstance(p, ImageSlot):
-                    content.append({"type": "image"})
+                if isinstance(p, (ImageSlot, VideoSlot)):
+                    content.append({"type": "image" if isinstance(p, ImageSlot) else "video"})
                     continue
-                if i > 0 and isinstance(parts[i - 1], ImageSlot) and parts[i - 1].placeholder:
+                if i > 0 and isinstance(parts[i - 1], (ImageSlot, VideoSlot)) and parts[i - 1].placeholder:
                     p = p.lstrip("\n")
-                if i + 1 < len(parts) and isinstance(parts[i + 1], ImageSlot) and parts[i + 1].placeholder:
+                if (i + 1 < len(parts) and isinstance(parts[i + 1], (ImageSlot, VideoSlot))
+                        and parts[i + 1].placeholder):
                     p = p.rstrip("\n")
                 if p:
                     content.append({"type": "text", "text": p})
@@ -135,8 +150,12 @@ class Conversation:
         if self.images:
             paths = [img.value for img in self.images]
             record["image"] = paths[0] if len(paths) == 1 else paths
+        if self.videos:
+            paths = [v.value for v in self.videos]
+            record["video"] = paths[0] if len(paths) == 1 else paths
         record["conversations"] = [
             {"from": names[t.role],
-             "value": "".join(placeholder if isinstance(p, ImageSlot) else p for p in t.parts)}
+             "value": "".join(placeholder if isinstance(p, ImageSlot) else
+                              "<video>" if isinstance(p, VideoSlot) else p for p in t.parts)}
             for t in self.turns]
         return record

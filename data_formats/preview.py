@@ -41,7 +41,7 @@ def render_preview(collator, conv) -> str:
     labels = batch["labels"][0][: plan.keep].tolist()
     # which expanded tokens are image tokens (recomputed from the untruncated expansion)
     full_ids = ids if plan.keep == plan.length else None
-    _, is_image = expand_flags(plan.ids, plan.flags, collator.image_token_id, plan.image_counts,
+    _, is_image = expand_flags(plan.ids, plan.flags, collator.placeholder_ids, plan.image_counts,
                                full_ids, "preview") if full_ids is not None else (None, None)
     tok = collator.tokenizer
     out: list[str] = []
@@ -50,7 +50,8 @@ def render_preview(collator, conv) -> str:
 
     def flush():
         if state == "image":
-            out.append(f"<image × {len(segment)}>")
+            kind = "video" if segment and segment[0] == collator.video_token_id else "image"
+            out.append(f"<{kind} × {len(segment)}>")
         elif state == "train":
             out.append("⟦" + tok.decode(segment) + "⟧")
         elif segment:
@@ -58,7 +59,7 @@ def render_preview(collator, conv) -> str:
         segment.clear()
 
     for k, (t, lab) in enumerate(zip(ids, labels)):
-        image = is_image[k] if is_image is not None else t == collator.image_token_id
+        image = is_image[k] if is_image is not None else t in collator.placeholder_ids
         now = "image" if image else ("train" if lab != IGNORE_INDEX else "prompt")
         if now != state:
             flush()

@@ -24,7 +24,8 @@ IMAGE_IN_REPLY = "image_in_reply"         # an image inside an assistant turn
 CONTROL_TOKEN = "control_token"           # chat-control tokens written as text (<|im_end|> ...)
 IMAGE_SHAPE = "image_shape"               # an image the processor cannot resize (aspect ratio)
 TEMPLATE_REFUSED = "template_refused"     # the model's chat template refuses the conversation
-VIDEO_UNSUPPORTED = "video_unsupported"   # a video record for a family (or build) without video
+VIDEO_UNSUPPORTED = "video_unsupported"   # a video record for a family that takes no video
+CORRUPT_VIDEO = "corrupt_video"           # a video file that does not open / has no frames
 
 # Source-level problems (the whole file, not one record).
 MISSING_FILE = "missing_file"
@@ -35,5 +36,5 @@ EMPTY_SOURCE = "empty_source"             # a data file with no records at all
 ALL = (INVALID_JSON, WRONG_TYPE, UNKNOWN_FORMAT, UNKNOWN_ROLE, EMPTY_CONVERSATION, NO_ASSISTANT_TURN,
        NON_STRING_CONTENT, PLACEHOLDER_MISMATCH, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE,
        PATH_ESCAPE, TOO_LONG, NO_TRAINABLE_TOKENS, NOT_UTF8, TURN_ORDER, EMPTY_REPLY, IMAGE_IN_REPLY,
-       CONTROL_TOKEN, IMAGE_SHAPE, TEMPLATE_REFUSED, VIDEO_UNSUPPORTED, MISSING_FILE, UNSUPPORTED_SOURCE,
+       CONTROL_TOKEN, IMAGE_SHAPE, TEMPLATE_REFUSED, VIDEO_UNSUPPORTED, CORRUPT_VIDEO, MISSING_FILE, UNSUPPORTED_SOURCE,
        UNREADABLE_FILE, EMPTY_SOURCE)

@@ -1,10 +1,10 @@
 """Record-level fields every layout shares: the image column(s), a top-level ``system`` column, and
-video fields (refused until video is supported: a video must never be trained as ``<video>`` text).
+the video column(s).
 
 Other tools name these differently: LLaVA / ShareGPT4V / Qwen2-VL-Finetune write ``image`` (a path
 or a list), LLaMA-Factory and TRL write ``images`` (TRL also a singular ``image``), LLaMA-Factory
 keeps the system prompt in a ``system`` column and video in ``videos`` (Qwen2-VL-Finetune:
-``video``). A record holding two spellings of one field is ambiguous and refused, never resolved by
+``video``), each ``<video>`` in the text taking the next one. A record holding two spellings of one field is ambiguous and refused, never resolved by
 silently ignoring one of them.
 """
 
@@ -41,19 +41,10 @@ def record_system(record: dict[str, Any]) -> str | None:
     return value
 
 
-def refuse_video_fields(record: dict[str, Any]) -> None:
-    for key in VIDEO_FIELDS:
-        value = record.get(key)
-        if value is not None and value != [] and value != "":
-            raise DataError(video_refusal(f"the record's {key!r} field"), code=problems.VIDEO_UNSUPPORTED)
-
-
-def refuse_video_text(text: str, where: str) -> None:
-    if VIDEO_PLACEHOLDER in text:
-        raise DataError(video_refusal(f"{where} (a {VIDEO_PLACEHOLDER} placeholder)"),
-                        code=problems.VIDEO_UNSUPPORTED)
-
-
-def video_refusal(what: str) -> str:
-    return (f"{what} asks for video, which this version does not train (it would be read as plain "
-            "text with no video tokens): drop the video records or split them into image frames")
+def record_videos(record: dict[str, Any]) -> list[ImageRef]:
+    """The record's videos from ``video`` (Qwen2-VL-Finetune) or ``videos`` (LLaMA-Factory)."""
+    present = [k for k in VIDEO_FIELDS if record.get(k) is not None and record.get(k) != []]
+    if len(present) == 2:
+        raise DataError("the record has both 'video' and 'videos': keep one list of videos",
+                        code=problems.WRONG_TYPE)
+    return image_list(record.get(present[0]), present[0]) if present else []

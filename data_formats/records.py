@@ -44,8 +44,8 @@ def check_structure(conv: Conversation) -> None:
     for i, turn in enumerate(conv.turns):
         if turn.role != "assistant":
             continue
-        if turn.image_slots:
-            raise DataError(f"turn {i} (assistant) holds an image: images belong in user turns "
+        if any(not isinstance(p, str) for p in turn.parts):
+            raise DataError(f"turn {i} (assistant) holds an image or video: they belong in user turns "
                             "(the model would be trained to write vision markers)",
                             code=problems.IMAGE_IN_REPLY)
         if not turn.text.strip():

@@ -244,19 +244,3 @@ def test_absolute_image_path_error_says_how_to_allow_it(tmp_path):
     assert e.value.code == problems.PATH_ESCAPE
     assert "data.image_root" in str(e.value) and "--image-root" in str(e.value)
     assert len(read_conversations(str(data / "d.jsonl"), image_root=str(tmp_path))) == 1
-
-
-@pytest.mark.parametrize("record", [
-    {"messages": [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "x"}],
-     "videos": ["clip.mp4"]},                                          # LLaMA-Factory
-    {"id": "v", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
-                                                       {"from": "gpt", "value": "x"}]},  # Qwen2-VL-Finetune
-    {"messages": [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"},
-                                               {"type": "text", "text": "What happens?"}]},
-                  {"role": "assistant", "content": "x"}]},             # typed video part
-    {"conversations": [{"from": "human", "value": "<video>What happens?"}, {"from": "gpt", "value": "x"}]},
-], ids=["llamafactory_videos", "qwen2vl_finetune_video", "video_part", "video_placeholder_only"])
-def test_video_records_are_refused_not_trained_as_text(record):
-    with pytest.raises(DataError) as e:
-        parse_record(record, source="v.jsonl", index=0)
-    assert e.value.code == problems.VIDEO_UNSUPPORTED and "video" in str(e.value)

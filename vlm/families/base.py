@@ -45,6 +45,8 @@ class Family:
     end_of_turn: str = ""                  # the token closing an assistant turn (generation stops at
                                            # it); trained after every reply, appended where the
                                            # checkpoint's template writes none
+    takes_video: bool = False              # video records train (frames through the processor's
+                                           # video path); other families refuse them by name
     # messages -> messages the checkpoint's template renders right (e.g. where a system prompt goes)
     shape_messages: Callable[[list[dict]], list[dict]] | None = None
     image_token_rule: str = ""             # how the processor expands it (documentation)

@@ -97,6 +97,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
                                   train_on=cfg.data.train_on, overlong=cfg.data.overlong,
+                                  video_fps=cfg.data.video_fps, video_max_frames=cfg.data.video_max_frames,
                                   pad_to_multiple_of=plan.pad_to,
                                   resolution=None if resolution.is_default() else resolution)
     train_set, data_report = prepare_train_set(cfg, collator, out)
