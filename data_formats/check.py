@@ -83,7 +83,8 @@ class CheckReport:
         if self.max_length is not None:
             lines.append(f"max_length {self.max_length}: {self.would_truncate} sample(s) would be "
                          f"truncated (text only), {self.would_drop} dropped")
-        lines.append(self.rejects.summary() if self.rejects.total else "all records valid")
+        lines.append(self.rejects.summary() if self.rejects.total else "all records valid" + (
+            f" ({self.rejects.path} is empty)" if self.rejects.path is not None else ""))
         return "\n".join(lines)
 
 

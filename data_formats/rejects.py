@@ -81,7 +81,8 @@ class RejectLog:
     def summary(self) -> str:
         """One paragraph: how many, which problems, the first errors, where the file is."""
         if not self.total:
-            return "no records rejected"
+            # a stale file from an earlier run was replaced by this run's (empty) one: say so
+            return "no records rejected" + (f" ({self.path} is empty)" if self.path is not None else "")
         kinds = ", ".join(f"{code}: {n}" for code, n in self.counts.most_common())
         lines = [f"{self.total} record(s) rejected ({kinds})"]
         lines += [f"  {e}" for e in self.errors[:20]]

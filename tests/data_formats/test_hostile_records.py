@@ -262,6 +262,7 @@ def test_stale_rejects_file_is_replaced_on_a_clean_run(folder, capsys):
     stale.write_text('{"old": 1}\n')
     assert vlm_main(["data", "check", str(data), "--rejects", str(stale)]) == 0
     assert stale.read_text() == ""
+    assert f"all records valid ({stale} is empty)" in capsys.readouterr().out
 
 
 def test_rejects_file_never_holds_nan(folder):
