@@ -306,6 +306,10 @@ class VisionChatCollator:
             kwargs["videos"] = [frames for frames, _ in videos]
             kwargs["video_metadata"] = [meta for _, meta in videos]
             kwargs["do_sample_frames"] = False   # sampled here, as planned
+            if hasattr(getattr(self.processor, "video_processor", None), "cap_pixels_per_frame"):
+                # the total-video pixel cap of transformers >= 5.19 is not in its own token counter
+                # (_get_num_multimodal_tokens), which plans our lengths: keep them in agreement
+                kwargs["cap_pixels_per_frame"] = False
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
