@@ -207,9 +207,9 @@ class VisionChatCollator:
         sizes = [image_size(conv.images[i], conv.image_root, max_image_pixels=self.max_image_pixels)
                  for i in order]
         image_counts = iter(self._image_token_counts(sizes))
-        video_counts = iter(self._video_token_counts(conv))
-        counts = [next(image_counts) if kind == "image" else next(video_counts)
-                  for kind, _ in conv.media_order()]   # in text order, as the placeholders appear
+        video_counts = self._video_token_counts(conv)          # by index into conv.videos
+        counts = [next(image_counts) if kind == "image" else video_counts[i]
+                  for kind, i in conv.media_order()]   # in text order, as the placeholders appear
         placeholders = self.placeholder_ids
         # expanded position of every token: walk once
         pos, image_end, train_pos = 0, 0, []
