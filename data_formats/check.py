@@ -74,8 +74,12 @@ class CheckReport:
     def text(self) -> str:
         lines = []
         for name, c in self.files.items():
-            lines.append(f"{name}: no records (an empty file)" if c.get("empty") else
-                         f"{name}: {c['records']} records, {c['valid']} valid, {c['rejected']} bad")
+            if c.get("empty"):
+                lines.append(f"{name}: no records (an empty file)")
+                continue
+            lines.append(f"{name}: {c['records']} records, {c['valid']} valid, {c['rejected']} bad"
+                         + ("; the rest of the file could not be read (see below)"
+                            if c.get("read_to_end") is False else ""))
         for kind, summ in self.tokens.items():
             if summ.get("count"):
                 lines.append(f"{kind} tokens: min {summ['min']}, mean {summ['mean']}, p50 {summ['p50']}, "
@@ -104,6 +108,7 @@ def check_data(sources: Sequence[Any], *, image_root: str | None = None, collato
         name = source_name(source)
         before = report.rejects.total
         empty_before = report.rejects.counts[problems.EMPTY_SOURCE]
+        unread_before = report.rejects.counts[problems.UNREADABLE_FILE]
         valid = 0
         for conv in iter_conversations(source, image_root=image_root, on_error="skip",
                                        rejects=report.rejects, validator=validator):
@@ -124,6 +129,8 @@ def check_data(sources: Sequence[Any], *, image_root: str | None = None, collato
         report.files[name] = {"records": valid + bad - empty, "valid": valid, "rejected": bad - empty}
         if empty:
             report.files[name]["empty"] = True
+        if report.rejects.counts[problems.UNREADABLE_FILE] > unread_before:
+            report.files[name]["read_to_end"] = False
     if collator is not None:
         report.tokens = {"text": text_len.summary(), "image": image_len.summary(),
                          "total": total_len.summary()}

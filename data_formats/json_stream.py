@@ -121,7 +121,8 @@ def iter_json_array(fh: IO[str], source: str | None = None,
     UTF-8 when ``fh`` decodes with ``errors="surrogateescape"``) is yielded as a :class:`DataError`
     in place of the element (code ``invalid_json`` / ``not_utf8``, naming line and column), and
     reading goes on after it. When the array cannot be resynced (unbalanced quotes), a last
-    DataError says from which line on the file was not read, and the stream ends.
+    DataError (``unreadable_file``) says from which line on the file was not read, and the stream
+    ends.
     """
     decoder = json.JSONDecoder()
     buf = _Buffer(fh, chunk)
@@ -160,7 +161,7 @@ def iter_json_array(fh: IO[str], source: str | None = None,
                 raise DataError(f"{err.problem}; the array cannot be resynced after it, so record "
                                 f"{index} and everything after it (from line {line} to the end of the "
                                 "file) was not read", file=source, index=index,
-                                code=problems.INVALID_JSON) from None
+                                code=problems.UNREADABLE_FILE) from None
             value = err
         yield value, line
         buf.pos = end

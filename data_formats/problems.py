@@ -30,7 +30,8 @@ CORRUPT_VIDEO = "corrupt_video"           # a video file that does not open / ha
 # Source-level problems (the whole file, not one record).
 MISSING_FILE = "missing_file"
 UNSUPPORTED_SOURCE = "unsupported_source"
-UNREADABLE_FILE = "unreadable_file"       # a corrupt parquet / datasets file: rows from there on lost
+UNREADABLE_FILE = "unreadable_file"       # the rest of a file cannot be read (corrupt parquet, a .json
+                                          # array that cannot be resynced): the error says from where
 EMPTY_SOURCE = "empty_source"             # a data file with no records at all
 
 ALL = (INVALID_JSON, WRONG_TYPE, UNKNOWN_FORMAT, UNKNOWN_ROLE, EMPTY_CONVERSATION, NO_ASSISTANT_TURN,

@@ -160,6 +160,7 @@ def test_json_array_that_cannot_be_resynced_says_what_was_not_read(folder):
     assert report.files[str(data)]["valid"] == 2 and not report.ok
     err = report.rejects.errors[0]
     assert err.index == 2 and "not read" in err.problem and "from line 4" in err.problem
+    assert err.code == problems.UNREADABLE_FILE and "could not be read" in report.text()
 
 
 # -- accepted but wrong --------------------------------------------------------------------------
