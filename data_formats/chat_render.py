@@ -95,7 +95,10 @@ def trainable_char_spans(processor, conv: Conversation, train_on: str = "assista
     full = render(processor, messages)
     if train_on == "all":
         return full, [(0, len(full))]
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]   # after shaping
+    # assistant messages after shaping (shaping keeps them, in order), less the context-only ones
+    trains = [t.trainable for t in conv.turns if t.role == "assistant"]
+    turns = [i for i, ok in zip((i for i, m in enumerate(messages) if m["role"] == "assistant"), trains)
+             if ok]
     if train_on == "last_assistant":
         turns = turns[-1:]
     eot = getattr(family, "end_of_turn", "") or ""

@@ -48,6 +48,7 @@ class Turn:
 
     role: str
     parts: list[Part]
+    trainable: bool = True   # False: an assistant turn that is context only (TRL's prompt part)
 
     @property
     def text(self) -> str:
@@ -104,7 +105,8 @@ class Conversation:
         return [t.role for t in self.turns]
 
     def assistant_turn_indices(self) -> list[int]:
-        return [i for i, t in enumerate(self.turns) if t.role == "assistant"]
+        """Assistant turns that train (those of a TRL ``prompt`` are context only)."""
+        return [i for i, t in enumerate(self.turns) if t.role == "assistant" and t.trainable]
 
     def image_order(self) -> list[int]:
         """Image indices in the order they appear in the text (what a processor consumes)."""

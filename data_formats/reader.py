@@ -109,4 +109,5 @@ def read_conversations(sources: Any, **kwargs) -> list[Conversation]:
 
 
 def _is_record_list(items) -> bool:
-    return bool(items) and isinstance(items[0], dict) and ("conversations" in items[0] or "messages" in items[0])
+    return bool(items) and isinstance(items[0], dict) and any(
+        k in items[0] for k in ("conversations", "messages", "prompt"))

@@ -53,6 +53,25 @@ def check_structure(conv: Conversation) -> None:
                             "stopping at once", code=problems.EMPTY_REPLY)
 
 
+def parse_prompt_completion(raw: dict) -> Conversation:
+    """TRL's prompt-completion layout: ``prompt`` and ``completion`` (message lists, or strings for a
+    user prompt and an assistant completion). As in TRL, only the completion trains: assistant turns
+    inside the prompt are context."""
+    def as_messages(value, role):
+        return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+    prompt, completion = as_messages(raw["prompt"], "user"), as_messages(raw["completion"], "assistant")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, list):
+            raise DataError(f"'{name}' must be a list of messages or a string, got {type(value).__name__}",
+                            code=problems.WRONG_TYPE)
+    conv = parse_messages({**raw, "messages": prompt + completion})
+    context = len(conv.turns) - len(completion)   # a top-level system column comes first
+    for turn in conv.turns[:context]:
+        turn.trainable = False
+    return conv
+
+
 def parse_record(raw: Any, *, source: str | None = None, index: int | None = None,
                  image_root: str | None = None) -> Conversation:
     """Parse one record of either format; every error names ``source``, ``index`` and the id."""
@@ -65,10 +84,13 @@ def parse_record(raw: Any, *, source: str | None = None, index: int | None = Non
             conv = parse_sharegpt(raw)
         elif "messages" in raw:
             conv = parse_messages(raw)
+        elif "prompt" in raw and "completion" in raw:
+            conv = parse_prompt_completion(raw)
         else:
             keys = ", ".join(sorted(map(str, raw))[:8]) or "none"
-            raise DataError(f"neither 'conversations' (LLaVA/ShareGPT) nor 'messages' (OpenAI) "
-                            f"in the record (keys: {keys})", code=problems.UNKNOWN_FORMAT)
+            raise DataError(f"neither 'conversations' (LLaVA/ShareGPT), 'messages' (OpenAI) nor "
+                            f"'prompt' + 'completion' (TRL) in the record (keys: {keys})",
+                            code=problems.UNKNOWN_FORMAT)
         check_structure(conv)
     except DataError as e:
         raise located(e, source=source, index=index, record_id=rid) from None

@@ -97,11 +97,19 @@ def layouts(tmp_path_factory):
                       {"role": "assistant", "content": [{"type": "text", "text": "A red block."}]}],
          "image": "mllm_demo_data/0.jpg"},
     ])
+    # TRL prompt-completion (conversational): only the completion trains.
+    files["trl_prompt_completion"] = _write_jsonl(root / "trl_pc.jsonl", [
+        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Green."}]},
+                    {"role": "user", "content": [{"type": "text", "text": "And its shape?"}]}],
+         "completion": [{"role": "assistant", "content": [{"type": "text", "text": "A square."}]}],
+         "images": ["mllm_demo_data/2.jpg"]},
+    ])
     return root, files
 
 
 EXPECTED_RECORDS = {"llamafactory_messages": 2, "llamafactory_conversations": 2, "llava": 2,
-                    "qwen2vl_finetune": 1, "sharegpt4v": 1, "trl": 2}
+                    "qwen2vl_finetune": 1, "sharegpt4v": 1, "trl": 2, "trl_prompt_completion": 1}
 
 
 def test_every_layout_passes_data_check(layouts, capsys):
@@ -122,6 +130,17 @@ def test_top_level_system_column_and_singular_image_are_used(layouts):
     assert sharegpt.turns[0].text == "You are a careful annotator."
     trl = read_conversations(str(files["trl"]))[1]
     assert [i.value for i in trl.images] == ["mllm_demo_data/0.jpg"]
+
+
+def test_trl_prompt_completion_trains_the_completion_only(layouts, tiny_checkpoint):
+    _, files = layouts
+    conv = read_conversations(str(files["trl_prompt_completion"]))[0]
+    _, collator = _collator(tiny_checkpoint, "qwen2_vl")
+    batch = collator([conv])
+    trained = [t for t, lab in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist())
+               if lab != IGNORE_INDEX]
+    assert collator.tokenizer.decode(trained) == "A square.<|im_end|>"
+    assert "Green." in collator.plan(conv).text
 
 
 @pytest.mark.parametrize("layout", ["conversations", "messages"])
