@@ -18,10 +18,14 @@
 2. ``choose_protected``: a group's score s_g is KL_g (``metric: output``, the default), or Σ e_a
    / Σ e_w of its members (``metric: activation`` / ``weight``, the older rankings). Protecting g
    costs S_g = Σ (bytes16 − bytesQ) of its members. Order:
-     a. outliers first: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first. A layer
-        whose error stands far above the rest is never left quantized for marginal gains on small
-        layers while the budget can hold it;
-     b. then the rest by s_g / S_g (score per byte saved), ties by name.
+     a. local outliers: groups with a member whose own error (e_a; e_w where it never ran) is
+        ≥ LOCAL_OUTLIER_FACTOR × the median layer error: NF4 destroys most of that layer's
+        output, whatever the calibration logits say (a random or image-blind model barely reads
+        a vision layer, a trained one may on other images); largest s_g first;
+     b. output outliers: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first.
+        A layer whose error stands far above the rest is never left quantized for marginal gains
+        on small layers while the budget can hold it;
+     c. then the rest by s_g / S_g (score per byte saved), ties by name.
    Each group is protected when it still fits the budget (a fraction f: protected parameters ≤ f ×
    candidate parameters; bytes B: Σ S_g ≤ B), else skipped and the next one tried. The analysis
    records what the protection costs in bytes either way (``extra_bytes``).
@@ -45,7 +49,8 @@ from vlm.quant.metrics import activation_error, dequantized, weight_error
 from vlm.quant.plan import QuantPlan, group_key
 from vlm.quant.policy import QUANTIZED
 
-OUTLIER_FACTOR = 10.0     # a group is an outlier when its score is ≥ 10 × the median score
+OUTLIER_FACTOR = 10.0     # output outlier: the group's score is ≥ 10 × the median group score
+LOCAL_OUTLIER_FACTOR = 5.0  # local outlier: a member's own error is ≥ 5 × the median layer error
 
 
 @contextmanager
@@ -202,12 +207,20 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
         scored.append({"group": key, "layers": sorted(members), "error": score,
                        "bytes_saved_if_quantized": saved, "params": params,
                        "error_per_MB": score / max(saved, 1) * 1e6})
+    local_metric = "weight" if metric == "weight" else "activation"
+    local = {n: ranking_error(errors[n], local_metric) for n in cands}
+    local_median = statistics.median(local.values()) if local else 0.0
     median = statistics.median(s["error"] for s in scored) if scored else 0.0
-    threshold = OUTLIER_FACTOR * median
-    outliers = [s for s in scored if outliers_first and s["error"] > 0 and s["error"] >= threshold]
+    for s in scored:
+        s["layer_error"] = max(local[m] for m in s["layers"])
+    by_score = lambda s: (-s["error"], s["group"])  # noqa: E731
+    local_out = sorted((s for s in scored if outliers_first and s["layer_error"] > 0
+                        and s["layer_error"] >= LOCAL_OUTLIER_FACTOR * local_median), key=by_score)
+    output_out = sorted((s for s in scored if outliers_first and s not in local_out
+                         and s["error"] > 0 and s["error"] >= OUTLIER_FACTOR * median), key=by_score)
+    outliers = local_out + output_out
     rest = [s for s in scored if s not in outliers]
-    order = (sorted(outliers, key=lambda s: (-s["error"], s["group"]))
-             + sorted(rest, key=lambda s: (-s["error_per_MB"], s["group"])))
+    order = outliers + sorted(rest, key=lambda s: (-s["error_per_MB"], s["group"]))
     spent, extra_bytes, protected, chosen, left_out = 0.0, 0, set(), [], []
     for rank, s in enumerate(order):
         cost = s["params"] if unit == "params" else s["bytes_saved_if_quantized"]
@@ -216,14 +229,18 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
             spent += cost
             extra_bytes += s["bytes_saved_if_quantized"]
             protected.update(s["layers"])
-            chosen.append(dict(s, rank=rank, why="outlier" if is_outlier else "per byte"))
+            why = ("local outlier" if s in local_out else "output outlier" if is_outlier
+                   else "per byte")
+            chosen.append(dict(s, rank=rank, why=why))
         elif is_outlier:
             left_out.append({"group": s["group"], "error": s["error"], "cost": cost,
                              "budget_left": limit - spent})
     analysis = {"metric": metric, "budget": budget, "budget_unit": unit, "budget_limit": limit,
                 "budget_spent": spent, "extra_bytes": extra_bytes, "candidate_params": cand_params,
-                "median_error": median, "outlier_factor": OUTLIER_FACTOR if outliers_first else None,
-                "outliers": [s["group"] for s in sorted(outliers, key=lambda s: -s["error"])],
+                "median_error": median, "median_layer_error": local_median,
+                "outlier_factors": ({"output": OUTLIER_FACTOR, "local": LOCAL_OUTLIER_FACTOR}
+                                    if outliers_first else None),
+                "outliers": [s["group"] for s in outliers],
                 "outliers_over_budget": left_out,
                 "protected_groups": chosen,
                 "errors": {n: errors[n] for n in sorted(errors)}}
