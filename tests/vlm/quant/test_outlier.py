@@ -1,13 +1,5 @@
-"""Layers with planted activation outliers are protected by `dynamic` under its default budget.
-
-Plant (the classic case where activation outliers meet small weights): the input channels j of a
-linear get 1000× larger activations (the rows j of the layer that produces them × 1000) while the
-planted linear's columns j shrink 100×. ‖W‖ barely changes (the weight error stays ordinary), but
-NF4 rounds those small columns to ~0 relative to their block's absmax, and they now carry most of
-the output. Sites: decoder layer 1's down_proj (fed by up_proj, through SwiGLU's product), decoder
-layer 0's o_proj (fed by v_proj through attention, with grouped KV heads) and vision block 1's
-attention proj (fed by the v third of the fused qkv).
-"""
+"""Layers with planted activation outliers (vlm.quant.plants) are protected by `dynamic` under its
+default budget, on any CPU; `nf4` leaves them quantized."""
 
 import json
 import os
@@ -18,49 +10,14 @@ import sys
 import pytest
 import torch
 
-CHANNELS = (1, 5, 9, 13)
-
-
-def _plant(model, site: str) -> str:
-    """Plant outliers at ``site`` in ``model`` (in place); returns the planted layer's name."""
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        if site == "language_mlp":
-            mlp = "model.language_model.layers.1.mlp"
-            for j in (5, 40, 77, 100):
-                mods[f"{mlp}.up_proj"].weight[j] *= 1000.0
-                mods[f"{mlp}.down_proj"].weight[:, j] /= 100.0
-            return f"{mlp}.down_proj"
-        if site == "language_attention":
-            text = model.config.text_config
-            attn = "model.language_model.layers.0.self_attn"
-            head_dim = text.hidden_size // text.num_attention_heads
-            per_kv = text.num_attention_heads // text.num_key_value_heads
-            v, o = mods[f"{attn}.v_proj"], mods[f"{attn}.o_proj"]
-            for d in CHANNELS:                      # kv head 0, dim d feeds query heads 0..per_kv-1
-                v.weight[d] *= 1000.0
-                if v.bias is not None:
-                    v.bias[d] *= 1000.0
-                for h in range(per_kv):
-                    o.weight[:, h * head_dim + d] /= 100.0
-            return f"{attn}.o_proj"
-        if site == "vision_attention":
-            attn = "model.visual.blocks.1.attn"
-            qkv, proj = mods[f"{attn}.qkv"], mods[f"{attn}.proj"]
-            dim = proj.in_features                  # qkv rows: [q | k | v], v = rows 2·dim + j
-            for j in CHANNELS:
-                qkv.weight[2 * dim + j] *= 1000.0
-                qkv.bias[2 * dim + j] *= 1000.0
-                proj.weight[:, j] /= 100.0
-            return f"{attn}.proj"
-    raise ValueError(site)
+from vlm.quant.plants import plant_outliers
 
 
 def _planted_checkpoint(src, dst, site):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
-    name = _plant(model, site)
+    name = plant_outliers(model, site)
     shutil.copytree(src, dst)
     model.save_pretrained(dst)
     return name
@@ -98,7 +55,7 @@ def _analysis(path, site, policy="dynamic"):
     from vlm.quant.policy import QuantPolicy
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    planted = _plant(model, site)
+    planted = plant_outliers(model, site)
     model.to(torch.bfloat16)
     pol = QuantPolicy.parse(policy)
     batches = calibration_batches(None, AutoProcessor.from_pretrained(path),
