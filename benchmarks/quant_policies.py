@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]     # vlm is imported as installed (pip install -e .)
 
 # The larger base for the GPU (b): same family and data as the demo base, ~32 M parameters
 # (text 8 × (3·512² + 3·512·1408) ≈ 23.6 M, vision 8 × (4·256² + 2·256·1024) ≈ 6.3 M, merger ≈ 1.6 M).
