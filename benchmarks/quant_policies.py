@@ -46,7 +46,7 @@ LARGE_MROPE = [8, 12, 12]                       # sums to head_dim / 2 = 64 / 2
 LARGE_VISION = dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4)
 
 
-def _variants(plan, errors, ratio: float, random_seeds: int) -> list[dict]:
+def _variants(plan, errors, ratio: float, random_seeds: int, loo=None) -> list[dict]:
     """Rows: name, budget label, precisions per layer, and (for random) the seed."""
     from vlm.quant.policy import QUANTIZED
     from vlm.quant.sensitivity import choose_protected
@@ -89,6 +89,10 @@ def _variants(plan, errors, ratio: float, random_seeds: int) -> list[dict]:
         new, analysis = choose_protected(plan, errors, budget=extra, metric="output")
         rows.append({"name": "policy", "budget": label, "prec": protect(new),
                      "outliers": analysis["outliers"]})
+        if loo is not None:
+            new, analysis = choose_protected(plan, loo, budget=extra, metric="output")
+            rows.append({"name": "policy (leave-one-out)", "budget": label, "prec": protect(new),
+                         "outliers": analysis["outliers"]})
     return rows
 
 
@@ -134,7 +138,9 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     calib = calibration_batches(None, processor, n=policy.calibration_samples, seed=policy.seed)
     errors = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
-                     seed=policy.seed)
+                     seed=policy.seed, mode="isolated")
+    loo = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
+                  seed=policy.seed, mode="leave_one_out")
     analysis_s = time.perf_counter() - t0
 
     image_size = model.config.vision_config.patch_size * 8
@@ -144,7 +150,7 @@ def run(args) -> dict:
     ref = reference_logits(model, batches)
     ref_captions = _captions(model, processor, items, args.batch_size)
     refs = [it.reference for it in items]
-    rows = _variants(plan, errors, args.ratio, args.random_seeds)
+    rows = _variants(plan, errors, args.ratio, args.random_seeds, loo)
     results = []
     for row in rows:
         a = agreement(model, row["prec"], batches, double_quant=True, reference=ref)

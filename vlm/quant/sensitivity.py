@@ -21,7 +21,8 @@
      a. local outliers: groups with a member whose own error (e_a; e_w where it never ran) is
         ≥ LOCAL_OUTLIER_FACTOR × the median layer error: NF4 destroys most of that layer's
         output, whatever the calibration logits say (a random or image-blind model barely reads
-        a vision layer, a trained one may on other images); largest s_g first;
+        a vision layer, a trained one may on other images); largest own error first (the KL on
+        calibration data can misjudge them: benchmarks/results/quant_policies_*.md);
      b. output outliers: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first.
         A layer whose error stands far above the rest is never left quantized for marginal gains
         on small layers while the budget can hold it;
@@ -76,7 +77,7 @@ def upcast(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
 
 def measure(model: nn.Module, names: dict[str, str], batches: list[dict] | None, *,
             double_quant: bool = True, max_rows: int = 256, seed: int = 0, output: bool = True,
-            fp32: bool = True) -> dict[str, dict]:
+            fp32: bool = True, mode: str = "isolated") -> dict[str, dict]:
     """Errors of each layer ``name`` quantized to ``names[name]``.
 
     → {name: {precision, weight_error, activation_error, rows, output_kl, group}}; ``output_kl``
@@ -102,7 +103,7 @@ def measure(model: nn.Module, names: dict[str, str], batches: list[dict] | None,
             tied = _tied_to_embeddings(model)
             kls = output_sensitivity(model, {g: {m: names[m] for m in ms if m not in tied}
                                              for g, ms in groups.items()}, batches,
-                                     double_quant=double_quant)
+                                     double_quant=double_quant, mode=mode)
             for g, members in groups.items():
                 for m in members:
                     if m not in tied:
@@ -144,22 +145,56 @@ def _log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def output_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], batches: list[dict], *,
-                       double_quant: bool = True) -> dict[str, float]:
-    """{group: mean KL(p₁₆ ‖ q_g)} with only that group's layers quantized (see module docstring)."""
+                       double_quant: bool = True, mode: str = "isolated") -> dict[str, float]:
+    """{group: KL score} (see the module docstring).
+
+    ``isolated``: KL(p₁₆ ‖ q) with only the group quantized.
+    ``leave_one_out``: KL(p₁₆ ‖ q_all) − KL(p₁₆ ‖ q_all¬g), every candidate quantized but the
+    group: what protecting g gains where everything else is NF4 (clamped at 0). Holds a
+    dequantized copy of every candidate weight (2× the candidates' fp32 bytes)."""
     out: dict[str, float] = {}
+    modules = dict(model.named_modules())
     with torch.no_grad():
         ref = [_log_probs(model, b) for b in batches]
         n = sum(r.shape[0] for r in ref)
-        for g, precisions in groups.items():
-            if not precisions:
-                out[g] = None
-                continue
-            kl = 0.0
-            with simulated(model, precisions, double_quant):
-                for b, lp in zip(batches, ref):
-                    lq = _log_probs(model, b)
-                    kl += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
-            out[g] = kl / max(n, 1)
+
+        def kl_now() -> float:
+            total = 0.0
+            for b, lp in zip(batches, ref):
+                lq = _log_probs(model, b)
+                total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            return total / max(n, 1)
+
+        if mode == "isolated":
+            for g, precisions in groups.items():
+                if not precisions:
+                    out[g] = None
+                    continue
+                with simulated(model, precisions, double_quant):
+                    out[g] = kl_now()
+            return out
+        if mode != "leave_one_out":
+            raise ValueError(f"unknown sensitivity mode {mode!r}")
+        every = {m: p for ps in groups.values() for m, p in ps.items()}
+        with simulated(model, every, double_quant):
+            deq = {m: modules[m].weight.data for m in every}
+        originals = {m: modules[m].weight.data for m in every}
+        try:
+            for m in every:
+                modules[m].weight.data = deq[m]
+            kl_all = kl_now()
+            for g, precisions in groups.items():
+                if not precisions:
+                    out[g] = None
+                    continue
+                for m in precisions:
+                    modules[m].weight.data = originals[m]
+                out[g] = max(0.0, kl_all - kl_now())
+                for m in precisions:
+                    modules[m].weight.data = deq[m]
+        finally:
+            for m, w in originals.items():
+                modules[m].weight.data = w
     return out
 
 
@@ -215,7 +250,8 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
         s["layer_error"] = max(local[m] for m in s["layers"])
     by_score = lambda s: (-s["error"], s["group"])  # noqa: E731
     local_out = sorted((s for s in scored if outliers_first and s["layer_error"] > 0
-                        and s["layer_error"] >= LOCAL_OUTLIER_FACTOR * local_median), key=by_score)
+                        and s["layer_error"] >= LOCAL_OUTLIER_FACTOR * local_median),
+                       key=lambda s: (-s["layer_error"], s["group"]))
     output_out = sorted((s for s in scored if outliers_first and s not in local_out
                          and s["error"] > 0 and s["error"] >= OUTLIER_FACTOR * median), key=by_score)
     outliers = local_out + output_out
