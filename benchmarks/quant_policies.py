@@ -136,14 +136,19 @@ def run(args) -> dict:
     plan = resolve_plan(policy, model, family)
     cands = {n: lp.precision for n, lp in plan.layers.items() if lp.precision != "bf16"}
     t0 = time.perf_counter()
-    calib = calibration_batches(None, processor, n=policy.calibration_samples, seed=policy.seed)
+    image_size = model.config.vision_config.patch_size * 8
+    if args.calibration == "scenes":      # the user's own kind of data (other scenes than the eval's)
+        with tempfile.TemporaryDirectory() as tmp:
+            calib = _eval_batches(processor, heldout_items(tmp, DEFAULT_VOCAB, n=args.calibration_samples,
+                                                           seed=77, image_size=image_size))
+    else:                                 # the product's default: synthetic shapes (vlm.quant.calibration)
+        calib = calibration_batches(None, processor, n=args.calibration_samples, seed=policy.seed)
     errors = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
                      seed=policy.seed, mode="isolated")
     loo = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
                   seed=policy.seed, mode="leave_one_out")
     analysis_s = time.perf_counter() - t0
 
-    image_size = model.config.vision_config.patch_size * 8
     with tempfile.TemporaryDirectory() as tmp:
         items = heldout_items(tmp, DEFAULT_VOCAB, n=args.eval_samples, seed=4242, image_size=image_size)
     batches = _eval_batches(processor, items)
@@ -165,6 +170,7 @@ def run(args) -> dict:
             "planted_protected": None if planted is None else row["prec"][planted] == "bf16"})
     table = _aggregate(results)
     return {"model": str(args.model), "device": args.device, "dtype": args.dtype,
+            "calibration": f"{args.calibration} × {args.calibration_samples}",
             "planted": planted, "analysis_seconds": round(analysis_s, 2),
             "eval_samples": args.eval_samples, "ratio": args.ratio, "rows": table, "raw": results}
 
@@ -197,7 +203,7 @@ def _aggregate(results: list[dict]) -> list[dict]:
 
 def markdown(report: dict) -> str:
     lines = [f"model `{report['model']}`, {report['device']} {report['dtype']}, "
-             f"{report['eval_samples']} held-out scenes"
+             f"{report['eval_samples']} held-out scenes, calibration {report['calibration']}"
              + (f", planted outliers in `{report['planted']}`" if report["planted"] else ""),
              "",
              "| variant | budget | MB | × nf4 | KL vs bf16 | gap closed | top-1 | caption exact "
@@ -213,14 +219,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def train_large_base(out: Path, device: str, steps: int) -> Path:
+def train_large_base(out: Path, device: str, steps: int, n_train: int) -> Path:
     """(b): the demo base's recipe at ~32 M parameters, trained on the project's synthetic scenes."""
     from vlm.zoo.demo_base import build_untrained, train_base
 
     if (out / "config.json").exists():
         return out
     build_untrained(out, seed=0, text=LARGE_TEXT, vision=LARGE_VISION, mrope_section=LARGE_MROPE)
-    report = train_base(out, seed=0, steps=steps, n_train=8000, lr=1e-3, device=device)
+    report = train_base(out, seed=0, steps=steps, n_train=n_train, lr=1e-3, device=device)
     (out / "train_report.json").write_text(json.dumps({k: v for k, v in report.items()}, indent=1))
     return out
 
@@ -235,10 +241,15 @@ def main(argv=None) -> int:
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--calibration", choices=("default", "scenes"), default="default",
+                    help="default: the product's synthetic shapes; scenes: other scenes of the "
+                         "eval's kind, as a user calibrating on their own data")
+    ap.add_argument("--calibration-samples", type=int, default=4)
     ap.add_argument("--planted", choices=("language_mlp", "language_attention", "vision_attention"))
     ap.add_argument("--train-base", metavar="DIR", help="train the ~32 M base into DIR (if absent) "
                     "and benchmark it (GPU: a few minutes)")
     ap.add_argument("--train-steps", type=int, default=3000)
+    ap.add_argument("--train-samples", type=int, default=8000)
     ap.add_argument("--tiny", action="store_true", help="smoke run: a tiny random zoo model, 8 scenes")
     args = ap.parse_args(argv)
     torch.set_num_threads(1) if args.device == "cpu" else None
@@ -250,7 +261,8 @@ def main(argv=None) -> int:
         args.model = str(build_tiny("qwen2_vl", out / "tiny_qwen2_vl"))
         args.eval_samples, args.random_seeds = 8, 2
     if args.train_base:
-        args.model = str(train_large_base(Path(args.train_base), args.device, args.train_steps))
+        args.model = str(train_large_base(Path(args.train_base), args.device, args.train_steps,
+                                          args.train_samples))
     report = run(args)
     from vlm.atomic import write_json, write_text
 
