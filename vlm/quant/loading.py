@@ -7,9 +7,12 @@
    loads the 16-bit weights once on ``device``, measures every candidate layer on calibration
    batches (vlm.quant.sensitivity) and protects the worst under the budget, then frees them;
 3. load through transformers + bitsandbytes with a ``BitsAndBytesConfig`` whose
-   ``llm_int8_skip_modules`` lists every 16-bit linear by full name (vlm.quant.plan.skip_modules)
-   plus vLLM's names for them, and check that the set of bitsandbytes layers equals the plan
-   (a mismatch is an error, never a silent difference);
+   ``llm_int8_skip_modules`` is ONE merged pattern of the 16-bit linears (plan.skip_pattern: one
+   regex for transformers to try per module, not one per kept layer), then write into the saved
+   config the explicit list: every 16-bit linear by full name (plan.skip_modules) plus vLLM's
+   names for them; check that the set of bitsandbytes layers equals the plan (a mismatch is an
+   error, never a silent difference); every 4-bit layer takes bitsandbytes'
+   portable CPU path, whatever the CPU (vlm.quant.cpu_path);
 4. record the policy, the plan and the analysis in ``model.config.vlmtune["quant"]``: it rides in
    config.json next to the standard ``quantization_config`` when the model is saved.
 
@@ -28,6 +31,7 @@ import torch
 
 from vlm.errors import VlmError
 from vlm.quant.calibration import calibration_batches
+from vlm.quant.cpu_path import use_portable_cpu_path
 from vlm.quant.plan import QuantPlan, quantizable_linears, resolve_plan
 from vlm.quant.policy import FOUR_BIT, QUANTIZED, QuantPolicy
 from vlm.quant.sensitivity import choose_protected, measure
@@ -197,6 +201,7 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
     model = AutoModelForImageTextToText.from_pretrained(
         source, quantization_config=qconfig, dtype=dtype, device_map=device)
     model.config.quantization_config.llm_int8_skip_modules = saved_skip
+    use_portable_cpu_path(model)   # same numbers on every CPU; no repack crash (vlm.quant.cpu_path)
     verify(model, plan)
     attach_metadata(model, plan)
     return model
