@@ -1,8 +1,11 @@
 """``VlmTrainer``: transformers' Trainer plus what VLM fine-tuning needs.
 
 - atomic checkpoints (``vlm.train.checkpoints``) that record their process count and global batch
-  (``vlm.train.distributed``: resume on another number of processes),
-- tokens counted per step (non-padding tokens) for tokens/s,
+  (``vlm.train.distributed``: resume on another number of processes), their config and the run's
+  totals so far (tokens, seconds, segments),
+- tokens counted per step (non-padding tokens) for tokens/s, over the whole run and in steady state
+  (from the start of optimizer step ``STEADY_AFTER + 1``: compile and warm-up excluded),
+- peak memory split into loading (everything before the first step) and training,
 - an optional sampler supplied by the data pipeline (length-grouped, seeded: resume-exact),
 - loss computed by the model (so fused-CE kernels patched into the model apply).
 """
@@ -15,7 +18,10 @@ import time
 import torch
 from transformers import Trainer
 
-from vlm.train.checkpoints import mark_complete
+from vlm.atomic import space_error
+from vlm.train.checkpoints import begin_save, mark_complete
+
+STEADY_AFTER = 2   # optimizer steps left out of the steady-state rate (compile, allocator warm-up)
 
 
 class VlmTrainer(Trainer):
@@ -27,6 +33,13 @@ class VlmTrainer(Trainer):
         self.train_seconds = 0.0      # wall time from the first step's start to the last log
         self._t0 = None
         self._tokens0 = 0
+        self._steady0 = None          # (time, tokens) when optimizer step STEADY_AFTER + 1 began
+        self.steady_tokens_per_s = None
+        self.load_peak_bytes = None   # peak memory before the first step (model load, data, setup)
+        # set by the recipe: recorded in each checkpoint's completion marker (vlm.train.checkpoints)
+        self.checkpoint_record: dict = {}
+        self.run_before: dict = {}            # run totals of the checkpoint resumed from
+        self.segment_start = time.perf_counter()
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler_factory is not None:
@@ -36,6 +49,11 @@ class VlmTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._t0 is None:
             self._t0, self._tokens0 = time.perf_counter(), self.tokens_seen
+            self.load_peak_bytes = self.peak_memory_bytes()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()   # from here on: the training peak
+        if self._steady0 is None and self.state.global_step >= STEADY_AFTER:
+            self._steady0 = (time.perf_counter(), self.tokens_seen)
         mask = inputs.get("attention_mask")
         if mask is not None:
             self.tokens_seen += int(mask.sum())
@@ -52,19 +70,47 @@ class VlmTrainer(Trainer):
             self.train_seconds = time.perf_counter() - self._t0
             if self.train_seconds > 0:
                 logs["tokens_per_s"] = round((self.tokens_seen - self._tokens0) / self.train_seconds, 1)
+        if self._steady0 is not None:
+            t, n = self._steady0
+            if time.perf_counter() > t and self.tokens_seen > n:
+                self.steady_tokens_per_s = round((self.tokens_seen - n) / (time.perf_counter() - t), 1)
+                logs["tokens_per_s_steady"] = self.steady_tokens_per_s
         key = "mem_gib" if torch.cuda.is_available() else "rss_gib"
         logs[key] = round(self.peak_memory_bytes() / 2**30, 3)
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            begin_save(folder, self.state.global_step)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:  # a full disk surfaces from torch as "unexpected pos ...": name it
+            full = space_error(run_dir, folder)
+            if full is None:
+                raise
+            raise full from e
+        totals = self.run_totals()  # a collective: every process is here
         if self.args.should_save:
             from vlm.train.distributed import write_meta
 
-            run_dir = self._get_output_dir(trial=trial)
-            write_meta(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"), self.args)
-            mark_complete(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"),
-                          self.state.global_step)
+            write_meta(folder, self.args)
+            mark_complete(folder, self.state.global_step, {**self.checkpoint_record, "run": totals})
+
+    def run_totals(self) -> dict:
+        """The run so far, over every process and every segment (``run_before``: the totals recorded
+        in the checkpoint this segment resumed from)."""
+        from vlm.train.distributed import sum_over_processes
+
+        now = time.perf_counter()
+        before = self.run_before
+        return {"tokens": int(before.get("tokens", 0) + sum_over_processes(self, self.tokens_seen)),
+                "label_tokens": int(before.get("label_tokens", 0)
+                                    + sum_over_processes(self, self.label_tokens_seen)),
+                "train_seconds": round(before.get("train_seconds", 0) + (now - self._t0 if self._t0 else 0.0), 3),
+                "wall_seconds": round(before.get("wall_seconds", 0) + now - self.segment_start, 3),
+                "segments": int(before.get("segments", 0)) + 1}
 
     def peak_memory_bytes(self) -> int:
         if torch.cuda.is_available():
