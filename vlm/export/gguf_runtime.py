@@ -70,7 +70,9 @@ class GgufModel:
         layout: list[int] = []
         try:
             inp = mtmd.mtmd_input_text()
-            inp.text = text.encode()
+            encoded = text.encode()   # kept alive: the struct holds only a pointer to it
+            inp.text = encoded
+            inp.text_len = len(encoded)
             inp.add_special = True
             inp.parse_special = True
             arr = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)

@@ -4,6 +4,12 @@ On one image prompt (the family's chat template, the image at its placeholder): 
 layout (llama.cpp's tokenizer + mtmd vs transformers' processor), greedy tokens (both with EOS
 banned, as ``min_new_tokens`` does, so both run ``n`` steps), and teacher-forced logits along
 transformers' greedy tokens: max |Δ logit|, top-1 agreement and mean KL(transformers ‖ llama.cpp).
+
+Where the prompt layouts differ, the difference is reported (``prompt_diff``: the tokens llama.cpp
+has that transformers has not) and transformers is then run on llama.cpp's layout, so the logits
+compare the weights and the compute, not the tokenizers. Known case: SentencePiece vocabularies
+(LLaVA-1.5's Llama 2) — mtmd tokenizes the text after an image as a new segment and llama.cpp
+puts the word-start mark ``▁`` before it; transformers does not.
 """
 
 from __future__ import annotations
@@ -30,6 +36,18 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     return (p.exp() * (p - q)).sum(-1).numpy()
 
 
+def _extra_tokens(longer: list[int], shorter: list[int]) -> list[int]:
+    """Tokens of ``longer`` left over after matching ``shorter`` in order (a subsequence walk)."""
+    import difflib
+
+    sm = difflib.SequenceMatcher(a=shorter, b=longer, autojunk=False)
+    extra = []
+    for op, a0, a1, b0, b1 in sm.get_opcodes():
+        if op != "equal":
+            extra += longer[b0:b1] + [-1] * (a1 - a0)   # -1: a transformers token llama.cpp lacks
+    return extra
+
+
 @torch.no_grad()
 def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tokens: int = 8,
                               text: str = "Describe the image.") -> dict:
@@ -42,6 +60,14 @@ def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tok
     image = probe_image_for(processor)
     prompt = processor.apply_chat_template(probe_messages(text), add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    gg = GgufModel(gguf_dir)
+    image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    gg_text = prompt.replace(family.image_placeholder, gg.marker)
+    layout, _ = gg.prompt(gg_text, [image], image_token_id)
+    hf_ids = inputs["input_ids"][0].tolist()
+    diff = [] if layout == hf_ids else _extra_tokens(layout, hf_ids)
+    if diff:
+        inputs = dict(inputs, input_ids=torch.tensor([layout]), attention_mask=torch.ones(1, len(layout), dtype=torch.long))
     gen = model.generation_config
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     eos = tuple(int(e) for e in eos if e is not None)
@@ -49,12 +75,8 @@ def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tok
                          output_logits=True, return_dict_in_generate=True)
     hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     hf_logits = torch.stack(out.logits, 1)[0].float().numpy()
-    image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
     del model
-
-    gg = GgufModel(gguf_dir)
     try:
-        gg_text = prompt.replace(family.image_placeholder, gg.marker)
         layout, gg_tokens, _ = gg.greedy(gg_text, [image], image_token_id, n_tokens, banned=eos)
         tf = gg.teacher_forced(gg_text, [image], image_token_id, hf_tokens)
     finally:
@@ -62,7 +84,8 @@ def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tok
     hf_for_cmp = hf_logits.copy()
     hf_for_cmp[:, list(eos)] = tf[:, list(eos)]   # transformers set banned EOS logits to -inf
     return {
-        "prompt_tokens_equal": layout == inputs["input_ids"][0].tolist(),
+        "prompt_tokens_equal": not diff,
+        "prompt_diff": [processor.tokenizer.convert_ids_to_tokens(t) if t >= 0 else "<missing>" for t in diff],
         "prompt_tokens": len(layout),
         "tokens_equal": gg_tokens == hf_tokens,
         "hf_tokens": hf_tokens, "gguf_tokens": gg_tokens,
