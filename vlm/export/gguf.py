@@ -67,9 +67,9 @@ def _family(config_dir: Path):
 
     family = family_for_config(load_config(config_dir))
     if family.gguf is None:
-        raise GgufExportError(f"{config_dir}: llama.cpp cannot run {family.description} (no text+projector GGUF "
-                              "route in llama.cpp for it); `vlm export --merged` gives a checkpoint vLLM and "
-                              "transformers run")
+        raise GgufExportError(f"{config_dir}: no verified llama.cpp route for {family.description} (llama.cpp "
+                              "cannot run it, or its projector GGUF does not load: see the family file); "
+                              "`vlm export --merged` gives a checkpoint vLLM and transformers run")
     return family
 
 

@@ -1,6 +1,6 @@
 """Pixtral in the HF LLaVA layout: Pixtral ViT (2-D RoPE, any resolution) + projector + Mistral."""
 
-from vlm.families.base import Family, GgufSupport, VllmSupport
+from vlm.families.base import Family, VllmSupport
 
 
 def _pixtral_vision(config) -> bool:
@@ -45,10 +45,8 @@ FAMILY = Family(
     image_token_rule="rows: [IMG]×cols then [IMG_BREAK] per row, the last row ending in [IMG_END]",
     zoo_variants=("pixtral",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),
-    gguf=GgufSupport(
-        mmproj="converter",
-        ollama_template=(
-            "{{- range .Messages }}{{ if eq .Role \"user\" }}[INST]{{ .Content }}[/INST]"
-            "{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}"),
-        stop=("</s>", "[INST]")),
+    # No GGUF export: llama.cpp's converter (0.3.36) writes a Pixtral projector without the
+    # [IMG_BREAK] embedding (v.token_embd.img_break) from a transformers-5 checkpoint, and mtmd then
+    # refuses to load it ("unable to find tensor v.token_embd.img_break"). Refused before work.
+    gguf=None,
 )

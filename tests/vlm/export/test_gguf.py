@@ -33,7 +33,7 @@ def test_family_llama_cpp_cannot_run_is_refused_first(variant, tmp_path, monkeyp
     monkeypatch.setenv("VLM_GGUF_CACHE", str(tmp_path / "empty-cache"))   # no toolchain either:
     monkeypatch.delenv("VLM_LLAMA_CPP_SRC", raising=False)               # the family is named first
     src = build_tiny(variant, tmp_path / variant)
-    with pytest.raises(GgufExportError, match="llama.cpp cannot run"):
+    with pytest.raises(GgufExportError, match="no verified llama.cpp route"):
         export_gguf(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
