@@ -35,9 +35,25 @@ class GgufModel:
         self.model_path = _one(folder, "model-*.gguf")
         self.mmproj_path = _one(folder, "mmproj-*.gguf")
         self._mtmd = mtmd
-        self.llama = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                     n_threads=n_threads, n_threads_batch=n_threads, logits_all=True,
-                                     verbose=False)
+        # Weights in the plain CPU buffer (llama.cpp's `--no-extra-bufts`): the extra buffer types
+        # repack for AMX / other kernels, and on a CPU that advertises AMX where the kernel does not
+        # grant tile use (seen here: Sapphire Rapids in a container) a q8_0 matmul dies with SIGILL.
+        # llama_cpp.Llama has no argument for it, so its default-params function is swapped while
+        # the model loads.
+        default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_bufts
+        try:
+            self.llama = llama_cpp.Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_ctx,
+                                         n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                         logits_all=True, verbose=False)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = default_params
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False

@@ -167,7 +167,8 @@ def test_eval_gguf_variant_in_the_same_table(tmp_path):
     rng = np.random.default_rng(0)
     records = []
     for i, cap in enumerate(["a red circle on white", "two blue squares"]):
-        Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        # 112 px: llama.cpp upsizes Qwen-VL images under 6272 px (its own floor), transformers does not
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         records.append({"id": f"i{i}", "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": cap}]})
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
