@@ -86,7 +86,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     plan = fast_path.resolve(cfg, device, strat)
     precision = _precision_flags(cfg.training.precision, device)
 
-    calibration = cfg.data.train[0].path if cfg.data.train else None
+    # the data section's image root and bad-record policy hold for calibration records too
+    calibration = ({"path": cfg.data.train[0].path, "image_root": cfg.data.image_root,
+                    "on_error": cfg.data.on_error} if cfg.data.train else None)
     model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
                                 calibration=calibration,
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
@@ -94,6 +96,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
                                   train_on=cfg.data.train_on, overlong=cfg.data.overlong,
+                                  video_fps=cfg.data.video_fps, video_max_frames=cfg.data.video_max_frames,
                                   pad_to_multiple_of=plan.pad_to,
                                   resolution=None if resolution.is_default() else resolution)
     train_set, data_report = prepare_train_set(cfg, collator, out)
