@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vlm.errors import ConfigError, VlmError
+from vlm.errors import ConfigError
 from vlm.atomic import ensure_writable_folder, write_json
 from vlm.train import fast_path
 from vlm.train.checkpoints import checkpoint_record, resume_point, run_totals
