@@ -82,14 +82,21 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
     print(f"torch.compile: {n_layers} language decoder layers"
           + (f", {done.compiled_vision_blocks} frozen vision blocks" if done.compiled_vision_blocks else "")
           + " (compiled on the first step)"
-          + (f"; CUDA graphs, every batch padded to {plan.pad_to} tokens" if plan.cuda_graphs else ""))
-    if plan.cuda_graphs:
+          + (f"; CUDA graphs, {graph_shapes(cfg, plan)}" if plan.cuda_graphs else ""))
+    if plan.cuda_graphs and not cfg.data.max_tokens_per_batch:
         print(padding_note(lengths, plan.pad_to))
     done.mlp_chunks = cfg.training.mlp_chunks
     if done.mlp_chunks > 1:
         chunk_mlps(model, family, done.mlp_chunks)
         print(f"MLP over {done.mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
     return done
+
+
+def graph_shapes(cfg, plan: Plan) -> str:
+    """What shapes the CUDA graphs are recorded for."""
+    if cfg.data.max_tokens_per_batch:
+        return f"rows of data.max_tokens_per_batch={cfg.data.max_tokens_per_batch} tokens"
+    return f"every batch padded to {plan.pad_to} tokens"
 
 
 def padding_note(lengths: list[int], pad_to: int) -> str:

@@ -4,7 +4,11 @@
   (``vlm.train.distributed``: resume on another number of processes),
 - tokens counted per step (non-padding tokens) for tokens/s,
 - an optional sampler supplied by the data pipeline (length-grouped, seeded: resume-exact),
-- loss computed by the model (so fused-CE kernels patched into the model apply).
+- loss computed by the model (so fused-CE kernels patched into the model apply),
+- a clock per optimizer step (``step_times``: seconds since the first step began, non-padding tokens
+  and seconds waited for data so far; CUDA synchronized, so a steady-state rate can skip the warm-up/compile steps), the end of
+  the first step (``first_step_end``, for the startup report) and the time the loop spent waiting for
+  the next batch from the DataLoader (``data_wait_seconds``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import time
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from vlm.train.checkpoints import mark_complete
 
@@ -27,6 +31,14 @@ class VlmTrainer(Trainer):
         self.train_seconds = 0.0      # wall time from the first step's start to the last log
         self._t0 = None
         self._tokens0 = 0
+        self.first_step_end = None    # perf_counter when the first optimizer step was done
+        # (step, seconds since the first step began, tokens, seconds waited for data): all cumulative
+        self.step_times: list[tuple[int, float, int, float]] = []
+        self.data_wait_seconds = 0.0
+        self.add_callback(_StepClock(self))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        return super().get_batch_samples(_TimedBatches(epoch_iterator, self), num_batches, device)
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler_factory is not None:
@@ -72,3 +84,37 @@ class VlmTrainer(Trainer):
         from vlm.train.metrics import peak_rss_bytes
 
         return peak_rss_bytes()
+
+
+class _TimedBatches:
+    """The epoch iterator, timing each ``next`` (the loop blocked on data: collation when there are
+    no workers, else waiting for a worker's batch)."""
+
+    def __init__(self, iterator, trainer: VlmTrainer):
+        self.iterator, self.trainer = iterator, trainer
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.trainer.data_wait_seconds += time.perf_counter() - t
+
+
+class _StepClock(TrainerCallback):
+    def __init__(self, trainer: VlmTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tr = self.trainer
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if tr.first_step_end is None:
+            tr.first_step_end = now
+        if tr._t0 is not None:
+            tr.step_times.append((state.global_step, round(now - tr._t0, 4), tr.tokens_seen - tr._tokens0,
+                                  round(tr.data_wait_seconds, 4)))
