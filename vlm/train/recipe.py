@@ -176,6 +176,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     adapter_state = dist.adapter_state_dict(model) if strat == "fsdp" else None
     tokens = dist.sum_over_processes(trainer, trainer.tokens_seen)
     label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
+    computed = dist.sum_over_processes(trainer, trainer.computed_tokens)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     if w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
@@ -207,6 +208,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "strategy": strat,
         "tokens": int(tokens),              # over all processes
         "label_tokens": int(label_tokens),
+        "computed_tokens": int(computed),   # padding included
+        "padding_fraction": round(1 - tokens / computed, 4) if computed else None,
         "train_seconds": round(trainer.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "tokens_per_s": round(tokens / trainer.train_seconds, 1) if trainer.train_seconds else None,

@@ -28,6 +28,7 @@ class VlmTrainer(Trainer):
         self._train_sampler_factory = train_sampler_factory
         self.tokens_seen = 0          # non-padding tokens through forward (this process)
         self.label_tokens_seen = 0    # tokens that carried a loss
+        self.computed_tokens = 0      # tokens through forward, padding included
         self.train_seconds = 0.0      # wall time from the first step's start to the last log
         self._t0 = None
         self._tokens0 = 0
@@ -48,6 +49,9 @@ class VlmTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._t0 is None:
             self._t0, self._tokens0 = time.perf_counter(), self.tokens_seen
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            self.computed_tokens += ids.numel()
         mask = inputs.get("attention_mask")
         if mask is not None:
             self.tokens_seen += int(mask.sum())
