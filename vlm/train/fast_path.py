@@ -30,6 +30,7 @@ class Applied:
     vision_attention_batched: int = 0
     kernels: Any = None            # vlm.kernels PatchReport, or None with kernels: false
     compiled_vision_blocks: int = 0
+    compiled_layers: int = 0
     mlp_chunks: int = 1
 
 
@@ -78,7 +79,8 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
         # frames/windows (other sizes: HF's split, a graph break inside each block, still
         # correct); other towers graph-break (transformers' output-capturing hooks): left eager
         done.compiled_vision_blocks = compile_vision_blocks(model, family)
-    n_layers = compile_language_layers(model, family, mode="reduce-overhead" if plan.cuda_graphs else None)
+    n_layers = done.compiled_layers = compile_language_layers(
+        model, family, mode="reduce-overhead" if plan.cuda_graphs else None)
     print(f"torch.compile: {n_layers} language decoder layers"
           + (f", {done.compiled_vision_blocks} frozen vision blocks" if done.compiled_vision_blocks else "")
           + " (compiled on the first step)"
