@@ -18,8 +18,10 @@ from vlm.data_formats.collator import IGNORE_INDEX, VisionChatCollator
 from vlm.data_formats.conversation import Conversation, ImageRef, ImageSlot, Turn
 from vlm.data_formats.packing import (PackingCollator, bucket_length, packing_refusal, plan_packs,
                                       plan_padded_batches)
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, VlmError
 from vlm.zoo import VARIANTS
+
+from ._tiny_run import write_config
 
 
 def _image(w, h, color):
@@ -121,3 +123,44 @@ def test_bucket_lengths_are_few():
     shapes = {bucket_length(n, 8192, 16) for n in range(1, 8193)}
     assert len(shapes) == 16 and max(shapes) == 8192
     assert all(bucket_length(n, 8192, 16) >= n for n in range(1, 8193, 7))
+
+
+def _train(tmp_path, checkpoint, data_json, **extra):
+    from vlm.train.config import load_config
+    from vlm.train.recipe import train
+
+    cfg = write_config(tmp_path, checkpoint, data_json, max_steps=3, save_steps=100, batch_size=1,
+                       extra={"data.max_tokens_per_batch": 256, "training.grad_accum": 2, **extra})
+    return train(load_config(cfg), progress=False).summary
+
+
+def test_vlm_train_packs_by_tokens_and_reports_startup(tmp_path, tiny_checkpoint, capsys):
+    from vlm.data_formats.synthetic import generate
+
+    data = generate(tmp_path / "data", n=40, seed=1)
+    s = _train(tmp_path, tiny_checkpoint("qwen2_vl"), data.sharegpt_json)
+    budget = s["data"]["token_budget"]
+    assert budget["packed"] and budget["samples_per_row"] > 3 and budget["padding_fraction"] < 0.05
+    assert s["steps"] == 3 and len(s["step_times"]) == 3
+    assert s["padding_fraction"] == pytest.approx(1 - s["tokens"] / s["computed_tokens"], abs=1e-4)
+    assert s["padding_fraction"] < 0.05
+    assert s["computed_tokens"] % 16 == 0   # rows padded to a length bucket (256 / 16 buckets apart)
+    startup = s["startup_seconds"]
+    assert startup["load_s"] > 0 and startup["first_step_s"] > 0
+    assert startup["to_first_step_s"] > startup["load_s"] + startup["first_step_s"]
+    out = capsys.readouterr().out
+    assert "startup: imports" in out and "packed" in out
+
+
+def test_vlm_train_mllama_falls_back_to_padded_rows_with_the_reason(tmp_path, tiny_checkpoint, capsys):
+    from vlm.data_formats.synthetic import generate
+
+    data = generate(tmp_path / "data", n=16, seed=1)
+    s = _train(tmp_path, tiny_checkpoint("mllama"), data.sharegpt_json)
+    budget = s["data"]["token_budget"]
+    assert not budget["packed"] and "mllama" in budget["packing_refused"]
+    assert s["steps"] == 3
+    assert "packing off (mllama: images enter through cross-attention" in capsys.readouterr().out
+    (tmp_path / "again").mkdir()
+    with pytest.raises(VlmError, match="data.packing: true, but mllama"):
+        _train(tmp_path / "again", tiny_checkpoint("mllama"), data.sharegpt_json, **{"data.packing": True})
