@@ -1,7 +1,8 @@
 """`vlm train` end to end on realistic data, beside transformers Trainer + PEFT, in one invocation.
 
     source benchmarks/device_install.sh         # on the device (carry .whl/bitsandbytes-*.whl for QLoRA)
-    python benchmarks/train_e2e.py --out /tmp/e2e --models 2b_lora,7b_qlora --steps 30 --warmup 8
+    python benchmarks/train_e2e.py --out /tmp/e2e --results $OUT --models 2b_lora --steps 24 --warmup 6
+    python benchmarks/train_e2e.py --out /tmp/e2e --results $OUT --models 7b_qlora --steps 16 --warmup 5
     python benchmarks/train_e2e.py --tiny --device cpu --out DIR     # CPU smoke run of every row
 
 Data: ``vlm.data_formats.synthetic_mixed`` (images 224² up to 1344 × 1008 with portrait/landscape
@@ -21,7 +22,8 @@ for every row. Models: random-weight Qwen2-VL at the real 2B / 7B shapes (benchm
 Per row: steady-state non-padding tokens/s (optimizer steps after ``--warmup``, so compile and the
 first-batch costs are out), startup (process start → first optimizer step done, and where it went),
 padding fraction of the tokens computed, share of steady step time spent blocked on the DataLoader,
-peak memory, loss at the last step (mean of the last 3). Writes ``train_e2e_<gpu|tiny>.{json,md}`` in --out.
+peak memory, loss at the last step (mean of the last 3). Writes ``train_e2e_<gpu|tiny>.{json,md}``
+in --results (default --out; a second invocation with the same --out reuses data and checkpoints).
 """
 
 from __future__ import annotations
@@ -211,14 +213,15 @@ def table(rows: list[dict], env: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="work folder: data, checkpoints, run outputs")
+    ap.add_argument("--results", help="where train_e2e_<gpu>.{json,md} go (default: --out)")
     ap.add_argument("--tiny", action="store_true", help="the zoo's tiny Qwen2-VL and small images (CPU smoke run)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--models", default="2b_lora,7b_qlora")
     ap.add_argument("--rows", default="hf,vlmtune")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=8, help="optimizer steps left out of the steady state")
-    ap.add_argument("--samples", type=int, default=1200)
+    ap.add_argument("--samples", type=int, default=800)
     ap.add_argument("--hf-workers", type=int, default=4, help="DataLoader workers of the hf row (as vlm's auto)")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for the vlmtune rows")
     args = ap.parse_args(argv)
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
                 rows.append({"row": row, "model": name, "error": str(e)[-3000:]})
                 print(rows[-1]["error"], flush=True)
             print(json.dumps(rows[-1], default=str)[:1500], flush=True)
-            write(root, rows, env)
+            write(Path(args.results or root), rows, env)
     print(table(rows, env))
     return 0 if all("error" not in r for r in rows) else 1
 
@@ -285,7 +288,12 @@ def write(root: Path, rows: list[dict], env: dict) -> None:
     from vlm.atomic import write_json, write_text
 
     stem = "train_e2e_" + env["gpu"].replace(" ", "_")
-    write_json(root / f"{stem}.json", {"env": env, "rows": rows})
+    path = root / f"{stem}.json"
+    if path.is_file():   # keep the other models' rows of an earlier invocation (one model per call)
+        new = {(r["model"], r["row"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if (r["model"], r["row"]) not in new] + rows
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"env": env, "rows": rows})
     write_text(root / f"{stem}.md", table(rows, env))
 
 
