@@ -156,10 +156,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
     )
+    note = dist.one_device_per_process(args, strat, w)
+    if note and w.is_main:
+        print(note)
     rows = budget.dataset if budget is not None else train_set
     trainer = VlmTrainer(model=model, args=args, train_dataset=rows, data_collator=data_collator,
                          train_sampler_factory=sampler_factory(rows, cfg.training.seed,
-                                                               cfg.data.group_by_length and budget is None))
+                                                               cfg.data.group_by_length and budget is None),
+                         optimizer_cls_and_kwargs=dist.optimizer_cls_and_kwargs(args, strat))
     dist.check_engaged(trainer, strat)
     try:
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -178,6 +182,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
     computed = dist.sum_over_processes(trainer, trainer.computed_tokens)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
+    load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
+    steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
     if w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
     history = trainer.state.log_history
@@ -213,8 +219,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "train_seconds": round(trainer.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "tokens_per_s": round(tokens / trainer.train_seconds, 1) if trainer.train_seconds else None,
+        # from optimizer step STEADY_AFTER + 1 on (compile excluded), summed over processes
+        "tokens_per_s_steady": round(steady, 1) if steady else None,
         "peak_memory_bytes": trainer.peak_memory_bytes(),
-        "peak_memory_bytes_per_process": peak_per_process,
+        "peak_memory_bytes_per_process": peak_per_process,       # training (from the first step)
+        "load_peak_memory_bytes_per_process": load_peak_per_process,  # before the first step
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
         "final_loss": losses[-1] if losses else None,
