@@ -80,6 +80,8 @@ def enable(model, family):
         kwargs["attention_mask"] = None
         kwargs["use_cache"] = False
         if mrope:
+            if kwargs.get("video_grid_thw") is not None:
+                raise ValueError("packed rows carry images only; video positions are not packed")
             if kwargs.get("mm_token_type_ids") is None:
                 raise ValueError("packed M-RoPE batch without mm_token_type_ids (the collator adds them)")
             kwargs["position_ids"] = mrope_positions(module, kwargs["input_ids"], positions,
