@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vlm.errors import ConfigError, VlmError
-from vlm.atomic import write_json
+from vlm.atomic import ensure_writable_folder, write_json
 from vlm.train import fast_path
 from vlm.train.checkpoints import latest_complete
 from vlm.train.config import TrainConfig, to_plain
@@ -70,14 +70,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     t_start = time.perf_counter()
     w = dist.world()
     strat = dist.strategy(cfg, w)  # single / ddp / fsdp: processes come from accelerate launch
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_folder(cfg.output)  # read-only / full / forbidden: said now, not at the first save
     resume_from = None
     if resume:
         resume_from = latest_complete(out)
         if resume_from is None:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
-        note = dist.reconcile_resume(resume_from, cfg, w)  # N processes -> M: same global batch
+        note = dist.reconcile_resume(resume_from, cfg, w, strat)  # N processes -> M: same global batch
         if note and w.is_main:
             print(note)
     elif any(out.glob("checkpoint-*")):
@@ -114,10 +113,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                            targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
                            use_rslora=cfg.lora.use_rslora,
                            gradient_checkpointing=cfg.training.gradient_checkpointing)
-    for w in caught:
-        msg = str(w.message)
-        if msg.startswith("vLLM serving:"):
-            print(f"warning: {msg}")
+    for caught_warning in caught:   # not `w`: that is the process world, used after training
+        if str(caught_warning.message).startswith("vLLM serving:"):
+            print(f"warning: {caught_warning.message}")
+        else:  # every other warning goes back to Python's machinery (filters, -W, logging capture)
+            warnings.warn_explicit(caught_warning.message, caught_warning.category,
+                                   caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
     packing_hook = packed_forward.enable(model, family) if budget is not None and budget.packed else None

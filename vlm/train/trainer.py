@@ -21,6 +21,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
+from vlm.atomic import space_error
 from vlm.train.checkpoints import mark_complete
 
 STEADY_AFTER = 2   # optimizer steps left out of the steady-state rate (compile, allocator warm-up)
@@ -90,7 +91,14 @@ class VlmTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:  # a full disk surfaces from torch as "unexpected pos ...": name it
+            run_dir = self._get_output_dir(trial=trial)
+            full = space_error(run_dir, os.path.join(run_dir, f"checkpoint-{self.state.global_step}"))
+            if full is None:
+                raise
+            raise full from e
         if self.args.should_save:
             from vlm.train.distributed import write_meta
 
