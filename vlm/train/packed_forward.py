@@ -12,8 +12,8 @@ batch,
   ``cu_seq_lens``). Nothing is built by hand here;
 - for M-RoPE families (``family.extra["rope"] == "mrope"``: Qwen2-VL, Qwen2.5-VL) the three rotary
   axes (temporal, height, width) are computed per sample by the model's own ``get_rope_index`` — one
-  call over the samples stacked as rows, which consumes ``image_grid_thw`` in token order exactly as
-  the packed row does — and concatenated; the 1-D text positions go in front as row 0, the layout
+  call over the samples stacked as rows, which consumes ``image_grid_thw`` / ``video_grid_thw`` in
+  token order exactly as the packed row does — and concatenated; the 1-D text positions go in front as row 0, the layout
   (4, B, L) by which Qwen2-VL's text model recognises packed input.
 
 A forward with a KV cache (generation) or without 2-D ``position_ids`` passes through untouched.
@@ -43,8 +43,11 @@ def segments(text_positions: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def mrope_positions(mm_model, input_ids: torch.Tensor, text_positions: torch.Tensor,
-                    mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-    """(4, B, L): text positions, then the model's M-RoPE (t, h, w) positions of each sample."""
+                    mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                    **video) -> torch.Tensor:
+    """(4, B, L): text positions, then the model's M-RoPE (t, h, w) positions of each sample.
+    ``video``: ``video_grid_thw`` (and Qwen2.5-VL's ``second_per_grid_ts``), consumed in token order
+    like the image grids."""
     spans = [(b, s, e) for b in range(input_ids.shape[0]) for s, e in segments(text_positions[b])]
     width = max(e - s for _, s, e in spans)
     ids = input_ids.new_zeros((len(spans), width))
@@ -55,7 +58,8 @@ def mrope_positions(mm_model, input_ids: torch.Tensor, text_positions: torch.Ten
         types[k, :e - s] = mm_token_type_ids[b, s:e]
         real[k, :e - s] = 1
     per_sample, _ = mm_model.get_rope_index(input_ids=ids, mm_token_type_ids=types,
-                                            image_grid_thw=image_grid_thw, attention_mask=real)
+                                            image_grid_thw=image_grid_thw, attention_mask=real,
+                                            **{k: v for k, v in video.items() if v is not None})
     out = text_positions.new_zeros((4, *input_ids.shape))
     out[0] = text_positions
     for k, (b, s, e) in enumerate(spans):
@@ -80,12 +84,12 @@ def enable(model, family):
         kwargs["attention_mask"] = None
         kwargs["use_cache"] = False
         if mrope:
-            if kwargs.get("video_grid_thw") is not None:
-                raise ValueError("packed rows carry images only; video positions are not packed")
             if kwargs.get("mm_token_type_ids") is None:
                 raise ValueError("packed M-RoPE batch without mm_token_type_ids (the collator adds them)")
             kwargs["position_ids"] = mrope_positions(module, kwargs["input_ids"], positions,
-                                                     kwargs["mm_token_type_ids"], kwargs.get("image_grid_thw"))
+                                                     kwargs["mm_token_type_ids"], kwargs.get("image_grid_thw"),
+                                                     video_grid_thw=kwargs.get("video_grid_thw"),
+                                                     second_per_grid_ts=kwargs.get("second_per_grid_ts"))
         return args, kwargs
 
     return mm_model.register_forward_pre_hook(packed_forward, with_kwargs=True)
