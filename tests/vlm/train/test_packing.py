@@ -1,7 +1,8 @@
 """Packed rows compute exactly what the same samples compute alone, for every zoo family.
 
 For each family in the zoo registry: three realistic samples (different image sizes and aspect
-ratios, a two-image multi-turn record, a text-only record) are run (a) one by one, unpadded, with the
+ratios, a two-image multi-turn record, a text-only record; plus a real mp4 record for the families
+that take video) are run (a) one by one, unpadded, with the
 model's own positions, and (b) packed into one row with a padding tail. The summed token losses and
 every parameter's gradient must agree (fp32). This fails if attention crosses a sample boundary, if
 a sample's positions (M-RoPE's three axes for Qwen2-VL / Qwen2.5-VL) do not restart, or if the
@@ -44,6 +45,35 @@ def _samples():
     return [one, two, text]
 
 
+def _clip(path, frames=8, fps=4, w=64, h=48):
+    """A short real mp4 (PyAV): frame i has red = 25·i."""
+    import av
+    import numpy as np
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    for i in range(frames):
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[:, :, 0] = 25 * i
+        arr[:, : 6 * i + 1, 2] = 200
+        for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def _video_sample(tmp_path):
+    from vlm.data_formats.conversation import VideoSlot
+
+    clip = _clip(tmp_path / "clip.mp4")
+    return Conversation([Turn("user", [VideoSlot(0), "What happens?"]),
+                         Turn("assistant", ["a blue bar grows to the right while the red rises"])],
+                        [], videos=[ImageRef("path", clip.name)], image_root=str(tmp_path), source="mem", index=3)
+
+
 def _load(tiny_checkpoint, variant):
     import vlm
 
@@ -69,12 +99,14 @@ def _token_loss_sum_and_grads(model, batches):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_packed_equals_unpacked(tiny_checkpoint, variant):
+def test_packed_equals_unpacked(tiny_checkpoint, variant, tmp_path):
     from vlm.train.packed_forward import enable
 
     model, collator = _load(tiny_checkpoint, variant)
     family = model.vlm_family
     samples = _samples()
+    if family.takes_video:   # a video record between the image records: its grid is consumed in order
+        samples.insert(1, _video_sample(tmp_path))
     if packing_refusal(family) is not None:
         assert family.name in packing_refusal(family)
         with pytest.raises(ConfigError, match=f"packing: {family.name}"):
