@@ -195,7 +195,7 @@ class VisionChatCollator:
         kwargs = dict(text=[p.text for p in plans], padding=True, return_tensors="pt",
                       add_special_tokens=add_special.pop())
         if has_images:
-            kwargs["images"] = images if self.family.extra.get("cross_attention") else \
+            kwargs["images"] = images if self.family.cross_attention_images else \
                 [img for per_sample in images for img in per_sample]
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"

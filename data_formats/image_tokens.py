@@ -3,7 +3,7 @@
 Counts come from the processor itself (``_get_num_multimodal_tokens``, the hook vLLM uses to plan
 placeholders): Qwen2-VL grid-dependent ``t·h·w / merge²``, LLaVA a fixed count, Pixtral
 ``rows × (cols + 1)`` including ``[IMG_BREAK]``/``[IMG_END]``. Families whose images enter through
-cross-attention (Mllama, ``family.extra["cross_attention"]``) keep one token per image.
+cross-attention (Mllama, ``family.cross_attention_images``) keep one token per image.
 
 :func:`expand_flags` walks the unexpanded token ids (one placeholder token per image) beside the
 processor's expanded ids and carries the per-token training flags across, checking on the way
@@ -23,7 +23,7 @@ def image_token_counts(processor, family, image_sizes: Sequence[tuple[int, int]]
     """Tokens per image for images of ``(height, width)``, at the processor's current resolution."""
     if not image_sizes:
         return []
-    if family is not None and family.extra.get("cross_attention"):
+    if family is not None and family.cross_attention_images:
         return [1] * len(image_sizes)
     counter = getattr(processor, "_get_num_multimodal_tokens", None)
     if counter is None:

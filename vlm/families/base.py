@@ -8,13 +8,26 @@ elsewhere asks the record (``family.component_of(name)``) instead of branching o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 COMPONENTS = ("vision", "projector", "language", "lm_head", "embeddings")
 
 # vLLM's allowed LoRA ranks (vllm/config/lora.py: max_lora_rank choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+# vLLM fuses these sibling projections into one layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj):
+# a fused layer is quantized or kept whole, so the sensitivity analysis protects siblings together.
+FUSED_LINEARS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
+
+# The checkpoint -> vLLM module renaming of the families whose vLLM class nests the text model as
+# ``language_model.model`` (vLLM's ``hf_to_vllm_mapper``, transformers-5 checkpoint layout).
+def llava_style_vllm_renames(vision: str) -> tuple[tuple[str, str], ...]:
+    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vision}."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+            ("lm_head", "language_model.lm_head"))
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,27 @@ class VllmSupport:
     lora: bool = True                      # language-side LoRA served
     tower_connector_lora: bool = False     # vision/projector LoRA (experimental flag in vLLM)
     bnb_4bit: bool = True                  # vLLM's bitsandbytes loader supports the family
+    # checkpoint module prefix -> vLLM's module prefix (first match wins); empty = same names
+    module_renames: tuple[tuple[str, str], ...] = ()
+    fused_linears: tuple[tuple[tuple[str, ...], str], ...] = FUSED_LINEARS
+
+
+@dataclass(frozen=True)
+class LanguageKernels:
+    """The language decoder's math, as the Triton kernels need to know it (``vlm.kernels.patch``).
+
+    rms_norm_weight_offset: y = x / rms(x) · (offset + w): 0 for Llama/Qwen/Mistral, 1 for Gemma
+        (whose weights are stored as w − 1, zero-initialised).
+    mlp_activation: the gated MLP down(act(gate(x)) · up(x)): ``silu`` (SwiGLU) or ``gelu_tanh``
+        (GeGLU with the tanh approximation of GELU, Gemma).
+    rope: how positions rotate q and k: ``rope`` (1-D), ``mrope`` (Qwen2-VL: contiguous t/h/w
+        sections), ``mrope_interleaved`` (Qwen3-VL: t,h,w,t,h,w,...). In every case transformers
+        builds cos/sin per token first, so the RoPE kernel takes them as they are.
+    """
+
+    rms_norm_weight_offset: float = 0.0
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
+    rope: Literal["rope", "mrope", "mrope_interleaved"] = "rope"
 
 
 @dataclass(frozen=True)
@@ -46,7 +80,21 @@ class Family:
     vllm: VllmSupport | None = None
     # extra predicate on the config (e.g. LLaVA layout with a Pixtral vision tower)
     config_matches: Callable[[Any], bool] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Full names of the ModuleLists of vision transformer blocks (compiled one by one when frozen).
+    vision_blocks: tuple[str, ...] = ()
+    language_kernels: LanguageKernels = LanguageKernels()
+    # Images enter through cross-attention (Mllama): one placeholder token per image, images
+    # grouped per sample for the processor.
+    cross_attention_images: bool = False
+    # The forward needs the processor's ``mm_token_type_ids`` to place M-RoPE positions.
+    needs_mm_token_type_ids: bool = False
+    # The image processor's ``size`` holds pixel counts {shortest_edge: min_pixels,
+    # longest_edge: max_pixels} (Qwen2-VL's processor) instead of edge lengths.
+    size_in_pixels: bool = False
+    # What the processor writes around each image's tokens, when it writes more than the image
+    # token repeated: (text before the placeholder, text after the image tokens). Gemma 3
+    # replaces ``<start_of_image>`` by ``\n\n<start_of_image>`` + soft tokens + ``<end_of_image>\n\n``.
+    image_wrap: tuple[str, str] | None = None
 
     def matches(self, config: Any) -> bool:
         if getattr(config, "model_type", None) not in self.model_types:

@@ -1,6 +1,6 @@
 """LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
 
-from vlm.families.base import Family, VllmSupport
+from vlm.families.base import Family, VllmSupport, llava_style_vllm_renames
 
 
 def _clip_vision(config) -> bool:
@@ -23,5 +23,7 @@ FAMILY = Family(
     image_placeholder="<image>",
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
-    vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),
+    vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
+                     module_renames=llava_style_vllm_renames("vision_tower")),
+    vision_blocks=("model.vision_tower.vision_model.encoder.layers",),
 )

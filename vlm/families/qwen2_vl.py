@@ -1,6 +1,6 @@
 """Qwen2-VL and Qwen2.5-VL: ViT with 2×2 patch merger (the projector) + Qwen2 decoder with M-RoPE."""
 
-from vlm.families.base import Family, VllmSupport
+from vlm.families.base import Family, LanguageKernels, VllmSupport
 
 FAMILY = Family(
     name="qwen2_vl",
@@ -17,6 +17,11 @@ FAMILY = Family(
     image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end",
     zoo_variants=("qwen2_vl", "qwen2_5_vl"),
-    vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True),
-    extra={"needs_mm_token_type_ids": True, "rope": "mrope"},
+    vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True,
+                     module_renames=(("model.language_model.", "language_model.model."),
+                                     ("model.visual.", "visual."), ("lm_head", "language_model.lm_head"))),
+    vision_blocks=("model.visual.blocks",),
+    language_kernels=LanguageKernels(rope="mrope"),
+    needs_mm_token_type_ids=True,
+    size_in_pixels=True,
 )
