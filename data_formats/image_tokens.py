@@ -32,6 +32,28 @@ def image_token_counts(processor, family, image_sizes: Sequence[tuple[int, int]]
     return [int(n) for n in counter(image_sizes=[list(s) for s in image_sizes]).num_image_tokens]
 
 
+def wrap_images(text: str, spans: Sequence[tuple[int, int]], placeholder: str, counts: Sequence[int],
+                wrap) -> tuple[str, list[tuple[int, int]]]:
+    """The text as the processor expands it for a family with an ``ImageWrap`` (Gemma 3): each
+    ``placeholder`` becomes ``wrap.before + placeholder + wrap.token * n + wrap.after``. Character
+    spans after an insertion move with it. Raises if placeholders and counts differ in number."""
+    pieces = text.split(placeholder)
+    if len(pieces) - 1 != len(counts):
+        raise VlmError(f"{len(pieces) - 1} image placeholder(s) {placeholder!r} in the text for "
+                       f"{len(counts)} image(s)")
+    out, inserts, pos = [pieces[0]], [], len(pieces[0])   # inserts: (original position, added chars)
+    for n, piece in zip(counts, pieces[1:]):
+        after = wrap.token * n + wrap.after
+        out += [wrap.before, placeholder, after, piece]
+        inserts += [(pos, len(wrap.before)), (pos + len(placeholder), len(after))]
+        pos += len(placeholder) + len(piece)
+
+    def moved(i: int, is_end: bool) -> int:
+        return i + sum(d for p, d in inserts if p < i or (p == i and not is_end))
+
+    return "".join(out), [(moved(s, False), moved(e, True)) for s, e in spans]
+
+
 def expand_flags(unexpanded: Sequence[int], flags: Sequence[bool], image_token_id: int,
                  counts: Sequence[int], expanded: Sequence[int], where: str = "") -> tuple[list[bool], list[bool]]:
     """Map flags onto the expanded ids. Returns ``(train_flags, is_image_token)`` per expanded token.

@@ -63,6 +63,19 @@ class LanguageKernels:
 
 
 @dataclass(frozen=True)
+class ImageWrap:
+    """What a processor writes for each image when it writes more than its image token repeated.
+
+    The text's placeholder P becomes ``before + P + token * n + after`` (n: the processor's image
+    token count); the collator tokenizes that text itself, so tokens merged across the inserted
+    text (a newline before two inserted ones become one token) are the processor's too."""
+
+    before: str
+    token: str
+    after: str
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     description: str
@@ -86,15 +99,16 @@ class Family:
     # Images enter through cross-attention (Mllama): one placeholder token per image, images
     # grouped per sample for the processor.
     cross_attention_images: bool = False
+    # The processor takes images as one list per sample (Mllama, Gemma 3), not one flat list.
+    images_per_sample: bool = False
     # The forward needs the processor's ``mm_token_type_ids`` to place M-RoPE positions.
     needs_mm_token_type_ids: bool = False
     # The image processor's ``size`` holds pixel counts {shortest_edge: min_pixels,
     # longest_edge: max_pixels} (Qwen2-VL's processor) instead of edge lengths.
     size_in_pixels: bool = False
     # What the processor writes around each image's tokens, when it writes more than the image
-    # token repeated: (text before the placeholder, text after the image tokens). Gemma 3
-    # replaces ``<start_of_image>`` by ``\n\n<start_of_image>`` + soft tokens + ``<end_of_image>\n\n``.
-    image_wrap: tuple[str, str] | None = None
+    # token repeated (Gemma 3); None: the placeholder token is repeated in place.
+    image_wrap: ImageWrap | None = None
 
     def matches(self, config: Any) -> bool:
         if getattr(config, "model_type", None) not in self.model_types:

@@ -1,7 +1,7 @@
 """Gemma 3: SigLIP vision tower + multi-modal projector (average pool to a fixed number of soft
 tokens, RMSNorm, linear) + Gemma 3 decoder (GeGLU MLP, ``(1 + w)`` RMSNorm, sliding/full layers)."""
 
-from vlm.families.base import Family, LanguageKernels, VllmSupport, llava_style_vllm_renames
+from vlm.families.base import Family, ImageWrap, LanguageKernels, VllmSupport, llava_style_vllm_renames
 
 FAMILY = Family(
     name="gemma3",
@@ -23,5 +23,7 @@ FAMILY = Family(
                      module_renames=llava_style_vllm_renames("vision_tower")),
     vision_blocks=("model.vision_tower.vision_model.encoder.layers",),
     language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),
-    image_wrap=("\n\n", "<end_of_image>\n\n"),
+    # the processor replaces <start_of_image> by \n\n<start_of_image> + soft tokens + <end_of_image>\n\n
+    images_per_sample=True,
+    image_wrap=ImageWrap(before="\n\n", token="<image_soft_token>", after="<end_of_image>\n\n"),
 )

@@ -22,4 +22,5 @@ FAMILY = Family(
                      module_renames=llava_style_vllm_renames("vision_model")),
     vision_blocks=("model.vision_model.transformer.layers", "model.vision_model.global_transformer.layers"),
     cross_attention_images=True,
+    images_per_sample=True,
 )

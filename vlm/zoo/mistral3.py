@@ -27,7 +27,9 @@ SPATIAL_MERGE = 2
 # Mistral-Small-3.1-24B-Instruct-2503's chat template: a system prompt (a default one when the
 # conversation has none) in [SYSTEM_PROMPT] tags, user turns in [INST] ... [/INST], images as [IMG],
 # assistant turns closed by </s>.
-CHAT_TEMPLATE = r"""{%- set default_system_message = "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in Paris." %}
+DEFAULT_SYSTEM_MESSAGE = ("You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, "
+                          "a French startup headquartered in Paris.")
+CHAT_TEMPLATE = ('{%- set default_system_message = "' + DEFAULT_SYSTEM_MESSAGE + '" %}\n' + r"""
 
 {{- bos_token }}
 
@@ -76,7 +78,7 @@ CHAT_TEMPLATE = r"""{%- set default_system_message = "You are Mistral Small 3, a
     {%- else %}
         {{- raise_exception('Only user, system and assistant roles are supported!') }}
     {%- endif %}
-{%- endfor %}"""
+{%- endfor %}""")
 
 
 def build_tokenizer():
