@@ -111,7 +111,7 @@ def setup(variant: str, args, batches):
         if variant != "d_nokern":
             from vlm.train.compile import kernel_patch_options
 
-            rep = vlm.kernels.patch(model, **kernel_patch_options(compiled))
+            rep = vlm.kernels.patch(model, family, **kernel_patch_options(compiled))
             info["patch"] = str(rep)
         if compiled:
             from vlm.train.compile import compile_language_layers, language_layers

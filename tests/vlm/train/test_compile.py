@@ -127,7 +127,7 @@ def test_qlora_compiles_without_graph_breaks(tiny_checkpoint):
     model, processor = vlm.load(tiny_checkpoint("qwen2_vl"), dtype="bf16", device="cpu", quant="nf4")
     batch = _batch(processor)
     peft_model = _lora(model)
-    rep = vlm.kernels.patch(peft_model, **kernel_patch_options(True))
+    rep = vlm.kernels.patch(peft_model, model.vlm_family, **kernel_patch_options(True))
     components = [model.vlm_family.component_of(name.removeprefix("base_model.model."))
                   for name, m in peft_model.named_modules()
                   if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
