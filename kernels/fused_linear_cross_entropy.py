@@ -214,8 +214,8 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
 #
 # The top-level ``*ForConditionalGeneration`` forward is wrapped: in training with ``labels``,
 # lm_head passes hidden states through, and the loss is the fused linear CE over shifted labels
-# (HF's causal-LM loss: ignore_index -100, ``num_items_in_batch`` honoured, the text config's
-# ``final_logit_softcapping`` applied); ``logits`` is None. Evaluation (``model.eval()``) or no
+# (HF's causal-LM loss: ignore_index -100, ``num_items_in_batch`` honoured, logits soft-capped
+# where the model's forward caps them); ``logits`` is None. Evaluation (``model.eval()``) or no
 # labels: the original forward, logits included.
 
 def _lm_head_forward(head, x):
@@ -243,7 +243,7 @@ def _ce_forward(hf, *args, **kwargs):
     shift = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100).to(hidden.device)
     num_items = kwargs.get("num_items_in_batch")
     loss = fused_linear_cross_entropy(hidden, head.weight, shift, bias=head.bias, ignore_index=-100,
-                                      num_items=num_items, softcap=logit_softcap(hf.config))
+                                      num_items=num_items, softcap=hf.__dict__.get("_vlm_logit_softcap"))
     out.loss = loss
     out.logits = None
     return out
@@ -255,8 +255,9 @@ def logit_softcap(config) -> float | None:
     return getattr(text, "final_logit_softcapping", None) or None
 
 
-def patch_cross_entropy(hf: torch.nn.Module, set_forward) -> str | None:
-    """Route ``hf``'s training loss through the fused CE; returns why not, or None when patched."""
+def patch_cross_entropy(hf: torch.nn.Module, set_forward, softcap: float | None = None) -> str | None:
+    """Route ``hf``'s training loss through the fused CE (logits soft-capped at ``softcap`` when
+    the model's forward caps them); returns why not, or None when patched."""
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if head is None or type(head) is not torch.nn.Linear:
         return (f"lm_head is {type(head).__name__}, not a plain Linear (quantized or adapted "
@@ -264,4 +265,5 @@ def patch_cross_entropy(hf: torch.nn.Module, set_forward) -> str | None:
     set_forward(head, MethodType(_lm_head_forward, head))
     head._vlm_kind = "lm_head"
     set_forward(hf, MethodType(_ce_forward, hf))
+    hf.__dict__["_vlm_logit_softcap"] = softcap
     return None

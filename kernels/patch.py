@@ -13,7 +13,8 @@ the decoder's math is; each op's file holds its kernel and its dispatch (what it
   through the kernel (1-D RoPE and the M-RoPE of Qwen2-VL / Qwen3-VL, whose sections are already in
   HF's cos/sin). Attention without rotary (Mllama's cross-attention layers) is reported.
 - ``cross_entropy`` (fused_linear_cross_entropy.py): the training loss is the fused linear CE,
-  soft-capped where the text config sets ``final_logit_softcapping``; ``logits`` is None.
+  soft-capped at the text config's ``final_logit_softcapping`` where the family's forward applies
+  it (``LanguageKernels.logit_softcapping``); ``logits`` is None.
 - ``nf4_lora`` (nf4_lora.py): PEFT LoRA layers on NF4 bases get the fused NF4+LoRA forward.
 - ``nf4_linear`` (nf4_linear.py; off by default, on for compiled layers, see ``vlm.train.compile``):
   every bitsandbytes NF4 ``Linear4bit`` of the model computes through the ``vlm::nf4_linear`` op.
@@ -135,12 +136,16 @@ def patch(model, family=None, *, enabled: bool = True, rms_norm: bool = True, ro
     if nf4_linear:   # every NF4 linear of the model, the (frozen) vision tower's included
         rep.counts["nf4_linear"] = patch_nf4_linears(hf, set_forward)
     if cross_entropy:
-        why = patch_cross_entropy(hf, set_forward)
+        cap = logit_softcap(hf.config)
+        why = patch_cross_entropy(hf, set_forward, cap if kernels.logit_softcapping else None)
         if why is None:
             rep.counts["cross_entropy"] = 1
-            cap = logit_softcap(hf.config)
-            if cap:
+            if cap and kernels.logit_softcapping:
                 rep.notes.append(f"cross_entropy soft-caps logits at {cap:g} (final_logit_softcapping)")
+            elif cap:
+                rep.notes.append(f"final_logit_softcapping={cap:g} is in the config but "
+                                 f"{type(hf).__name__}'s forward does not apply it: neither does "
+                                 "the fused CE")
         if kernels.rms_norm_weight_offset:
             rep.notes.append(f"rms_norm scales by ({kernels.rms_norm_weight_offset:g} + w)")
         else:
@@ -166,6 +171,7 @@ def unpatch(model) -> PatchReport:
     hf = hf_model(model)
     rep = hf.__dict__.pop(_ATTR, None) or PatchReport()
     unpatch_rms_norms(hf)
+    hf.__dict__.pop("_vlm_logit_softcap", None)
     for mod in hf.modules():
         kind = mod.__dict__.pop("_vlm_kind", None)
         if kind is None:

@@ -158,3 +158,37 @@ def test_nf4_lora_patch_matches_peft(tiny_checkpoint):
         assert err <= GRAD_RTOL * ref[n].norm().item() + GRAD_ATOL * scale, (n, err)
     K.unpatch(model)
     assert not K.is_patched(model)
+
+
+@pytest.mark.parametrize("forward_caps", [False, True])
+def test_soft_capped_logits_patched_equals_unpatched(tiny_checkpoint, forward_caps):
+    """A Gemma 3 config with final_logit_softcapping set. Gemma3ForConditionalGeneration ignores it,
+    so the fused CE must too (the family says so); a model whose forward caps (here: the same model
+    with its lm_head output capped, and a family record that says so) gets a capped fused CE. Loss
+    and gradients equal the unpatched model's either way."""
+    import dataclasses
+
+    model, proc = load_tiny(tiny_checkpoint("gemma3"))
+    cap = 0.5   # tiny logits are ~±1: the cap changes the loss
+    model.config.get_text_config().final_logit_softcapping = cap
+    family = family_for_config(model.config)
+    if forward_caps:
+        family = dataclasses.replace(family, language_kernels=dataclasses.replace(
+            family.language_kernels, logit_softcapping=True))
+        # HF's capping forward, simulated: cap the logits (not the hidden states the patched
+        # lm_head passes through to the fused CE)
+        model.lm_head.register_forward_hook(
+            lambda m, i, out: out if getattr(m, "_vlm_passthrough", False) else torch.tanh(out / cap) * cap)
+    model.train()
+    batch = batch_for(model, proc)
+    ref_out, ref = _loss_and_grads(model, batch)
+    rep = K.patch(model, family)
+    note = "soft-caps logits at 0.5" if forward_caps else "does not apply it"
+    assert any(note in n for n in rep.notes), rep
+    out, grads = _loss_and_grads(model, batch)
+    assert abs(out.loss.item() - ref_out.loss.item()) <= LOSS_RTOL * abs(ref_out.loss.item())
+    scale = torch.sqrt(sum((g.double() ** 2).sum() for g in ref.values())).item()
+    for n, g in grads.items():
+        err = (g - ref[n]).norm().item()
+        assert err <= GRAD_RTOL * ref[n].norm().item() + GRAD_ATOL * scale, (n, err)
+    K.unpatch(model)

@@ -55,11 +55,16 @@ class LanguageKernels:
     rope: how positions rotate q and k: ``rope`` (1-D), ``mrope`` (Qwen2-VL: contiguous t/h/w
         sections), ``mrope_interleaved`` (Qwen3-VL: t,h,w,t,h,w,...). In every case transformers
         builds cos/sin per token first, so the RoPE kernel takes them as they are.
+    logit_softcapping: the model's forward caps its logits at the text config's
+        ``final_logit_softcapping`` (c·tanh(z/c), Gemma 2 style), so the fused CE must too. Gemma 3's
+        configs carry the key, but ``Gemma3ForConditionalGeneration`` does not apply it
+        (transformers 5.17-5.19; only the text-only ``Gemma3ForCausalLM`` does).
     """
 
     rms_norm_weight_offset: float = 0.0
     mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
     rope: Literal["rope", "mrope", "mrope_interleaved"] = "rope"
+    logit_softcapping: bool = False
 
 
 @dataclass(frozen=True)
