@@ -91,3 +91,18 @@ def test_component_roots_find_the_tower_through_a_peft_wrapper(tiny_checkpoint):
     wrapped = apply_lora(model, fam, r=4, warn=False)
     assert [m for _, m in fam.component_roots(wrapped, "vision")] == [model.model.visual]
     assert fam.component_roots(model, "no_such_component") == []
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vision_blocks_are_the_towers_blocks(tiny_models, variant):
+    """family.vision_blocks names ModuleLists of the vision tower holding all of its blocks."""
+    from vlm.train.compile import vision_blocks
+
+    model, family = tiny_models[variant]
+    blocks = vision_blocks(model, family)
+    vision = model.config.vision_config
+    depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers")
+    depth += getattr(vision, "num_global_layers", 0)   # Mllama: local + global encoder
+    assert len(blocks) == depth
+    names = {id(m): n for n, m in model.named_modules()}
+    assert all(family.component_of(names[id(b)]) == "vision" for b in blocks)

@@ -98,7 +98,8 @@ class Family:
     vllm: VllmSupport | None = None
     # extra predicate on the config (e.g. LLaVA layout with a Pixtral vision tower)
     config_matches: Callable[[Any], bool] | None = None
-    # Full names of the ModuleLists of vision transformer blocks (compiled one by one when frozen).
+    # Full names of the ModuleLists of vision transformer blocks (compiled one by one when frozen);
+    # alternatives where transformers versions nest the tower differently (those present are used).
     vision_blocks: tuple[str, ...] = ()
     language_kernels: LanguageKernels = LanguageKernels()
     # Images enter through cross-attention (Mllama): one placeholder token per image, images

@@ -21,7 +21,7 @@ FAMILY = Family(
     zoo_variants=("gemma3",),
     vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower")),
-    vision_blocks=("model.vision_tower.vision_model.encoder.layers",),
+    vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),
     # the processor replaces <start_of_image> by \n\n<start_of_image> + soft tokens + <end_of_image>\n\n
     images_per_sample=True,

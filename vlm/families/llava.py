@@ -25,5 +25,5 @@ FAMILY = Family(
     zoo_variants=("llava",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower")),
-    vision_blocks=("model.vision_tower.vision_model.encoder.layers",),
+    vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
 )

@@ -143,15 +143,17 @@ def _make_room(n_modules: int) -> None:
 
 
 def vision_blocks(model: nn.Module, family) -> list[nn.Module]:
-    """The vision transformer blocks the family names (``family.vision_blocks``), in order."""
+    """The vision transformer blocks the family names (``family.vision_blocks``: every path that
+    exists in this model, in order; transformers versions nest some towers differently)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks: list[nn.Module] = []
     for path in family.vision_blocks:
         try:
-            found = base.get_submodule(path)
+            blocks.extend(base.get_submodule(path))
         except AttributeError:
-            raise VlmError(f"family {family.name}: no vision blocks at {path!r}") from None
-        blocks.extend(found)
+            continue
+    if family.vision_blocks and not blocks:
+        raise VlmError(f"family {family.name}: no vision blocks at any of {', '.join(family.vision_blocks)}")
     return blocks
 
 
