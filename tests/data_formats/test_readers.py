@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlm.data_formats import problems
 from vlm.data_formats.json_stream import iter_json_array
-from vlm.data_formats.mixing import interleave, mix_epoch
+from vlm.data_formats.mixing import mix_epoch
 from vlm.data_formats.reader import iter_conversations, read_conversations
 from vlm.data_formats.records import parse_record
 from vlm.data_formats.rejects import RejectLog
@@ -198,5 +198,3 @@ def test_mixing_weights():
     assert sorted(x for x in mixed if x < 100) == sorted(a * 2)
     assert len([x for x in mixed if x >= 100]) == 10
     assert mixed == mix_epoch([a, b], [2.0, 0.5], seed=3)
-    out = list(interleave([lambda: iter(a), lambda: iter(b)], [1, 3], seed=0, stopping="all_exhausted"))
-    assert set(a) <= set(out) and set(b) <= set(out)

@@ -9,7 +9,8 @@
 3. load through transformers + bitsandbytes with a ``BitsAndBytesConfig`` whose
    ``llm_int8_skip_modules`` lists every 16-bit linear by full name (vlm.quant.plan.skip_modules)
    plus vLLM's names for them, and check that the set of bitsandbytes layers equals the plan
-   (a mismatch is an error, never a silent difference);
+   (a mismatch is an error, never a silent difference); every 4-bit layer takes bitsandbytes'
+   portable CPU path, whatever the CPU (vlm.quant.cpu_path);
 4. record the policy, the plan and the analysis in ``model.config.vlmtune["quant"]``: it rides in
    config.json next to the standard ``quantization_config`` when the model is saved.
 
@@ -28,6 +29,7 @@ import torch
 
 from vlm.errors import VlmError
 from vlm.quant.calibration import calibration_batches
+from vlm.quant.cpu_path import use_portable_cpu_path
 from vlm.quant.plan import QuantPlan, quantizable_linears, resolve_plan
 from vlm.quant.policy import FOUR_BIT, QUANTIZED, QuantPolicy
 from vlm.quant.sensitivity import choose_protected, measure
@@ -183,6 +185,7 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
         plan = resolve_plan(policy, meta_model(config, dtype), family)
     model = AutoModelForImageTextToText.from_pretrained(
         source, quantization_config=bnb_config(plan, dtype, quant_storage), dtype=dtype, device_map=device)
+    use_portable_cpu_path(model)   # same numbers on every CPU; no repack crash (vlm.quant.cpu_path)
     verify(model, plan)
     attach_metadata(model, plan)
     return model

@@ -14,6 +14,7 @@ from vlm.config.schema import apply_overrides, choices, load_yaml, parse_section
 from vlm.errors import ConfigError
 
 LORA_TARGET_GROUPS = ("language.attention", "language.mlp", "vision", "projector")
+NOT_QUANTIZED = ("bf16", "fp16", "none")   # quant values vlm.load reads as "16-bit, no policy"
 
 
 @dataclass
@@ -47,13 +48,11 @@ class LoraSection:
 class DataFile:
     path: str
     weight: float = 1.0
-    format: str = choices("auto", "sharegpt", "messages", default="auto")
 
 
 @dataclass
 class DataSection:
     train: list[DataFile | str] = field(default_factory=list)
-    eval: list[DataFile | str] = field(default_factory=list)
     image_root: str | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -70,7 +69,6 @@ class DataSection:
         if not self.train:
             raise ConfigError(f"{where}.train: give at least one data file")
         self.train = [DataFile(path=f) if isinstance(f, str) else f for f in self.train]
-        self.eval = [DataFile(path=f) if isinstance(f, str) else f for f in self.eval]
         if self.max_length < 16:
             raise ConfigError(f"{where}.max_length: must be >= 16, got {self.max_length}")
 
@@ -110,7 +108,6 @@ class TrainingSection:
     save_steps: int = 100
     save_total_limit: int = 3
     logging_steps: int = 1
-    train_vision: bool = False
 
     def validate(self, where: str) -> None:
         if self.lr <= 0:
@@ -160,6 +157,14 @@ class TrainConfig:
     output: str = "runs/train"
     logging: LoggingSection = field(default_factory=LoggingSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+
+    def validate(self, where: str) -> None:
+        # the policy is read here, with the rest of the config, so a bad one fails before the
+        # output folder exists or a model is loaded (vlm.load parses it again from the same value)
+        if self.quant is not None and not (isinstance(self.quant, str) and self.quant in NOT_QUANTIZED):
+            from vlm.quant.policy import QuantPolicy
+
+            QuantPolicy.parse(self.quant)
 
 
 def parse_config(data: dict, overrides: list[str] | None = None) -> TrainConfig:

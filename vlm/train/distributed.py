@@ -110,6 +110,38 @@ def training_arguments(cfg, strat: str, device: str) -> dict:
     return kw
 
 
+def optimizer_cls_and_kwargs(args, strat: str):
+    """For ``Trainer(optimizer_cls_and_kwargs=...)``: bitsandbytes' 8-bit optimizers made to step
+    FSDP2's sharded parameters (``vlm.train.sharded_optim``); None (Trainer's own choice) otherwise.
+
+    Under FSDP2 the optimizer states are then 8-bit *and* split over the processes."""
+    if strat != "fsdp":
+        return None
+    from transformers import Trainer
+
+    from vlm.train.sharded_optim import is_bitsandbytes_optimizer, shard_local
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if not is_bitsandbytes_optimizer(cls):
+        return None
+    return shard_local(cls), kwargs
+
+
+def one_device_per_process(args, strat: str, w: World) -> str | None:
+    """A single process on a host with several GPUs trains on its one GPU, never ``DataParallel``.
+
+    transformers' Trainer wraps the model in ``nn.DataParallel`` when it sees several GPUs and no
+    distributed launch (``args.n_gpu > 1``); that breaks on scalar outputs and is the slow way to use
+    them anyway. Setting ``_n_gpu`` to 1 is transformers' own switch for that (it does the same for
+    model-parallel models). Returns the note to print, or None."""
+    if strat != "single" or args.n_gpu <= 1:
+        return None
+    n = args.n_gpu
+    args._n_gpu = 1
+    return (f"note: {n} GPUs visible, one process: training on {args.device} only. To use all of them: "
+            f"vlm train CONFIG --nproc {n} (DDP; distributed.strategy=fsdp to shard the model)")
+
+
 def check_engaged(trainer, strat: str) -> None:
     """FSDP asked for must be FSDP running (accelerate falls back to DDP without saying so)."""
     if strat == "fsdp" and not getattr(trainer, "is_fsdp_enabled", False):
@@ -128,7 +160,14 @@ def write_meta(checkpoint_dir: str | os.PathLike, args) -> None:
     (Path(checkpoint_dir) / META).write_text(json.dumps(meta) + "\n")
 
 
-def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None) -> str | None:
+def written_by_fsdp(checkpoint: Path) -> bool:
+    """FSDP checkpoints hold sharded model/optimizer folders (accelerate's ``*_fsdp_*`` / ``optimizer_0``)."""
+    return any(c.is_dir() and (c.name.startswith("pytorch_model_fsdp") or c.name.startswith("optimizer_"))
+               for c in Path(checkpoint).iterdir())
+
+
+def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None,
+                     strat: str | None = None) -> str | None:
     """Resume a checkpoint from N processes on M: keep the global batch, or refuse.
 
     Trainer resumes by skipping ``global_step × grad_accum`` per-process batches; that lands on the
@@ -136,9 +175,16 @@ def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None) -> st
     other process count) ``training.grad_accum`` is set so that it is not (2 processes × accum 1 →
     1 process × accum 2) and a note is returned; when no whole number does, an error says what to set.
     """
-    if checkpoint is None or not (Path(checkpoint) / META).is_file():
+    if checkpoint is None:
         return None
     w = w or world()
+    if strat is not None and strat != "fsdp" and written_by_fsdp(checkpoint):
+        # transformers loads sharded (DCP) model/optimizer states only under FSDP
+        raise VlmError(f"{checkpoint} was written under FSDP (sharded states): resume it with FSDP, e.g. "
+                       f"`vlm train CONFIG --resume --nproc N distributed.strategy=fsdp` (N ≥ 2 GPUs; the "
+                       f"global batch is kept); this run is {strat}")
+    if not (Path(checkpoint) / META).is_file():
+        return None
     meta = json.loads((Path(checkpoint) / META).read_text())
     want = int(meta["global_batch"])
     t = cfg.training

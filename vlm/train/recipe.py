@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vlm.errors import ConfigError, VlmError
-from vlm.atomic import write_json
+from vlm.atomic import ensure_writable_folder, write_json
 from vlm.train import fast_path
 from vlm.train.checkpoints import latest_complete
 from vlm.train.config import TrainConfig, to_plain
@@ -69,14 +69,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     t_start = time.perf_counter()
     w = dist.world()
     strat = dist.strategy(cfg, w)  # single / ddp / fsdp: processes come from accelerate launch
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_folder(cfg.output)  # read-only / full / forbidden: said now, not at the first save
     resume_from = None
     if resume:
         resume_from = latest_complete(out)
         if resume_from is None:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
-        note = dist.reconcile_resume(resume_from, cfg, w)  # N processes -> M: same global batch
+        note = dist.reconcile_resume(resume_from, cfg, w, strat)  # N processes -> M: same global batch
         if note and w.is_main:
             print(note)
     elif any(out.glob("checkpoint-*")):
@@ -105,10 +104,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                            targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
                            use_rslora=cfg.lora.use_rslora,
                            gradient_checkpointing=cfg.training.gradient_checkpointing)
-    for w in caught:
-        msg = str(w.message)
-        if msg.startswith("vLLM serving:"):
-            print(f"warning: {msg}")
+    for caught_warning in caught:   # not `w`: that is the process world, used after training
+        if str(caught_warning.message).startswith("vLLM serving:"):
+            print(f"warning: {caught_warning.message}")
+        else:  # every other warning goes back to Python's machinery (filters, -W, logging capture)
+            warnings.warn_explicit(caught_warning.message, caught_warning.category,
+                                   caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
 
@@ -142,9 +143,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
     )
+    note = dist.one_device_per_process(args, strat, w)
+    if note and w.is_main:
+        print(note)
     trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                          train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
-                                                               cfg.data.group_by_length))
+                                                               cfg.data.group_by_length),
+                         optimizer_cls_and_kwargs=dist.optimizer_cls_and_kwargs(args, strat))
     dist.check_engaged(trainer, strat)
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
@@ -154,6 +159,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     tokens = dist.sum_over_processes(trainer, trainer.tokens_seen)
     label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
+    load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
+    steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
     if w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
     history = trainer.state.log_history
@@ -183,8 +190,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "train_seconds": round(trainer.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "tokens_per_s": round(tokens / trainer.train_seconds, 1) if trainer.train_seconds else None,
+        # from optimizer step STEADY_AFTER + 1 on (compile excluded), summed over processes
+        "tokens_per_s_steady": round(steady, 1) if steady else None,
         "peak_memory_bytes": trainer.peak_memory_bytes(),
-        "peak_memory_bytes_per_process": peak_per_process,
+        "peak_memory_bytes_per_process": peak_per_process,       # training (from the first step)
+        "load_peak_memory_bytes_per_process": load_peak_per_process,  # before the first step
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
         "final_loss": losses[-1] if losses else None,
