@@ -4,6 +4,7 @@
     python benchmarks/config_runs.py --steps 6
     python benchmarks/config_runs.py --runs 2b_lora --extra training.compile=true
     python benchmarks/config_runs.py --runs qwen3_vl_8b,gemma3_4b,gemma3_12b,mistral_24b --steps 3 --cleanup
+    python benchmarks/config_runs.py --runs gemma3_4b --steps 1 --tiny   # CPU smoke: shrunk model, fp32
 
 Each run is ``vlm train configs/<name>.yaml`` in its own process with only these overrides:
 model.path (a random-weight checkpoint at the config's real shapes, benchmarks/random_qwen2_vl.py and
@@ -35,7 +36,13 @@ RUNS = {"2b_lora": ("qwen2_vl_2b_lora.yaml", "2b"), "7b_qlora": ("qwen2_vl_7b_ql
         "mistral_24b": ("mistral_small_3_1_24b_qlora.yaml", "mistral_small_3_1_24b")}
 
 
-def build_random(root: Path, size: str) -> Path:
+# --tiny: the same config on a shrunk model on the CPU (fp32, no 4-bit, no Triton, plain AdamW)
+TINY_OVERRIDES = ["model.device=cpu", "model.dtype=fp32", "training.precision=fp32", "quant=none",
+                  "kernels=false", "training.optimizer=adamw", "training.batch_size=1", "training.grad_accum=1",
+                  "training.gradient_checkpointing=false", "data.max_length=512"]
+
+
+def build_random(root: Path, size: str, tiny: bool = False) -> Path:
     """The random checkpoint for a run: Qwen2-VL 2B/7B, or one of random_vlms.SIZES."""
     if size in ("2b", "7b"):
         from random_qwen2_vl import build
@@ -43,7 +50,7 @@ def build_random(root: Path, size: str) -> Path:
         return build(root, size)
     from random_vlms import build
 
-    return build(root, size)
+    return build(root, size, tiny=tiny)
 
 
 def adapter_loads(adapter: Path, model: Path) -> str:
@@ -117,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     ap.add_argument("--root", default="/tmp/vlm_config_runs")
     ap.add_argument("--cleanup", action="store_true", help="delete each random checkpoint after its run")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on shrunk models (new families only)")
     args = ap.parse_args(argv)
 
     import peft
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
     data_dir = root / "data"
     data = data_dir / "sharegpt.json"
     if not data.is_file():
-        data = Path(generate(data_dir, n=256, seed=0, image_size=448).sharegpt_json)
+        data = Path(generate(data_dir, n=8 if args.tiny else 256, seed=0, image_size=448).sharegpt_json)
     try:
         import bitsandbytes
         bnb = bitsandbytes.__version__
@@ -141,13 +149,14 @@ def main(argv=None) -> int:
            "bitsandbytes": bnb, "python": platform.python_version(), "steps": args.steps}
     rows = []
     for name in args.runs.split(","):
-        model = build_random(root, RUNS[name][1])
+        model = build_random(root, RUNS[name][1], tiny=args.tiny)
         print(f"{name}: running ...", flush=True)
-        rows.append(run(name, model, data, root, args.steps, args.extra))
+        rows.append(run(name, model, data, root, args.steps, (TINY_OVERRIDES if args.tiny else []) + args.extra))
         if args.cleanup:
             shutil.rmtree(model, ignore_errors=True)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "error_tail"}, default=str), flush=True)
-        write(rows, env)
+        if not args.tiny:   # a smoke run records nothing in benchmarks/results
+            write(rows, env)
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
 
