@@ -18,7 +18,9 @@ from vlm.data_formats.records import parse_record
 from vlm.data_formats.rejects import RejectLog
 from vlm.errors import DataError
 
-TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30).filter(lambda t: "<image>" not in t)
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30).filter(
+    lambda t: "<image>" not in t and "<video>" not in t)
+ANSWER = TEXT.filter(str.strip)   # an empty or whitespace-only reply is refused (empty_reply)
 ROLE_NAMES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
@@ -35,7 +37,7 @@ def sharegpt_records(draw):
         q = draw(TEXT)
         for _ in range(slots.count(k)):
             q = "<image>\n" + q
-        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": draw(TEXT)}]
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": draw(ANSWER)}]
     rec = {"id": str(draw(st.integers(0, 10**6))), "conversations": turns}
     if n_images:
         paths = [f"img/{i}.png" for i in range(n_images)]

@@ -15,6 +15,7 @@ FAMILY = Family(
         "lm_head": ("lm_head",),
     },
     language_layers="model.language_model.layers",
+    end_of_turn="<end_of_turn>",
     image_placeholder="<start_of_image>",
     image_token_rule="fixed: <start_of_image> becomes \\n\\n<start_of_image>, mm_tokens_per_image × "
                      "<image_soft_token> (256 real), <end_of_image>\\n\\n",

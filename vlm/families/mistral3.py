@@ -15,6 +15,7 @@ FAMILY = Family(
         "lm_head": ("lm_head",),
     },
     language_layers="model.language_model.layers",
+    end_of_turn="</s>",
     image_placeholder="[IMG]",
     image_token_rule="rows of merged 2x2 patches: [IMG]×cols then [IMG_BREAK] per row, the last "
                      "row ending in [IMG_END]",

@@ -20,6 +20,7 @@ FAMILY = Family(
         "lm_head": ("lm_head",),
     },
     language_layers="model.language_model.layers",
+    end_of_turn="<|im_end|>",
     image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end "
                      "(16-px patches)",

@@ -56,6 +56,8 @@ class DataSection:
     image_root: str | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    video_fps: float = 2.0              # frames sampled per second of video (Qwen2-VL family)
+    video_max_frames: int = 32          # at most this many frames per video
     max_length: int = 2048
     overlong: str = choices("truncate", "drop", default="truncate",
                               doc="over-long samples: cut text only (never an image block) or drop")
@@ -71,6 +73,9 @@ class DataSection:
         self.train = [DataFile(path=f) if isinstance(f, str) else f for f in self.train]
         if self.max_length < 16:
             raise ConfigError(f"{where}.max_length: must be >= 16, got {self.max_length}")
+        if not self.video_fps > 0 or self.video_max_frames < 1:
+            raise ConfigError(f"{where}.video_fps must be > 0 and video_max_frames >= 1, got "
+                              f"{self.video_fps} and {self.video_max_frames}")
 
 
 @dataclass
