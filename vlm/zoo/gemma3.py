@@ -133,8 +133,9 @@ def init_projection(model, seed: int) -> None:
 
 def build(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny Gemma 3 checkpoint to ``out_dir``."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
-    from transformers.models.gemma3.image_processing_gemma3 import Gemma3ImageProcessor
+    # top-level names: the module files differ between transformers 5.17 and 5.19
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor,
+                              Gemma3Processor)
 
     model = common.build_model(Gemma3ForConditionalGeneration, Gemma3Config(**config_kwargs()), seed)
     init_projection(model, seed)

@@ -94,9 +94,8 @@ def config_kwargs() -> dict:
 
 
 def build_processor():
-    from transformers import Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    # top-level names: the module files differ between transformers 5.17 and 5.19
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
     kw = dict(patch_size=PATCH_SIZE, temporal_patch_size=2, merge_size=2, size=size,
