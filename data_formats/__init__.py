@@ -24,7 +24,7 @@ _EXPORTS = {
     "caption_scores": "caption_attributes", "parse_caption": "caption_attributes",
     "IGNORE_INDEX": "collator", "SamplePlan": "collator", "VisionChatCollator": "collator",
     "Conversation": "conversation", "ImageRef": "conversation", "ImageSlot": "conversation",
-    "Turn": "conversation", "PreparedSamples": "prepare", "prepare_samples": "prepare",
+    "Turn": "conversation", "VideoSlot": "conversation", "PreparedSamples": "prepare", "prepare_samples": "prepare",
     "DataSpec": "reader", "iter_conversations": "reader", "read_conversations": "reader",
     "RejectLog": "rejects", "Resolution": "resolution", "apply_resolution": "resolution",
     "load_resolution": "resolution", "save_resolution": "resolution",

@@ -1,7 +1,8 @@
 """The normalized conversation every reader produces and the collator consumes.
 
 A :class:`Conversation` is an ordered list of :class:`Turn`s. Each turn holds *parts*: plain text
-(``str``) or an :class:`ImageSlot` that points into ``Conversation.images`` by position. Images are
+(``str``), an :class:`ImageSlot` that points into ``Conversation.images`` by position, or a
+:class:`VideoSlot` that points into ``Conversation.videos``. Images are
 :class:`ImageRef`s: a reference (path, data URL, raw bytes, or a PIL image already in memory) that is
 resolved and decoded only when needed (validation, collation), so reading stays cheap.
 
@@ -92,11 +93,12 @@ class Conversation:
 
     turns: list[Turn]
     images: list[ImageRef] = field(default_factory=list)
-    videos: list[ImageRef] = field(default_factory=list)   # video files (kind "path")
     record_id: str | None = None
     source: str | None = None
     index: int | None = None
     image_root: str | None = None   # where relative image paths resolve (default: the file's folder)
+    videos: list[ImageRef] = field(default_factory=list)   # video files (kind "path"), after the
+                                                            # older fields: positional use unchanged
     # Collator plans of this sample (key: the collator's settings), so that planning in
     # prepare_samples is not redone by every batch; a few bytes per token (see SamplePlan).
     plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
