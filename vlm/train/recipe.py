@@ -1,6 +1,7 @@
 """The LoRA / QLoRA recipe, top to bottom.
 
-    config ─► load (per-component quant policy) ─► data (read, validate, plan lengths) ─► LoRA
+    config ─► load (per-component quant policy) ─► data (read, validate, plan lengths) ─► LoRA (or
+    method full / projector: vlm.train.modes)
     ─► fast path (batched vision attention, kernels.patch, torch.compile, CUDA graphs:
     vlm.train.fast_path) ─► VlmTrainer (transformers Trainer: checkpoints, logging, mixed precision,
     distributed launch) ─► adapter folder + processor + metadata + summary.json + loss_curve.png
@@ -23,7 +24,7 @@ import torch
 
 from vlm.errors import ConfigError, VlmError
 from vlm.atomic import write_json
-from vlm.train import fast_path
+from vlm.train import fast_path, modes
 from vlm.train.checkpoints import latest_complete
 from vlm.train.config import TrainConfig, to_plain
 
@@ -99,12 +100,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                   resolution=None if resolution.is_default() else resolution)
     train_set, data_report = prepare_train_set(cfg, collator, out)
 
+    mode = None                    # method: full / projector (vlm.train.modes); lora below
+    if cfg.model.projector_init:
+        print(f"model.projector_init: {modes.load_projector(model, family, cfg.model.projector_init)} "
+              f"projector tensors from {cfg.model.projector_init}")
+    if cfg.method != "lora":
+        if strat == "fsdp":
+            raise ConfigError(f"method: {cfg.method}: not supported under FSDP yet; use ddp")
+        mode = modes.prepare(model, family, cfg)
+        print(modes.describe(mode, cfg))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
-                           use_rslora=cfg.lora.use_rslora,
-                           gradient_checkpointing=cfg.training.gradient_checkpointing)
+        if mode is None:
+            model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                               targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
+                               use_rslora=cfg.lora.use_rslora,
+                               gradient_checkpointing=cfg.training.gradient_checkpointing)
     for w in caught:
         msg = str(w.message)
         if msg.startswith("vLLM serving:"):
@@ -143,6 +154,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
     )
     trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                         optimizer_cls_and_kwargs=mode.optimizer_cls_and_kwargs if mode else None,
                          train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
                                                                cfg.data.group_by_length))
     dist.check_engaged(trainer, strat)
@@ -154,7 +166,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     tokens = dist.sum_over_processes(trainer, trainer.tokens_seen)
     label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
-    if w.is_main:
+    if w.is_main and mode is not None:
+        adapter_dir = modes.save_output(model, processor, out, cfg=cfg, resolution=resolution)
+    elif w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
     history = trainer.state.log_history
     if w.is_main:
@@ -163,6 +177,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     summary = {
         "model": cfg.model.path,
         "family": family.name,
+        **modes.summary_fields(mode, cfg),
         "quant": (quant_metadata(model) or {}).get("counts"),
         "kernels": None if fast.kernels is None else dataclasses.asdict(fast.kernels),
         "compiled_layers": plan.compiled,
