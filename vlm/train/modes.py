@@ -127,6 +127,30 @@ def prepare(model, family, cfg) -> ModeSetup:
     return ModeSetup(trainable=counts, optimizer_cls_and_kwargs=opt, optimizer=name)
 
 
+def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
+    """Put a Trainer checkpoint's weights into ``model`` (resume of ``full`` / ``projector``).
+
+    Why not Trainer's own resume: save_pretrained writes the checkpoint under the original (legacy)
+    names (``model.layers.0...`` for Qwen2-VL's ``model.language_model.layers.0...``), and Trainer
+    loads it back with ``load_state_dict(strict=False)``, which then matches no key and silently
+    resumes from the *base* weights (seen: the resumed loss jumped back to the step-0 loss). Loading
+    through ``from_pretrained`` applies transformers' name conversion; every tensor must land."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = type(base).from_pretrained(str(checkpoint), dtype=base.dtype, device_map="cpu")
+    state = saved.state_dict()
+    own = base.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise VlmError(f"--resume: {checkpoint} lacks weights of this model: {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state[name])
+    del saved
+    return len(own)
+
+
 # ---- projector files ------------------------------------------------------------------------------
 
 def projector_state_dict(model, family) -> dict[str, torch.Tensor]:

@@ -158,6 +158,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                          train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
                                                                cfg.data.group_by_length))
     dist.check_engaged(trainer, strat)
+    if resume_from and mode is not None:
+        modes.load_checkpoint_weights(model, resume_from)   # Trainer's own load misses renamed keys
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir = out / ADAPTER_DIR

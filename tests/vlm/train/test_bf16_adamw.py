@@ -16,7 +16,7 @@ def test_stochastic_round_is_unbiased_and_lands_on_a_neighbour():
     bits = x.view(torch.int32)
     toward_zero = (bits & -65536).view(torch.float32)           # x's bf16 neighbours
     away = ((bits & -65536) + 65536).view(torch.float32)
-    draws = torch.stack([stochastic_round(x, torch.bfloat16, g).float() for _ in range(4000)])
+    draws = torch.stack([stochastic_round(x, torch.bfloat16, key).float() for key in range(4000)])
     assert ((draws == toward_zero) | (draws == away)).all()
     # unbiased: the mean of 4000 draws sits on x (round-to-nearest would sit on one neighbour)
     err = ((draws.mean(0) - x) / (away - toward_zero)).abs()
@@ -155,3 +155,27 @@ def test_bytes_per_parameter():
         w.grad = torch.ones_like(w)
         opt.step()
         assert optimizer_bytes_per_parameter(opt) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_compiled_update_matches_eager_on_gpu(rounding):
+    """On CUDA each tensor's update is one compiled kernel (the default there): same math as eager,
+    same random bits; weights within one bf16 rounding (FMA contraction may move a value across a
+    rounding boundary), moments close."""
+    torch.manual_seed(0)
+    shapes = [(256, 64), (64,), (1000, 3)]
+    ws = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+    runs = []
+    for compile_ in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in ws]
+        opt = BF16AdamW(params, lr=1e-3, weight_decay=0.01, rounding=rounding, compile=compile_, seed=3)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g).to(torch.bfloat16)
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        ulp = a.detach().float().abs() * 2.0 ** -7 + 1e-30
+        assert ((a.float() - b.float()).abs() <= ulp).all()
