@@ -24,8 +24,10 @@ pairs as in LLaVA's stage 1: batch 16 × 616 tokens = 1 BOS, 576 <image> tokens,
   proj_hf16  the same with the frozen parts loaded in bf16 (what LLaVA's own scripts load): a
              second, stronger baseline, reported alongside
   proj_ours  what `vlm train` does with method: projector (bf16 model, frozen tower under no_grad,
-             no checkpointing of the frozen LM: frozen linears save no input for a weight gradient;
-             compiled layers, fused linear CE; BF16AdamW with an fp32 master for the projector)
+             gradient checkpointing inside the compiled layers, fused linear CE (no logits tensor);
+             BF16AdamW with an fp32 master for the projector)
+  proj_ours_nogc  (only with --variants) the same without checkpointing: frozen linears keep no
+             input for a weight gradient, but attention/MLP activations still add ~3 MB per token
 
 Per variant (own subprocess): median step time over --steps after --warmup, tokens/s (all tokens,
 image tokens included), peak CUDA memory allocated, and bytes per trained parameter held in
@@ -49,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 GiB = 2 ** 30
 PARTS = {"full": ("full_hf", "full_ours"), "projector": ("proj_hf", "proj_hf16", "proj_ours")}
+EXTRA = {"projector": ("proj_ours_nogc",)}
 MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b"}
 TARGETS = {"full": {"memory": 0.55, "speed": 2.0}, "projector": {"memory": 0.5, "speed": 1.45}}
 
@@ -130,8 +133,8 @@ def setup(variant: str, args, batches):
     lr = 1e-5 if part == "full" else 1e-3
     family = family_for_config(load_config(args.ckpt))
     info = {}
-    if variant.endswith("_ours"):
-        cfg = _cfg("full" if part == "full" else "projector", gc=part == "full", lr=lr)
+    if "_ours" in variant:
+        cfg = _cfg("full" if part == "full" else "projector", gc=not variant.endswith("_nogc"), lr=lr)
         model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16).to(args.device)
         model.vlm_family = family
         mode = modes.prepare(model, family, cfg)
@@ -232,7 +235,7 @@ def ratios(part: str, rows: dict) -> dict:
     ours = rows.get("full_ours" if part == "full" else "proj_ours")
     out = {}
     for base in PARTS[part]:
-        if base.endswith("_ours") or base not in rows or ours is None or "error" in rows[base] or "error" in ours:
+        if "_ours" in base or base not in rows or ours is None or "error" in rows[base] or "error" in ours:
             continue
         r = {"speed": ours["tokens_per_s"] / rows[base]["tokens_per_s"],
              "bytes_per_param": ours["bytes_per_param"] / rows[base]["bytes_per_param"]}
@@ -272,8 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma list (default: every variant of the parts)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -314,8 +317,8 @@ def main(argv=None) -> int:
         print(f"[{part}] built {MODEL[part]} ({b['parameters'] / 1e9:.2f} B parameters) in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         rows = {}
-        for v in PARTS[part]:
-            if wanted and v not in wanted:
+        for v in PARTS[part] + EXTRA.get(part, ()):
+            if (wanted and v not in wanted) or (not wanted and v not in PARTS[part]):
                 continue
             rows[v] = r = run_sub(["--worker", v, *common], args.timeout)
             failed |= "error" in r
