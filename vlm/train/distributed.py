@@ -110,6 +110,38 @@ def training_arguments(cfg, strat: str, device: str) -> dict:
     return kw
 
 
+def optimizer_cls_and_kwargs(args, strat: str):
+    """For ``Trainer(optimizer_cls_and_kwargs=...)``: bitsandbytes' 8-bit optimizers made to step
+    FSDP2's sharded parameters (``vlm.train.sharded_optim``); None (Trainer's own choice) otherwise.
+
+    Under FSDP2 the optimizer states are then 8-bit *and* split over the processes."""
+    if strat != "fsdp":
+        return None
+    from transformers import Trainer
+
+    from vlm.train.sharded_optim import is_bitsandbytes_optimizer, shard_local
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if not is_bitsandbytes_optimizer(cls):
+        return None
+    return shard_local(cls), kwargs
+
+
+def one_device_per_process(args, strat: str, w: World) -> str | None:
+    """A single process on a host with several GPUs trains on its one GPU, never ``DataParallel``.
+
+    transformers' Trainer wraps the model in ``nn.DataParallel`` when it sees several GPUs and no
+    distributed launch (``args.n_gpu > 1``); that breaks on scalar outputs and is the slow way to use
+    them anyway. Setting ``_n_gpu`` to 1 is transformers' own switch for that (it does the same for
+    model-parallel models). Returns the note to print, or None."""
+    if strat != "single" or args.n_gpu <= 1:
+        return None
+    n = args.n_gpu
+    args._n_gpu = 1
+    return (f"note: {n} GPUs visible, one process: training on {args.device} only. To use all of them: "
+            f"vlm train CONFIG --nproc {n} (DDP; distributed.strategy=fsdp to shard the model)")
+
+
 def check_engaged(trainer, strat: str) -> None:
     """FSDP asked for must be FSDP running (accelerate falls back to DDP without saying so)."""
     if strat == "fsdp" and not getattr(trainer, "is_fsdp_enabled", False):

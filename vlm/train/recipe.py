@@ -153,10 +153,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
     )
+    note = dist.one_device_per_process(args, strat, w)
+    if note and w.is_main:
+        print(note)
     trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
-                         optimizer_cls_and_kwargs=mode.optimizer_cls_and_kwargs if mode else None,
                          train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
-                                                               cfg.data.group_by_length))
+                                                               cfg.data.group_by_length),
+                         optimizer_cls_and_kwargs=(mode.optimizer_cls_and_kwargs if mode else None)
+                         or dist.optimizer_cls_and_kwargs(args, strat))
     dist.check_engaged(trainer, strat)
     if resume_from and mode is not None:
         modes.load_checkpoint_weights(model, resume_from)   # Trainer's own load misses renamed keys
@@ -168,6 +172,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     tokens = dist.sum_over_processes(trainer, trainer.tokens_seen)
     label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
+    load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
+    steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
     if w.is_main and mode is not None:
         adapter_dir = modes.save_output(model, processor, out, cfg=cfg, resolution=resolution)
     elif w.is_main:
@@ -200,8 +206,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "train_seconds": round(trainer.train_seconds, 3),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "tokens_per_s": round(tokens / trainer.train_seconds, 1) if trainer.train_seconds else None,
+        # from optimizer step STEADY_AFTER + 1 on (compile excluded), summed over processes
+        "tokens_per_s_steady": round(steady, 1) if steady else None,
         "peak_memory_bytes": trainer.peak_memory_bytes(),
-        "peak_memory_bytes_per_process": peak_per_process,
+        "peak_memory_bytes_per_process": peak_per_process,       # training (from the first step)
+        "load_peak_memory_bytes_per_process": load_peak_per_process,  # before the first step
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
         "final_loss": losses[-1] if losses else None,

@@ -2,7 +2,9 @@
 
 - atomic checkpoints (``vlm.train.checkpoints``) that record their process count and global batch
   (``vlm.train.distributed``: resume on another number of processes),
-- tokens counted per step (non-padding tokens) for tokens/s,
+- tokens counted per step (non-padding tokens) for tokens/s, over the whole run and in steady state
+  (from the start of optimizer step ``STEADY_AFTER + 1``: compile and warm-up excluded),
+- peak memory split into loading (everything before the first step) and training,
 - an optional sampler supplied by the data pipeline (length-grouped, seeded: resume-exact),
 - loss computed by the model (so fused-CE kernels patched into the model apply).
 """
@@ -17,6 +19,8 @@ from transformers import Trainer
 
 from vlm.train.checkpoints import mark_complete
 
+STEADY_AFTER = 2   # optimizer steps left out of the steady-state rate (compile, allocator warm-up)
+
 
 class VlmTrainer(Trainer):
     def __init__(self, *args, train_sampler_factory=None, **kwargs):
@@ -27,6 +31,9 @@ class VlmTrainer(Trainer):
         self.train_seconds = 0.0      # wall time from the first step's start to the last log
         self._t0 = None
         self._tokens0 = 0
+        self._steady0 = None          # (time, tokens) when optimizer step STEADY_AFTER + 1 began
+        self.steady_tokens_per_s = None
+        self.load_peak_bytes = None   # peak memory before the first step (model load, data, setup)
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler_factory is not None:
@@ -36,6 +43,11 @@ class VlmTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._t0 is None:
             self._t0, self._tokens0 = time.perf_counter(), self.tokens_seen
+            self.load_peak_bytes = self.peak_memory_bytes()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()   # from here on: the training peak
+        if self._steady0 is None and self.state.global_step >= STEADY_AFTER:
+            self._steady0 = (time.perf_counter(), self.tokens_seen)
         mask = inputs.get("attention_mask")
         if mask is not None:
             self.tokens_seen += int(mask.sum())
@@ -52,6 +64,11 @@ class VlmTrainer(Trainer):
             self.train_seconds = time.perf_counter() - self._t0
             if self.train_seconds > 0:
                 logs["tokens_per_s"] = round((self.tokens_seen - self._tokens0) / self.train_seconds, 1)
+        if self._steady0 is not None:
+            t, n = self._steady0
+            if time.perf_counter() > t and self.tokens_seen > n:
+                self.steady_tokens_per_s = round((self.tokens_seen - n) / (time.perf_counter() - t), 1)
+                logs["tokens_per_s_steady"] = self.steady_tokens_per_s
         key = "mem_gib" if torch.cuda.is_available() else "rss_gib"
         logs[key] = round(self.peak_memory_bytes() / 2**30, 3)
         super().log(logs, *args, **kwargs)

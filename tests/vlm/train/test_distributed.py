@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ._tiny_run import write_config
 from vlm.errors import VlmError
@@ -130,3 +131,22 @@ def test_fsdp_on_cpu_is_refused_not_silently_ddp():
     assert kw["fsdp"] is True and kw["fsdp_config"]["version"] == 2 and kw["ddp_backend"] == "nccl"
     assert kw["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"   # DCP: reshards N -> M
     assert training_arguments(parse_config(dict(MINIMAL)), "ddp", "cpu")["ddp_backend"] == "gloo"
+
+
+def test_one_process_on_a_multi_gpu_host_trains_on_one_device_not_dataparallel(tmp_path):
+    """transformers' Trainer wraps the model in nn.DataParallel when args.n_gpu > 1 and nothing was
+    launched; ``one_device_per_process`` must bring n_gpu to 1 (and say how to use --nproc) for a
+    single process, and leave launched runs alone. n_gpu is what Trainer reads; on this CPU machine
+    the multi-GPU count is set the way TrainingArguments' device setup sets it on such a host."""
+    from transformers import Trainer, TrainingArguments
+
+    from vlm.train.distributed import World, one_device_per_process
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    _ = args.device
+    args._n_gpu = 2                     # what _setup_devices records on a host with 2 visible GPUs
+    assert one_device_per_process(args, "ddp", World(0, 0, 2)) is None and args.n_gpu == 2
+    note = one_device_per_process(args, "single", World())
+    assert args.n_gpu == 1 and "--nproc 2" in note
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
+    assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)

@@ -1,0 +1,84 @@
+"""bitsandbytes' 8-bit AdamW on FSDP2-sharded parameters (vlm.train.sharded_optim), on CPU.
+
+Two gloo processes shard a small model with ``fully_shard`` (FSDP2 runs on CPU with gloo) and step
+``shard_local(bnb.optim.AdamW8bit)``; one process steps plain ``bnb.optim.AdamW8bit`` on the same
+unsharded model. When every shard holds whole 256-value blocks the two must agree bit for bit
+(the blocks are the same blocks); plain AdamW8bit on the shards is the failure this guards
+("mixed torch.Tensor and DTensor"). The checkpoint form (dense moments as DTensors) gathers to
+the unsharded optimizer's moments and loads back into 8-bit state within its resolution.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("_sharded_optim_worker.py")
+
+
+def _worker_module():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("_sharded_optim_worker", WORKER)
+    mod = module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(tmp_path, wrap):
+    out = tmp_path / "rank0.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(WORKER), str(out), "wrap" if wrap else "plain"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert out.is_file(), r.stderr[-3000:]
+    return torch.load(out)
+
+
+def _reference():
+    import bitsandbytes as bnb
+
+    from vlm.train.sharded_optim import _dense_moments
+
+    w = _worker_module()
+    model = w._model()
+    opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-2, min_8bit_size=0)
+    w._steps(model, opt)
+    return model, [_dense_moments(opt.state[p]) for p in model.parameters()]
+
+
+def test_plain_bitsandbytes_8bit_fails_on_fsdp2_shards(tmp_path):
+    got = _run(tmp_path, wrap=False)
+    assert "DTensor" in got.get("error", ""), got
+
+
+def test_shard_local_adamw8bit_equals_unsharded_and_checkpoints_portably(tmp_path):
+    got = _run(tmp_path, wrap=True)
+    assert "error" not in got, got
+    ref_model, ref_moments = _reference()
+    for w, r in zip(got["weights"], ref_model.parameters()):
+        assert torch.equal(w, r.detach()), (w - r).abs().max()
+    assert got["state_kind"] == "DTensor"            # sharded like the parameter, so DCP reshards it
+    for i, (m, v) in enumerate(ref_moments):
+        gm, gv, step = got["moments"][i]
+        assert step == 3
+        assert torch.equal(gm.reshape(m.shape), m) and torch.equal(gv.reshape(v.shape), v)
+    assert got["reload_rel_change"] <= 0.01
+
+
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_fsdp_gets_the_shard_local_optimizer_and_other_strategies_trainers_own(tmp_path, optim):
+    from transformers import TrainingArguments
+
+    from vlm.train.distributed import optimizer_cls_and_kwargs
+
+    args = TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none")
+    cls, kwargs = optimizer_cls_and_kwargs(args, "fsdp")
+    assert cls.__name__.startswith("ShardLocal") and kwargs["lr"] == args.learning_rate
+    assert optimizer_cls_and_kwargs(args, "ddp") is None        # Trainer's own choice outside FSDP
+    args = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch", use_cpu=True, report_to="none")
+    assert optimizer_cls_and_kwargs(args, "fsdp") is None       # torch's AdamW takes DTensors
