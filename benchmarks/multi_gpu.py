@@ -57,6 +57,10 @@ RUNS = {
     "lora16_fsdp2": (2, "fsdp", LORA16 + HALF_ACCUM),
     "resume_fsdp2_on_1gpu": (1, None, EAGER),
 }
+# the same rows at a per-GPU batch of 8 (global 16): enough work per forward for the GPU to be busy
+B8_ONE, B8_TWO = ["training.batch_size=8", "training.grad_accum=2"], ["training.batch_size=8", "training.grad_accum=1"]
+RUNS.update({f"{k}_b8": (n, st, [o for o in ov if o not in HALF_ACCUM] + (B8_TWO if n == 2 else B8_ONE))
+             for k, (n, st, ov) in list(RUNS.items()) if not k.startswith("resume_")})
 
 
 def build_model(root: Path) -> Path:
@@ -108,6 +112,7 @@ def run(name: str, model: Path, data: Path, root: Path, steps: int, resume_steps
 
 
 def write(rows: list[dict], env: dict) -> Path:
+    """Merge ``rows`` into the results JSON (rows of other invocations kept) and write the table."""
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stem = "multi_gpu_" + env["gpu"].replace(" ", "_")
@@ -116,29 +121,32 @@ def write(rows: list[dict], env: dict) -> Path:
     names = {r["run"] for r in rows}
     rows = [r for r in old if r["run"] not in names] + rows   # rows of other invocations kept
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-    base = {(r["compiled"], r["quant"]): r for r in rows
+    def key(r):   # rows compare with the 1-GPU row of the same compile setting, quant and per-GPU batch
+        return r["compiled"], r["quant"], _per_gpu_batch(r)
+
+    base = {key(r): r for r in rows
             if r["gpus"] == 1 and r.get("tokens_per_s_steady") and not r["run"].startswith("resume_")}
     lines = [f"# Multi-GPU training, Qwen2-VL-7B shapes (random weights) — {env['gpu']}", "",
-             f"configs/qwen2_vl_7b_qlora.yaml, per-GPU batch 2, global batch 16; torch {env['torch']}, "
+             f"configs/qwen2_vl_7b_qlora.yaml, global batch 16 (per-GPU batch in the row); torch {env['torch']}, "
              f"transformers {env['transformers']}, accelerate {env['accelerate']}. "
              "Steady tokens/s: optimizer steps 3.. (compile excluded), all GPUs.", "",
-             "| run | GPUs | quant | compiled | optimizer | steady tokens/s | × 1 GPU | load peak / GPU (GiB) "
+             "| run | GPUs | per-GPU batch | quant | compiled | optimizer | steady tokens/s | × 1 GPU | load peak / GPU (GiB) "
              "| training peak / GPU (GiB) | × 1 GPU | steps | final loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['run']} | {r['gpus']} | | | | not run: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | | | | not run: {r['skipped']} | | | | | | |")
             continue
         if r["returncode"] != 0:
-            lines.append(f"| {r['run']} | {r['gpus']} | {r.get('quant', '')} | | | failed (rc {r['returncode']}) "
-                         "| | | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | {r.get('quant', '')} | | | failed (rc {r['returncode']}): "
+                         f"{_last_error(r)} | | | | | | |")
             continue
-        ref = base.get((r["compiled"], r["quant"]))
+        ref = base.get(key(r))
         speed = (f"{r['tokens_per_s_steady'] / ref['tokens_per_s_steady']:.2f}"
                  if ref and r.get("tokens_per_s_steady") and r is not ref else "")
         mem = f"{max(r['peak_mem_gib_per_gpu']) / max(ref['peak_mem_gib_per_gpu']):.2f}" if ref and r is not ref else ""
         steady = f"{r['tokens_per_s_steady']:.0f}" if r.get("tokens_per_s_steady") else "n/a"
-        lines.append(f"| {r['run']} | {r['gpus']} | {r['quant']} | {'yes' if r['compiled'] else 'no'} | "
+        lines.append(f"| {r['run']} | {r['gpus']} | {_per_gpu_batch(r)} | {r['quant']} | {'yes' if r['compiled'] else 'no'} | "
                      f"{r['optimizer']} | {steady} | {speed} | "
                      f"{', '.join(map(str, r['load_peak_mem_gib_per_gpu']))} | "
                      f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {mem} | {r['steps']} | "
@@ -153,6 +161,18 @@ def write(rows: list[dict], env: dict) -> Path:
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
+
+
+def _per_gpu_batch(r: dict) -> int:
+    for part in r["command"].split():
+        if part.startswith("training.batch_size="):
+            return int(part.split("=")[1])
+    return 2   # the config's
+
+
+def _last_error(r: dict) -> str:
+    lines = [ln for ln in r.get("error_tail", "").splitlines() if ln.startswith("error:")]
+    return (lines[-1] if lines else "see the JSON").replace("|", "/")[:200]
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,8 @@
 Read -> validate -> :class:`Conversation` -> :class:`VisionChatCollator` batches::
 
     from vlm.data_formats import (RejectLog, VisionChatCollator, load_training_data,
-                                  prepare_samples, LengthGroupedSampler, ConversationDataset)
+                                  prepare_samples, ConversationDataset)
+    from vlm.train.dataset import SeededSampler
     with RejectLog("out/rejects.jsonl") as rejects:
         convs = load_training_data(["a.json", {"path": "b.jsonl", "weight": 0.5}],
                                    on_error="skip", rejects=rejects)
@@ -11,9 +12,9 @@ Read -> validate -> :class:`Conversation` -> :class:`VisionChatCollator` batches
                                                 resolution={"max_pixels": 512 * 28 * 28})
         prepared = prepare_samples(convs, collator, on_error="skip", rejects=rejects)
     print(rejects.summary())
-    sampler = LengthGroupedSampler(prepared.lengths, batch_size=8)
-    loader = DataLoader(ConversationDataset(prepared.conversations, prepared.lengths),
-                        batch_sampler=sampler, collate_fn=collator, num_workers=2)
+    sampler = SeededSampler(prepared.lengths, group_size=8, seed=0)   # length-grouped, seeded
+    loader = DataLoader(ConversationDataset(prepared.conversations, prepared.lengths), batch_size=8,
+                        sampler=sampler, collate_fn=collator, num_workers=2)
 """
 
 import importlib
@@ -23,12 +24,11 @@ _EXPORTS = {
     "caption_scores": "caption_attributes", "parse_caption": "caption_attributes",
     "IGNORE_INDEX": "collator", "SamplePlan": "collator", "VisionChatCollator": "collator",
     "Conversation": "conversation", "ImageRef": "conversation", "ImageSlot": "conversation",
-    "Turn": "conversation", "PreparedSamples": "prepare", "prepare_samples": "prepare",
+    "Turn": "conversation", "VideoSlot": "conversation", "PreparedSamples": "prepare", "prepare_samples": "prepare",
     "DataSpec": "reader", "iter_conversations": "reader", "read_conversations": "reader",
     "RejectLog": "rejects", "Resolution": "resolution", "apply_resolution": "resolution",
     "load_resolution": "resolution", "save_resolution": "resolution",
-    "LengthGroupedSampler": "sampler", "ConversationDataset": "torch_datasets",
-    "StreamingConversations": "torch_datasets", "load_training_data": "torch_datasets",
+    "ConversationDataset": "torch_datasets", "load_training_data": "torch_datasets",
 }
 
 
@@ -40,8 +40,7 @@ def __getattr__(name):
 
 __all__ = [
     "Conversation", "ConversationDataset", "DataSpec", "IGNORE_INDEX", "ImageRef", "ImageSlot",
-    "LengthGroupedSampler", "PreparedSamples", "RejectLog", "Resolution", "SamplePlan",
-    "StreamingConversations", "Turn", "VisionChatCollator", "apply_resolution", "caption_scores",
+    "PreparedSamples", "RejectLog", "Resolution", "SamplePlan", "Turn", "VisionChatCollator", "apply_resolution", "caption_scores",
     "iter_conversations", "load_resolution", "load_training_data", "parse_caption", "prepare_samples",
     "read_conversations", "save_resolution",
 ]

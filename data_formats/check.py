@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from vlm.data_formats import problems
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS
 from vlm.data_formats.reader import iter_conversations
 from vlm.data_formats.rejects import RejectLog
@@ -73,7 +74,12 @@ class CheckReport:
     def text(self) -> str:
         lines = []
         for name, c in self.files.items():
-            lines.append(f"{name}: {c['records']} records, {c['valid']} valid, {c['rejected']} bad")
+            if c.get("empty"):
+                lines.append(f"{name}: no records (an empty file)")
+                continue
+            lines.append(f"{name}: {c['records']} records, {c['valid']} valid, {c['rejected']} bad"
+                         + ("; the rest of the file could not be read (see below)"
+                            if c.get("read_to_end") is False else ""))
         for kind, summ in self.tokens.items():
             if summ.get("count"):
                 lines.append(f"{kind} tokens: min {summ['min']}, mean {summ['mean']}, p50 {summ['p50']}, "
@@ -81,7 +87,8 @@ class CheckReport:
         if self.max_length is not None:
             lines.append(f"max_length {self.max_length}: {self.would_truncate} sample(s) would be "
                          f"truncated (text only), {self.would_drop} dropped")
-        lines.append(self.rejects.summary() if self.rejects.total else "all records valid")
+        lines.append(self.rejects.summary() if self.rejects.total else "all records valid" + (
+            f" ({self.rejects.path} is empty)" if self.rejects.path is not None else ""))
         return "\n".join(lines)
 
 
@@ -100,6 +107,8 @@ def check_data(sources: Sequence[Any], *, image_root: str | None = None, collato
     for source in sources:
         name = source_name(source)
         before = report.rejects.total
+        empty_before = report.rejects.counts[problems.EMPTY_SOURCE]
+        unread_before = report.rejects.counts[problems.UNREADABLE_FILE]
         valid = 0
         for conv in iter_conversations(source, image_root=image_root, on_error="skip",
                                        rejects=report.rejects, validator=validator):
@@ -116,7 +125,12 @@ def check_data(sources: Sequence[Any], *, image_root: str | None = None, collato
                 report.would_truncate += plan.truncated
             valid += 1
         bad = report.rejects.total - before
-        report.files[name] = {"records": valid + bad, "valid": valid, "rejected": bad}
+        empty = report.rejects.counts[problems.EMPTY_SOURCE] - empty_before
+        report.files[name] = {"records": valid + bad - empty, "valid": valid, "rejected": bad - empty}
+        if empty:
+            report.files[name]["empty"] = True
+        if report.rejects.counts[problems.UNREADABLE_FILE] > unread_before:
+            report.files[name]["read_to_end"] = False
     if collator is not None:
         report.tokens = {"text": text_len.summary(), "image": image_len.summary(),
                          "total": total_len.summary()}

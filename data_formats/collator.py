@@ -24,22 +24,29 @@ collator (possibly in DataLoader workers) never has to drop anything.
 
 from __future__ import annotations
 
+import re
+import uuid
+from array import array
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from vlm.data_formats import problems
-from vlm.data_formats.chat_render import TRAIN_ON, token_flags, trainable_char_spans
+from vlm.data_formats.chat_render import (TRAIN_ON, end_of_turn_to_append, generation_prompt,
+                                          token_flags, trainable_char_spans)
 from vlm.data_formats.conversation import Conversation
 from vlm.data_formats.image_tokens import expand_flags, image_token_counts
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_image
 from vlm.data_formats.records import located
 from vlm.data_formats.resolution import Resolution, apply_resolution
+from vlm.data_formats.video import (DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling,
+                                    read_video, video_header)
 from vlm.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 OVERLONG = ("truncate", "drop")
+PLANS_KEPT_PER_SAMPLE = 4   # collator settings remembered per conversation (tests switch train_on)
 # Tensors whose dim 1 is the token sequence (trimmed/padded together with input_ids).
 SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX,
                  "mm_token_type_ids": 0, "token_type_ids": 0, "cross_attention_mask": 0}
@@ -50,9 +57,9 @@ class SamplePlan:
     """What is known about a sample before the processor runs (cheap: image headers only)."""
 
     text: str
-    ids: list[int]              # tokens with one placeholder per image
-    flags: list[bool]           # trainable, per token of ``ids``
-    image_counts: list[int]     # tokens each image becomes
+    ids: Sequence[int]          # tokens with one placeholder per image (kept as array('i'): 4 B each)
+    flags: Sequence[bool]       # trainable, per token of ``ids`` (kept as bytes: 1 B each)
+    image_counts: list[int]     # tokens each image (or video) becomes, in text order
     length: int                 # full length after image expansion
     keep: int                   # tokens kept (== length unless truncated)
     image_tokens: int
@@ -78,12 +85,14 @@ class VisionChatCollator:
         overlong: ``truncate`` (cut text after the last image) or ``drop``.
         pad_to_multiple_of: pad the batch length up to a multiple of this.
         resolution: :class:`Resolution` / dict, applied to the processor once, here.
+        video_fps, video_max_frames: frame sampling of video records (families that take video).
     """
 
     def __init__(self, processor, family, *, max_length: int | None = None, train_on: str = "assistant",
                  overlong: str = "truncate", pad_to_multiple_of: int = 8,
                  resolution: Resolution | dict | None = None,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 video_fps: float = DEFAULT_VIDEO_FPS, video_max_frames: int = DEFAULT_VIDEO_MAX_FRAMES):
         if train_on not in TRAIN_ON:
             raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         if overlong not in OVERLONG:
@@ -100,9 +109,24 @@ class VisionChatCollator:
         apply_resolution(processor, resolution)
         self.tokenizer = processor.tokenizer
         self.image_token_id = self._image_token_id()
+        self.video_sampling = VideoSampling(video_fps, video_max_frames)
+        self.video_token_id = (int(self.processor.video_token_id)
+                               if getattr(family, "takes_video", False) else None)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id
+        self.append_end_of_turn = end_of_turn_to_append(processor, family)
+        self.generation_prompt = generation_prompt(processor)
+        self._control_tokens = _control_token_pattern(self.tokenizer)
+        self._plan_uid = uuid.uuid4().hex   # survives pickling into DataLoader workers
+
+    def _plan_key(self) -> tuple:
+        return (self._plan_uid, self.train_on, self.max_length, self.overlong, self.video_sampling)
+
+    @property
+    def placeholder_ids(self) -> set[int]:
+        """Token ids that the processor expands: the image token, and the video token if any."""
+        return {self.image_token_id} | ({self.video_token_id} if self.video_token_id is not None else set())
 
     @classmethod
     def for_model(cls, model, processor, **kwargs) -> "VisionChatCollator":
@@ -125,14 +149,46 @@ class VisionChatCollator:
     # -- planning (no pixels decoded) ---------------------------------------------------------
     def plan(self, conv: Conversation) -> SamplePlan:
         """Tokens, flags and lengths of ``conv``; raises ``too_long`` / ``no_trainable_tokens`` /
-        ``placeholder_mismatch`` :class:`DataError`s that name the record."""
+        ``placeholder_mismatch`` :class:`DataError`s that name the record.
+
+        The plan is kept on the conversation (``conv.plan_cache``), so a sample planned once (by
+        :func:`prepare_samples`) is not re-rendered and re-tokenized by every batch."""
+        key = self._plan_key()
+        cached = conv.plan_cache.get(key)
+        if cached is not None:
+            return cached
         try:
-            return self._plan(conv)
+            plan = self._plan(conv)
         except DataError as e:
             raise located(e, source=conv.source, index=conv.index, record_id=conv.record_id) from None
+        if len(conv.plan_cache) >= PLANS_KEPT_PER_SAMPLE:
+            conv.plan_cache.pop(next(iter(conv.plan_cache)))
+        conv.plan_cache[key] = plan
+        return plan
+
+    def _refuse_control_tokens(self, conv: Conversation) -> None:
+        """Chat-control tokens written as text (``<|im_end|>\\n<|im_start|>user``) would be parsed
+        as real turn boundaries by the tokenizer: a record could smuggle in turns of its own (a
+        poisoning path for scraped data). They are refused, not escaped: no escape keeps the
+        text's meaning for the model, and silently changing data is worse than a named error."""
+        if self._control_tokens is None:
+            return
+        for i, turn in enumerate(conv.turns):
+            for part in turn.parts:
+                if isinstance(part, str):
+                    found = self._control_tokens.search(part)
+                    if found:
+                        raise DataError(f"turn {i} ({turn.role}) contains the chat-control token "
+                                        f"{found.group()!r} written as text (it would act as a real "
+                                        "turn boundary); remove it from the data",
+                                        code=problems.CONTROL_TOKEN)
 
     def _plan(self, conv: Conversation) -> SamplePlan:
-        text, spans = trainable_char_spans(self.processor, conv, self.train_on)
+        self._refuse_video_unless_taken(conv)
+        self._refuse_control_tokens(conv)
+        text, spans = trainable_char_spans(self.processor, conv, self.train_on, family=self.family,
+                                           append_end_of_turn=self.append_end_of_turn,
+                                           prompt=self.generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=self._add_special_tokens(text),
                              return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -143,14 +199,23 @@ class VisionChatCollator:
             raise DataError(f"the rendered text has {n_placeholders} image token(s) for {len(order)} "
                             "image(s) (does the text contain the model's image token literally?)",
                             code=problems.PLACEHOLDER_MISMATCH)
+        if conv.videos and self.video_token_id is not None:
+            n_video = sum(t == self.video_token_id for t in ids)
+            if n_video != len(conv.videos):
+                raise DataError(f"the rendered text has {n_video} video token(s) for "
+                                f"{len(conv.videos)} video(s)", code=problems.PLACEHOLDER_MISMATCH)
         sizes = [image_size(conv.images[i], conv.image_root, max_image_pixels=self.max_image_pixels)
                  for i in order]
-        counts = image_token_counts(self.processor, self.family, sizes)
+        image_counts = iter(self._image_token_counts(sizes))
+        video_counts = self._video_token_counts(conv)          # by index into conv.videos
+        counts = [next(image_counts) if kind == "image" else video_counts[i]
+                  for kind, i in conv.media_order()]   # in text order, as the placeholders appear
+        placeholders = self.placeholder_ids
         # expanded position of every token: walk once
         pos, image_end, train_pos = 0, 0, []
         n_img = 0
         for tok, flag in zip(ids, flags):
-            if tok == self.image_token_id:
+            if tok in placeholders:
                 pos += counts[n_img]
                 n_img += 1
                 image_end = pos
@@ -175,7 +240,45 @@ class VisionChatCollator:
             why = " after truncation" if keep < length else ""
             raise DataError(f"no trainable tokens{why} (train_on={self.train_on!r}, {length} tokens)",
                             code=problems.NO_TRAINABLE_TOKENS)
-        return SamplePlan(text, ids, flags, counts, length, keep, sum(counts), trainable)
+        return SamplePlan(text, array("i", ids), bytes(flags), counts, length, keep, sum(counts), trainable)
+
+    def _refuse_video_unless_taken(self, conv: Conversation) -> None:
+        if conv.videos and self.video_token_id is None:
+            from vlm.families.registry import all_families
+
+            takers = sorted(f.name for f in all_families().values() if f.takes_video)
+            raise DataError(f"the record holds {len(conv.videos)} video(s), but the {self.family.name} "
+                            f"family takes no video (families that do: {', '.join(takers)})",
+                            code=problems.VIDEO_UNSUPPORTED)
+
+    def _video_token_counts(self, conv: Conversation) -> list[int]:
+        """Tokens per video (in video order) from the container header and the frame sampling."""
+        if not conv.videos:
+            return []
+        sizes = []
+        for ref in conv.videos:
+            header = video_header(ref, conv.image_root)
+            sizes.append([len(header.indices(self.video_sampling)), header.height, header.width])
+        try:
+            counted = self.processor._get_num_multimodal_tokens(video_sizes=sizes)
+        except (ValueError, ZeroDivisionError) as e:
+            raise DataError(f"a video cannot be resized by the model's processor: {e}",
+                            code=problems.IMAGE_SHAPE) from None
+        return [int(n) for n in counted.num_video_tokens]
+
+    def _image_token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """Per-image token counts; an image the processor cannot resize (Qwen2-VL refuses an aspect
+        ratio of 200 or more) is a ``image_shape`` error naming it, not a crash of the run."""
+        try:
+            return image_token_counts(self.processor, self.family, sizes)
+        except (ValueError, ZeroDivisionError) as e:
+            for n, (h, w) in enumerate(sizes, start=1):
+                try:
+                    image_token_counts(self.processor, self.family, [(h, w)])
+                except (ValueError, ZeroDivisionError):
+                    raise DataError(f"image {n} ({w}x{h} pixels) cannot be resized by the model's "
+                                    f"processor: {e}", code=problems.IMAGE_SHAPE) from None
+            raise
 
     def sample_length(self, conv: Conversation) -> int:
         """Tokens this sample will occupy (after truncation): for length-grouped batching."""
@@ -189,6 +292,8 @@ class VisionChatCollator:
         images = [[open_image(c.images[i], c.image_root, max_image_pixels=self.max_image_pixels)
                    for i in c.image_order()] for c in conversations]
         has_images = any(images)
+        videos = [read_video(v, c.image_root, self.video_sampling) for c in conversations
+                  for v in self._video_order(c)]
         add_special = {self._add_special_tokens(p.text) for p in plans}
         if len(add_special) != 1:
             raise ConfigError("the chat template writes a BOS for some samples and not others")
@@ -197,6 +302,14 @@ class VisionChatCollator:
         if has_images:
             kwargs["images"] = images if self.family.extra.get("cross_attention") else \
                 [img for per_sample in images for img in per_sample]
+        if videos:
+            kwargs["videos"] = [frames for frames, _ in videos]
+            kwargs["video_metadata"] = [meta for _, meta in videos]
+            kwargs["do_sample_frames"] = False   # sampled here, as planned
+            if hasattr(getattr(self.processor, "video_processor", None), "cap_pixels_per_frame"):
+                # the total-video pixel cap of transformers >= 5.19 is not in its own token counter
+                # (_get_num_multimodal_tokens), which plans our lengths: keep them in agreement
+                kwargs["cap_pixels_per_frame"] = False
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
@@ -209,7 +322,7 @@ class VisionChatCollator:
         for row, (conv, plan) in enumerate(zip(conversations, plans)):
             expanded = input_ids[row, :real[row]].tolist()
             where = f"{conv.source}, record {conv.index}"
-            train, _ = expand_flags(plan.ids, plan.flags, self.image_token_id, plan.image_counts,
+            train, _ = expand_flags(plan.ids, plan.flags, self.placeholder_ids, plan.image_counts,
                                     expanded, where)
             row_labels = torch.tensor(expanded)
             row_labels[~torch.tensor(train, dtype=torch.bool)] = IGNORE_INDEX
@@ -220,6 +333,10 @@ class VisionChatCollator:
         longest = max(p.keep for p in plans)
         target = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         return self._fit_sequence(batch, target)
+
+    @staticmethod
+    def _video_order(conv: Conversation) -> list:
+        return [conv.videos[i] for kind, i in conv.media_order() if kind == "video"]
 
     def _blank_tail(self, batch: dict, labels: torch.Tensor, row: int, keep: int) -> None:
         labels[row, keep:] = IGNORE_INDEX
@@ -240,3 +357,13 @@ class VisionChatCollator:
                 extra = torch.full((t.shape[0], length - t.shape[1], *t.shape[2:]), fill, dtype=t.dtype)
                 batch[key] = torch.cat([t, extra], dim=1)
         return batch
+
+
+def _control_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching any special token of ``tokenizer`` as it would be written in text."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            tokens.add(str(tok))
+    tokens = sorted((t for t in tokens if t and t.strip()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None

@@ -1,7 +1,8 @@
 """The normalized conversation every reader produces and the collator consumes.
 
 A :class:`Conversation` is an ordered list of :class:`Turn`s. Each turn holds *parts*: plain text
-(``str``) or an :class:`ImageSlot` that points into ``Conversation.images`` by position. Images are
+(``str``), an :class:`ImageSlot` that points into ``Conversation.images`` by position, or a
+:class:`VideoSlot` that points into ``Conversation.videos``. Images are
 :class:`ImageRef`s: a reference (path, data URL, raw bytes, or a PIL image already in memory) that is
 resolved and decoded only when needed (validation, collation), so reading stays cheap.
 
@@ -22,12 +23,24 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class ImageSlot:
-    """Where an image sits inside a turn: ``index`` into ``Conversation.images``."""
+    """Where an image sits inside a turn: ``index`` into ``Conversation.images``.
+
+    ``placeholder`` is True when the slot came from an ``<image>`` written in text (LLaVA style):
+    the newline written next to such a placeholder is layout, not content."""
 
     index: int
+    placeholder: bool = field(default=False, compare=False)
 
 
-Part = Union[str, ImageSlot]
+@dataclass(frozen=True)
+class VideoSlot:
+    """Where a video sits inside a turn: ``index`` into ``Conversation.videos``."""
+
+    index: int
+    placeholder: bool = field(default=False, compare=False)
+
+
+Part = Union[str, ImageSlot, VideoSlot]
 
 
 @dataclass
@@ -36,6 +49,7 @@ class Turn:
 
     role: str
     parts: list[Part]
+    trainable: bool = True   # False: an assistant turn that is context only (TRL's prompt part)
 
     @property
     def text(self) -> str:
@@ -83,36 +97,50 @@ class Conversation:
     source: str | None = None
     index: int | None = None
     image_root: str | None = None   # where relative image paths resolve (default: the file's folder)
+    videos: list[ImageRef] = field(default_factory=list)   # video files (kind "path"), after the
+                                                            # older fields: positional use unchanged
+    # Collator plans of this sample (key: the collator's settings), so that planning in
+    # prepare_samples is not redone by every batch; a few bytes per token (see SamplePlan).
+    plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def roles(self) -> list[str]:
         return [t.role for t in self.turns]
 
     def assistant_turn_indices(self) -> list[int]:
-        return [i for i, t in enumerate(self.turns) if t.role == "assistant"]
+        """Assistant turns that train (those of a TRL ``prompt`` are context only)."""
+        return [i for i, t in enumerate(self.turns) if t.role == "assistant" and t.trainable]
 
     def image_order(self) -> list[int]:
         """Image indices in the order they appear in the text (what a processor consumes)."""
         return [s.index for t in self.turns for s in t.image_slots]
 
+    def media_order(self) -> list[tuple[str, int]]:
+        """``("image", i)`` / ``("video", j)`` in the order they appear in the text."""
+        return [("image", p.index) if isinstance(p, ImageSlot) else ("video", p.index)
+                for t in self.turns for p in t.parts if isinstance(p, (ImageSlot, VideoSlot))]
+
     def to_messages(self) -> list[dict]:
         """HF chat-template messages: content lists of ``{"type": "text"|"image"}`` items.
 
-        The ``\n`` that LLaVA data puts between ``<image>`` and the question is layout, not text:
-        newlines touching an image are dropped, and whitespace-only text parts vanish.
+        The ``\n`` that LLaVA data puts between an ``<image>`` placeholder and the question is
+        layout, not text: newlines touching a *placeholder* are dropped (the templates write their
+        own). Text next to an image *part* is kept exactly, as transformers'
+        ``apply_chat_template`` keeps it ("book?\n" then an image stays "book?\n<image>").
         """
         messages = []
         for turn in self.turns:
             content = []
             parts = turn.parts
             for i, p in enumerate(parts):
-                if isinstance(p, ImageSlot):
-                    content.append({"type": "image"})
+                if isinstance(p, (ImageSlot, VideoSlot)):
+                    content.append({"type": "image" if isinstance(p, ImageSlot) else "video"})
                     continue
-                if i > 0 and isinstance(parts[i - 1], ImageSlot):
+                if i > 0 and isinstance(parts[i - 1], (ImageSlot, VideoSlot)) and parts[i - 1].placeholder:
                     p = p.lstrip("\n")
-                if i + 1 < len(parts) and isinstance(parts[i + 1], ImageSlot):
+                if (i + 1 < len(parts) and isinstance(parts[i + 1], (ImageSlot, VideoSlot))
+                        and parts[i + 1].placeholder):
                     p = p.rstrip("\n")
-                if p.strip():
+                if p:
                     content.append({"type": "text", "text": p})
             messages.append({"role": turn.role, "content": content})
         return messages
@@ -126,8 +154,12 @@ class Conversation:
         if self.images:
             paths = [img.value for img in self.images]
             record["image"] = paths[0] if len(paths) == 1 else paths
+        if self.videos:
+            paths = [v.value for v in self.videos]
+            record["video"] = paths[0] if len(paths) == 1 else paths
         record["conversations"] = [
             {"from": names[t.role],
-             "value": "".join(placeholder if isinstance(p, ImageSlot) else p for p in t.parts)}
+             "value": "".join(placeholder if isinstance(p, ImageSlot) else
+                              "<video>" if isinstance(p, VideoSlot) else p for p in t.parts)}
             for t in self.turns]
         return record

@@ -14,7 +14,7 @@ record, before the model could see it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 from vlm.errors import VlmError
 
@@ -32,22 +32,25 @@ def image_token_counts(processor, family, image_sizes: Sequence[tuple[int, int]]
     return [int(n) for n in counter(image_sizes=[list(s) for s in image_sizes]).num_image_tokens]
 
 
-def expand_flags(unexpanded: Sequence[int], flags: Sequence[bool], image_token_id: int,
+def expand_flags(unexpanded: Sequence[int], flags: Sequence[bool], image_token_id: int | Collection[int],
                  counts: Sequence[int], expanded: Sequence[int], where: str = "") -> tuple[list[bool], list[bool]]:
     """Map flags onto the expanded ids. Returns ``(train_flags, is_image_token)`` per expanded token.
 
-    Raises :class:`VlmError` if the expansion differs from the prediction in any way.
+    ``image_token_id`` may be several ids (image and video placeholders); ``counts`` then follow
+    the placeholders in text order. Raises :class:`VlmError` if the expansion differs from the
+    prediction in any way.
     """
+    placeholders = {image_token_id} if isinstance(image_token_id, int) else set(image_token_id)
     train: list[bool] = []
     image: list[bool] = []
     j = 0
     n_img = 0
     for i, tok in enumerate(unexpanded):
-        if tok == image_token_id:
+        if tok in placeholders:
             if n_img >= len(counts):
                 raise VlmError(f"{where}: more image placeholders in the text than images ({len(counts)})")
             n = counts[n_img]
-            if j + n > len(expanded) or expanded[j] != image_token_id:
+            if j + n > len(expanded) or expanded[j] != tok:
                 raise VlmError(f"{where}: image {n_img + 1} expected {n} tokens at position {j}; "
                                "the processor expanded it differently")
             train.extend([False] * n)

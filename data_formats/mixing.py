@@ -1,19 +1,14 @@
 """Mixing several sources with weights.
 
-Two views of the same weights:
-
-- :func:`mix_epoch` (map-style training): each source contributes ``weight × len`` samples per
-  epoch: 2.0 repeats every record twice, 0.5 takes a seeded random half, 1.5 = all once plus a
-  seeded random half again. The result is shuffled with the seed.
-- :func:`interleave` (streaming): draws the next sample from source *i* with probability
-  ``weight_i / Σ weight`` until the first source runs out (``"first_exhausted"``) or, restarting
-  finished ones, until every source has been read once (``"all_exhausted"``).
+:func:`mix_epoch`: each source contributes ``weight × len`` samples per epoch: 2.0 repeats every
+record twice, 0.5 takes a seeded random half, 1.5 = all once plus a seeded random half again. The
+result is shuffled with the seed.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 from vlm.errors import ConfigError
 
@@ -41,29 +36,3 @@ def mix_epoch(sources: Sequence[Sequence[T]], weights: Sequence[float], seed: in
         rng.shuffle(mixed)
     return mixed
 
-
-def interleave(make_streams: Sequence[Callable[[], Iterable[T]]], weights: Sequence[float],
-               seed: int = 0, stopping: str = "first_exhausted") -> Iterator[T]:
-    """Weighted random interleave of streams; ``make_streams[i]()`` (re)opens stream *i*."""
-    if stopping not in ("first_exhausted", "all_exhausted"):
-        raise ConfigError(f"stopping must be first_exhausted or all_exhausted, got {stopping!r}")
-    if len(make_streams) != len(weights) or not make_streams:
-        raise ConfigError(f"{len(make_streams)} streams but {len(weights)} weights")
-    rng = random.Random(seed)
-    iters = [iter(make()) for make in make_streams]
-    finished = [False] * len(iters)
-    while True:
-        i = rng.choices(range(len(iters)), weights=weights)[0]
-        try:
-            yield next(iters[i])
-            continue
-        except StopIteration:
-            pass
-        finished[i] = True
-        if stopping == "first_exhausted" or all(finished):
-            return
-        iters[i] = iter(make_streams[i]())
-        try:
-            yield next(iters[i])
-        except StopIteration:  # an empty source can never contribute
-            return

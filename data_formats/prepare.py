@@ -3,7 +3,7 @@
 :func:`prepare_samples` runs :meth:`VisionChatCollator.plan` over the conversations (text
 tokenization + image headers, no pixel decoding), sends samples that are too long or have nothing
 to train on to the :class:`RejectLog` (``on_error="skip"``) or raises (``"raise"``), and returns the
-kept conversations with their token lengths for :class:`LengthGroupedSampler`. Doing this in the
+kept conversations with their token lengths for the length-grouped ``SeededSampler``. Doing this in the
 main process means DataLoader workers never drop anything behind the report's back.
 """
 

@@ -10,16 +10,27 @@ from typing import Any
 
 from vlm.data_formats.collator import IGNORE_INDEX
 from vlm.data_formats.image_tokens import expand_flags
-from vlm.data_formats.reader import iter_conversations
-from vlm.errors import VlmError
+from vlm.data_formats.records import parse_record
+from vlm.data_formats.sources import default_image_root, iter_raw_records
+from vlm.data_formats.validate import ImageValidator
+from vlm.errors import DataError, VlmError
 
 
 def find_conversation(source: Any, index: int, image_root: str | None = None):
-    for conv in iter_conversations(source, image_root=image_root):
-        if conv.index == index:
-            return conv
-        if conv.index is not None and conv.index > index:
+    """Record ``index`` of ``source``, parsed and validated; records before it are only skipped
+    over (a bad one there is not this record's problem)."""
+    root = str(image_root) if image_root is not None else default_image_root(source)
+    for item in iter_raw_records(source):
+        at = item.index
+        if isinstance(item, DataError) and (at is None or at == index):
+            raise item
+        if at is None or at < index:
+            continue
+        if at > index:
             break
+        conv = parse_record(item.data, source=item.source, index=item.index, image_root=root)
+        ImageValidator()(conv)
+        return conv
     raise VlmError(f"{source}: no record {index}")
 
 
@@ -30,7 +41,7 @@ def render_preview(collator, conv) -> str:
     labels = batch["labels"][0][: plan.keep].tolist()
     # which expanded tokens are image tokens (recomputed from the untruncated expansion)
     full_ids = ids if plan.keep == plan.length else None
-    _, is_image = expand_flags(plan.ids, plan.flags, collator.image_token_id, plan.image_counts,
+    _, is_image = expand_flags(plan.ids, plan.flags, collator.placeholder_ids, plan.image_counts,
                                full_ids, "preview") if full_ids is not None else (None, None)
     tok = collator.tokenizer
     out: list[str] = []
@@ -39,7 +50,8 @@ def render_preview(collator, conv) -> str:
 
     def flush():
         if state == "image":
-            out.append(f"<image × {len(segment)}>")
+            kind = "video" if segment and segment[0] == collator.video_token_id else "image"
+            out.append(f"<{kind} × {len(segment)}>")
         elif state == "train":
             out.append("⟦" + tok.decode(segment) + "⟧")
         elif segment:
@@ -47,7 +59,7 @@ def render_preview(collator, conv) -> str:
         segment.clear()
 
     for k, (t, lab) in enumerate(zip(ids, labels)):
-        image = is_image[k] if is_image is not None else t == collator.image_token_id
+        image = is_image[k] if is_image is not None else t in collator.placeholder_ids
         now = "image" if image else ("train" if lab != IGNORE_INDEX else "prompt")
         if now != state:
             flush()

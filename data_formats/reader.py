@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from vlm.data_formats import problems
 from vlm.data_formats.conversation import Conversation
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS
 from vlm.data_formats.records import parse_record
@@ -70,7 +71,9 @@ def iter_conversations(source: Any, *, image_root: str | None = None, on_error: 
     if validate_images and validator is None:
         validator = ImageValidator(max_image_pixels)
     root = str(image_root) if image_root is not None else default_image_root(source)
+    seen = 0
     for item in iter_raw_records(source):
+        seen += 1
         raw = None
         try:
             if isinstance(item, DataError):
@@ -85,6 +88,12 @@ def iter_conversations(source: Any, *, image_root: str | None = None, on_error: 
             rejects.add(e, raw)
             continue
         yield conv
+    if not seen:
+        # An empty file is a mistake (a failed export, the wrong path), not an empty epoch.
+        err = DataError("no records in the file", file=source_name(source), code=problems.EMPTY_SOURCE)
+        if on_error == "raise":
+            raise err
+        rejects.add(err)
 
 
 def read_conversations(sources: Any, **kwargs) -> list[Conversation]:
@@ -100,4 +109,5 @@ def read_conversations(sources: Any, **kwargs) -> list[Conversation]:
 
 
 def _is_record_list(items) -> bool:
-    return bool(items) and isinstance(items[0], dict) and ("conversations" in items[0] or "messages" in items[0])
+    return bool(items) and isinstance(items[0], dict) and any(
+        k in items[0] for k in ("conversations", "messages", "prompt"))

@@ -4,8 +4,12 @@ Supported: ``.json`` (an array, streamed), ``.jsonl``, ``.parquet`` (row batches
 ``datasets.save_to_disk`` folder (memory-mapped Arrow), an in-memory ``datasets.Dataset`` (its
 image column may hold PIL images or bytes), or a plain list of dicts. Every source yields
 :class:`RawRecord`s; a record that cannot even be decoded comes out as a :class:`DataError` in the
-stream (``.jsonl``: the reader goes on with the next line; ``.json``: the array cannot be resynced,
-so the stream ends after the error).
+stream and reading goes on: ``.jsonl`` with the next line, ``.json`` after the bad element (found
+by bracket depth; when even that fails, a last error says from which line on nothing was read),
+parquet with nothing (a corrupt row group loses the rows from there on, and the error says so).
+
+Text files are UTF-8, with or without a byte-order mark; bytes that are not UTF-8 make the record
+they are in a ``not_utf8`` error (a Latin-1 file is named as such, not a crash).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from vlm.data_formats.json_stream import iter_json_array
 from vlm.errors import DataError
 
 PARQUET_BATCH_ROWS = 256
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -55,7 +60,7 @@ def iter_raw_records(source: Any) -> Iterator[RawRecord | DataError]:
         if not path.exists():
             raise DataError("data file not found", file=name, code=problems.MISSING_FILE)
         if path.is_dir():
-            yield from _iter_dataset(_load_from_disk(path), name)
+            yield from _iter_dataset(_load_from_disk(path, name), name)
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path, name)
         elif path.suffix == ".json":
@@ -76,42 +81,64 @@ def iter_raw_records(source: Any) -> Iterator[RawRecord | DataError]:
 
 def _iter_jsonl(path: Path, name: str) -> Iterator[RawRecord | DataError]:
     index = 0
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            if not raw.strip():
                 continue
             try:
-                yield RawRecord(json.loads(line), name, index, line_no)
+                yield RawRecord(json.loads(raw.decode("utf-8")), name, index, line_no)
+            except UnicodeDecodeError as e:
+                yield DataError(f"line {line_no} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                f"column {e.start + 1}; a Latin-1 / cp1252 file?): re-save the file "
+                                "as UTF-8", file=name, index=index, code=problems.NOT_UTF8)
             except json.JSONDecodeError as e:
                 yield DataError(f"invalid JSON at line {line_no}, column {e.colno}: {e.msg}",
                                 file=name, index=index, code=problems.INVALID_JSON)
+            except RecursionError:
+                yield DataError(f"invalid JSON at line {line_no}: nested too deeply to parse (a "
+                                "JSON record is never that deep)", file=name, index=index,
+                                code=problems.INVALID_JSON)
             index += 1
 
 
 def _iter_json(path: Path, name: str) -> Iterator[RawRecord | DataError]:
-    with open(path, encoding="utf-8") as fh:
+    # utf-8-sig: a byte-order mark is skipped; surrogateescape: non-UTF-8 bytes reach the array
+    # reader as lone surrogates, which it reports per record instead of failing the whole file.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
         try:
             for index, (value, line) in enumerate(iter_json_array(fh, name)):
-                yield RawRecord(value, name, index, line)
+                yield value if isinstance(value, DataError) else RawRecord(value, name, index, line)
         except DataError as e:
             yield e
 
 
-def _iter_parquet(path: Path, name: str) -> Iterator[RawRecord]:
+def _iter_parquet(path: Path, name: str) -> Iterator[RawRecord | DataError]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     index = 0
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for row in batch.to_pylist():
-            yield RawRecord(row, name, index)
-            index += 1
+    try:
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                yield RawRecord(row, name, index)
+                index += 1
+    except (pyarrow.ArrowException, OSError, ValueError) as e:
+        where = f"rows from {index} on" if index else "the file"
+        yield DataError(f"corrupt parquet file: {where} could not be read ({type(e).__name__}: {e})",
+                        file=name, index=index if index else None, code=problems.UNREADABLE_FILE)
 
 
-def _load_from_disk(path: Path):
+def _load_from_disk(path: Path, name: str):
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise DataError(f"not a readable datasets folder ({type(e).__name__}: {e})", file=name,
+                        code=problems.UNREADABLE_FILE) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" in ds:
             return ds["train"]

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from vlm.data_formats.conversation import Conversation
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from vlm.data_formats.records import located
+from vlm.data_formats.video import video_header
 from vlm.errors import DataError
 
 GOOD_PATH_CACHE = 4096
@@ -46,4 +47,10 @@ class ImageValidator:
             except DataError as e:
                 prefix = f"image {i + 1} of {len(conv.images)}: " if len(conv.images) > 1 else ""
                 err = DataError(prefix + e.problem, code=e.code)
+                raise located(err, source=conv.source, index=conv.index, record_id=conv.record_id) from None
+        for i, ref in enumerate(conv.videos):
+            try:
+                video_header(ref, conv.image_root)   # opens the container: frames, rate, size
+            except DataError as e:
+                err = DataError(f"video {i + 1} of {len(conv.videos)}: {e.problem}", code=e.code)
                 raise located(err, source=conv.source, index=conv.index, record_id=conv.record_id) from None

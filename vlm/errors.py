@@ -43,9 +43,3 @@ class DataError(VlmError):
             where.append(f"id={self.record_id!r}")
         prefix = ", ".join(where)
         return f"{prefix}: {self.problem}" if prefix else self.problem
-
-
-class NotLandedError(VlmError):
-    """A subcommand whose issue has not landed yet."""
-
-    exit_code = 2

@@ -92,5 +92,8 @@ def load(path_or_id: str | os.PathLike, *, dtype: "str | torch.dtype | None" = N
     else:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
         model.to(device)
+        # a checkpoint saved in 4-bit comes back with bitsandbytes layers: same CPU path as above
+        from vlm.quant.cpu_path import use_portable_cpu_path
+        use_portable_cpu_path(model)
     model.vlm_family = family
     return model, processor

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from vlm.cli.main import main as vlm_main
 from vlm.data_formats.collator import VisionChatCollator
-from vlm.data_formats.sampler import LengthGroupedSampler
 from vlm.data_formats.synthetic import generate
 from vlm.data_formats.torch_datasets import ConversationDataset, load_training_data
+from vlm.train.dataset import SeededSampler
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "data_streaming_rss.py"
 
@@ -75,12 +75,12 @@ def test_length_grouped_batches_through_dataloader_workers(synthetic, tiny_check
     processor = AutoProcessor.from_pretrained(str(tiny_checkpoint("qwen2_vl")))
     collator = VisionChatCollator(processor, get_family("qwen2_vl"), pad_to_multiple_of=8)
     lengths = [collator.sample_length(c) for c in convs]
-    sampler = LengthGroupedSampler(lengths, batch_size=4, group_factor=2, seed=0)
-    batches = sampler.batches()
-    assert sorted(i for b in batches for i in b) == list(range(18))
-    assert max(lengths[i] for i in batches[0]) == max(lengths)
-    loader = DataLoader(ConversationDataset(convs, lengths), batch_sampler=sampler, collate_fn=collator,
-                        num_workers=2, multiprocessing_context="fork")
+    sampler = SeededSampler(lengths, group_size=4, seed=0)
+    order = list(sampler)
+    assert sorted(order) == list(range(18))
+    assert lengths[order[0]] == max(lengths), "the longest batch goes first"
+    loader = DataLoader(ConversationDataset(convs, lengths), batch_size=4, sampler=sampler,
+                        collate_fn=collator, num_workers=2, multiprocessing_context="fork")
     seen = 0
     for batch in loader:
         assert batch["input_ids"].shape[1] % 8 == 0

@@ -1,4 +1,4 @@
-"""The `vlm` command: subcommands listed, pending ones exit 2, errors are one line."""
+"""The `vlm` command: subcommands listed, each with help, errors are one line."""
 
 from __future__ import annotations
 
@@ -19,16 +19,6 @@ def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([*VLM, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def _pending() -> list[str]:
-    """Subcommands whose issue has not landed (their module still runs the pending stub)."""
-    names = []
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        if getattr(module, "run_pending", None) is not None:
-            names.append(name)
-    return names
-
-
 def test_help_lists_all_eight_subcommands():
     result = _run("--help")
     assert result.returncode == 0, result.stderr
@@ -44,24 +34,6 @@ def test_every_subcommand_has_help(name, capsys):
         main([name, "--help"])
     assert exit_.value.code == 0
     assert "usage: vlm " + name in capsys.readouterr().out
-
-
-def test_pending_subcommand_exits_2_with_one_line(capsys, monkeypatch):
-    import types
-
-    from vlm.cli.pending import configure_pending, run_pending
-
-    # A subcommand wired exactly as a not-yet-landed one is (whether or not any is left today).
-    stub = types.ModuleType("vlm_cli_stub_later")
-    stub.HELP = "(not implemented yet: issue #99)"
-    stub.configure = configure_pending
-    stub.run = lambda args: run_pending("later", 99)
-    monkeypatch.setitem(sys.modules, stub.__name__, stub)
-    monkeypatch.setitem(SUBCOMMANDS, "later", stub.__name__)
-    for name in _pending() + ["later"]:
-        assert main([name, "x"]) == 2, name
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "not implemented yet" in err and "Traceback" not in err, err
 
 
 def test_error_is_one_line_without_traceback(tmp_path):

@@ -38,6 +38,8 @@ def _common(p) -> None:
     p.add_argument("--train-on", choices=("assistant", "last_assistant", "all"), default="assistant")
     p.add_argument("--max-pixels", type=int, help="image max_pixels (Qwen2-VL family)")
     p.add_argument("--min-pixels", type=int, help="image min_pixels (Qwen2-VL family)")
+    p.add_argument("--video-fps", type=float, default=2.0, help="video frames sampled per second (2)")
+    p.add_argument("--video-max-frames", type=int, default=32, help="frames per video at most (32)")
 
 
 def _collator(args):
@@ -54,7 +56,8 @@ def _collator(args):
     if args.min_pixels or args.max_pixels:
         resolution = Resolution(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     return VisionChatCollator(processor, family, max_length=args.max_length, train_on=args.train_on,
-                              overlong=args.overlong, resolution=resolution, pad_to_multiple_of=1)
+                              overlong=args.overlong, resolution=resolution, pad_to_multiple_of=1,
+                              video_fps=args.video_fps, video_max_frames=args.video_max_frames)
 
 
 def run(args) -> int:

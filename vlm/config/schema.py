@@ -49,6 +49,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, a, where)
             except ConfigError as e:
+                if isinstance(value, dict) and dataclasses.is_dataclass(a):
+                    raise  # a mapping meant this section: its own error names the bad key
                 errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} is not a valid {' or '.join(_type_name(a) for a in args if a is not type(None))}")
     if dataclasses.is_dataclass(tp):

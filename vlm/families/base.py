@@ -41,6 +41,14 @@ class Family:
     lora_attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     image_placeholder: str = "<image>"     # what a dataset's `<image>` becomes in this family's text
+    # Chat-template needs (read by vlm.data_formats.chat_render):
+    end_of_turn: str = ""                  # the token closing an assistant turn (generation stops at
+                                           # it); trained after every reply, appended where the
+                                           # checkpoint's template writes none
+    takes_video: bool = False              # video records train (frames through the processor's
+                                           # video path); other families refuse them by name
+    # messages -> messages the checkpoint's template renders right (e.g. where a system prompt goes)
+    shape_messages: Callable[[list[dict]], list[dict]] | None = None
     image_token_rule: str = ""             # how the processor expands it (documentation)
     zoo_variants: tuple[str, ...] = ()     # tiny builders in vlm.zoo that produce this family
     vllm: VllmSupport | None = None

@@ -21,6 +21,9 @@ FAMILY = Family(
     },
     language_layers="model.language_model.layers",
     image_placeholder="<image>",
+    end_of_turn="</s>",
+    # transformers' llava-1.5 template writes "ASSISTANT: reply " and no </s>; LLaVA-1.5 was trained
+    # on "reply</s>", so the collator appends it (else the model never learns to stop).
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),

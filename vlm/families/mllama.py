@@ -15,6 +15,7 @@ FAMILY = Family(
     },
     language_layers="model.language_model.layers",
     image_placeholder="<|image|>",
+    end_of_turn="<|eot_id|>",
     image_token_rule="cross_attention: one <|image|> token per image; pixels enter through "
                      "cross-attention (aspect_ratio_ids / aspect_ratio_mask / cross_attention_mask)",
     zoo_variants=("mllama",),

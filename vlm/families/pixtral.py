@@ -7,6 +7,25 @@ def _pixtral_vision(config) -> bool:
     return getattr(getattr(config, "vision_config", None), "model_type", None) == "pixtral"
 
 
+def system_into_last_user(messages: list[dict]) -> list[dict]:
+    """Pixtral's (Mistral's) template writes the system prompt as a *string* into the *last* user
+    turn only ("[INST]{system}\n\n{user}[/INST]"): given a list of parts it fails
+    (``str + list``), and in a conversation ending with a reply it drops the prompt. So the prompt
+    goes where the template puts it at inference time: text at the start of the last user turn."""
+    system = "\n\n".join("".join(c["text"] for c in m["content"] if c["type"] == "text")
+                          if isinstance(m["content"], list) else m["content"]
+                          for m in messages if m["role"] == "system")
+    rest = [m for m in messages if m["role"] != "system"]
+    users = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    if len(rest) == len(messages) or not users:
+        return messages
+    if not system:
+        return rest
+    last = rest[users[-1]]
+    rest[users[-1]] = {**last, "content": [{"type": "text", "text": system + "\n\n"}, *last["content"]]}
+    return rest
+
+
 FAMILY = Family(
     name="pixtral",
     description="Pixtral (HF llava layout: Pixtral vision + projector + Mistral)",
@@ -21,6 +40,8 @@ FAMILY = Family(
     },
     language_layers="model.language_model.layers",
     image_placeholder="[IMG]",
+    end_of_turn="</s>",
+    shape_messages=system_into_last_user,
     image_token_rule="rows: [IMG]×cols then [IMG_BREAK] per row, the last row ending in [IMG_END]",
     zoo_variants=("pixtral",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),

@@ -15,6 +15,8 @@ FAMILY = Family(
     },
     language_layers="model.language_model.layers",
     image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    end_of_turn="<|im_end|>",
+    takes_video=True,   # <|video_pad|> × (t/2)·h·w/merge², t = sampled frames (2 per temporal patch)
     image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end",
     zoo_variants=("qwen2_vl", "qwen2_5_vl"),
     vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True),

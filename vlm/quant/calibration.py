@@ -5,7 +5,9 @@ template (so the vision tower, projector and language model all run):
 
 - ``None``: a synthetic set drawn here (coloured shapes on plain backgrounds with a caption that
   names them), reproducible for a seed;
-- a path or source that ``vlm.data_formats`` reads (JSON/JSONL/parquet, ShareGPT or messages);
+- a path or source that ``vlm.data_formats`` reads (JSON/JSONL/parquet, ShareGPT or messages),
+  or a dict ``{"path", "image_root", "on_error"}`` (what training passes: the data section's
+  image root and bad-record policy hold for calibration too; skipped records are counted and said);
 - a list of ready processor outputs (dicts of tensors), used as they are.
 """
 
@@ -63,13 +65,22 @@ def _from_source(source: Any, processor, n: int) -> list[dict]:
         from vlm.data_formats.reader import iter_conversations
     except ImportError as e:  # pragma: no cover - data_formats ships with the project
         raise ConfigError(f"calibration data {source!r} needs vlm.data_formats: {e}") from e
+    from vlm.data_formats.rejects import RejectLog
+
+    image_root, on_error = None, "raise"
+    if isinstance(source, dict):
+        source, image_root, on_error = (source.get("path"), source.get("image_root"),
+                                        source.get("on_error", "raise"))
+    rejects = RejectLog()
     batches = []
-    for conv in iter_conversations(source):
-        images = [open_image(conv.images[i], conv.image_root).convert("RGB")
-                  for i in conv.image_order()]
+    for conv in iter_conversations(source, image_root=image_root, on_error=on_error, rejects=rejects):
+        images = [open_image(conv.images[i], conv.image_root) for i in conv.image_order()]
         batches.append(render(processor, conv.to_messages(), images))
         if len(batches) >= n:
             break
+    if rejects.total:
+        print(f"calibration: {rejects.total} bad record(s) skipped in {source} (on_error: skip); "
+              f"first: {rejects.errors[0]}")
     if not batches:
         raise ConfigError(f"calibration data {source!r} holds no usable record")
     return batches

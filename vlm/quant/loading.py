@@ -7,9 +7,12 @@
    loads the 16-bit weights once on ``device``, measures every candidate layer on calibration
    batches (vlm.quant.sensitivity) and protects the worst under the budget, then frees them;
 3. load through transformers + bitsandbytes with a ``BitsAndBytesConfig`` whose
-   ``llm_int8_skip_modules`` lists every 16-bit linear by full name (vlm.quant.plan.skip_modules)
-   plus vLLM's names for them, and check that the set of bitsandbytes layers equals the plan
-   (a mismatch is an error, never a silent difference);
+   ``llm_int8_skip_modules`` is ONE merged pattern of the 16-bit linears (plan.skip_pattern: one
+   regex for transformers to try per module, not one per kept layer), then write into the saved
+   config the explicit list: every 16-bit linear by full name (plan.skip_modules) plus vLLM's
+   names for them; check that the set of bitsandbytes layers equals the plan (a mismatch is an
+   error, never a silent difference); every 4-bit layer takes bitsandbytes'
+   portable CPU path, whatever the CPU (vlm.quant.cpu_path);
 4. record the policy, the plan and the analysis in ``model.config.vlmtune["quant"]``: it rides in
    config.json next to the standard ``quantization_config`` when the model is saved.
 
@@ -28,6 +31,7 @@ import torch
 
 from vlm.errors import VlmError
 from vlm.quant.calibration import calibration_batches
+from vlm.quant.cpu_path import use_portable_cpu_path
 from vlm.quant.plan import QuantPlan, quantizable_linears, resolve_plan
 from vlm.quant.policy import FOUR_BIT, QUANTIZED, QuantPolicy
 from vlm.quant.sensitivity import choose_protected, measure
@@ -59,7 +63,9 @@ def analyse(model, family, policy: QuantPolicy, batches: list[dict] | None, *,
     else:
         return base
     errors = measure(model, names, batches, double_quant=policy.double_quant,
-                     max_rows=policy.max_rows, seed=policy.seed)
+                     max_rows=policy.max_rows, seed=policy.seed,
+                     output=policy.metric == "output" or measure_all,
+                     fp32=policy.analysis_dtype == "fp32")
     if not policy.sensitivity:
         return resolve_plan(policy, model, family, analysis={"errors": errors})
     protected, analysis = choose_protected(base, errors, budget=policy.budget, metric=policy.metric)
@@ -82,9 +88,10 @@ def bnb_config(plan: QuantPlan, dtype: torch.dtype, quant_storage: torch.dtype |
     vllm, partial = vllm_skip_names(plan.family, plan.kept())
     # vLLM's names go in the same list when transformers would read none of them as a quantized
     # layer (they are usually no HF name at all; otherwise they name the same kept layer).
-    quantized = set(plan.quantized())
-    from vlm.quant.plan import _hf_skip_matches
-    vllm_ok = [v for v in vllm if not any(_hf_skip_matches(v, q) for q in quantized)]
+    from vlm.quant.plan import names_text, skipped_by
+
+    quantized = names_text(plan.quantized())
+    vllm_ok = [v for v in vllm if not skipped_by(v, quantized)]
     plan.analysis["vllm"] = {"skip_modules": vllm_ok, "not_skippable_alone": partial}
     names = skip + [v for v in vllm_ok if v not in skip]
     if kind in FOUR_BIT:
@@ -126,13 +133,16 @@ def verify(model, plan: QuantPlan) -> None:
 def _metadata(plan: QuantPlan) -> dict[str, Any]:
     meta = plan.to_json()
     errs = meta.get("analysis", {}).get("errors")
-    if errs:  # compact: name -> [weight_error, activation_error]
+    if errs:  # compact: name -> [weight_error, activation_error, output_kl]
         meta["analysis"] = dict(meta["analysis"])
-        meta["analysis"]["errors"] = {n: [round(e["weight_error"], 6),
-                                          None if e["activation_error"] is None
-                                          else round(e["activation_error"], 6)]
+        meta["analysis"]["errors"] = {n: [_round(e["weight_error"]), _round(e["activation_error"]),
+                                          _round(e.get("output_kl"))]
                                       for n, e in errs.items()}
     return meta
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.6g}")
 
 
 def attach_metadata(model, plan: QuantPlan) -> None:
@@ -181,8 +191,17 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
             torch.cuda.empty_cache()
     else:
         plan = resolve_plan(policy, meta_model(config, dtype), family)
+    qconfig = bnb_config(plan, dtype, quant_storage)
+    saved_skip = qconfig.llm_int8_skip_modules
+    # Load with the kept layers as one merged pattern (plan.skip_pattern): transformers tries every
+    # key as a regex against every module name, so the explicit list cost one regex per pair
+    # (62 s for a Qwen2-VL-7B plan). The explicit list is what config.json keeps: plain
+    # transformers and vLLM read names, not our pattern. verify() checks the result either way.
+    qconfig.llm_int8_skip_modules = plan.skip_pattern()
     model = AutoModelForImageTextToText.from_pretrained(
-        source, quantization_config=bnb_config(plan, dtype, quant_storage), dtype=dtype, device_map=device)
+        source, quantization_config=qconfig, dtype=dtype, device_map=device)
+    model.config.quantization_config.llm_int8_skip_modules = saved_skip
+    use_portable_cpu_path(model)   # same numbers on every CPU; no repack crash (vlm.quant.cpu_path)
     verify(model, plan)
     attach_metadata(model, plan)
     return model

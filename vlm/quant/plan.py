@@ -100,15 +100,35 @@ class QuantPlan:
         matched at the start without a boundary, so ``...blocks.1.mlp.fc1`` would also skip
         ``...blocks.1.mlp.fc10`` if such a module existed. A plain name is used where it matches
         no other module name; otherwise the anchored regex ``re.escape(name) + "$"``.
+
+        This is the list saved in config.json (plain transformers and vLLM read it). Loading with
+        it costs transformers one regex per (module, key) pair; ``skip_pattern`` is the load-time
+        form. The ambiguity check here scans all names once per kept layer (one regex search over
+        the newline-joined names), not once per pair.
         """
         names = list(module_names or self.linear_names or self.layers)
+        text = names_text(names)
         out = []
         for n in self.kept():
-            if any(m != n and _hf_skip_matches(n, m) for m in names):
+            if skipped_by(n, text) - {n}:
                 out.append(re.escape(n) + "$")
             else:
                 out.append(n)
         return out
+
+    def skip_pattern(self) -> list[str]:
+        """The kept layers as ONE key for ``llm_int8_skip_modules`` at load time.
+
+        The key is a trie regex of the full names, anchored at the end: for kept names
+        ``a.b.q`` and ``a.b.k`` it is ``a\\.b\\.(?:k|q)$``. Under transformers' test above,
+        ``re.match(key, name)`` holds exactly for the kept names; ``re.match(key + "\\.", name)``
+        never does (nothing follows ``$``) and no module name ends with a regex. One compiled
+        pattern (Python's re cache holds it) matched in time linear in the name's length,
+        instead of 2 × (kept layers) regexes per module name: see benchmarks/quant_skip_cost.py.
+        Empty list when nothing is kept.
+        """
+        kept = self.kept()
+        return [trie_regex(kept) + "$"] if kept else []
 
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy.to_dict(), "family": self.family,
@@ -127,6 +147,48 @@ def _count_all(layers: dict[str, LayerPlan]) -> dict[str, int]:
     for lp in layers.values():
         out[lp.component] = out.get(lp.component, 0) + 1
     return out
+
+
+def names_text(names) -> str:
+    """Module names joined by newlines, with a newline at both ends (for ``skipped_by``)."""
+    return "\n" + "\n".join(names) + "\n"
+
+
+def skipped_by(key: str, text: str) -> set[str]:
+    """The names in ``text`` (``names_text``) that transformers skips for the key ``key``: the
+    same test as ``_hf_skip_matches`` applied to every name, in one regex scan and one substring
+    scan instead of a regex call per name."""
+    hits = set()
+    for m in re.finditer(r"(?m)^(?:" + key + ")", text):          # re.match(k, name) (covers k + "\.")
+        hits.add(text[m.start():text.find("\n", m.start())])
+    at = text.find(key + "\n")                          # name.endswith(k)
+    while at != -1:
+        hits.add(text[text.rfind("\n", 0, at) + 1:at + len(key)])
+        at = text.find(key + "\n", at + 1)
+    return hits
+
+
+def trie_regex(names: list[str]) -> str:
+    """A regex matching exactly the strings ``names`` (split at dots), sharing common prefixes."""
+    trie: dict = {}
+    for n in names:
+        node = trie
+        for part in n.split("."):
+            node = node.setdefault(part, {})
+        node[""] = {}                                   # end marker
+
+    def emit(node: dict) -> str:
+        alts = []
+        for part in sorted(k for k in node if k):
+            child = node[part]
+            alt = re.escape(part)
+            if any(child):                               # longer names continue below this part
+                tail = r"\." + emit(child)
+                alt += f"(?:{tail})?" if "" in child else tail
+            alts.append(alt)
+        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+    return emit(trie)
 
 
 def _hf_skip_matches(key: str, name: str) -> bool:

@@ -13,14 +13,18 @@ Presets:
     nf4      every quantizable linear in NF4 (vision, projector, language), double quantization;
              lm_head 16-bit as in transformers' standard ``load_in_4bit`` (the "standard 4-bit").
     dynamic  projector and lm_head 16-bit; vision and language NF4 with double quantization; the
-             sensitivity analysis then keeps the layers with the highest error per byte saved in
-             16-bit until the budget (default 10% of the parameters it may quantize) is spent.
+             sensitivity analysis (vlm.quant.sensitivity) measures what quantizing each layer
+             does to the model's next-token distribution (KL against 16-bit, in float32) and keeps
+             in 16-bit first the outlier layers, then those with the highest KL per byte saved,
+             until the budget (default 10% of the parameters it may quantize) is spent.
 
 A policy is given as a preset name, a dict (``preset:`` plus keys that change it), a YAML path, or
 a ``QuantPolicy``. Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
 
     preset: dynamic
     budget: 0.05            # fraction of quantizable parameters, or bytes: 300000000 / "300MB"
+    metric: output          # ranking: output (KL, default) / activation / weight error
+    analysis_dtype: fp32    # fp32 (default: the same plan on any CPU or GPU) or model (load dtype)
     overrides:
       "model.language_model.layers.0.*": bf16
 """
@@ -42,7 +46,8 @@ PRECISIONS = ("bf16", "fp16", "int8", "nf4", "fp4")
 SIXTEEN_BIT = ("bf16", "fp16")
 FOUR_BIT = ("nf4", "fp4")
 QUANTIZED = ("int8", "nf4", "fp4")
-METRICS = ("activation", "weight")
+METRICS = ("output", "activation", "weight")
+ANALYSIS_DTYPES = ("fp32", "model")
 DEFAULT_BUDGET = 0.10
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -58,7 +63,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
 PRESETS = tuple(_PRESETS)
 
 _KEYS = ("preset", "components", *COMPONENTS, "overrides", "double_quant", "dynamic", "sensitivity",
-         "budget", "metric", "seed", "calibration_samples", "max_rows")
+         "budget", "metric", "seed", "calibration_samples", "max_rows", "analysis_dtype")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
@@ -114,7 +119,8 @@ class QuantPolicy:
     double_quant: bool = True
     sensitivity: bool = False                       # run the dynamic analysis
     budget: float | int = DEFAULT_BUDGET            # float = fraction, int = bytes
-    metric: str = "activation"                      # ranking error: activation (fallback weight)
+    metric: str = "output"                          # ranking: output KL / activation / weight error
+    analysis_dtype: str = "fp32"                    # fp32: same plan on any machine; model: load dtype
     seed: int = 0
     calibration_samples: int = 4
     max_rows: int = 256                             # calibration rows kept per layer
@@ -150,6 +156,9 @@ class QuantPolicy:
                 f"not load it back. Use one of int8/nf4/fp4 beside bf16/fp16")
         if self.metric not in METRICS:
             raise ConfigError(f"quant.metric: {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.analysis_dtype not in ANALYSIS_DTYPES:
+            raise ConfigError(f"quant.analysis_dtype: {self.analysis_dtype!r} is not one of "
+                              f"{', '.join(ANALYSIS_DTYPES)}")
         object.__setattr__(self, "budget", parse_budget(self.budget))
         for key in ("seed", "calibration_samples", "max_rows"):
             v = getattr(self, key)
@@ -174,7 +183,7 @@ class QuantPolicy:
                 "overrides": {g: p for g, p in self.overrides}, "double_quant": self.double_quant,
                 "dynamic": self.sensitivity, "budget": self.budget, "metric": self.metric,
                 "seed": self.seed, "calibration_samples": self.calibration_samples,
-                "max_rows": self.max_rows}
+                "max_rows": self.max_rows, "analysis_dtype": self.analysis_dtype}
 
     def replace(self, **changes) -> "QuantPolicy":
         return dataclasses.replace(self, **changes)
@@ -266,7 +275,8 @@ class QuantPolicy:
         return cls(components=comps, overrides=overrides,
                    double_quant=data.get("double_quant", base["double_quant"]),
                    sensitivity=sens, budget=data.get("budget", DEFAULT_BUDGET),
-                   metric=data.get("metric", "activation"), seed=data.get("seed", 0),
+                   metric=data.get("metric", "output"), seed=data.get("seed", 0),
+                   analysis_dtype=data.get("analysis_dtype", "fp32"),
                    calibration_samples=data.get("calibration_samples", 4),
                    max_rows=data.get("max_rows", 256),
                    name=str(data.get("name", name or preset)))

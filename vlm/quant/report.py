@@ -2,12 +2,15 @@
 
 ``build_report`` returns a JSON-ready dict:
 
-    layers     [{name, component, shape, params, weight_error, activation_error, precision,
-                 bytes, reason}]   errors are those of the layer stored in the policy's quantized
-                type (nf4 when it has none), whatever the policy chose for it
+    layers     [{name, component, shape, params, weight_error, activation_error, output_kl,
+                 precision, bytes, reason}]   errors are those of the layer stored in the policy's
+                quantized type (nf4 when it has none), whatever the policy chose for it; output_kl
+                is the KL against 16-bit with only the layer's fused-sibling group quantized
     totals     {bf16_bytes, nf4_bytes, policy_bytes}   whole model (linears + everything else)
     agreement  {nf4: {kl, top1}, policy: {kl, top1}}    next-token agreement with the 16-bit model
-    protected  layers the sensitivity analysis kept 16-bit, with their rank and error per MB
+    protected  groups the sensitivity analysis kept 16-bit: rank, why (local outlier / output
+               outlier / per byte), score and score per MB saved
+    budget     what the protection was allowed and what it spent (params or bytes, extra bytes)
 
 ``format_table`` prints it; ``plot`` draws error by layer index coloured by component.
 """
@@ -39,6 +42,7 @@ def build_report(model, family, policy: QuantPolicy, batches: list[dict]) -> dic
                        "shape": [lp.out_features, lp.in_features], "params": lp.params,
                        "weight_error": e.get("weight_error"),
                        "activation_error": e.get("activation_error"),
+                       "output_kl": e.get("output_kl"),
                        "precision": lp.precision, "bytes": lp.nbytes(double_quant=policy.double_quant),
                        "reason": lp.reason, "index": lp.index})
     bf16 = resolve_plan(QuantPolicy.preset("bf16"), model, family)
@@ -53,8 +57,10 @@ def build_report(model, family, policy: QuantPolicy, batches: list[dict]) -> dic
                        "policy_bytes": plan.total_bytes()},
             "agreement": agree,
             "protected": protected,
-            "budget": {k: plan.analysis.get(k) for k in ("budget", "budget_unit", "budget_limit",
-                                                         "budget_spent", "candidate_params")}}
+            "budget": {k: plan.analysis.get(k) for k in ("metric", "budget", "budget_unit",
+                                                         "budget_limit", "budget_spent",
+                                                         "extra_bytes", "candidate_params",
+                                                         "outliers", "outliers_over_budget")}}
 
 
 def _precisions(plan: QuantPlan) -> dict[str, str]:
@@ -65,15 +71,20 @@ def _fmt(x: float | None) -> str:
     return "    -" if x is None else f"{x:.4f}"
 
 
+def _fmt_kl(x: float | None) -> str:
+    return "        -" if x is None else f"{x:.3e}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     rows = report["layers"]
     w = max([len(r["name"]) for r in rows] + [4])
     lines = [f"{'name':<{w}}  {'component':<10} {'shape':>12} {'params':>10}  {'w_err':>6}  "
-             f"{'a_err':>6}  {'prec':<5} {'bytes':>10}  reason"]
+             f"{'a_err':>6}  {'output_kl':>9}  {'prec':<5} {'bytes':>10}  reason"]
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
         lines.append(f"{r['name']:<{w}}  {r['component']:<10} {shape:>12} {r['params']:>10}  "
                      f"{_fmt(r['weight_error'])}  {_fmt(r['activation_error'])}  "
+                     f"{_fmt_kl(r.get('output_kl'))}  "
                      f"{r['precision']:<5} {r['bytes']:>10}  {r['reason']}")
     t = report["totals"]
     mib = 2**20
@@ -82,11 +93,14 @@ def format_table(report: dict[str, Any]) -> str:
     for k, a in report["agreement"].items():
         lines.append(f"agreement with 16-bit, {k}: mean KL {a['kl']:.5f}, top-1 {a['top1']:.3f}")
     if report["protected"]:
-        lines.append(f"kept 16-bit by the analysis (error per MB saved, greedy under budget "
-                     f"{report['budget']['budget']} {report['budget']['budget_unit']}):")
+        b = report["budget"]
+        lines.append(f"kept 16-bit by the analysis (metric {b.get('metric')}; outliers first, then "
+                     f"score per MB saved; budget {b['budget']} {b['budget_unit']}, spent "
+                     f"{b['budget_spent']:.0f} of {b['budget_limit']:.0f}, "
+                     f"+{(b.get('extra_bytes') or 0) / 2**20:.2f} MiB for the layers it keeps):")
         for g in report["protected"]:
-            lines.append(f"  #{g['rank']:<3} {g['group']}  error {g['error']:.4f}  "
-                         f"{g['error_per_MB']:.4f}/MB")
+            lines.append(f"  #{g['rank']:<3} {g['group']}  {g.get('why', '')}  score {g['error']:.4g}  "
+                         f"{g['error_per_MB']:.4g}/MB")
     return "\n".join(lines)
 
 

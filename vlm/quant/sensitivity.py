@@ -1,66 +1,227 @@
-"""Sensitivity analysis: measure each quantizable layer's error, protect the worst per byte saved.
+"""Sensitivity analysis: measure what each layer's quantization does to the model, protect the worst.
 
-1. ``measure``: one forward pass over the calibration batches captures subsampled inputs X of every
-   candidate layer (vlm.quant.capture); for each layer, with Ŵ = deq(q(W)) from bitsandbytes:
-   e_w = ‖W − Ŵ‖/‖W‖ and e_a = ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ (vlm.quant.metrics). Layers that never ran on
-   the calibration data have e_a = None and are ranked by e_w.
-2. ``choose_protected``: layers are grouped by fused siblings (q/k/v, gate/up: vLLM serves them as
-   one layer). A group g has error E_g = Σ e_i (e = e_a, or e_w when ``metric: weight`` or no
-   activation was seen) and saves S_g = Σ (bytes16_i − bytesQ_i) when quantized. Groups are
-   ranked by E_g / S_g (error per byte saved; ties by name) and protected greedily while they fit
-   the budget: a fraction f protects at most f × (candidate parameters), a byte budget B at most B
-   extra bytes. Deterministic given the errors; the errors are reproducible for a seed.
+1. ``measure`` (all in float32: the model's 16-bit weights are upcast in place for the analysis and
+   put back bit-exactly after, so the numbers do not depend on a CPU's or GPU's bf16 arithmetic):
+
+   - per layer, with Ŵ = deq(q(W)) from bitsandbytes' quantize/dequantize functions (never a
+     ``Linear4bit`` forward, whose CPU path differs between machines) and X its captured
+     calibration inputs (vlm.quant.capture):
+         e_w = ‖W − Ŵ‖/‖W‖            e_a = ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖        (vlm.quant.metrics)
+   - per fused-sibling group g (q/k/v, gate/up: vLLM serves them as one layer, so they are
+     protected together), the output sensitivity: the model with ONLY g quantized, against the
+     16-bit model, on the calibration batches (p = softmax of the 16-bit logits, q = with g
+     quantized, mean over every non-padding position t):
+         KL_g = mean_t Σ_v p_v (log p_v − log q_v)
+     Cost: one reference forward, then one forward per group and batch (quantize-dequantize the
+     group's weights in place, forward, restore). For Qwen2-VL-7B: ~250 groups × 4 samples.
+
+2. ``choose_protected``: a group's score s_g is KL_g (``metric: output``, the default), or Σ e_a
+   / Σ e_w of its members (``metric: activation`` / ``weight``, the older rankings). Protecting g
+   costs S_g = Σ (bytes16 − bytesQ) of its members. Order:
+     a. local outliers: groups with a member whose own error (e_a; e_w where it never ran) is
+        ≥ LOCAL_OUTLIER_FACTOR × the median layer error: NF4 destroys most of that layer's
+        output, whatever the calibration logits say (a random or image-blind model barely reads
+        a vision layer, a trained one may on other images); largest own error first (the KL on
+        calibration data can misjudge them: benchmarks/results/quant_policies_*.md);
+     b. output outliers: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first.
+        A layer whose error stands far above the rest is never left quantized for marginal gains
+        on small layers while the budget can hold it;
+     c. then the rest by s_g / S_g (score per byte saved), ties by name.
+   Each group is protected when it still fits the budget (a fraction f: protected parameters ≤ f ×
+   candidate parameters; bytes B: Σ S_g ≤ B), else skipped and the next one tried. The analysis
+   records what the protection costs in bytes either way (``extra_bytes``).
+
+Deterministic given the errors; the errors are reproducible for a seed and a calibration set.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import statistics
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vlm.quant.capture import capture_inputs
+from vlm.quant.agreement import simulated
+from vlm.quant.capture import capture_inputs, move_batch
 from vlm.quant.metrics import activation_error, dequantized, weight_error
-from vlm.quant.plan import QuantPlan
+from vlm.quant.plan import QuantPlan, group_key
 from vlm.quant.policy import QUANTIZED
+
+OUTLIER_FACTOR = 10.0     # output outlier: the group's score is ≥ 10 × the median group score
+LOCAL_OUTLIER_FACTOR = 5.0  # local outlier: a member's own error is ≥ 5 × the median layer error
+
+
+@contextmanager
+def upcast(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Floating parameters in float32 for the duration; each put back in its own dtype after.
+
+    bf16/fp16 → fp32 → bf16/fp16 is exact, so the model leaves unchanged. Memory: the fp32 copy
+    replaces the 16-bit one parameter by parameter (2× the 16-bit weights at most)."""
+    saved = []
+    if enabled:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    saved.append((p, p.dtype))
+                    p.data = p.data.float()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, dtype in saved:
+                p.data = p.data.to(dtype)
 
 
 def measure(model: nn.Module, names: dict[str, str], batches: list[dict] | None, *,
-            double_quant: bool = True, max_rows: int = 256, seed: int = 0) -> dict[str, dict]:
-    """Errors of each layer ``name`` quantized to ``names[name]`` → {name: {weight_error, ...}}."""
+            double_quant: bool = True, max_rows: int = 256, seed: int = 0, output: bool = True,
+            fp32: bool = True, mode: str = "isolated") -> dict[str, dict]:
+    """Errors of each layer ``name`` quantized to ``names[name]``.
+
+    → {name: {precision, weight_error, activation_error, rows, output_kl, group}}; ``output_kl``
+    is the KL of the layer's fused-sibling group (None without calibration batches, or for a
+    layer whose weight is tied to the input embeddings)."""
     modules = dict(model.named_modules())
     results: dict[str, dict] = {}
-    if batches:
-        with capture_inputs(model, names, batches, max_rows=max_rows, seed=seed) as cap:
+    with upcast(model, fp32):
+        if batches:
+            with capture_inputs(model, names, batches, max_rows=max_rows, seed=seed) as cap:
+                for name, prec in names.items():
+                    results[name] = _errors(modules[name].weight, prec, double_quant, cap.inputs(name))
+                    cap.rows.pop(name, None)   # free as we go
+        else:
             for name, prec in names.items():
-                results[name] = _errors(modules[name].weight, prec, double_quant, cap.inputs(name))
-                cap.rows.pop(name, None)   # free as we go
-    else:
-        for name, prec in names.items():
-            results[name] = _errors(modules[name].weight, prec, double_quant, None)
+                results[name] = _errors(modules[name].weight, prec, double_quant, None)
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault(group_key(name), []).append(name)
+            results[name]["group"] = group_key(name)
+            results[name]["output_kl"] = None
+        if output and batches:
+            tied = _tied_to_embeddings(model)
+            kls = output_sensitivity(model, {g: {m: names[m] for m in ms if m not in tied}
+                                             for g, ms in groups.items()}, batches,
+                                     double_quant=double_quant, mode=mode)
+            for g, members in groups.items():
+                for m in members:
+                    if m not in tied:
+                        results[m]["output_kl"] = kls[g]
     return results
+
+
+def _tied_to_embeddings(model: nn.Module) -> set[str]:
+    try:
+        emb = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        return set()
+    return {n for n, m in model.named_modules() if getattr(m, "weight", None) is emb
+            and isinstance(m, nn.Linear)}
 
 
 def _errors(weight: torch.Tensor, precision: str, double_quant: bool, x: torch.Tensor | None) -> dict:
     with torch.no_grad():
-        deq = dequantized(weight, precision, double_quant)
-        out = {"precision": precision, "weight_error": weight_error(weight, deq),
+        w = weight.detach().float()
+        deq = dequantized(w, precision, double_quant)
+        out = {"precision": precision, "weight_error": weight_error(w, deq),
                "activation_error": None, "rows": 0}
         if x is not None:
-            out["activation_error"] = activation_error(x, weight, deq)
+            out["activation_error"] = activation_error(x.float(), w, deq)
             out["rows"] = int(x.shape[0])
     return out
 
 
+def _log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
+    """float32 log-softmax of the logits at the non-padding positions: (positions, vocab)."""
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    mb = move_batch(batch, device, dtype)
+    logits = model(**mb).logits.float()
+    mask = mb.get("attention_mask")
+    keep = mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool,
+                                                           device=logits.device)
+    return F.log_softmax(logits[keep], -1)
+
+
+def output_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], batches: list[dict], *,
+                       double_quant: bool = True, mode: str = "isolated") -> dict[str, float]:
+    """{group: KL score} (see the module docstring).
+
+    ``isolated``: KL(p₁₆ ‖ q) with only the group quantized.
+    ``leave_one_out``: KL(p₁₆ ‖ q_all) − KL(p₁₆ ‖ q_all¬g), every candidate quantized but the
+    group: what protecting g gains where everything else is NF4 (clamped at 0). Holds a
+    dequantized copy of every candidate weight (2× the candidates' fp32 bytes)."""
+    out: dict[str, float] = {}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        ref = [_log_probs(model, b) for b in batches]
+        n = sum(r.shape[0] for r in ref)
+
+        def kl_now() -> float:
+            total = 0.0
+            for b, lp in zip(batches, ref):
+                lq = _log_probs(model, b)
+                total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            return total / max(n, 1)
+
+        if mode == "isolated":
+            for g, precisions in groups.items():
+                if not precisions:
+                    out[g] = None
+                    continue
+                with simulated(model, precisions, double_quant):
+                    out[g] = kl_now()
+            return out
+        if mode != "leave_one_out":
+            raise ValueError(f"unknown sensitivity mode {mode!r}")
+        every = {m: p for ps in groups.values() for m, p in ps.items()}
+        with simulated(model, every, double_quant):
+            deq = {m: modules[m].weight.data for m in every}
+        originals = {m: modules[m].weight.data for m in every}
+        try:
+            for m in every:
+                modules[m].weight.data = deq[m]
+            kl_all = kl_now()
+            for g, precisions in groups.items():
+                if not precisions:
+                    out[g] = None
+                    continue
+                for m in precisions:
+                    modules[m].weight.data = originals[m]
+                out[g] = max(0.0, kl_all - kl_now())
+                for m in precisions:
+                    modules[m].weight.data = deq[m]
+        finally:
+            for m, w in originals.items():
+                modules[m].weight.data = w
+    return out
+
+
 def ranking_error(stats: dict, metric: str) -> float:
-    if metric == "activation" and stats.get("activation_error") is not None:
+    """One layer's error for ``metric`` (output KL → activation error → weight error fallback)."""
+    if metric == "output" and stats.get("output_kl") is not None:
+        return float(stats["output_kl"])
+    if metric in ("output", "activation") and stats.get("activation_error") is not None:
         return float(stats["activation_error"])
     return float(stats["weight_error"])
 
 
+def group_score(members: list[str], errors: dict[str, dict], metric: str) -> float:
+    """s_g: the group's KL (measured for the group as a whole) or the sum of member errors."""
+    if metric == "output" and all(errors[m].get("output_kl") is not None for m in members):
+        return float(errors[members[0]]["output_kl"])
+    fallback = "activation" if metric == "output" else metric
+    return sum(ranking_error(errors[m], fallback) for m in members)
+
+
 def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float | int,
-                     metric: str = "activation") -> tuple[set[str], dict[str, Any]]:
-    """Greedy protection under ``budget``; returns (protected names, analysis record)."""
+                     metric: str = "output", outliers_first: bool = True
+                     ) -> tuple[set[str], dict[str, Any]]:
+    """Protection under ``budget`` (see the module docstring); returns (names, analysis record).
+
+    ``outliers_first=False`` with ``metric="activation"`` is the earlier heuristic (greedy by
+    activation error per byte saved), kept for comparisons (benchmarks/quant_policies.py)."""
     dq = plan.policy.double_quant
     cands = {n: lp for n, lp in plan.layers.items()
              if lp.precision in QUANTIZED and lp.reason == "component"}
@@ -74,23 +235,49 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
         limit, unit = float(budget), "bytes"
     scored = []
     for key, members in groups.items():
-        err = sum(ranking_error(errors[m], metric) for m in members)
+        score = group_score(members, errors, metric)
         saved = sum(cands[m].nbytes("bf16", dq) - cands[m].nbytes(cands[m].precision, dq)
                     for m in members)
         params = sum(cands[m].params for m in members)
-        scored.append((err / max(saved, 1), key, members, err, saved, params))
-    scored.sort(key=lambda t: (-t[0], t[1]))
-    spent, protected, chosen = 0.0, set(), []
-    for rank, (score, key, members, err, saved, params) in enumerate(scored):
-        cost = params if unit == "params" else saved
+        scored.append({"group": key, "layers": sorted(members), "error": score,
+                       "bytes_saved_if_quantized": saved, "params": params,
+                       "error_per_MB": score / max(saved, 1) * 1e6})
+    local_metric = "weight" if metric == "weight" else "activation"
+    local = {n: ranking_error(errors[n], local_metric) for n in cands}
+    local_median = statistics.median(local.values()) if local else 0.0
+    median = statistics.median(s["error"] for s in scored) if scored else 0.0
+    for s in scored:
+        s["layer_error"] = max(local[m] for m in s["layers"])
+    by_score = lambda s: (-s["error"], s["group"])  # noqa: E731
+    local_out = sorted((s for s in scored if outliers_first and s["layer_error"] > 0
+                        and s["layer_error"] >= LOCAL_OUTLIER_FACTOR * local_median),
+                       key=lambda s: (-s["layer_error"], s["group"]))
+    output_out = sorted((s for s in scored if outliers_first and s not in local_out
+                         and s["error"] > 0 and s["error"] >= OUTLIER_FACTOR * median), key=by_score)
+    outliers = local_out + output_out
+    rest = [s for s in scored if s not in outliers]
+    order = outliers + sorted(rest, key=lambda s: (-s["error_per_MB"], s["group"]))
+    spent, extra_bytes, protected, chosen, left_out = 0.0, 0, set(), [], []
+    for rank, s in enumerate(order):
+        cost = s["params"] if unit == "params" else s["bytes_saved_if_quantized"]
+        is_outlier = s in outliers
         if spent + cost <= limit:
             spent += cost
-            protected.update(members)
-            chosen.append({"group": key, "layers": sorted(members), "rank": rank,
-                           "error": err, "bytes_saved_if_quantized": saved, "params": params,
-                           "error_per_MB": score * 1e6})
+            extra_bytes += s["bytes_saved_if_quantized"]
+            protected.update(s["layers"])
+            why = ("local outlier" if s in local_out else "output outlier" if is_outlier
+                   else "per byte")
+            chosen.append(dict(s, rank=rank, why=why))
+        elif is_outlier:
+            left_out.append({"group": s["group"], "error": s["error"], "cost": cost,
+                             "budget_left": limit - spent})
     analysis = {"metric": metric, "budget": budget, "budget_unit": unit, "budget_limit": limit,
-                "budget_spent": spent, "candidate_params": cand_params,
+                "budget_spent": spent, "extra_bytes": extra_bytes, "candidate_params": cand_params,
+                "median_error": median, "median_layer_error": local_median,
+                "outlier_factors": ({"output": OUTLIER_FACTOR, "local": LOCAL_OUTLIER_FACTOR}
+                                    if outliers_first else None),
+                "outliers": [s["group"] for s in outliers],
+                "outliers_over_budget": left_out,
                 "protected_groups": chosen,
                 "errors": {n: errors[n] for n in sorted(errors)}}
     return protected, analysis

@@ -15,6 +15,7 @@ from vlm.config.schema import apply_overrides, choices, load_yaml, parse_section
 from vlm.errors import ConfigError
 
 LORA_TARGET_GROUPS = ("language.attention", "language.mlp", "vision", "projector")
+NOT_QUANTIZED = ("bf16", "fp16", "none")   # quant values vlm.load reads as "16-bit, no policy"
 
 
 @dataclass
@@ -50,16 +51,16 @@ class LoraSection:
 class DataFile:
     path: str
     weight: float = 1.0
-    format: str = choices("auto", "sharegpt", "messages", default="auto")
 
 
 @dataclass
 class DataSection:
     train: list[DataFile | str] = field(default_factory=list)
-    eval: list[DataFile | str] = field(default_factory=list)
     image_root: str | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    video_fps: float = 2.0              # frames sampled per second of video (Qwen2-VL family)
+    video_max_frames: int = 32          # at most this many frames per video
     max_length: int = 2048
     overlong: str = choices("truncate", "drop", default="truncate",
                               doc="over-long samples: cut text only (never an image block) or drop")
@@ -73,9 +74,11 @@ class DataSection:
         if not self.train:
             raise ConfigError(f"{where}.train: give at least one data file")
         self.train = [DataFile(path=f) if isinstance(f, str) else f for f in self.train]
-        self.eval = [DataFile(path=f) if isinstance(f, str) else f for f in self.eval]
         if self.max_length < 16:
             raise ConfigError(f"{where}.max_length: must be >= 16, got {self.max_length}")
+        if not self.video_fps > 0 or self.video_max_frames < 1:
+            raise ConfigError(f"{where}.video_fps must be > 0 and video_max_frames >= 1, got "
+                              f"{self.video_fps} and {self.video_max_frames}")
 
 
 @dataclass
@@ -175,6 +178,14 @@ class TrainConfig:
                     else "stage 1 trains the projector only")
             raise ConfigError(f"training.train_vision: applies to method: full (method is {self.method}: "
                               f"{hint})")
+
+    def validate(self, where: str) -> None:
+        # the policy is read here, with the rest of the config, so a bad one fails before the
+        # output folder exists or a model is loaded (vlm.load parses it again from the same value)
+        if self.quant is not None and not (isinstance(self.quant, str) and self.quant in NOT_QUANTIZED):
+            from vlm.quant.policy import QuantPolicy
+
+            QuantPolicy.parse(self.quant)
 
 
 def parse_config(data: dict, overrides: list[str] | None = None) -> TrainConfig:

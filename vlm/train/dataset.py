@@ -31,8 +31,8 @@ from vlm.errors import VlmError
 class SeededSampler(Sampler[int]):
     """Shuffle seeded by ``seed + epoch``; optionally grouped by length.
 
-    (``vlm.data_formats.LengthGroupedSampler`` is a *batch* sampler for plain DataLoaders; Trainer
-    and accelerate need a per-index sampler they can shard across processes, which this is.)
+    A per-index sampler, so Trainer and accelerate can shard it across processes; a plain
+    DataLoader takes it as ``sampler=`` with ``batch_size=group_size``.
 
     With ``group_size > 0`` indices are shuffled, cut into mega-batches of ``50 × group_size``,
     each sorted by length (longest first), so a batch holds samples of similar length (less padding)

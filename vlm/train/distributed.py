@@ -160,7 +160,14 @@ def write_meta(checkpoint_dir: str | os.PathLike, args) -> None:
     (Path(checkpoint_dir) / META).write_text(json.dumps(meta) + "\n")
 
 
-def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None) -> str | None:
+def written_by_fsdp(checkpoint: Path) -> bool:
+    """FSDP checkpoints hold sharded model/optimizer folders (accelerate's ``*_fsdp_*`` / ``optimizer_0``)."""
+    return any(c.is_dir() and (c.name.startswith("pytorch_model_fsdp") or c.name.startswith("optimizer_"))
+               for c in Path(checkpoint).iterdir())
+
+
+def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None,
+                     strat: str | None = None) -> str | None:
     """Resume a checkpoint from N processes on M: keep the global batch, or refuse.
 
     Trainer resumes by skipping ``global_step × grad_accum`` per-process batches; that lands on the
@@ -168,9 +175,16 @@ def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None) -> st
     other process count) ``training.grad_accum`` is set so that it is not (2 processes × accum 1 →
     1 process × accum 2) and a note is returned; when no whole number does, an error says what to set.
     """
-    if checkpoint is None or not (Path(checkpoint) / META).is_file():
+    if checkpoint is None:
         return None
     w = w or world()
+    if strat is not None and strat != "fsdp" and written_by_fsdp(checkpoint):
+        # transformers loads sharded (DCP) model/optimizer states only under FSDP
+        raise VlmError(f"{checkpoint} was written under FSDP (sharded states): resume it with FSDP, e.g. "
+                       f"`vlm train CONFIG --resume --nproc N distributed.strategy=fsdp` (N ≥ 2 GPUs; the "
+                       f"global batch is kept); this run is {strat}")
+    if not (Path(checkpoint) / META).is_file():
+        return None
     meta = json.loads((Path(checkpoint) / META).read_text())
     want = int(meta["global_batch"])
     t = cfg.training

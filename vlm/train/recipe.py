@@ -7,12 +7,17 @@
     distributed launch) ─► adapter folder + processor + metadata + summary.json + loss_curve.png
 
 Resume (``resume=True``) continues from the newest *complete* checkpoint in the output folder:
-optimizer, scheduler, RNG states and data position come from transformers' own resume path.
+optimizer, scheduler, RNG states and data position come from transformers' own resume path. What
+``--resume`` may and may not do with the folder is in vlm.train.checkpoints; here: a config that
+differs from the checkpoint's is named in a warning, ``summary.json`` counts the whole run (every
+segment's tokens and time), and a finished run is never overwritten: not by a new run in its
+folder, nor by a resume that has nothing left to train.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import warnings
@@ -23,9 +28,9 @@ from typing import Any
 import torch
 
 from vlm.errors import ConfigError, VlmError
-from vlm.atomic import write_json
+from vlm.atomic import ensure_writable_folder, write_json
 from vlm.train import fast_path, modes
-from vlm.train.checkpoints import latest_complete
+from vlm.train.checkpoints import checkpoint_record, resume_point, run_totals
 from vlm.train.config import TrainConfig, to_plain
 
 log = logging.getLogger("vlm.train")
@@ -70,25 +75,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     t_start = time.perf_counter()
     w = dist.world()
     strat = dist.strategy(cfg, w)  # single / ddp / fsdp: processes come from accelerate launch
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = None
+    out = ensure_writable_folder(cfg.output)  # read-only / full / forbidden: said now, not at the first save
+    plain_cfg = to_plain(cfg)  # as given: recorded in checkpoints, before resume adjusts the batch
+    resume_from = resume_point(out, plain_cfg, resume, say=print if w.is_main else (lambda _: None))
     if resume:
-        resume_from = latest_complete(out)
-        if resume_from is None:
-            log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
-        note = dist.reconcile_resume(resume_from, cfg, w)  # N processes -> M: same global batch
+        note = dist.reconcile_resume(resume_from, cfg, w, strat)  # N processes -> M: same global batch
         if note and w.is_main:
             print(note)
-    elif any(out.glob("checkpoint-*")):
-        raise VlmError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
-                       "output folder")
     set_seed(cfg.training.seed)
     device = dist.device_for(cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu"), w)
     plan = fast_path.resolve(cfg, device, strat)
     precision = _precision_flags(cfg.training.precision, device)
 
-    calibration = cfg.data.train[0].path if cfg.data.train else None
+    # the data section's image root and bad-record policy hold for calibration records too
+    calibration = ({"path": cfg.data.train[0].path, "image_root": cfg.data.image_root,
+                    "on_error": cfg.data.on_error} if cfg.data.train else None)
     model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
                                 calibration=calibration,
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
@@ -96,6 +97,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
                                   train_on=cfg.data.train_on, overlong=cfg.data.overlong,
+                                  video_fps=cfg.data.video_fps, video_max_frames=cfg.data.video_max_frames,
                                   pad_to_multiple_of=plan.pad_to,
                                   resolution=None if resolution.is_default() else resolution)
     train_set, data_report = prepare_train_set(cfg, collator, out)
@@ -116,10 +118,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
                                use_rslora=cfg.lora.use_rslora,
                                gradient_checkpointing=cfg.training.gradient_checkpointing)
-    for w in caught:
-        msg = str(w.message)
-        if msg.startswith("vLLM serving:"):
-            print(f"warning: {msg}")
+    for caught_warning in caught:   # not `w`: that is the process world, used after training
+        if str(caught_warning.message).startswith("vLLM serving:"):
+            print(f"warning: {caught_warning.message}")
+        else:  # every other warning goes back to Python's machinery (filters, -W, logging capture)
+            warnings.warn_explicit(caught_warning.message, caught_warning.category,
+                                   caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
 
@@ -161,10 +165,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                                                cfg.data.group_by_length),
                          optimizer_cls_and_kwargs=(mode.optimizer_cls_and_kwargs if mode else None)
                          or dist.optimizer_cls_and_kwargs(args, strat))
+    record = checkpoint_record(resume_from)  # read now: rotation may remove that folder later
+    before, resumed_step = run_totals(record), record.get("step")
+    trainer.checkpoint_record, trainer.run_before, trainer.segment_start = {"config": plain_cfg}, before, t_start
     dist.check_engaged(trainer, strat)
     if resume_from and mode is not None:
         modes.load_checkpoint_weights(model, resume_from)   # Trainer's own load misses renamed keys
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resumed_step == trainer.state.global_step and (out / "summary.json").is_file():
+        # resumed a run that had finished: nothing was trained, its adapter and summary stand
+        if w.is_main:
+            print(f"--resume: {out} had already finished at step {resumed_step}; nothing left to train "
+                  f"(raise training.max_steps or training.epochs to continue): adapter/ and summary.json kept")
+        return TrainResult(out, out / ADAPTER_DIR, json.loads((out / "summary.json").read_text()))
 
     adapter_dir = out / ADAPTER_DIR
     # collectives first (every process), then only the main process writes
@@ -182,6 +195,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         plot_loss_curve(history, out / "loss_curve.png", title=f"{Path(cfg.model.path).name}: training loss")
     losses = [h["loss"] for h in history if "loss" in h]
+    segment = {"tokens": int(tokens), "label_tokens": int(label_tokens),
+               "train_seconds": round(trainer.train_seconds, 3),
+               "wall_seconds": round(time.perf_counter() - t_start, 3)}
+    whole = {k: before[k] + segment[k] for k in segment}  # the whole run: every segment so far
     summary = {
         "model": cfg.model.path,
         "family": family.name,
@@ -201,20 +218,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "data": data_report,
         "processes": w.size,
         "strategy": strat,
-        "tokens": int(tokens),              # over all processes
-        "label_tokens": int(label_tokens),
-        "train_seconds": round(trainer.train_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "tokens_per_s": round(tokens / trainer.train_seconds, 1) if trainer.train_seconds else None,
-        # from optimizer step STEADY_AFTER + 1 on (compile excluded), summed over processes
+        "tokens": int(whole["tokens"]),     # over all processes and all segments of the run
+        "label_tokens": int(whole["label_tokens"]),
+        "train_seconds": round(whole["train_seconds"], 3),
+        "wall_seconds": round(whole["wall_seconds"], 3),
+        "tokens_per_s": round(whole["tokens"] / whole["train_seconds"], 1) if whole["train_seconds"] else None,
+        # this segment's, from optimizer step STEADY_AFTER + 1 on (compile excluded), summed over processes
         "tokens_per_s_steady": round(steady, 1) if steady else None,
+        "segments": int(before["segments"]) + 1,
+        "this_segment": segment,            # what this invocation (after a resume: since it) did
         "peak_memory_bytes": trainer.peak_memory_bytes(),
         "peak_memory_bytes_per_process": peak_per_process,       # training (from the first step)
         "load_peak_memory_bytes_per_process": load_peak_per_process,  # before the first step
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
         "final_loss": losses[-1] if losses else None,
-        "train_loss": train_output.training_loss,
+        "train_loss": train_output.training_loss if trainer.state.global_step != resumed_step else None,
         "loss_history": [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h],
         "config": to_plain(cfg),
     }

@@ -1,7 +1,8 @@
 """``VlmTrainer``: transformers' Trainer plus what VLM fine-tuning needs.
 
 - atomic checkpoints (``vlm.train.checkpoints``) that record their process count and global batch
-  (``vlm.train.distributed``: resume on another number of processes),
+  (``vlm.train.distributed``: resume on another number of processes), their config and the run's
+  totals so far (tokens, seconds, segments),
 - tokens counted per step (non-padding tokens) for tokens/s, over the whole run and in steady state
   (from the start of optimizer step ``STEADY_AFTER + 1``: compile and warm-up excluded),
 - peak memory split into loading (everything before the first step) and training,
@@ -17,7 +18,8 @@ import time
 import torch
 from transformers import Trainer
 
-from vlm.train.checkpoints import mark_complete
+from vlm.atomic import space_error
+from vlm.train.checkpoints import begin_save, mark_complete
 
 STEADY_AFTER = 2   # optimizer steps left out of the steady-state rate (compile, allocator warm-up)
 
@@ -34,6 +36,10 @@ class VlmTrainer(Trainer):
         self._steady0 = None          # (time, tokens) when optimizer step STEADY_AFTER + 1 began
         self.steady_tokens_per_s = None
         self.load_peak_bytes = None   # peak memory before the first step (model load, data, setup)
+        # set by the recipe: recorded in each checkpoint's completion marker (vlm.train.checkpoints)
+        self.checkpoint_record: dict = {}
+        self.run_before: dict = {}            # run totals of the checkpoint resumed from
+        self.segment_start = time.perf_counter()
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler_factory is not None:
@@ -74,14 +80,37 @@ class VlmTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            begin_save(folder, self.state.global_step)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:  # a full disk surfaces from torch as "unexpected pos ...": name it
+            full = space_error(run_dir, folder)
+            if full is None:
+                raise
+            raise full from e
+        totals = self.run_totals()  # a collective: every process is here
         if self.args.should_save:
             from vlm.train.distributed import write_meta
 
-            run_dir = self._get_output_dir(trial=trial)
-            write_meta(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"), self.args)
-            mark_complete(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"),
-                          self.state.global_step)
+            write_meta(folder, self.args)
+            mark_complete(folder, self.state.global_step, {**self.checkpoint_record, "run": totals})
+
+    def run_totals(self) -> dict:
+        """The run so far, over every process and every segment (``run_before``: the totals recorded
+        in the checkpoint this segment resumed from)."""
+        from vlm.train.distributed import sum_over_processes
+
+        now = time.perf_counter()
+        before = self.run_before
+        return {"tokens": int(before.get("tokens", 0) + sum_over_processes(self, self.tokens_seen)),
+                "label_tokens": int(before.get("label_tokens", 0)
+                                    + sum_over_processes(self, self.label_tokens_seen)),
+                "train_seconds": round(before.get("train_seconds", 0) + (now - self._t0 if self._t0 else 0.0), 3),
+                "wall_seconds": round(before.get("wall_seconds", 0) + now - self.segment_start, 3),
+                "segments": int(before.get("segments", 0)) + 1}
 
     def peak_memory_bytes(self) -> int:
         if torch.cuda.is_available():

@@ -70,16 +70,22 @@ def glossary_records() -> list[dict]:
     return records
 
 
-def build_untrained(out_dir: str | Path, seed: int = 0) -> Path:
-    """The demo-base architecture with random weights (the starting point of training)."""
+def build_untrained(out_dir: str | Path, seed: int = 0, *, text: dict | None = None,
+                    vision: dict | None = None, mrope_section: list[int] | None = None) -> Path:
+    """The demo-base architecture with random weights (the starting point of training).
+
+    ``text`` / ``vision`` / ``mrope_section`` replace the shipped shapes (TEXT, VISION,
+    MROPE_SECTION) for a larger base of the same kind (benchmarks/quant_policies.py --train-base)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    shape = dict(TEXT, **(text or {}))
     text = q.text_config_kwargs()
-    text.update(TEXT)
-    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=MROPE_SECTION)
-    config = Qwen2VLConfig(text_config=text, vision_config=dict(VISION, hidden_size=TEXT["hidden_size"]),
+    text.update(shape)
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=mrope_section or MROPE_SECTION)
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(VISION, **(vision or {}),
+                                                                hidden_size=shape["hidden_size"]),
                            tie_word_embeddings=True, **q.token_id_kwargs())
     model = common.build_model(Qwen2VLForConditionalGeneration, config, seed)
     processor = q.build_processor(Qwen2VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)

@@ -1,35 +1,32 @@
-"""A layer with planted activation outliers is protected by `dynamic`, not by `nf4`.
+"""Layers with planted activation outliers (vlm.quant.plants) are protected by `dynamic` under its
+default budget, on any CPU; `nf4` leaves them quantized."""
 
-Plant: in decoder layer 1, input channels j of down_proj get 1000× larger activations (up_proj
-rows j × 1000) while down_proj's columns j shrink 100× — the classic case where activation
-outliers meet small weights: ‖W‖ barely changes (weight error stays ordinary), but NF4 rounds those
-small columns to ~0 relative to their block's absmax, and they now carry most of the output.
-"""
-
+import json
+import os
 import shutil
+import subprocess
+import sys
 
+import pytest
 import torch
 
+from vlm.quant.plants import plant_outliers
 
-def _planted(src, dst):
+
+def _planted_checkpoint(src, dst, site):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
-    mods = dict(model.named_modules())
-    mlp = "model.language_model.layers.1.mlp"
-    with torch.no_grad():
-        for j in (5, 40, 77, 100):
-            mods[f"{mlp}.up_proj"].weight[j] *= 1000.0
-            mods[f"{mlp}.down_proj"].weight[:, j] /= 100.0
+    name = plant_outliers(model, site)
     shutil.copytree(src, dst)
     model.save_pretrained(dst)
-    return f"{mlp}.down_proj"
+    return name
 
 
 def test_planted_activation_outliers_are_protected(tiny_checkpoint, tmp_path):
     from vlm.load import load
 
-    planted = _planted(tiny_checkpoint("qwen2_vl"), tmp_path / "planted")
+    planted = _planted_checkpoint(tiny_checkpoint("qwen2_vl"), tmp_path / "planted", "language_mlp")
     dyn, _ = load(tmp_path / "planted", device="cpu", dtype="bf16", quant="dynamic")
     plan = dyn.vlm_quant_plan
     errs = plan.analysis["errors"]
@@ -37,6 +34,7 @@ def test_planted_activation_outliers_are_protected(tiny_checkpoint, tmp_path):
     median = others[len(others) // 2]
     assert errs[planted]["activation_error"] > 5 * median
     assert errs[planted]["weight_error"] < 2 * median          # invisible to the weight error
+    assert planted in plan.analysis["outliers"]
     assert plan.layers[planted].precision == "bf16" and plan.layers[planted].reason == "protected"
     assert type(dict(dyn.named_modules())[planted]) is torch.nn.Linear
 
@@ -46,7 +44,75 @@ def test_planted_activation_outliers_are_protected(tiny_checkpoint, tmp_path):
     assert isinstance(dict(nf4.named_modules())[planted], bnb.nn.Linear4bit)
 
 
-def test_analysis_is_reproducible_for_a_seed(tiny_checkpoint):
+def _analysis(path, site, policy="dynamic"):
+    """(planted name, dynamic plan) for the tiny model at ``path`` planted at ``site``, loaded in
+    bf16 as ``vlm.load`` does before its analysis."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm.families import family_for_config
+    from vlm.quant.calibration import calibration_batches
+    from vlm.quant.loading import analyse
+    from vlm.quant.policy import QuantPolicy
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    planted = plant_outliers(model, site)
+    model.to(torch.bfloat16)
+    pol = QuantPolicy.parse(policy)
+    batches = calibration_batches(None, AutoProcessor.from_pretrained(path),
+                                  n=pol.calibration_samples, seed=pol.seed)
+    return planted, analyse(model, family_for_config(model.config), pol, batches)
+
+
+@pytest.mark.parametrize("site", ["language_attention", "vision_attention"])
+def test_planted_outlier_in_attention_and_vision_is_protected(tiny_checkpoint, site):
+    planted, plan = _analysis(tiny_checkpoint("qwen2_vl"), site)
+    a = plan.analysis
+    assert planted in a["outliers"], (a["outliers"], a["median_error"])
+    assert a["errors"][planted]["activation_error"] >= 5 * a["median_layer_error"]
+    if site.startswith("language"):      # the random tiny model barely reads its vision tower
+        assert a["errors"][planted]["output_kl"] >= 10 * a["median_error"]
+    assert plan.layers[planted].reason == "protected"
+    assert a["budget_unit"] == "params" and a["budget_spent"] <= a["budget_limit"]
+    assert a["extra_bytes"] == sum(g["bytes_saved_if_quantized"] for g in a["protected_groups"])
+
+
+_SUBPROCESS = """
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_outlier import _analysis
+planted, plan = _analysis({path!r}, {site!r})
+print("RESULT" + json.dumps({{"protected": sorted(n for n, l in plan.layers.items()
+                                                if l.reason == "protected"),
+                             "kl": {{n: e["output_kl"] for n, e in plan.analysis["errors"].items()}}}}))
+"""
+
+
+def test_plan_is_the_same_without_avx512(tiny_checkpoint):
+    """The analysis runs in float32 from bitsandbytes' quantize/dequantize functions, so a CPU
+    without AVX-512 (simulated: torch's, oneDNN's and MKL's instruction sets capped at AVX2 in a
+    subprocess) gives the same protected set and the same KLs up to float32 noise."""
+    path = str(tiny_checkpoint("qwen2_vl"))
+    site = "vision_attention"
+    planted, plan = _analysis(path, site)
+    here = {"protected": sorted(n for n, l in plan.layers.items() if l.reason == "protected"),
+            "kl": {n: e["output_kl"] for n, e in plan.analysis["errors"].items()}}
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", DNNL_MAX_CPU_ISA="AVX2",
+               ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", OMP_NUM_THREADS="1")
+    code = _SUBPROCESS.format(tests=os.path.dirname(__file__), path=path, site=site)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    there = json.loads(out.stdout.split("RESULT", 1)[1])
+    assert there["protected"] == here["protected"]
+    # KLs far below the largest are at float32 noise (the vision layers of this random model,
+    # ~1e-8): compared to 1 % of the largest; the rest to 1 %.
+    floor = 0.01 * max(here["kl"].values())
+    for n, kl in here["kl"].items():
+        assert there["kl"][n] == pytest.approx(kl, rel=0.01, abs=floor), n
+
+
+def test_analysis_is_reproducible_and_leaves_the_model_unchanged(tiny_checkpoint):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlm.families import family_for_config
@@ -56,6 +122,7 @@ def test_analysis_is_reproducible_for_a_seed(tiny_checkpoint):
 
     path = tiny_checkpoint("qwen2_vl")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     proc = AutoProcessor.from_pretrained(path)
     fam = family_for_config(model.config)
     pol = QuantPolicy.parse({"preset": "dynamic", "max_rows": 16})
@@ -63,3 +130,5 @@ def test_analysis_is_reproducible_for_a_seed(tiny_checkpoint):
             for _ in range(2)]
     assert runs[0]["errors"] == runs[1]["errors"]
     assert runs[0]["protected_groups"] == runs[1]["protected_groups"]
+    for n, p in model.named_parameters():     # the fp32 analysis put every weight back exactly
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n

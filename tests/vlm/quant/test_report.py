@@ -21,6 +21,11 @@ def test_quant_report_json_and_plot(tiny_checkpoint, tmp_path):
     assert t["nf4_bytes"] < t["policy_bytes"] < t["bf16_bytes"]
     assert rep["policy"]["budget"] == 0.2
     assert all(r["activation_error"] is not None for r in rep["layers"])   # every layer ran
+    # output sensitivity of every layer but a lm_head tied to the embeddings (never quantized)
+    kls = {r["name"]: r["output_kl"] for r in rep["layers"]}
+    assert all(v is not None and v >= 0 for n, v in kls.items() if n != "lm_head")
+    assert max(kls.values(), key=lambda v: v or 0) > 0
+    assert rep["budget"]["extra_bytes"] == sum(g["bytes_saved_if_quantized"] for g in rep["protected"])
     assert png.stat().st_size > 1000
 
 

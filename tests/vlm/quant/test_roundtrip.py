@@ -14,6 +14,7 @@ def test_save_reload_lora_and_simulation(tiny_checkpoint, tmp_path):
 
     from vlm.load import load
     from vlm.quant.agreement import simulated
+    from vlm.quant.cpu_path import use_portable_cpu_path
     from vlm.quant.loading import bnb_layer_names, save_quantized
 
     path = tiny_checkpoint("qwen2_vl")
@@ -28,6 +29,8 @@ def test_save_reload_lora_and_simulation(tiny_checkpoint, tmp_path):
         n for n, lp in plan.layers.items() if lp.reason == "protected")
 
     reloaded = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu")
+    # plain transformers keeps bitsandbytes' machine-dependent CPU path; vlm.load picks the portable one
+    use_portable_cpu_path(reloaded)
     assert bnb_layer_names(reloaded) == bnb_layer_names(model)
     assert sorted(bnb_layer_names(model)) == sorted(plan.quantized())
     batch = calibration_batches(None, processor, n=1, seed=3)[0]

@@ -33,11 +33,33 @@ def test_minimal_config_and_overrides():
     ({**MINIMAL, "training": {"mlp_chunks": "auto"}}, "training.mlp_chunks"),
     ({"model": "m", "data": {}}, "data.train: give at least one data file"),
     ({"data": {"train": ["a"]}}, "missing required key(s): model"),
+    # keys that were accepted and then ignored are unknown now
+    ({**MINIMAL, "training": {"train_vision": True}}, "unknown key 'training.train_vision'"),
+    ({**MINIMAL, "data": {"train": ["a"], "eval": ["b"]}}, "unknown key 'data.eval'"),
+    ({**MINIMAL, "data": {"train": [{"path": "a", "format": "sharegpt"}]}}, "unknown key 'data.train[0].format'"),
+    # the quantization policy is checked with the rest of the config
+    ({**MINIMAL, "quant": "nf5"}, "quant: unknown preset 'nf5'"),
+    ({**MINIMAL, "quant": {"components": {"vision": "int3"}}}, "unknown precision 'int3'"),
+    ({**MINIMAL, "quant": {"preset": "dynamic", "budgte": 0.1}}, "quant: unknown key 'budgte'"),
 ])
 def test_bad_configs_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
         parse_config(data)
     assert message in str(e.value)
+
+
+def test_bad_quant_fails_before_the_output_folder_exists(tmp_path, capsys):
+    from vlm.cli.main import main
+
+    cfg = tmp_path / "c.yaml"
+    out = tmp_path / "run"
+    cfg.write_text(f"model: {tmp_path / 'no-model'}\ndata: {{train: [{tmp_path / 'd.jsonl'}]}}\n"
+                   f"output: {out}\nquant: {{budget: 2.5}}\n")
+    assert main(["train", str(cfg)]) == 1
+    assert "quant.budget" in capsys.readouterr().err
+    assert not out.exists()
+    for good in ("nf4", "dynamic", "bf16", "none"):
+        assert parse_config(dict(MINIMAL), [f"quant={good}"]).quant == good
 
 
 def test_bad_override_syntax():

@@ -150,3 +150,16 @@ def test_one_process_on_a_multi_gpu_host_trains_on_one_device_not_dataparallel(t
     assert args.n_gpu == 1 and "--nproc 2" in note
     trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
     assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
+
+
+def test_fsdp_checkpoint_resumed_without_fsdp_is_refused_before_loading(tmp_path):
+    """Seen on 2 × H200: an FSDP checkpoint resumed by one process failed inside transformers after
+    the model load ("only supported when using PyTorch FSDP"); refuse first, saying how to resume."""
+    from vlm.train.distributed import World, reconcile_resume
+
+    ck = tmp_path / "checkpoint-10"
+    (ck / "pytorch_model_fsdp_0").mkdir(parents=True)
+    cfg = parse_config(dict(MINIMAL))
+    with pytest.raises(VlmError, match="written under FSDP.*distributed.strategy=fsdp"):
+        reconcile_resume(ck, cfg, World(), "single")
+    assert reconcile_resume(ck, cfg, World(0, 0, 2), "fsdp") is None

@@ -1,0 +1,133 @@
+"""Video files: header facts (cheap: for token counts before decoding) and sampled frames (PyAV).
+
+Sampling: a video of ``N`` frames at ``r`` frames per second lasts ``N / r`` seconds; at the
+configured ``fps`` that is ``n = round(N / r · fps)`` frames, clamped to ``[1, max_frames]`` (and to
+``N``), taken at evenly spaced frame indices ``round(i · (N − 1) / (n − 1))``. The sampled rate
+``n / N · r`` goes to the processor as video metadata: Qwen2.5-VL turns it into the seconds each
+temporal patch spans (``second_per_grid_ts``), which sets the temporal position ids. The same
+numbers come from the header alone (:func:`video_header`), so a sample's video-token count is known
+before any frame is decoded, exactly as for images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vlm.data_formats import problems
+from vlm.data_formats.conversation import ImageRef
+from vlm.data_formats.images import resolve_image_path
+from vlm.errors import ConfigError, DataError
+
+DEFAULT_VIDEO_FPS = 2.0
+DEFAULT_VIDEO_MAX_FRAMES = 32
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    fps: float = DEFAULT_VIDEO_FPS
+    max_frames: int = DEFAULT_VIDEO_MAX_FRAMES
+
+    def __post_init__(self):
+        if not self.fps > 0:
+            raise ConfigError(f"video fps must be > 0, got {self.fps}")
+        if int(self.max_frames) < 1:
+            raise ConfigError(f"video max_frames must be >= 1, got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class VideoHeader:
+    total_frames: int
+    native_fps: float
+    height: int
+    width: int
+
+    def indices(self, sampling: VideoSampling) -> list[int]:
+        """Frame indices sampled (see the module docstring)."""
+        seconds = self.total_frames / self.native_fps
+        n = max(1, min(int(sampling.max_frames), self.total_frames, round(seconds * sampling.fps)))
+        if n == 1:
+            return [0]
+        return [round(i * (self.total_frames - 1) / (n - 1)) for i in range(n)]
+
+    def metadata(self, sampling: VideoSampling) -> dict:
+        """transformers' ``VideoMetadata`` fields: ``sampled_fps = n / total · fps``."""
+        return {"total_num_frames": self.total_frames, "fps": self.native_fps,
+                "frames_indices": self.indices(sampling), "width": self.width, "height": self.height,
+                "duration": self.total_frames / self.native_fps, "video_backend": "pyav"}
+
+
+def _path(ref: ImageRef, root) -> str:
+    if ref.kind != "path":
+        raise DataError(f"video {ref.describe()} must be a file path", code=problems.WRONG_TYPE)
+    return str(resolve_image_path(ref.value, root))
+
+
+def _open(path: str):
+    try:
+        import av
+    except ImportError:  # pragma: no cover - a dependency
+        raise ConfigError("video records need PyAV: pip install av") from None
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise DataError(f"video {os.path.basename(path)!r} is unreadable: {e}",
+                        code=problems.CORRUPT_VIDEO) from None
+    if not container.streams.video:
+        container.close()
+        raise DataError(f"video {os.path.basename(path)!r} has no video stream", code=problems.CORRUPT_VIDEO)
+    return av, container
+
+
+def video_header(ref: ImageRef, root=None) -> VideoHeader:
+    """Frame count, frame rate and size from the container (frames counted from packets when the
+    header does not say)."""
+    path = _path(ref, root)
+    av, container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.base_rate or 0)
+        total = int(stream.frames or 0)
+        if total <= 0:
+            total = sum(1 for p in container.demux(stream) if p.size)
+        height, width = stream.codec_context.height, stream.codec_context.width
+    except av.error.FFmpegError as e:
+        raise DataError(f"video {os.path.basename(path)!r} is unreadable: {e}",
+                        code=problems.CORRUPT_VIDEO) from None
+    finally:
+        container.close()
+    if total <= 0 or rate <= 0 or not height or not width:
+        raise DataError(f"video {os.path.basename(path)!r} has no frames or no frame rate "
+                        f"({total} frames, {rate} fps, {width}x{height})", code=problems.CORRUPT_VIDEO)
+    return VideoHeader(total, rate, height, width)
+
+
+def read_video(ref: ImageRef, root=None, sampling: VideoSampling = VideoSampling()):
+    """``(frames, metadata)``: the sampled frames as an ``(n, H, W, 3)`` uint8 array and the
+    ``VideoMetadata`` dict for the processor. Exactly ``len(header.indices(sampling))`` frames
+    (a file whose tail does not decode repeats its last decoded frame, so counts never drift)."""
+    import numpy as np
+
+    header = video_header(ref, root)
+    wanted = header.indices(sampling)
+    want = set(wanted)
+    av, container = _open(_path(ref, root))
+    got: dict[int, np.ndarray] = {}
+    try:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in want:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= wanted[-1]:
+                break
+    except av.error.FFmpegError as e:
+        if not got:
+            raise DataError(f"video {ref.describe()} does not decode: {e}", code=problems.CORRUPT_VIDEO) from None
+    finally:
+        container.close()
+    if not got:
+        raise DataError(f"video {ref.describe()} decoded no frame", code=problems.CORRUPT_VIDEO)
+    frames, last = [], None
+    for i in wanted:
+        last = got.get(i, last if last is not None else got[min(got)])
+        frames.append(last)
+    return np.stack(frames), header.metadata(sampling)

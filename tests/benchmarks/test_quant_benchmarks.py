@@ -1,0 +1,43 @@
+"""benchmarks/quant_policies.py and quant_skip_cost.py end to end on CPU (--tiny)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def test_quant_policies_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_policies.py"), "--tiny",
+                        "--device", "cpu", "--out", str(tmp_path)], env=ENV, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "quant_policies.json").read_text())
+    rows = {(x["name"], x["budget"]): x for x in rep["rows"]}
+    assert {"bf16", "nf4", "skip-list"} <= {n for n, _ in rows}
+    for name in ("random", "heuristic", "policy"):
+        for budget in ("1.15x nf4", "= skip-list"):
+            assert (name, budget) in rows, (name, budget)
+    assert rows[("bf16", "-")]["kl"] == 0 and rows[("nf4", "-")]["kl"] > 0
+    for (name, budget), x in rows.items():      # equal bytes: every budgeted row within its limit
+        if budget == "1.15x nf4":
+            assert 1.0 < x["bytes_vs_nf4"] <= 1.15
+        if budget == "= skip-list":
+            assert x["bytes"] <= rows[("skip-list", "-")]["bytes"]
+    assert (tmp_path / "quant_policies.md").read_text().count("\n| ") >= 9
+
+
+def test_quant_skip_cost_tiny(tmp_path):
+    out = tmp_path / "skip.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_skip_cost.py"), "--tiny",
+                        "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for row in json.loads(out.read_text())["rows"]:
+        assert row["same_modules_converted"]
+        assert row["merged"]["keys"] == 1 and row["merged"]["regex_compiles"] <= 2
+        assert row["explicit"]["re_match_calls"] > row["merged"]["re_match_calls"]
