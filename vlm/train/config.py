@@ -178,8 +178,6 @@ class TrainConfig:
                     else "stage 1 trains the projector only")
             raise ConfigError(f"training.train_vision: applies to method: full (method is {self.method}: "
                               f"{hint})")
-
-    def validate(self, where: str) -> None:
         # the policy is read here, with the rest of the config, so a bad one fails before the
         # output folder exists or a model is loaded (vlm.load parses it again from the same value)
         if self.quant is not None and not (isinstance(self.quant, str) and self.quant in NOT_QUANTIZED):

@@ -33,8 +33,9 @@ def test_minimal_config_and_overrides():
     ({**MINIMAL, "training": {"mlp_chunks": "auto"}}, "training.mlp_chunks"),
     ({"model": "m", "data": {}}, "data.train: give at least one data file"),
     ({"data": {"train": ["a"]}}, "missing required key(s): model"),
+    # training.train_vision means something for method: full only (vlm.train.modes)
+    ({**MINIMAL, "training": {"train_vision": True}}, "training.train_vision: applies to method: full"),
     # keys that were accepted and then ignored are unknown now
-    ({**MINIMAL, "training": {"train_vision": True}}, "unknown key 'training.train_vision'"),
     ({**MINIMAL, "data": {"train": ["a"], "eval": ["b"]}}, "unknown key 'data.eval'"),
     ({**MINIMAL, "data": {"train": [{"path": "a", "format": "sharegpt"}]}}, "unknown key 'data.train[0].format'"),
     # the quantization policy is checked with the rest of the config
