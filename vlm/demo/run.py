@@ -134,6 +134,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     print(f"\ntrained {results['train']['steps']} steps, final loss "
           f"{'n/a' if final is None else f'{final:.3f}'}, "
           f"{results['train']['tokens_per_s']} tokens/s; total {results['wall_seconds']} s")
-    print(f"outputs: {out}  (adapter: {result.adapter_dir}, summary.json, loss_curve.png, "
+    saved = {"full": "model", "projector": "projector"}.get(cfg.method, "adapter")
+    print(f"outputs: {out}  ({saved}: {result.adapter_dir}, summary.json, loss_curve.png, "
           "accuracy.png, demo_results.json)")
     return results
