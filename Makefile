@@ -10,9 +10,15 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.vlmtune-installed
 SERVE_STAMP := $(VENV)/.vlmtune-serve-installed
+GGUF_STAMP := $(VENV)/.vlmtune-gguf-installed
+# llama.cpp for the GGUF export: the llama-cpp-python sdist (pinned; it vendors llama.cpp's converter,
+# gguf-py and the mtmd runtime), unpacked and built once into this cache, outside the repository.
+LLAMA_CPP_PYTHON := 0.3.36
+GGUF_CACHE ?= $(HOME)/.cache/vlmtune/gguf
+export VLM_GGUF_CACHE := $(GGUF_CACHE)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-gpu demo serve-deps test-serve clean-venv
+.PHONY: install test test-gpu demo serve-deps test-serve gguf-deps test-gguf clean-venv
 
 install: $(STAMP)
 
@@ -29,7 +35,7 @@ $(STAMP): pyproject.toml vlm/install/torchvision_cpu_fix.py
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -m "not gpu and not serve" tests
+	$(VENV)/bin/pytest -m "not gpu and not serve and not gguf" tests
 
 test-gpu: $(STAMP)
 	$(VENV)/bin/pytest -m gpu tests
@@ -52,6 +58,28 @@ $(SERVE_STAMP): pyproject.toml vlm/install/torchvision_cpu_fix.py
 
 test-serve: $(SERVE_STAMP)
 	$(VENV)/bin/pytest -m serve tests
+
+# GGUF export runtime: the converter's requirements (sentencepiece; gguf from the registry for reading
+# files) and llama-cpp-python built for CPU from the cached sdist (one wheel, built once: ~40 min on 2
+# busy cores, minutes on a free machine; `nice` keeps it from starving other work).
+gguf-deps: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(STAMP)
+	mkdir -p $(GGUF_CACHE)/wheels
+	@test -f $(GGUF_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz || $(PY) -m pip download -q --no-binary :all: \
+	  --no-deps -d $(GGUF_CACHE) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	@test -d $(GGUF_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON) || tar -xzf \
+	  $(GGUF_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(GGUF_CACHE)
+	@ls $(GGUF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  nice -n 10 $(PY) -m pip wheel -q --no-deps -w $(GGUF_CACHE)/wheels \
+	  $(GGUF_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	$(PY) -m pip install -q --no-deps $(GGUF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	$(PY) -m pip install -q -e ".[test,gguf]" "diskcache>=5.6.1" "jinja2>=2.11.3" $(if $(TORCH_SPEC),"$(TORCH_SPEC)")
+	@touch $(GGUF_STAMP)
+
+test-gguf: $(GGUF_STAMP)
+	$(VENV)/bin/pytest -m gguf tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -47,6 +47,8 @@ GiB = 2**30
 EAGER = ["training.compile=false"]
 LORA16 = ["quant=bf16", "training.compile=false"]
 HALF_ACCUM = ["training.grad_accum=4"]
+# the sample-count batch these rows were measured with (the shipped config now batches by tokens)
+SAMPLE_BATCH = ["data.max_tokens_per_batch=null", "training.batch_size=2", "training.grad_accum=8"]
 # name -> (processes, strategy, overrides)
 RUNS = {
     "1gpu": (1, None, []),
@@ -78,7 +80,7 @@ def run(name: str, model: Path, data: Path, root: Path, steps: int, resume_steps
     cmd = [sys.executable, "-m", "vlm", "train", str(CONFIG), f"model.path={model}",
            f"data.train=[{data}]", f"output={out}", f"training.max_steps={total}",
            f"training.save_steps={steps}", "logging.tensorboard=false", "logging.progress=false",
-           "training.logging_steps=1", *overrides]
+           "training.logging_steps=1", *SAMPLE_BATCH, *overrides]
     if strategy:
         cmd += [f"distributed.strategy={strategy}", "--nproc", str(nproc)]
     if resume:

@@ -1,6 +1,10 @@
 """The setups compared by benchmarks/train_step.py: HF baselines (a, b, c), vlmtune (d, e), ablations.
 
 ``setup(variant, args, batches)`` builds one in the worker process: model, optimizer, info dict.
+The vlmtune variants that are a configuration of ``vlm train`` (:data:`SHIPPED`) are built by the
+product's own ``vlm.train.fast_path.resolve`` + ``apply`` from the same config keys (kernels,
+training.compile / cuda_graphs / mlp_chunks), so what is measured is what ships; only ablations
+(removing or swapping one piece) are assembled by hand in :func:`ablation`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,56 @@ def _hf_lora(model, gc: bool):
     cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                      target_modules=r"model\.language_model\..*\.(" + "|".join(LORA_LEAVES) + ")")
     return get_peft_model(model, cfg)
+
+
+# vlmtune variants that are a shipped configuration: built by vlm.train.fast_path itself
+SHIPPED = ("d", "e", "d_eager", "e_eager", "d_ro", "e_ro", "d_mlp2", "d_mlp4", "e_mlp2", "e_mlp4",
+           "d_ro_mlp2", "e_ro_mlp2")
+
+
+def step_config(variant: str, args):
+    """The TrainConfig keys that select this variant's fast path (kernels, compile, CUDA graphs, MLP
+    blocks); everything else at its default."""
+    from vlm.train.config import parse_config
+
+    flags = set(variant.split("_")[1:])
+    chunks = [int(f[3:]) for f in flags if f.startswith("mlp")] or [1]
+    seq = shapes(args.model, args.tiny)["seq"]
+    return parse_config({"model": {"path": args.ckpt}, "data": {"train": ["(batches built in memory)"],
+                                                                "max_length": max(16, seq)},
+                         "kernels": True,
+                         "training": {"compile": variant not in EAGER, "cuda_graphs": "ro" in flags,
+                                      "mlp_chunks": chunks[0]}})
+
+
+def ablation(variant: str, flags: set, model, family, info: dict) -> None:
+    """Variants that ship nowhere (what an ablation removes or changes), set up by hand from the
+    same building blocks fast_path uses."""
+    import vlm.kernels
+
+    compiled = variant not in EAGER
+    if variant not in ("d_novis", "d_old", "d_cast", "d_nokern", "d_nogc"):
+        from vlm.vision_attention import batch_equal_images
+
+        info["vision_attention_batched"] = batch_equal_images(model, family)
+    if variant != "d_nokern":
+        from vlm.train.compile import kernel_patch_options
+
+        info["patch"] = str(vlm.kernels.patch(model, **kernel_patch_options(compiled)))
+    if not compiled:
+        return
+    from vlm.train.compile import compile_language_layers, compile_vision_blocks, language_layers
+
+    if "cpp" in flags:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp_wrapper = True
+    info["compiled_layers"] = compile_language_layers(model, family, checkpoint_inside="hfck" not in flags)
+    if info.get("vision_attention_batched") and "evis" not in flags:   # as vlm train does
+        info["compiled_vision_blocks"] = compile_vision_blocks(model, family)
+    if "gc2" in flags:   # selective: checkpoint layers 0, 2, 4, ...
+        for i, layer in enumerate(language_layers(model, family)):
+            layer.gradient_checkpointing = i % 2 == 0
 
 
 def setup(variant: str, args, batches):
@@ -103,39 +157,23 @@ def setup(variant: str, args, batches):
                            skip_cast_under_autocast=variant not in ("d_old", "d_cast"))
         if variant == "d_old":   # what apply_lora did before: HF's hook, vision tower included
             model.get_base_model().enable_input_require_grads()
-        compiled = variant not in EAGER
-        if variant not in ("d_novis", "d_old", "d_cast", "d_nokern", "d_nogc"):
-            from vlm.vision_attention import batch_equal_images
+        flags = set(variant.split("_")[1:])
+        if variant in SHIPPED:
+            # what `vlm train` runs: the product's own resolve + apply, from the same config keys
+            from vlm.train import fast_path
 
-            info["vision_attention_batched"] = batch_equal_images(model, family)
-        if variant != "d_nokern":
-            from vlm.train.compile import kernel_patch_options
-
-            rep = vlm.kernels.patch(model, **kernel_patch_options(compiled))
-            info["patch"] = str(rep)
-        if compiled:
-            from vlm.train.compile import compile_language_layers, language_layers
-
-            flags = set(variant.split("_")[1:])
-            if "cpp" in flags:
-                import torch._inductor.config as inductor_config
-
-                inductor_config.cpp_wrapper = True
-            mode = "reduce-overhead" if "ro" in flags else None
-            info["compiled_layers"] = compile_language_layers(model, family, mode=mode,
-                                                              checkpoint_inside="hfck" not in flags)
-            if info.get("vision_attention_batched") and "evis" not in flags:   # as vlm train does
-                from vlm.train.compile import compile_vision_blocks
-
-                info["compiled_vision_blocks"] = compile_vision_blocks(model, family)
-            chunks = [int(f[3:]) for f in flags if f.startswith("mlp")] or [1]   # vlm train's default
-            if chunks[0] > 1:
-                from vlm.train.compile import chunk_mlps
-
-                info["mlp_chunks"] = (chunks[0], chunk_mlps(model, family, chunks[0]))
-            if "gc2" in flags:   # selective: checkpoint layers 0, 2, 4, ...
-                for i, layer in enumerate(language_layers(model, family)):
-                    layer.gradient_checkpointing = i % 2 == 0
+            cfg = step_config(variant, args)
+            step_plan = fast_path.resolve(cfg, dev, "single")
+            done = fast_path.apply(model, family, cfg, step_plan, [shapes(args.model, args.tiny)["seq"]])
+            info["vision_attention_batched"] = done.vision_attention_batched
+            info["patch"] = str(done.kernels)
+            if step_plan.compiled:
+                info["compiled_layers"] = done.compiled_layers
+                info["compiled_vision_blocks"] = done.compiled_vision_blocks
+            if done.mlp_chunks > 1:
+                info["mlp_chunks"] = done.mlp_chunks
+        else:
+            ablation(variant, flags, model, family, info)
         plan = getattr(model.get_base_model(), "vlm_quant_plan", None)
         if plan is not None:
             info["quantized_by_component"] = plan.count_by_component()

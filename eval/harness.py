@@ -14,7 +14,8 @@
 
 Variant names: ``bf16`` / ``fp16`` / ``fp32`` load 16/32-bit weights; anything else (``nf4``,
 ``dynamic``, a policy YAML path) is passed to ``vlm.load`` as ``quant=`` (stored in 4-bit where the
-policy says so, computing in bf16). A name given twice is loaded twice (``bf16,bf16`` checks that two
+policy says so, computing in bf16). ``gguf:f16|q8_0|q4_k_m`` exports the model (+ adapter) to GGUF and
+runs it in llama.cpp (:mod:`vlm.eval.gguf_variant`). A name given twice is loaded twice (``bf16,bf16`` checks that two
 loads decode identically); the second copy is reported as ``bf16#2``.
 """
 
@@ -36,6 +37,7 @@ from vlm.errors import ConfigError, VlmError
 from vlm.eval.agreement import LogprobStore, compare_teacher_forced, exact_match_rate
 from vlm.eval.data import read_eval_items
 from vlm.eval.generation import GenerationResult, GenerationSettings, generate_captions
+from vlm.eval.gguf_variant import is_gguf, run_gguf_variant
 from vlm.eval.metrics import caption_metrics, java_available
 
 BASELINE = "bf16"
@@ -173,6 +175,15 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
         if config.model:
             results["baseline"] = BASELINE
             for name, spec in variant_names(config.compare, with_baseline=True):
+                if is_gguf(spec):   # exported with `vlm export --gguf`, run by llama.cpp
+                    log(f"eval: {name}: exporting {config.model} to GGUF, running it in llama.cpp")
+                    gen, tf = run_gguf_variant(spec, config.model, config.adapter, items, settings, store)
+                    rec = _variant_record(name, spec, "gguf", gen, config)
+                    rec["teacher_forced"] = {k: tf[k] for k in ("teacher_forced_accuracy", "caption_tokens")}
+                    rec["agreement"] = {"kl_mean": tf["kl_mean"], "top1_agreement": tf["top1_agreement"]}
+                    results["variants"].append(rec)
+                    generations[name] = gen
+                    continue
                 log(f"eval: {name}: loading {config.model}" + (f" + adapter {config.adapter}" if config.adapter else ""))
                 model, processor = load_variant(config.model, spec, config.adapter, config.device)
                 gen = generate_captions(model, processor, items, settings)

@@ -29,6 +29,17 @@ class VllmSupport:
 
 
 @dataclass(frozen=True)
+class GgufSupport:
+    """What llama.cpp (and Ollama on top of it) runs for this family: how its projector GGUF is
+    made, and the Ollama chat template (Go template syntax) and stop strings of its chat format."""
+
+    mmproj: str                            # "converter": convert_hf_to_gguf.py --mmproj;
+                                           # "clip_legacy": llama.cpp's CLIP + LLaVA-projector script
+    ollama_template: str
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     description: str
@@ -52,6 +63,7 @@ class Family:
     image_token_rule: str = ""             # how the processor expands it (documentation)
     zoo_variants: tuple[str, ...] = ()     # tiny builders in vlm.zoo that produce this family
     vllm: VllmSupport | None = None
+    gguf: GgufSupport | None = None        # None: llama.cpp cannot run the family (export refuses)
     # extra predicate on the config (e.g. LLaVA layout with a Pixtral vision tower)
     config_matches: Callable[[Any], bool] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
 
-from vlm.families.base import Family, VllmSupport
+from vlm.families.base import Family, GgufSupport, VllmSupport
 
 
 def _clip_vision(config) -> bool:
@@ -27,4 +27,12 @@ FAMILY = Family(
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),
+    # convert_hf_to_gguf.py's mmproj path reads Pixtral towers only; CLIP + MLP projector goes
+    # through llama.cpp's CLIP encoder script (the llava-1.5 route of its docs)
+    gguf=GgufSupport(
+        mmproj="clip_legacy",
+        ollama_template=(
+            "{{- range .Messages }}{{ if eq .Role \"user\" }}USER: {{ .Content }} "
+            "{{ else if eq .Role \"assistant\" }}ASSISTANT: {{ .Content }} {{ end }}{{ end }}ASSISTANT:"),
+        stop=("</s>", "USER:")),
 )

@@ -1,6 +1,6 @@
 """Pixtral in the HF LLaVA layout: Pixtral ViT (2-D RoPE, any resolution) + projector + Mistral."""
 
-from vlm.families.base import Family, VllmSupport
+from vlm.families.base import Family, GgufSupport, VllmSupport
 
 
 def _pixtral_vision(config) -> bool:
@@ -45,4 +45,10 @@ FAMILY = Family(
     image_token_rule="rows: [IMG]×cols then [IMG_BREAK] per row, the last row ending in [IMG_END]",
     zoo_variants=("pixtral",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),
+    gguf=GgufSupport(
+        mmproj="converter",
+        ollama_template=(
+            "{{- range .Messages }}{{ if eq .Role \"user\" }}[INST]{{ .Content }}[/INST]"
+            "{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}"),
+        stop=("</s>", "[INST]")),
 )

@@ -1,6 +1,6 @@
 """Qwen2-VL and Qwen2.5-VL: ViT with 2×2 patch merger (the projector) + Qwen2 decoder with M-RoPE."""
 
-from vlm.families.base import Family, VllmSupport
+from vlm.families.base import Family, GgufSupport, VllmSupport
 
 FAMILY = Family(
     name="qwen2_vl",
@@ -20,5 +20,14 @@ FAMILY = Family(
     image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end",
     zoo_variants=("qwen2_vl", "qwen2_5_vl"),
     vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True),
+    # ChatML, with the default system prompt the HF template adds when none is given
+    gguf=GgufSupport(
+        mmproj="converter",
+        ollama_template=(
+            "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
+            "{{ else }}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{{ end }}"
+            "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+            "<|im_start|>assistant\n"),
+        stop=("<|im_end|>", "<|endoftext|>")),
     extra={"needs_mm_token_type_ids": True, "rope": "mrope"},
 )

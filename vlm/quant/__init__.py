@@ -7,9 +7,10 @@
     save_quantized(model, out_dir, processor)   # reloads with plain from_pretrained
 
 Files: policy.py (what), plan.py (where, per full module name), metrics.py (error math, bytes),
-capture.py (calibration inputs in one pass), sensitivity.py (rank and protect), calibration.py
-(batches), loading.py (bitsandbytes load/save), vllm_names.py (skip names vLLM reads),
-agreement.py and report.py (``vlm quant-report``).
+capture.py (calibration inputs in one pass), sensitivity.py (output KL per layer, rank and
+protect), calibration.py (batches), loading.py (bitsandbytes load/save), vllm_names.py (skip names
+vLLM reads), agreement.py and report.py (``vlm quant-report``), plants.py (planted outliers that
+tests and benchmarks/quant_policies.py check the analysis with).
 """
 
 from vlm.quant.policy import PRECISIONS, PRESETS, QuantPolicy, load_policy, parse_budget

@@ -163,7 +163,7 @@ def output_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], batc
             for b, lp in zip(batches, ref):
                 lq = _log_probs(model, b)
                 total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
-            return total / max(n, 1)
+            return max(0.0, total / max(n, 1))   # KL ≥ 0; a layer with no effect rounds to ±1e-9
 
         if mode == "isolated":
             for g, precisions in groups.items():

@@ -68,7 +68,17 @@ class DataSection:
     train_on: str = choices("assistant", "last_assistant", "all", default="assistant")
     group_by_length: bool = True
     pad_to_multiple_of: int | None = 8
-    num_workers: int = 0
+    # Micro-batches by tokens (vlm.data_formats.packing): each row holds up to this many tokens and
+    # training.batch_size counts rows. With packing (auto: every family that can; Mllama cannot), several
+    # samples share a row with their own positions and attention; without, samples of similar length
+    # are grouped so that rows x longest <= budget. null: training.batch_size samples per micro-batch.
+    max_tokens_per_batch: int | None = None
+    packing: bool | str = choices("auto", True, False, default="auto")
+    # packed rows are padded up to one of this many lengths (budget/n apart): few shapes for
+    # torch.compile / CUDA graphs; padding per row < budget/n tokens
+    length_buckets: int = 16
+    # DataLoader worker processes (image decode, resize, processor): auto = min(4, cores/2) on a GPU, 0 on CPU
+    num_workers: int | str = "auto"
 
     def validate(self, where: str) -> None:
         if not self.train:
@@ -76,6 +86,16 @@ class DataSection:
         self.train = [DataFile(path=f) if isinstance(f, str) else f for f in self.train]
         if self.max_length < 16:
             raise ConfigError(f"{where}.max_length: must be >= 16, got {self.max_length}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < self.max_length:
+            raise ConfigError(f"{where}.max_tokens_per_batch: {self.max_tokens_per_batch} is below max_length "
+                              f"{self.max_length}; a row must hold the longest sample")
+        if self.packing is True and self.max_tokens_per_batch is None:
+            raise ConfigError(f"{where}.packing: true needs data.max_tokens_per_batch (the row length)")
+        if self.length_buckets < 1:
+            raise ConfigError(f"{where}.length_buckets: must be >= 1, got {self.length_buckets}")
+        if isinstance(self.num_workers, str) and self.num_workers != "auto" or \
+                isinstance(self.num_workers, int) and self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers: auto or an integer >= 0, got {self.num_workers!r}")
         if not self.video_fps > 0 or self.video_max_frames < 1:
             raise ConfigError(f"{where}.video_fps must be > 0 and video_max_frames >= 1, got "
                               f"{self.video_fps} and {self.video_max_frames}")

@@ -16,11 +16,12 @@ sampler and skips the batches already seen) reproduces the data order exactly.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from vlm.data_formats.prepare import prepare_samples
 from vlm.data_formats.rejects import RejectLog
@@ -99,3 +100,85 @@ def sampler_factory(dataset: ConversationDataset, seed: int, group_by_length: bo
         batch = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         return SeededSampler(dataset.lengths, batch if group_by_length else 0, seed)
     return make
+
+
+class GroupedDataset(Dataset):
+    """Items are micro-batch rows: lists of conversations planned by a token budget
+    (:func:`token_budget_groups`). ``lengths`` are tokens per row, for the seeded sampler."""
+
+    def __init__(self, conversations, groups: list[list[int]], sample_lengths: list[int]):
+        self.conversations = conversations
+        self.groups = groups
+        self.lengths = [sum(sample_lengths[i] for i in g) for g in groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, k: int) -> list:
+        return [self.conversations[i] for i in self.groups[k]]
+
+
+@dataclass
+class TokenBudget:
+    """How the training set is cut into micro-batches by tokens (``data.max_tokens_per_batch``)."""
+
+    dataset: GroupedDataset
+    collator: Any               # vlm.data_formats.packing.PackingCollator
+    packed: bool
+    refusal: str | None         # why a family cannot pack (packing: auto / true), else None
+    padding_fraction: float     # share of computed tokens that are padding, over one epoch
+
+    def report(self) -> dict[str, Any]:
+        rows = self.dataset.lengths
+        return {"max_tokens_per_batch": self.collator.max_tokens, "packed": self.packed,
+                "packing_refused": self.refusal, "rows": len(rows),
+                "samples_per_row": round(len(self.dataset.conversations) / max(1, len(rows)), 2),
+                "tokens_per_row": round(sum(rows) / max(1, len(rows)), 1),
+                "padding_fraction": round(self.padding_fraction, 4),
+                "length_buckets": self.collator.buckets if self.packed else None}
+
+
+def token_budget_groups(cfg, train_set: ConversationDataset, collator, family, *, cuda_graphs: bool) -> TokenBudget:
+    """Rows of at most ``data.max_tokens_per_batch`` tokens: packed where the family can (and
+    ``data.packing`` allows), else length-grouped padded rows. With CUDA graphs every packed row is
+    padded to the full budget (one recorded shape); otherwise to ``data.length_buckets`` lengths."""
+    from vlm.data_formats.packing import (PackingCollator, bucket_length, packing_refusal, plan_packs,
+                                          plan_padded_batches)
+
+    data = cfg.data
+    budget = data.max_tokens_per_batch
+    refusal = packing_refusal(family) if data.packing in ("auto", True) else None
+    if data.packing is True and refusal is not None:
+        raise VlmError(f"data.packing: true, but {refusal}; use packing: auto (falls back to padded rows)")
+    packed = data.packing in ("auto", True) and refusal is None
+    lengths = train_set.lengths
+    seed = cfg.training.seed
+    multiple = data.pad_to_multiple_of or 1
+    if packed:
+        groups = plan_packs(lengths, budget, seed=seed)
+        buckets = 1 if cuda_graphs else data.length_buckets
+        multiple = max(multiple, 64 if budget >= 1024 else 8)
+        rows = [sum(lengths[i] for i in g) for g in groups]
+        computed = sum(bucket_length(n, budget, buckets, multiple) for n in rows)
+        collator.pad_to_multiple_of = 1   # the packer pads the row, not each sample
+        wrapped = PackingCollator(collator, packed=True, max_tokens=budget, buckets=buckets, multiple=multiple)
+    else:
+        groups = plan_padded_batches(lengths, budget, seed=seed)
+        multiple = collator.pad_to_multiple_of
+        computed = sum(len(g) * (-(-max(lengths[i] for i in g) // multiple) * multiple) for g in groups)
+        wrapped = PackingCollator(collator, packed=False, max_tokens=budget)
+    share = 1 - sum(lengths) / computed if computed else 0.0
+    return TokenBudget(GroupedDataset(train_set.conversations, groups, lengths), wrapped, packed, refusal, share)
+
+
+def resolve_workers(setting, device: str) -> int:
+    """``data.num_workers`` resolved: ``auto`` = min(4, cores / 2) when training on a GPU (image decode,
+    resize and the processor then run beside the step), 0 on CPU (the workers would take the cores
+    the step needs)."""
+    import os
+
+    if setting != "auto":
+        return int(setting)
+    if not str(device).startswith("cuda"):
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // 2))

@@ -30,6 +30,7 @@ class Applied:
     vision_attention_batched: int = 0
     kernels: Any = None            # vlm.kernels PatchReport, or None with kernels: false
     compiled_vision_blocks: int = 0
+    compiled_layers: int = 0
     mlp_chunks: int = 1
 
 
@@ -78,18 +79,26 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
         # frames/windows (other sizes: HF's split, a graph break inside each block, still
         # correct); other towers graph-break (transformers' output-capturing hooks): left eager
         done.compiled_vision_blocks = compile_vision_blocks(model, family)
-    n_layers = compile_language_layers(model, family, mode="reduce-overhead" if plan.cuda_graphs else None)
+    n_layers = done.compiled_layers = compile_language_layers(
+        model, family, mode="reduce-overhead" if plan.cuda_graphs else None)
     print(f"torch.compile: {n_layers} language decoder layers"
           + (f", {done.compiled_vision_blocks} frozen vision blocks" if done.compiled_vision_blocks else "")
           + " (compiled on the first step)"
-          + (f"; CUDA graphs, every batch padded to {plan.pad_to} tokens" if plan.cuda_graphs else ""))
-    if plan.cuda_graphs:
+          + (f"; CUDA graphs, {graph_shapes(cfg, plan)}" if plan.cuda_graphs else ""))
+    if plan.cuda_graphs and not cfg.data.max_tokens_per_batch:
         print(padding_note(lengths, plan.pad_to))
     done.mlp_chunks = cfg.training.mlp_chunks
     if done.mlp_chunks > 1:
         chunk_mlps(model, family, done.mlp_chunks)
         print(f"MLP over {done.mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
     return done
+
+
+def graph_shapes(cfg, plan: Plan) -> str:
+    """What shapes the CUDA graphs are recorded for."""
+    if cfg.data.max_tokens_per_batch:
+        return f"rows of data.max_tokens_per_batch={cfg.data.max_tokens_per_batch} tokens"
+    return f"every batch padded to {plan.pad_to} tokens"
 
 
 def padding_note(lengths: list[int], pad_to: int) -> str:

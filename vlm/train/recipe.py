@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from vlm.errors import ConfigError, VlmError
+from vlm.errors import ConfigError
 from vlm.atomic import ensure_writable_folder, write_json
 from vlm.train import fast_path, modes
 from vlm.train.checkpoints import checkpoint_record, resume_point, run_totals
@@ -69,7 +69,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.train import distributed as dist
     from vlm.train.metrics import plot_loss_curve
     from vlm.quant.loading import quant_metadata
-    from vlm.train.dataset import prepare_train_set, sampler_factory
+    from vlm.train import packed_forward
+    from vlm.train.dataset import prepare_train_set, resolve_workers, sampler_factory, token_budget_groups
     from vlm.train.trainer import VlmTrainer
 
     t_start = time.perf_counter()
@@ -100,7 +101,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                   video_fps=cfg.data.video_fps, video_max_frames=cfg.data.video_max_frames,
                                   pad_to_multiple_of=plan.pad_to,
                                   resolution=None if resolution.is_default() else resolution)
+    t_loaded = time.perf_counter()
     train_set, data_report = prepare_train_set(cfg, collator, out)
+    data_collator, budget = collator, None
+    if cfg.data.max_tokens_per_batch:
+        budget = token_budget_groups(cfg, train_set, collator, family, cuda_graphs=plan.cuda_graphs)
+        data_collator = budget.collator
+        data_report["token_budget"] = budget.report()
+        print(token_budget_line(budget))
+    t_data = time.perf_counter()
 
     mode = None                    # method: full / projector (vlm.train.modes); lora below
     if cfg.model.projector_init:
@@ -126,13 +135,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                    caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
+    packing_hook = packed_forward.enable(model, family) if budget is not None and budget.packed else None
+    t_ready = time.perf_counter()
+    workers = resolve_workers(cfg.data.num_workers, device)
 
     report_to = list(cfg.logging.report_to)
     if cfg.logging.tensorboard and "tensorboard" not in report_to:
         report_to.append("tensorboard")
     args = TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=cfg.training.batch_size,
+        per_device_train_batch_size=cfg.training.batch_size,   # rows of the token budget, if set
         gradient_accumulation_steps=cfg.training.grad_accum,
         learning_rate=cfg.training.lr,
         lr_scheduler_type=cfg.training.schedule,
@@ -150,7 +162,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         logging_steps=cfg.training.logging_steps,
         report_to=report_to or "none",
         remove_unused_columns=False,
-        dataloader_num_workers=cfg.data.num_workers,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_prefetch_factor=4 if workers > 0 else None,
         disable_tqdm=not (cfg.logging.progress if progress is None else progress),
         use_cpu=device == "cpu",
         gradient_checkpointing=False,  # set up by apply_lora (non-reentrant) before PEFT wraps
@@ -160,9 +174,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     note = dist.one_device_per_process(args, strat, w)
     if note and w.is_main:
         print(note)
-    trainer = VlmTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
-                         train_sampler_factory=sampler_factory(train_set, cfg.training.seed,
-                                                               cfg.data.group_by_length),
+    rows = budget.dataset if budget is not None else train_set
+    trainer = VlmTrainer(model=model, args=args, train_dataset=rows, data_collator=data_collator,
+                         train_sampler_factory=sampler_factory(rows, cfg.training.seed,
+                                                               cfg.data.group_by_length and budget is None),
                          optimizer_cls_and_kwargs=(mode.optimizer_cls_and_kwargs if mode else None)
                          or dist.optimizer_cls_and_kwargs(args, strat))
     record = checkpoint_record(resume_from)  # read now: rotation may remove that folder later
@@ -171,7 +186,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     dist.check_engaged(trainer, strat)
     if resume_from and mode is not None:
         modes.load_checkpoint_weights(model, resume_from)   # Trainer's own load misses renamed keys
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        if packing_hook is not None:
+            packing_hook.remove()
+    startup = startup_report(t_start, t_loaded, t_data, t_ready, trainer)
+    if w.is_main:
+        print("startup: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in startup.items()
+                                      if v is not None))
     if resumed_step == trainer.state.global_step and (out / "summary.json").is_file():
         # resumed a run that had finished: nothing was trained, its adapter and summary stand
         if w.is_main:
@@ -184,6 +207,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     adapter_state = dist.adapter_state_dict(model) if strat == "fsdp" else None
     tokens = dist.sum_over_processes(trainer, trainer.tokens_seen)
     label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
+    computed = dist.sum_over_processes(trainer, trainer.computed_tokens)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
     steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
@@ -211,6 +235,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "mlp_chunks": fast.mlp_chunks,
         "cuda_graphs": plan.cuda_graphs,
         "padded_to": plan.pad_to,
+        "dataloader_workers": workers,
+        "startup_seconds": startup,
+        "data_wait_seconds": round(trainer.data_wait_seconds, 3),
+        "step_times": trainer.step_times,
         "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "epochs": trainer.state.epoch,
@@ -223,6 +251,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "train_seconds": round(whole["train_seconds"], 3),
         "wall_seconds": round(whole["wall_seconds"], 3),
         "tokens_per_s": round(whole["tokens"] / whole["train_seconds"], 1) if whole["train_seconds"] else None,
+        "computed_tokens": int(computed),   # this segment's, padding included
+        "padding_fraction": round(1 - tokens / computed, 4) if computed else None,
         # this segment's, from optimizer step STEADY_AFTER + 1 on (compile excluded), summed over processes
         "tokens_per_s_steady": round(steady, 1) if steady else None,
         "segments": int(before["segments"]) + 1,
@@ -240,6 +270,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
+
+
+def token_budget_line(budget) -> str:
+    r = budget.report()
+    how = (f"packed, {r['samples_per_row']} samples per row on average, padded to {r['length_buckets']} "
+           "length bucket(s)" if budget.packed else "padded rows of similar length")
+    line = (f"data: micro-batches of <= {r['max_tokens_per_batch']} tokens ({how}): {r['rows']} rows, "
+            f"{r['tokens_per_row']:.0f} tokens per row, {r['padding_fraction']:.1%} of computed tokens are padding")
+    if budget.refusal:
+        line += f"\ndata: packing off ({budget.refusal})"
+    return line
+
+
+def startup_report(t_start: float, t_loaded: float, t_data: float, t_ready: float, trainer) -> dict:
+    """Where the time before the first optimizer step went (seconds): process start (imports),
+    model load (+ quantization), data (read, validate, plan), LoRA + fast path, first step (the
+    compile and first data fetch happen there), and process start -> first step done."""
+    process_start = None
+    try:
+        import psutil
+
+        process_start = time.perf_counter() - (time.time() - psutil.Process().create_time())
+    except Exception:   # psutil missing or process info unreadable: the breakdown without imports
+        pass
+    first = trainer.first_step_end
+    return {
+        "imports_s": round(t_start - process_start, 2) if process_start is not None else None,
+        "load_s": round(t_loaded - t_start, 2),
+        "data_s": round(t_data - t_loaded, 2),
+        "lora_and_fast_path_s": round(t_ready - t_data, 2),
+        "first_step_s": round(first - t_ready, 2) if first is not None else None,
+        "to_first_step_s": round(first - (process_start if process_start is not None else t_start), 2)
+        if first is not None else None,
+    }
 
 
 def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution,

@@ -7,7 +7,11 @@
   (from the start of optimizer step ``STEADY_AFTER + 1``: compile and warm-up excluded),
 - peak memory split into loading (everything before the first step) and training,
 - an optional sampler supplied by the data pipeline (length-grouped, seeded: resume-exact),
-- loss computed by the model (so fused-CE kernels patched into the model apply).
+- loss computed by the model (so fused-CE kernels patched into the model apply),
+- a clock per optimizer step (``step_times``: seconds since the first step began, non-padding tokens
+  and seconds waited for data so far; CUDA synchronized, so a steady-state rate can skip the warm-up/compile steps), the end of
+  the first step (``first_step_end``, for the startup report) and the time the loop spent waiting for
+  the next batch from the DataLoader (``data_wait_seconds``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import time
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from vlm.atomic import space_error
 from vlm.train.checkpoints import begin_save, mark_complete
@@ -30,9 +34,15 @@ class VlmTrainer(Trainer):
         self._train_sampler_factory = train_sampler_factory
         self.tokens_seen = 0          # non-padding tokens through forward (this process)
         self.label_tokens_seen = 0    # tokens that carried a loss
+        self.computed_tokens = 0      # tokens through forward, padding included
         self.train_seconds = 0.0      # wall time from the first step's start to the last log
         self._t0 = None
         self._tokens0 = 0
+        self.first_step_end = None    # perf_counter when the first optimizer step was done
+        # (step, seconds since the first step began, tokens, seconds waited for data): all cumulative
+        self.step_times: list[tuple[int, float, int, float]] = []
+        self.data_wait_seconds = 0.0
+        self.add_callback(_StepClock(self))
         self._steady0 = None          # (time, tokens) when optimizer step STEADY_AFTER + 1 began
         self.steady_tokens_per_s = None
         self.load_peak_bytes = None   # peak memory before the first step (model load, data, setup)
@@ -40,6 +50,9 @@ class VlmTrainer(Trainer):
         self.checkpoint_record: dict = {}
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        return super().get_batch_samples(_TimedBatches(epoch_iterator, self), num_batches, device)
 
     def _get_train_sampler(self, train_dataset=None):
         if self._train_sampler_factory is not None:
@@ -54,6 +67,9 @@ class VlmTrainer(Trainer):
                 torch.cuda.reset_peak_memory_stats()   # from here on: the training peak
         if self._steady0 is None and self.state.global_step >= STEADY_AFTER:
             self._steady0 = (time.perf_counter(), self.tokens_seen)
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            self.computed_tokens += ids.numel()
         mask = inputs.get("attention_mask")
         if mask is not None:
             self.tokens_seen += int(mask.sum())
@@ -118,3 +134,37 @@ class VlmTrainer(Trainer):
         from vlm.train.metrics import peak_rss_bytes
 
         return peak_rss_bytes()
+
+
+class _TimedBatches:
+    """The epoch iterator, timing each ``next`` (the loop blocked on data: collation when there are
+    no workers, else waiting for a worker's batch)."""
+
+    def __init__(self, iterator, trainer: VlmTrainer):
+        self.iterator, self.trainer = iterator, trainer
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.trainer.data_wait_seconds += time.perf_counter() - t
+
+
+class _StepClock(TrainerCallback):
+    def __init__(self, trainer: VlmTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tr = self.trainer
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if tr.first_step_end is None:
+            tr.first_step_end = now
+        if tr._t0 is not None:
+            tr.step_times.append((state.global_step, round(now - tr._t0, 4), tr.tokens_seen - tr._tokens0,
+                                  round(tr.data_wait_seconds, 4)))

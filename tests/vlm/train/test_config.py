@@ -32,6 +32,11 @@ def test_minimal_config_and_overrides():
     ({**MINIMAL, "training": {"compile": False, "cuda_graphs": True}}, "training.cuda_graphs: replays compiled"),
     ({**MINIMAL, "training": {"mlp_chunks": "auto"}}, "training.mlp_chunks"),
     ({"model": "m", "data": {}}, "data.train: give at least one data file"),
+    ({**MINIMAL, "data": {"train": ["a"], "max_tokens_per_batch": 1024}}, "data.max_tokens_per_batch: 1024 is below max_length 2048"),
+    ({**MINIMAL, "data": {"train": ["a"], "packing": True}}, "data.packing: true needs data.max_tokens_per_batch"),
+    ({**MINIMAL, "data": {"train": ["a"], "num_workers": "many"}}, "data.num_workers: auto or an integer"),
+    ({**MINIMAL, "data": {"train": ["a"], "num_workers": -1}}, "data.num_workers: auto or an integer"),
+    ({**MINIMAL, "data": {"train": ["a"], "length_buckets": 0}}, "data.length_buckets: must be >= 1"),
     ({"data": {"train": ["a"]}}, "missing required key(s): model"),
     # training.train_vision means something for method: full only (vlm.train.modes)
     ({**MINIMAL, "training": {"train_vision": True}}, "training.train_vision: applies to method: full"),

@@ -1,0 +1,155 @@
+"""``vlm export SOURCE --gguf OUT [--quant f16|q8_0|q4_k_m]``: llama.cpp / Ollama files.
+
+OUT receives ``model-<quant>.gguf`` (the language model), ``mmproj-f16.gguf`` (vision tower +
+projector, the file llama.cpp's multimodal runtime ``mtmd`` loads beside it) and an Ollama
+``Modelfile``. SOURCE is a PEFT adapter (merged first, exactly as ``--merged`` does: a 4-bit base
+is dequantized under its recorded plan, then W = W0 + s·B·A) or a 16-bit checkpoint folder.
+
+Order: everything that can refuse is asked before any weight is touched — the family (llama.cpp
+runs it?), the toolchain (converter sources; the runtime for q4_k_m), and the tokenizer (the
+converter's own ``--vocab-only`` pass on it). Then merge, convert, quantize, write atomically.
+
+Quantization: the converter writes f16 and q8_0 itself; q4_k_m is llama.cpp's quantizer
+(``llama_model_quantize`` from the built runtime) run on the f16 file. k-quants work on rows of 256
+values: a tensor whose rows are not a multiple of 256 gets llama.cpp's fallback type (it says so on
+stderr), as it would for any model. The projector stays f16 at every level (the common practice:
+it is small and the image features are sensitive).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from vlm.errors import VlmError
+from vlm.export.gguf_toolchain import converter_env, llama_cpp_source, require_runtime
+
+QUANTS = ("f16", "q8_0", "q4_k_m")
+MMPROJ_FILE = "mmproj-f16.gguf"
+
+
+class GgufExportError(VlmError):
+    """The GGUF export cannot be done (and nothing was written)."""
+
+
+def model_file(quant: str) -> str:
+    return f"model-{quant}.gguf"
+
+
+def _source_folders(source: Path, base: str | None) -> tuple[bool, Path]:
+    """(is_adapter, folder holding config.json + tokenizer for the pre-flight)."""
+    if (source / "adapter_config.json").is_file():
+        from vlm.export.adapter import read_adapter
+        from vlm.export.metadata import read_metadata
+
+        info = read_adapter(source)
+        base_path = base or read_metadata(info.path).get("base_model") or info.base_model
+        if not base_path or not (Path(base_path) / "config.json").is_file():
+            raise GgufExportError(f"{source}: its base model {base_path!r} is not a local folder; pass --base "
+                                  "BASE_CHECKPOINT_FOLDER")
+        return True, Path(base_path)
+    if (source / "config.json").is_file():
+        cfg = json.loads((source / "config.json").read_text())
+        if cfg.get("quantization_config"):
+            raise GgufExportError(f"{source} is stored quantized ({cfg['quantization_config'].get('quant_method')}); "
+                                  "llama.cpp's converter reads 16/32-bit weights: export the 16-bit checkpoint, "
+                                  "or an adapter trained on it (it is dequantized before merging)")
+        return False, source
+    raise GgufExportError(f"{source} is neither a PEFT adapter (adapter_config.json) nor a checkpoint (config.json)")
+
+
+def _family(config_dir: Path):
+    from vlm.families.registry import family_for_config
+    from vlm.load import load_config
+
+    family = family_for_config(load_config(config_dir))
+    if family.gguf is None:
+        raise GgufExportError(f"{config_dir}: llama.cpp cannot run {family.description} (no text+projector GGUF "
+                              "route in llama.cpp for it); `vlm export --merged` gives a checkpoint vLLM and "
+                              "transformers run")
+    return family
+
+
+def _run_converter(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, vocab_only: bool = False) -> None:
+    from vlm.export.gguf_convert import EXIT_ARCH, EXIT_TOKENIZER
+
+    cmd = [sys.executable, "-m", "vlm.export.gguf_convert", str(model_dir), str(out), "--outtype", outtype]
+    cmd += ["--mmproj"] * mmproj + ["--vocab-only"] * vocab_only
+    done = subprocess.run(cmd, env=converter_env(), capture_output=True, text=True)
+    if done.returncode == 0:
+        return
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    if done.returncode in (EXIT_TOKENIZER, EXIT_ARCH):
+        raise GgufExportError(lines[-1].removeprefix("error: "))
+    raise GgufExportError(f"llama.cpp's converter failed on {model_dir}" + (" (projector)" if mmproj else "")
+                          + ":\n" + "\n".join(lines[-8:]))
+
+
+def preflight(source: str | Path, quant: str, base: str | None = None):
+    """Every refusal, before work: returns (is_adapter, config folder, family)."""
+    if quant not in QUANTS:
+        raise GgufExportError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
+    source = Path(source).expanduser()
+    is_adapter, config_dir = _source_folders(source, base)
+    family = _family(config_dir)
+    llama_cpp_source()
+    if quant == "q4_k_m":
+        require_runtime("--quant q4_k_m (llama.cpp's k-quant quantizer)")
+    tok_dir = source if is_adapter and (source / "tokenizer_config.json").is_file() else config_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.mkdir()
+        for f in list(tok_dir.glob("tokenizer*")) + [config_dir / "config.json"]:
+            (probe / f.name).write_bytes(f.read_bytes())
+        _run_converter(probe, Path(tmp) / "vocab.gguf", "f16", vocab_only=True)
+    return is_adapter, config_dir, family
+
+
+def quantize(src: Path, dst: Path, quant: str) -> None:
+    """llama.cpp's quantizer (the runtime's ``llama_model_quantize``), one thread."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
+    params.nthread = 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise GgufExportError(f"llama.cpp's quantizer returned {rc} on {src} ({quant})")
+
+
+def export_gguf(source: str | Path, out: str | Path, *, quant: str = "f16", base: str | None = None,
+                overwrite: bool = False, log=None) -> Path:
+    """Write the language-model GGUF, the projector GGUF and a Modelfile to ``out``; return ``out``."""
+    from vlm.atomic import replacing_folder
+    from vlm.export.gguf_clip import write_clip_mmproj
+    from vlm.export.gguf_modelfile import modelfile_text
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise GgufExportError(f"{out} already exists: choose another folder or pass --overwrite")
+    is_adapter, _config_dir, family = preflight(source, quant, base)
+    with tempfile.TemporaryDirectory(prefix="vlm-gguf-") as work_str, replacing_folder(out) as tmp:
+        work = Path(work_str)
+        model_dir = Path(source).expanduser()
+        if is_adapter:
+            from vlm.export.merge import export_merged
+
+            log(f"gguf: merging {source} into its base")
+            model_dir = export_merged(source, work / "merged", base=base)
+        log(f"gguf: language model ({quant})")
+        if quant == "q4_k_m":
+            _run_converter(model_dir, work / "model-f16.gguf", "f16")
+            quantize(work / "model-f16.gguf", tmp / model_file(quant), quant)
+        else:
+            _run_converter(model_dir, tmp / model_file(quant), quant)
+        log("gguf: vision projector (f16)")
+        if family.gguf.mmproj == "clip_legacy":
+            write_clip_mmproj(model_dir, tmp / MMPROJ_FILE, work)
+        else:
+            _run_converter(model_dir, tmp / MMPROJ_FILE, "f16", mmproj=True)
+        (tmp / "Modelfile").write_text(modelfile_text(family, model_file(quant), MMPROJ_FILE))
+    return out

@@ -1,0 +1,73 @@
+"""Compare an exported GGUF pair, run by llama.cpp, with the transformers model it came from.
+
+On one image prompt (the family's chat template, the image at its placeholder): the prompt's token
+layout (llama.cpp's tokenizer + mtmd vs transformers' processor), greedy tokens (both with EOS
+banned, as ``min_new_tokens`` does, so both run ``n`` steps), and teacher-forced logits along
+transformers' greedy tokens: max |Δ logit|, top-1 agreement and mean KL(transformers ‖ llama.cpp).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def probe_image_for(processor):
+    """The probe image at a size both preprocessors leave unresized: the CLIP crop size when the
+    processor crops (LLaVA), else 112 px (a multiple of every zoo patch × merge size)."""
+    from vlm.export.verify import probe_image
+
+    crop = getattr(processor.image_processor, "crop_size", None)
+    size = crop["height"] if isinstance(crop, dict) and crop.get("height") else 112
+    return probe_image(size)
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    p = torch.log_softmax(torch.from_numpy(p_logits).double(), -1)
+    q = torch.log_softmax(torch.from_numpy(q_logits).double(), -1)
+    return (p.exp() * (p - q)).sum(-1).numpy()
+
+
+@torch.no_grad()
+def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tokens: int = 8,
+                              text: str = "Describe the image.") -> dict:
+    from vlm.export.gguf_runtime import GgufModel
+    from vlm.export.verify import probe_messages
+    from vlm.load import load
+
+    model, processor = load(str(hf_dir), dtype="fp32", device="cpu")
+    family = model.vlm_family
+    image = probe_image_for(processor)
+    prompt = processor.apply_chat_template(probe_messages(text), add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    gen = model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    eos = tuple(int(e) for e in eos if e is not None)
+    out = model.generate(**inputs, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    hf_logits = torch.stack(out.logits, 1)[0].float().numpy()
+    image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    del model
+
+    gg = GgufModel(gguf_dir)
+    try:
+        gg_text = prompt.replace(family.image_placeholder, gg.marker)
+        layout, gg_tokens, _ = gg.greedy(gg_text, [image], image_token_id, n_tokens, banned=eos)
+        tf = gg.teacher_forced(gg_text, [image], image_token_id, hf_tokens)
+    finally:
+        gg.close()
+    hf_for_cmp = hf_logits.copy()
+    hf_for_cmp[:, list(eos)] = tf[:, list(eos)]   # transformers set banned EOS logits to -inf
+    return {
+        "prompt_tokens_equal": layout == inputs["input_ids"][0].tolist(),
+        "prompt_tokens": len(layout),
+        "tokens_equal": gg_tokens == hf_tokens,
+        "hf_tokens": hf_tokens, "gguf_tokens": gg_tokens,
+        "max_abs_logit_diff": float(np.abs(tf - hf_for_cmp).max()),
+        "logit_scale": float(np.abs(hf_for_cmp).max()),
+        "top1_agreement": float((tf.argmax(-1) == hf_for_cmp.argmax(-1)).mean()),
+        "kl_mean": float(_kl(hf_for_cmp, tf).mean()),
+    }
