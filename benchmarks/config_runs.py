@@ -3,9 +3,12 @@
     source benchmarks/device_install.sh            # on the device (carry .whl/bitsandbytes-*.whl)
     python benchmarks/config_runs.py --steps 6
     python benchmarks/config_runs.py --runs 2b_lora --extra training.compile=true
+    python benchmarks/config_runs.py --runs qwen3_vl_8b,gemma3_4b,gemma3_12b,mistral_24b --steps 3 --cleanup
+    python benchmarks/config_runs.py --runs gemma3_4b --steps 1 --tiny   # CPU smoke: shrunk model, fp32
 
 Each run is ``vlm train configs/<name>.yaml`` in its own process with only these overrides:
-model.path (a random-weight checkpoint at the config's real shapes, benchmarks/random_qwen2_vl.py),
+model.path (a random-weight checkpoint at the config's real shapes, benchmarks/random_qwen2_vl.py and
+benchmarks/random_vlms.py; ``--cleanup`` deletes each after its run: the 24B one is 48 GB),
 data.train (``vlm.data_formats.synthetic`` scenes at 448 × 448, ShareGPT JSON), output,
 training.max_steps, training.save_steps (= max_steps: the final checkpoint is written and checked),
 logging to the console every step. Recorded from the run's summary.json: steps, tokens/s, peak GPU
@@ -27,7 +30,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 GiB = 2**30
-RUNS = {"2b_lora": ("qwen2_vl_2b_lora.yaml", "2b"), "7b_qlora": ("qwen2_vl_7b_qlora.yaml", "7b")}
+RUNS = {"2b_lora": ("qwen2_vl_2b_lora.yaml", "2b"), "7b_qlora": ("qwen2_vl_7b_qlora.yaml", "7b"),
+        "qwen3_vl_8b": ("qwen3_vl_8b_qlora.yaml", "qwen3_vl_8b"), "gemma3_4b": ("gemma3_4b_lora.yaml", "gemma3_4b"),
+        "gemma3_12b": ("gemma3_12b_qlora.yaml", "gemma3_12b"),
+        "mistral_24b": ("mistral_small_3_1_24b_qlora.yaml", "mistral_small_3_1_24b")}
+
+
+# --tiny: the same config on a shrunk model on the CPU (fp32, no 4-bit, no Triton, plain AdamW)
+TINY_OVERRIDES = ["model.device=cpu", "model.dtype=fp32", "training.precision=fp32", "quant=none",
+                  "kernels=false", "training.optimizer=adamw", "training.batch_size=1", "training.grad_accum=1",
+                  "training.gradient_checkpointing=false", "data.max_length=512"]
+
+
+def build_random(root: Path, size: str, tiny: bool = False) -> Path:
+    """The random checkpoint for a run: Qwen2-VL 2B/7B, or one of random_vlms.SIZES."""
+    if size in ("2b", "7b"):
+        from random_qwen2_vl import build
+
+        return build(root, size)
+    from random_vlms import build
+
+    return build(root, size, tiny=tiny)
 
 
 def adapter_loads(adapter: Path, model: Path) -> str:
@@ -100,13 +123,14 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="2b_lora,7b_qlora")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     ap.add_argument("--root", default="/tmp/vlm_config_runs")
+    ap.add_argument("--cleanup", action="store_true", help="delete each random checkpoint after its run")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on shrunk models (new families only)")
     args = ap.parse_args(argv)
 
     import peft
     import torch
     import transformers
 
-    from random_qwen2_vl import build
     from vlm.data_formats.synthetic import generate
 
     root = Path(args.root)
@@ -114,7 +138,7 @@ def main(argv=None) -> int:
     data_dir = root / "data"
     data = data_dir / "sharegpt.json"
     if not data.is_file():
-        data = Path(generate(data_dir, n=256, seed=0, image_size=448).sharegpt_json)
+        data = Path(generate(data_dir, n=8 if args.tiny else 256, seed=0, image_size=448).sharegpt_json)
     try:
         import bitsandbytes
         bnb = bitsandbytes.__version__
@@ -125,11 +149,14 @@ def main(argv=None) -> int:
            "bitsandbytes": bnb, "python": platform.python_version(), "steps": args.steps}
     rows = []
     for name in args.runs.split(","):
-        model = build(root, RUNS[name][1])
+        model = build_random(root, RUNS[name][1], tiny=args.tiny)
         print(f"{name}: running ...", flush=True)
-        rows.append(run(name, model, data, root, args.steps, args.extra))
+        rows.append(run(name, model, data, root, args.steps, (TINY_OVERRIDES if args.tiny else []) + args.extra))
+        if args.cleanup:
+            shutil.rmtree(model, ignore_errors=True)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "error_tail"}, default=str), flush=True)
-        write(rows, env)
+        if not args.tiny:   # a smoke run records nothing in benchmarks/results
+            write(rows, env)
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
 

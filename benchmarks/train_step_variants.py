@@ -85,7 +85,7 @@ def ablation(variant: str, flags: set, model, family, info: dict) -> None:
     if variant != "d_nokern":
         from vlm.train.compile import kernel_patch_options
 
-        info["patch"] = str(vlm.kernels.patch(model, **kernel_patch_options(compiled)))
+        info["patch"] = str(vlm.kernels.patch(model, family, **kernel_patch_options(compiled)))
     if not compiled:
         return
     from vlm.train.compile import compile_language_layers, compile_vision_blocks, language_layers

@@ -36,13 +36,13 @@ from vlm.data_formats import problems
 from vlm.data_formats.chat_render import (TRAIN_ON, end_of_turn_to_append, generation_prompt,
                                           token_flags, trainable_char_spans)
 from vlm.data_formats.conversation import Conversation
-from vlm.data_formats.image_tokens import expand_flags, image_token_counts
+from vlm.data_formats.image_tokens import expand_flags, image_token_counts, wrap_images
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_image
 from vlm.data_formats.records import located
 from vlm.data_formats.resolution import Resolution, apply_resolution
 from vlm.data_formats.video import (DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling,
                                     read_video, video_header)
-from vlm.errors import ConfigError, DataError
+from vlm.errors import ConfigError, DataError, VlmError
 
 IGNORE_INDEX = -100
 OVERLONG = ("truncate", "drop")
@@ -189,6 +189,9 @@ class VisionChatCollator:
         text, spans = trainable_char_spans(self.processor, conv, self.train_on, family=self.family,
                                            append_end_of_turn=self.append_end_of_turn,
                                            prompt=self.generation_prompt)
+        wrap = self.family.image_wrap
+        if wrap is not None:   # tokenize the text as the processor expands it (see ImageWrap)
+            return self._plan_wrapped(conv, text, spans, wrap)
         enc = self.tokenizer(text, add_special_tokens=self._add_special_tokens(text),
                              return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -223,7 +226,30 @@ class VisionChatCollator:
                 if flag:
                     train_pos.append(pos)
                 pos += 1
-        length = pos
+        return self._fit_plan(text, ids, flags, counts, pos, image_end, train_pos)
+
+    def _plan_wrapped(self, conv: Conversation, text: str, spans, wrap) -> SamplePlan:
+        order = conv.image_order()
+        placeholder = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if text.count(placeholder) != len(order):
+            raise DataError(f"the rendered text has {text.count(placeholder)} image token(s) for "
+                            f"{len(order)} image(s) (does the text contain the model's image token "
+                            "literally?)", code=problems.PLACEHOLDER_MISMATCH)
+        sizes = [image_size(conv.images[i], conv.image_root, max_image_pixels=self.max_image_pixels)
+                 for i in order]
+        counts = self._image_token_counts(sizes)
+        wrapped, wrapped_spans = wrap_images(text, spans, placeholder, counts, wrap)
+        enc = self.tokenizer(wrapped, add_special_tokens=self._add_special_tokens(text),
+                             return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        flags = token_flags([tuple(o) for o in enc["offset_mapping"]], wrapped_spans)
+        image_id = self.tokenizer.convert_tokens_to_ids(wrap.token)
+        image_end = max((i + 1 for i, t in enumerate(ids) if t == image_id), default=0)
+        train_pos = [i for i, f in enumerate(flags) if f]
+        return self._fit_plan(text, ids, flags, counts, len(ids), image_end, train_pos)
+
+    def _fit_plan(self, text, ids, flags, counts, length, image_end, train_pos) -> SamplePlan:
+        """The plan once token positions are known: the truncation rule, the trainable-token check."""
         keep = length
         if self.max_length is not None and length > self.max_length:
             if self.overlong == "drop":
@@ -300,7 +326,7 @@ class VisionChatCollator:
         kwargs = dict(text=[p.text for p in plans], padding=True, return_tensors="pt",
                       add_special_tokens=add_special.pop())
         if has_images:
-            kwargs["images"] = images if self.family.extra.get("cross_attention") else \
+            kwargs["images"] = images if self.family.images_per_sample else \
                 [img for per_sample in images for img in per_sample]
         if videos:
             kwargs["videos"] = [frames for frames, _ in videos]
@@ -322,8 +348,15 @@ class VisionChatCollator:
         for row, (conv, plan) in enumerate(zip(conversations, plans)):
             expanded = input_ids[row, :real[row]].tolist()
             where = f"{conv.source}, record {conv.index}"
-            train, _ = expand_flags(plan.ids, plan.flags, self.placeholder_ids, plan.image_counts,
-                                    expanded, where)
+            if self.family.image_wrap is not None:   # plan.ids are the expanded ids already
+                if expanded != list(plan.ids):
+                    raise VlmError(f"{where}: the processor expanded the images differently from "
+                                   f"the family's image_wrap rule ({len(expanded)} tokens, "
+                                   f"{len(plan.ids)} predicted)")
+                train = [bool(f) for f in plan.flags]
+            else:
+                train, _ = expand_flags(plan.ids, plan.flags, self.placeholder_ids, plan.image_counts,
+                                        expanded, where)
             row_labels = torch.tensor(expanded)
             row_labels[~torch.tensor(train, dtype=torch.bool)] = IGNORE_INDEX
             labels[row, :real[row]] = row_labels

@@ -40,7 +40,7 @@ WINDOW = 1000   # samples per first-fit window: rows fill well, order stays rand
 
 def packing_refusal(family) -> str | None:
     """Why ``family`` cannot pack, or None when it can (the reason is logged by the caller)."""
-    if family.extra.get("cross_attention"):
+    if family.cross_attention_images:
         return (f"{family.name}: images enter through cross-attention, whose cross_attention_mask "
                 "pairs every text token with its own sample's image tiles; packed rows would need a "
                 "per-sample cross-attention mask that transformers does not build")

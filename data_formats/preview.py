@@ -41,8 +41,13 @@ def render_preview(collator, conv) -> str:
     labels = batch["labels"][0][: plan.keep].tolist()
     # which expanded tokens are image tokens (recomputed from the untruncated expansion)
     full_ids = ids if plan.keep == plan.length else None
-    _, is_image = expand_flags(plan.ids, plan.flags, collator.placeholder_ids, plan.image_counts,
-                               full_ids, "preview") if full_ids is not None else (None, None)
+    wrap = collator.family.image_wrap
+    if wrap is not None:   # plan.ids are expanded already: the image tokens are the wrap's token
+        image_id = collator.tokenizer.convert_tokens_to_ids(wrap.token)
+        is_image = [t == image_id for t in ids]
+    else:
+        _, is_image = expand_flags(plan.ids, plan.flags, collator.placeholder_ids, plan.image_counts,
+                                   full_ids, "preview") if full_ids is not None else (None, None)
     tok = collator.tokenizer
     out: list[str] = []
     segment: list[int] = []      # consecutive text tokens in one state, decoded together

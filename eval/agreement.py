@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vlm.eval.generation import GenerationSettings, chat_text, model_device, prompt_for
+from vlm.eval.generation import GenerationSettings, chat_text, model_device, processor_images, prompt_for
 
 
 def exact_match_rate(captions: Sequence[str], baseline: Sequence[str]) -> float:
@@ -74,7 +74,7 @@ def teacher_forced_logprobs(model, processor, items: Sequence, settings: Generat
         for start in range(0, len(items), settings.batch_size):
             batch = items[start:start + settings.batch_size]
             prompts = [chat_text(processor, prompt_for(it, settings)) for it in batch]
-            images = [it.image for it in batch]
+            images = processor_images(model, [it.image for it in batch])
             full = processor(text=[p + it.references[0] for p, it in zip(prompts, batch)], images=images,
                              return_tensors="pt", padding=True)
             only = processor(text=prompts, images=images, return_tensors="pt", padding=True)

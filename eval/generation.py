@@ -149,6 +149,15 @@ def _count_tokens(row: torch.Tensor, eos: set[int]) -> int:
     return row.numel()
 
 
+def processor_images(model, images: Sequence) -> list:
+    """One image per item, as the family's processor takes them: a list per sample where the family
+    says so (``images_per_sample``: Mllama, Gemma 3), else one flat list."""
+    family = getattr(model, "vlm_family", None)
+    if family is None and hasattr(model, "get_base_model"):
+        family = getattr(model.get_base_model(), "vlm_family", None)
+    return [[im] for im in images] if getattr(family, "images_per_sample", False) else list(images)
+
+
 @torch.inference_mode()
 def generate_captions(model, processor, items: Sequence, settings: GenerationSettings) -> GenerationResult:
     """Greedy captions for ``items`` (objects with ``.image`` and ``.prompt``), in order."""
@@ -166,8 +175,8 @@ def generate_captions(model, processor, items: Sequence, settings: GenerationSet
             for start in range(0, len(items), settings.batch_size):
                 batch = items[start:start + settings.batch_size]
                 texts = [chat_text(processor, prompt_for(it, settings)) for it in batch]
-                inputs = processor(text=texts, images=[it.image for it in batch], return_tensors="pt",
-                                   padding=True).to(device)
+                inputs = processor(text=texts, images=processor_images(model, [it.image for it in batch]),
+                                   return_tensors="pt", padding=True).to(device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()

@@ -127,3 +127,26 @@ def bnb_linear4bit_forward(layer: torch.nn.Module, x: torch.Tensor, *args, **kwa
     tensors = tuple(getattr(layer, f"_vlm_nf4_{name}") for name in _BUFFERS)
     y = _apply(x, layer.weight.data, tensors, layer._vlm_nf4_meta, layer.bias)
     return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def is_bnb_nf4(mod: torch.nn.Module) -> bool:
+    qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+    return (type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes")
+            and qs is not None and qs.quant_type == "nf4")
+
+
+def patch_nf4_linears(root: torch.nn.Module, set_forward) -> int:
+    """Route every bitsandbytes NF4 ``Linear4bit`` under ``root`` (the frozen vision tower's too)
+    through ``vlm::nf4_linear``; returns how many."""
+    from types import MethodType
+
+    n = 0
+    for _, mod in list(root.named_modules()):
+        if is_bnb_nf4(mod) and not getattr(mod, "_vlm_kind", None):
+            attach_nf4_state(mod)
+            set_forward(mod, MethodType(bnb_linear4bit_forward, mod))
+            mod._vlm_kind = "nf4_linear"
+            n += 1
+    return n

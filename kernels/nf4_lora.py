@@ -115,3 +115,26 @@ def peft_nf4_lora_forward(layer: torch.nn.Module, x: torch.Tensor, *args, **kwar
     x_lora = layer.lora_dropout[name](xin)
     y = nf4_lora_linear(xin, w.data, qs, A, B, layer.scaling[name], base.bias, x_lora)
     return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def is_peft_nf4_lora(mod: torch.nn.Module) -> bool:
+    if not (hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer")):
+        return False
+    base = mod.get_base_layer()
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    return type(base).__name__ == "Linear4bit" and qs is not None and qs.quant_type == "nf4"
+
+
+def patch_peft_nf4_loras(root: torch.nn.Module, set_forward) -> int:
+    """Give every PEFT LoRA layer on an NF4 base under ``root`` the fused forward; returns how many."""
+    from types import MethodType
+
+    n = 0
+    for _, mod in list(root.named_modules()):
+        if is_peft_nf4_lora(mod) and not getattr(mod, "_vlm_kind", None):
+            set_forward(mod, MethodType(peft_nf4_lora_forward, mod))
+            mod._vlm_kind = "nf4_lora"
+            n += 1
+    return n

@@ -1,59 +1,57 @@
-"""``vlm.kernels.patch(model)``: route a supported VLM's language side through our Triton kernels.
+"""``vlm.kernels.patch(model, family)``: route a VLM's language side through our Triton kernels.
 
-What is swapped, and how (never by editing or rewriting another library's source text):
+The family record (``family.language_kernels``, see ``vlm.families.base.LanguageKernels``) says what
+the decoder's math is; each op's file holds its kernel and its dispatch (what it swaps and how):
 
-- ``rms_norm``: every ``*RMSNorm`` module under the language model is replaced by ``TritonRMSNorm``
-  holding the *same* weight Parameter (state-dict keys and optimizer references are unchanged).
-- ``swiglu``: every gated MLP (gate_proj / up_proj / down_proj with SiLU) under the language model gets
-  an instance-level ``forward`` computing down(swiglu(gate(x), up(x))); the projections stay modules,
-  so PEFT LoRA and NF4 layers on them keep working.
-- ``rope``: each language attention module whose modeling file applies ``apply_rotary_pos_emb`` gets a
-  forward wrapper that marks "inside a patched attention" (thread-local), and that module-level
-  function name is pointed at a dispatcher which runs our RoPE kernel only under that mark and the
-  original function otherwise (unpatched models in the same process are untouched). Qwen2-VL's
-  M-RoPE sections are already folded into HF's cos/sin, so the same kernel applies. Attention without
-  rotary (Mllama's cross-attention layers) is reported as skipped.
-- ``cross_entropy``: the top-level ``*ForConditionalGeneration`` forward is wrapped: in training with
-  ``labels``, lm_head passes hidden states through, and the loss is the fused linear CE over shifted
-  labels (HF's causal-LM loss: ignore_index -100, ``num_items_in_batch`` honoured); ``logits`` is None.
-  Evaluation (``model.eval()``) or no labels: the original forward, logits included.
-- ``nf4_lora``: PEFT ``lora.bnb.Linear4bit`` layers on an NF4 base get the fused NF4+LoRA forward
-  (falls back to PEFT's own per call when adapters are disabled/merged, several are active, or DoRA).
-- ``nf4_linear`` (off by default; on for compiled layers, see ``vlm.train.compile``): bitsandbytes
-  NF4 ``Linear4bit`` modules of the whole model (the language model's, PEFT's base layers included,
-  and the frozen vision tower's) compute through the ``vlm::nf4_linear`` custom op, whose backward
-  re-dequantizes instead of saving deq(W); compiled vision blocks then share one graph too.
+- ``rms_norm`` (rms_norm.py): every ``*RMSNorm`` under the language model becomes a
+  ``TritonRMSNorm`` holding the *same* weight Parameter, with the family's weight offset (Gemma:
+  ``(1 + w)``).
+- ``swiglu`` (swiglu.py) / ``geglu`` (geglu.py): gated MLPs get an instance-level ``forward``
+  computing down(act(gate(x)) · up(x)) for the family's activation (SiLU, or Gemma's tanh GELU); the
+  projections stay modules, so PEFT LoRA and NF4 layers on them keep working.
+- ``rope`` (rope.py): attention modules that apply the module-level ``apply_rotary_pos_emb`` run it
+  through the kernel (1-D RoPE and the M-RoPE of Qwen2-VL / Qwen3-VL, whose sections are already in
+  HF's cos/sin). Attention without rotary (Mllama's cross-attention layers) is reported.
+- ``cross_entropy`` (fused_linear_cross_entropy.py): the training loss is the fused linear CE,
+  soft-capped at the text config's ``final_logit_softcapping`` where the family's forward applies
+  it (``LanguageKernels.logit_softcapping``); ``logits`` is None.
+- ``nf4_lora`` (nf4_lora.py): PEFT LoRA layers on NF4 bases get the fused NF4+LoRA forward.
+- ``nf4_linear`` (nf4_linear.py; off by default, on for compiled layers, see ``vlm.train.compile``):
+  every bitsandbytes NF4 ``Linear4bit`` of the model computes through the ``vlm::nf4_linear`` op.
 
-``patch`` is idempotent (a second call changes nothing and returns the same report); ``unpatch`` undoes
-everything; ``patch(model, enabled=False)`` (a config's ``kernels: false``) unpatches and patches nothing.
+Every kind that patches nothing says why in ``report.skipped``. ``patch`` is idempotent (a second
+call returns the same report); ``unpatch`` undoes everything; ``patch(model, enabled=False)`` (a
+config's ``kernels: false``) unpatches and patches nothing. Nothing here edits or rewrites another
+library's source text.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
 from dataclasses import dataclass, field
-from types import MethodType
 
-import torch
-
+from vlm.kernels._forwards import hf_model, restore_forward, set_forward
 from vlm.kernels._util import interpreting
-from vlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from vlm.kernels.nf4_linear import attach_nf4_state, bnb_linear4bit_forward, detach_nf4_state
-from vlm.kernels.nf4_lora import peft_nf4_lora_forward
-from vlm.kernels.rms_norm import TritonRMSNorm
-from vlm.kernels.rope import rope
-from vlm.kernels.swiglu import swiglu_mlp_forward
+from vlm.kernels.fused_linear_cross_entropy import logit_softcap, patch_cross_entropy
+from vlm.kernels.geglu import patch_geglu_mlps
+from vlm.kernels.nf4_linear import detach_nf4_state, patch_nf4_linears
+from vlm.kernels.nf4_lora import patch_peft_nf4_loras
+from vlm.kernels.rms_norm import TritonRMSNorm, patch_rms_norms, unpatch_rms_norms
+from vlm.kernels.rope import patch_rope_attention, unpatch_rope_attention
+from vlm.kernels.swiglu import patch_swiglu_mlps
 
-KINDS = ("rms_norm", "rope", "swiglu", "cross_entropy", "nf4_lora", "nf4_linear")
+KINDS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_lora", "nf4_linear")
 _ATTR = "_vlm_kernels_report"
+_MLP_KIND = {"silu": "swiglu", "gelu_tanh": "geglu"}
+
+__all__ = ["KINDS", "PatchReport", "TritonRMSNorm", "is_patched", "patch", "unpatch"]
 
 
 @dataclass
 class PatchReport:
     family: str | None = None
     counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in KINDS})
-    skipped: dict[str, str] = field(default_factory=dict)   # kind or module -> why
+    skipped: dict[str, str] = field(default_factory=dict)   # kind -> why it patched nothing / not all
+    notes: list[str] = field(default_factory=list)          # how a kind was adapted to the model
     already_patched: bool = False
 
     @property
@@ -65,180 +63,28 @@ class PatchReport:
         s = f"vlm.kernels.patch[{self.family}]: {parts}"
         if self.skipped:
             s += "; skipped: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+        if self.notes:
+            s += "; " + "; ".join(self.notes)
         return s
 
 
-# --------------------------------------------------------------------------- helpers
-
-def _hf_model(model):
-    """The transformers model under a PeftModel (or the model itself)."""
-    if hasattr(model, "get_base_model") and callable(model.get_base_model):
-        try:
-            return model.get_base_model()
-        except Exception:  # noqa: BLE001 - not a PEFT wrapper after all
-            pass
-    return model
-
-
-def _set_forward(mod, fn):
-    """Install an instance-level forward, remembering what was there (class method or a hook's)."""
-    mod._vlm_prev_forward = mod.__dict__.get("forward", None)
-    mod._vlm_orig_forward = mod.forward
-    mod.forward = fn
-
-
-def _restore_forward(mod):
-    prev = mod.__dict__.pop("_vlm_prev_forward", None)
-    mod.__dict__.pop("_vlm_orig_forward", None)
-    if prev is None:
-        mod.__dict__.pop("forward", None)
-    else:
-        mod.forward = prev
-
-
 def _language_root(hf, family):
-    prefixes = family.component_prefixes.get("language", ()) if family else ()
-    for p in prefixes:
+    for p in family.component_prefixes.get("language", ()):
         try:
-            return p, hf.get_submodule(p)
+            return hf.get_submodule(p)
         except AttributeError:
             continue
-    return None, None
+    return None
 
 
-# --------------------------------------------------------------------------- rope dispatch
-
-_tls = threading.local()
-_ROPE_INSTALLED: dict[str, tuple[object, int]] = {}   # module name -> (original fn, users)
-
-
-def _rope_active() -> bool:
-    return getattr(_tls, "depth", 0) > 0
-
-
-def _make_rope_dispatcher(orig):
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        unsq = kwargs.get("unsqueeze_dim", args[0] if args else 1)
-        if (_rope_active() and unsq == 1 and q.dim() == 4 and cos.dim() == 3
-                and q.shape[-1] == cos.shape[-1] and q.shape[2] == cos.shape[1]
-                and (q.is_cuda or interpreting())):
-            return rope(q, k, cos, sin)
-        return orig(q, k, cos, sin, *args, **kwargs)
-
-    apply_rotary_pos_emb._vlm_dispatcher = True
-    return apply_rotary_pos_emb
-
-
-def _install_rope(modname: str) -> bool:
-    mod = sys.modules.get(modname)
-    fn = getattr(mod, "apply_rotary_pos_emb", None) if mod else None
-    if fn is None:
-        return False
-    if modname in _ROPE_INSTALLED:
-        orig, users = _ROPE_INSTALLED[modname]
-        _ROPE_INSTALLED[modname] = (orig, users + 1)
-        return True
-    if getattr(fn, "_vlm_dispatcher", False):   # installed by an earlier import of this file
-        return True
-    _ROPE_INSTALLED[modname] = (fn, 1)
-    setattr(mod, "apply_rotary_pos_emb", _make_rope_dispatcher(fn))
-    return True
-
-
-def _uninstall_rope(modname: str) -> None:
-    if modname not in _ROPE_INSTALLED:
-        return
-    orig, users = _ROPE_INSTALLED[modname]
-    if users <= 1:
-        setattr(sys.modules[modname], "apply_rotary_pos_emb", orig)
-        del _ROPE_INSTALLED[modname]
-    else:
-        _ROPE_INSTALLED[modname] = (orig, users - 1)
-
-
-def _rope_attention_forward(attn, *args, **kwargs):
-    _tls.depth = getattr(_tls, "depth", 0) + 1
-    try:
-        return attn._vlm_orig_forward(*args, **kwargs)
-    finally:
-        _tls.depth -= 1
-
-
-def _uses_module_rope(attn) -> bool:
-    """True if the attention's class forward refers to the module-level apply_rotary_pos_emb."""
-    fwd = type(attn).forward
-    code = getattr(fwd, "__code__", None)
-    return code is not None and "apply_rotary_pos_emb" in code.co_names
-
-
-# --------------------------------------------------------------------------- fused CE
-
-def _lm_head_forward(head, x):
-    if getattr(head, "_vlm_passthrough", False):
-        return x
-    return head._vlm_orig_forward(x)
-
-
-def _ce_forward(hf, *args, **kwargs):
-    labels = kwargs.get("labels")
-    if labels is None or not hf.training:
-        return hf._vlm_orig_forward(*args, **kwargs)
-    head = hf.get_output_embeddings()
-    kw = dict(kwargs, labels=None)
-    head._vlm_passthrough = True
-    try:
-        out = hf._vlm_orig_forward(*args, **kw)
-    finally:
-        head._vlm_passthrough = False
-    hidden = out.logits
-    if hidden.shape[1] != labels.shape[1]:
-        raise ValueError("fused CE: logits_to_keep / sliced hidden states do not match labels; "
-                         "call with logits_to_keep=0 in training")
-    hidden = hidden.to(head.weight.dtype)
-    shift = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100).to(hidden.device)
-    num_items = kwargs.get("num_items_in_batch")
-    loss = fused_linear_cross_entropy(hidden, head.weight, shift, bias=head.bias, ignore_index=-100,
-                                      num_items=num_items)
-    out.loss = loss
-    out.logits = None
-    return out
-
-
-# --------------------------------------------------------------------------- patch / unpatch
-
-def _is_rmsnorm(mod) -> bool:
-    name = type(mod).__name__
-    return (name.endswith("RMSNorm") and not isinstance(mod, TritonRMSNorm)
-            and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 1
-            and "Gemma" not in name)
-
-
-def _is_swiglu_mlp(mod) -> bool:
-    if not all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
-        return False
-    act = getattr(mod, "act_fn", None)
-    return type(act).__name__ in ("SiLU", "SiLUActivation") or act is torch.nn.functional.silu
-
-
-def _is_bnb_nf4(mod) -> bool:
-    qs = getattr(getattr(mod, "weight", None), "quant_state", None)
-    return (type(mod).__name__ == "Linear4bit" and type(mod).__module__.startswith("bitsandbytes")
-            and qs is not None and qs.quant_type == "nf4")
-
-
-def _is_peft_nf4_lora(mod) -> bool:
-    if not (hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer")):
-        return False
-    base = mod.get_base_layer()
-    qs = getattr(getattr(base, "weight", None), "quant_state", None)
-    return type(base).__name__ == "Linear4bit" and qs is not None and qs.quant_type == "nf4"
-
-
-def patch(model, *, enabled: bool = True, rms_norm: bool = True, rope: bool = True,
+def patch(model, family=None, *, enabled: bool = True, rms_norm: bool = True, rope: bool = True,
           swiglu: bool = True, cross_entropy: bool = True, nf4_lora: bool = True,
           nf4_linear: bool = False) -> PatchReport:
-    """Patch ``model`` (a transformers VLM or a PeftModel around one) in place; return the report."""
-    hf = _hf_model(model)
+    """Patch ``model`` (a transformers VLM or a PeftModel around one) in place; return the report.
+
+    ``family``: the model's ``vlm.families.Family`` (default: ``model.vlm_family``, which
+    ``vlm.load`` sets). ``swiglu`` switches the gated-MLP kernel of either activation."""
+    hf = hf_model(model)
     if not enabled:
         unpatch(model)
         rep = PatchReport(family=None)
@@ -248,104 +94,97 @@ def patch(model, *, enabled: bool = True, rms_norm: bool = True, rope: bool = Tr
     if existing is not None:
         existing.already_patched = True
         return existing
-    from vlm.families import family_for_config
-
-    try:
-        family = family_for_config(hf.config)
-    except Exception as e:  # noqa: BLE001
+    family = family if family is not None else getattr(hf, "vlm_family", None)
+    if family is None:
         rep = PatchReport()
-        rep.skipped["all"] = f"unsupported model: {e}"
+        rep.skipped["all"] = "no family given (pass family=, or load the model with vlm.load)"
         return rep
     rep = PatchReport(family=family.name)
     dev = next(hf.parameters()).device
     if dev.type != "cuda" and not interpreting():
         rep.skipped["all"] = f"model on {dev.type}: Triton needs CUDA (or TRITON_INTERPRET=1)"
         return rep
-    lang_prefix, lang = _language_root(hf, family)
+    lang = _language_root(hf, family)
     if lang is None:
         rep.skipped["all"] = f"no language model at {family.component_prefixes.get('language')}"
         return rep
+    kernels = family.language_kernels
+    off = {k: "turned off by the caller" for k, on in
+           (("rms_norm", rms_norm), ("rope", rope), ("cross_entropy", cross_entropy),
+            ("nf4_lora", nf4_lora), ("nf4_linear", nf4_linear)) if not on}
 
-    # collect first, then mutate (replacing children while iterating named_modules is unsafe)
-    mods = list(lang.named_modules())
     if rms_norm:
-        for name, mod in mods:
-            if _is_rmsnorm(mod):
-                parent_name, _, child = name.rpartition(".")
-                parent = lang.get_submodule(parent_name) if parent_name else lang
-                setattr(parent, child, TritonRMSNorm.from_module(mod))
-                rep.counts["rms_norm"] += 1
+        rep.counts["rms_norm"] = patch_rms_norms(lang, kernels)
+    mlp_kind = _MLP_KIND[kernels.mlp_activation]
     if swiglu:
-        for name, mod in mods:
-            if _is_swiglu_mlp(mod):
-                _set_forward(mod, MethodType(swiglu_mlp_forward, mod))
-                mod._vlm_kind = "swiglu"
-                rep.counts["swiglu"] += 1
+        patch_mlps = patch_geglu_mlps if mlp_kind == "geglu" else patch_swiglu_mlps
+        rep.counts[mlp_kind], others = patch_mlps(lang, set_forward)
+        if others:
+            rep.skipped[mlp_kind] = (f"{others} gated MLP(s) whose activation is not the family's "
+                                     f"{kernels.mlp_activation}: left as they are")
+    else:
+        off[mlp_kind] = "turned off by the caller"
+    other_mlp = "swiglu" if mlp_kind == "geglu" else "geglu"
+    off[other_mlp] = f"the {family.name} MLP activation is {kernels.mlp_activation} ({mlp_kind} applies)"
     if rope:
-        no_rope = 0
-        for name, mod in mods:
-            if not (name.endswith("attn") or "Attention" in type(mod).__name__):
-                continue
-            if not hasattr(mod, "q_proj") or getattr(mod, "_vlm_kind", None):
-                continue
-            if _uses_module_rope(mod) and _install_rope(type(mod).__module__):
-                _set_forward(mod, MethodType(_rope_attention_forward, mod))
-                mod._vlm_kind = "rope"
-                mod._vlm_rope_module = type(mod).__module__
-                rep.counts["rope"] += 1
-            else:
-                no_rope += 1
+        rep.counts["rope"], no_rope = patch_rope_attention(lang, set_forward)
         if no_rope:
             rep.skipped["rope"] = (f"{no_rope} attention module(s) apply no rotary embedding "
                                    "(e.g. Mllama cross-attention): left as they are")
     if nf4_lora:
-        for name, mod in mods:
-            if _is_peft_nf4_lora(mod) and not getattr(mod, "_vlm_kind", None):
-                _set_forward(mod, MethodType(peft_nf4_lora_forward, mod))
-                mod._vlm_kind = "nf4_lora"
-                rep.counts["nf4_lora"] += 1
+        rep.counts["nf4_lora"] = patch_peft_nf4_loras(lang, set_forward)
     if nf4_linear:   # every NF4 linear of the model, the (frozen) vision tower's included
-        for name, mod in list(hf.named_modules()):
-            if _is_bnb_nf4(mod) and not getattr(mod, "_vlm_kind", None):
-                attach_nf4_state(mod)
-                _set_forward(mod, MethodType(bnb_linear4bit_forward, mod))
-                mod._vlm_kind = "nf4_linear"
-                rep.counts["nf4_linear"] += 1
+        rep.counts["nf4_linear"] = patch_nf4_linears(hf, set_forward)
     if cross_entropy:
-        head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-        if head is None or type(head) is not torch.nn.Linear:
-            rep.skipped["cross_entropy"] = (f"lm_head is {type(head).__name__}, not a plain Linear "
-                                            "(quantized or adapted lm_head): HF loss kept")
+        cap = logit_softcap(hf.config)
+        why = patch_cross_entropy(hf, set_forward, cap if kernels.logit_softcapping else None)
+        if why is None:
+            rep.counts["cross_entropy"] = 1
+            if cap and kernels.logit_softcapping:
+                rep.notes.append(f"cross_entropy soft-caps logits at {cap:g} (final_logit_softcapping)")
+            elif cap:
+                rep.notes.append(f"final_logit_softcapping={cap:g} is in the config but "
+                                 f"{type(hf).__name__}'s forward does not apply it: neither does "
+                                 "the fused CE")
+        if kernels.rms_norm_weight_offset:
+            rep.notes.append(f"rms_norm scales by ({kernels.rms_norm_weight_offset:g} + w)")
         else:
-            _set_forward(head, MethodType(_lm_head_forward, head))
-            head._vlm_kind = "lm_head"
-            _set_forward(hf, MethodType(_ce_forward, hf))
-            rep.counts["cross_entropy"] += 1
+            rep.skipped["cross_entropy"] = why
+    for kind in KINDS:   # say why every kind that patched nothing did so
+        if rep.counts[kind] == 0 and kind not in rep.skipped:
+            rep.skipped[kind] = off.get(kind) or _nothing_found(kind)
     hf.__dict__[_ATTR] = rep
     return rep
 
 
+def _nothing_found(kind: str) -> str:
+    return {"rms_norm": "no RMSNorm modules in the language model",
+            "rope": "no attention module applies the module-level rotary embedding",
+            "swiglu": "no SiLU gated MLPs in the language model",
+            "geglu": "no tanh-GELU gated MLPs in the language model",
+            "nf4_lora": "no LoRA layers on NF4 bases (not a QLoRA model)",
+            "nf4_linear": "no bitsandbytes NF4 linears (16-bit model)"}.get(kind, "nothing to patch")
+
+
 def unpatch(model) -> PatchReport:
     """Undo ``patch``; returns the report of what had been patched (empty if nothing)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     rep = hf.__dict__.pop(_ATTR, None) or PatchReport()
-    for name, mod in list(hf.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, TritonRMSNorm) and hasattr(child, "_replaced"):
-                setattr(mod, child_name, child._replaced)
+    unpatch_rms_norms(hf)
+    hf.__dict__.pop("_vlm_logit_softcap", None)
     for mod in hf.modules():
         kind = mod.__dict__.pop("_vlm_kind", None)
         if kind is None:
             continue
         if kind == "rope":
-            _uninstall_rope(mod.__dict__.pop("_vlm_rope_module"))
+            unpatch_rope_attention(mod)
         if kind == "nf4_linear":
             detach_nf4_state(mod)
-        _restore_forward(mod)
+        restore_forward(mod)
     if "_vlm_orig_forward" in hf.__dict__:
-        _restore_forward(hf)
+        restore_forward(hf)
     return rep
 
 
 def is_patched(model) -> bool:
-    return _ATTR in _hf_model(model).__dict__
+    return _ATTR in hf_model(model).__dict__

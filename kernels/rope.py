@@ -22,6 +22,10 @@ No gradient flows to c, s or p (HF computes them under no_grad). Bytes: read q, 
 
 from __future__ import annotations
 
+import sys
+import threading
+from types import MethodType
+
 import torch
 import triton
 import triton.language as tl
@@ -214,3 +218,99 @@ def mrope_cos_sin_reference(position_ids, inv_freq, mrope_section):
 def mrope_reference(q, k, position_ids, inv_freq, mrope_section):
     cos, sin = mrope_cos_sin_reference(position_ids, inv_freq, mrope_section)
     return rope_reference(q, k, cos, sin)
+
+
+# --------------------------------------------------------------------------- dispatch
+#
+# Each language attention module whose modeling file applies the module-level
+# ``apply_rotary_pos_emb`` gets a forward wrapper that marks "inside a patched attention"
+# (thread-local); that module-level name is pointed at a dispatcher which runs the kernel only
+# under the mark and the original function otherwise (unpatched models in the same process are
+# untouched). Qwen2-VL's and Qwen3-VL's (interleaved) M-RoPE are folded into HF's cos/sin before
+# this function sees them, so the same kernel applies.
+
+_tls = threading.local()
+_ROPE_INSTALLED: dict[str, tuple[object, int]] = {}   # module name -> (original fn, users)
+
+
+def _rope_active() -> bool:
+    return getattr(_tls, "depth", 0) > 0
+
+
+def _make_rope_dispatcher(orig):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsq = kwargs.get("unsqueeze_dim", args[0] if args else 1)
+        if (_rope_active() and unsq == 1 and q.dim() == 4 and cos.dim() == 3
+                and q.shape[-1] == cos.shape[-1] and q.shape[2] == cos.shape[1]
+                and (q.is_cuda or interpreting())):
+            return rope(q, k, cos, sin)
+        return orig(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._vlm_dispatcher = True
+    return apply_rotary_pos_emb
+
+
+def _install_rope(modname: str) -> bool:
+    mod = sys.modules.get(modname)
+    fn = getattr(mod, "apply_rotary_pos_emb", None) if mod else None
+    if fn is None:
+        return False
+    if modname in _ROPE_INSTALLED:
+        orig, users = _ROPE_INSTALLED[modname]
+        _ROPE_INSTALLED[modname] = (orig, users + 1)
+        return True
+    if getattr(fn, "_vlm_dispatcher", False):   # installed by an earlier import of this file
+        return True
+    _ROPE_INSTALLED[modname] = (fn, 1)
+    setattr(mod, "apply_rotary_pos_emb", _make_rope_dispatcher(fn))
+    return True
+
+
+def _uninstall_rope(modname: str) -> None:
+    if modname not in _ROPE_INSTALLED:
+        return
+    orig, users = _ROPE_INSTALLED[modname]
+    if users <= 1:
+        setattr(sys.modules[modname], "apply_rotary_pos_emb", orig)
+        del _ROPE_INSTALLED[modname]
+    else:
+        _ROPE_INSTALLED[modname] = (orig, users - 1)
+
+
+def _rope_attention_forward(attn, *args, **kwargs):
+    _tls.depth = getattr(_tls, "depth", 0) + 1
+    try:
+        return attn._vlm_orig_forward(*args, **kwargs)
+    finally:
+        _tls.depth -= 1
+
+
+def _uses_module_rope(attn) -> bool:
+    """True if the attention's class forward refers to the module-level apply_rotary_pos_emb."""
+    fwd = type(attn).forward
+    code = getattr(fwd, "__code__", None)
+    return code is not None and "apply_rotary_pos_emb" in code.co_names
+
+
+def patch_rope_attention(root: torch.nn.Module, set_forward) -> tuple[int, int]:
+    """Wrap every attention module under ``root`` that applies the module-level RoPE; returns
+    (patched, attention modules without rotary embedding, e.g. Mllama's cross-attention)."""
+    n = no_rope = 0
+    for name, mod in list(root.named_modules()):
+        if not (name.endswith("attn") or "Attention" in type(mod).__name__):
+            continue
+        if not hasattr(mod, "q_proj") or getattr(mod, "_vlm_kind", None):
+            continue
+        if _uses_module_rope(mod) and _install_rope(type(mod).__module__):
+            set_forward(mod, MethodType(_rope_attention_forward, mod))
+            mod._vlm_kind = "rope"
+            mod._vlm_rope_module = type(mod).__module__
+            n += 1
+        else:
+            no_rope += 1
+    return n, no_rope
+
+
+def unpatch_rope_attention(mod: torch.nn.Module) -> None:
+    """Release the module-level dispatcher a patched attention module held (last user restores)."""
+    _uninstall_rope(mod.__dict__.pop("_vlm_rope_module"))

@@ -13,6 +13,8 @@ The MLP wrapper computes down(swiglu(gate(x), up(x))) (LLaMA/Qwen2/Mistral/Mllam
 
 from __future__ import annotations
 
+from types import MethodType
+
 import torch
 import triton
 import triton.language as tl
@@ -89,6 +91,29 @@ def swiglu_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """down_proj(silu(gate_proj(x)) * up_proj(x)) for an HF gated MLP; the projections stay modules
     (so PEFT LoRA layers and our NF4+LoRA linears on them keep working)."""
     return mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def is_swiglu_mlp(mod: torch.nn.Module) -> bool:
+    """A gated MLP (gate/up/down projections) whose activation is SiLU."""
+    if not all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    act = getattr(mod, "act_fn", None)
+    return type(act).__name__ in ("SiLU", "SiLUActivation") or act is torch.nn.functional.silu
+
+
+def patch_swiglu_mlps(root: torch.nn.Module, set_forward) -> tuple[int, int]:
+    """Route every SwiGLU MLP under ``root`` through the kernel; (patched, gated MLPs left alone)."""
+    n = other = 0
+    for _, mod in list(root.named_modules()):
+        if is_swiglu_mlp(mod):
+            set_forward(mod, MethodType(swiglu_mlp_forward, mod))
+            mod._vlm_kind = "swiglu"
+            n += 1
+        elif all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            other += 1
+    return n, other
 
 
 class TritonSwiGLUMLP(torch.nn.Module):

@@ -23,7 +23,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 
-ZOO_VARIANTS = ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mllama")
+from vlm.zoo import VARIANTS  # noqa: E402
+
+ZOO_VARIANTS = tuple(VARIANTS)  # every test that runs each family follows the zoo's registry
 
 
 @pytest.fixture(scope="session")

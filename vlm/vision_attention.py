@@ -22,8 +22,9 @@ w² · merge² consecutive patches (the tower has already permuted patches into 
 tables included), so the window blocks batch the same way with L = w² · merge², and the
 full-attention blocks with L = h · w.
 
-Handled: Qwen2-VL's ``VisionAttention`` and Qwen2.5-VL's ``Qwen2_5_VLVisionAttention`` (same fields
-and math; their forward, transformers 5.17–5.19, is reproduced below). Used by training
+Handled: Qwen2-VL's ``VisionAttention``, Qwen2.5-VL's ``Qwen2_5_VLVisionAttention`` and Qwen3-VL's
+``Qwen3VLVisionAttention`` (same fields and math; their forward, transformers 5.17–5.19, is
+reproduced below). Used by training
 (``vlm train``) and by the eval harness's local generation.
 """
 
@@ -82,7 +83,8 @@ def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
 
 
 _ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
-                      ("Qwen2_5_VLVisionAttention", "qwen2_5_vl.modeling_qwen2_5_vl")}
+                      ("Qwen2_5_VLVisionAttention", "qwen2_5_vl.modeling_qwen2_5_vl"),
+                      ("Qwen3VLVisionAttention", "qwen3_vl.modeling_qwen3_vl")}
 
 
 def _is_qwen_vision_attention(mod: nn.Module) -> bool:

@@ -12,6 +12,9 @@ from vlm.data_formats.collator import IGNORE_INDEX, VisionChatCollator
 from vlm.data_formats.conversation import Conversation, ImageRef, ImageSlot, Turn
 from vlm.data_formats.resolution import Resolution, apply_resolution, load_resolution, save_resolution
 from vlm.errors import DataError
+from vlm.zoo import VARIANTS
+
+ZOO_VARIANTS = tuple(VARIANTS)
 
 N, Y = False, True   # not trained / trained
 
@@ -42,13 +45,50 @@ EXPECTED = {
                ("<|end_header_id|>", N), ("Ċ", N), ("Ċ", N), ("a", Y), ("Ġred", Y), ("Ġcircle", Y),
                ("<|eot_id|>", Y)],
 }
+EXPECTED["qwen3_vl"] = QWEN[11:]   # no default system prompt; 64px -> 4x4 patches of 16 / 2x2 = 4
+# Gemma 3: the processor writes \n\n before <start_of_image> (merged here with the turn's \n into
+# "\n\n" + "\n") and 4 soft tokens, <end_of_image>, \n\n after it; the assistant is "model".
+EXPECTED["gemma3"] = ([("<bos>", N), ("<start_of_turn>", N), ("user", N), ("\n\n", N), ("\n", N),
+                       ("<start_of_image>", N)] + [("<image_soft_token>", N)] * 4
+                      + [("<end_of_image>", N), ("\n\n", N), ("Describe", N), ("▁the", N), ("▁image.", N),
+                         ("<end_of_turn>", N), ("\n", N), ("<start_of_turn>", N), ("m", N), ("o", N),
+                         ("de", N), ("l", N), ("\n", N), ("a", Y), ("▁red", Y), ("▁circle", Y),
+                         ("<end_of_turn>", Y), ("\n", N)])
+# Mistral-Small-3.1: the default system prompt (SYSTEM below: its tokens, none trained); 64px is
+# resized up to 84 px (a multiple of patch 14 x merge 2) -> 6x6 patches -> 3 rows of 3 merged
+# [IMG], [IMG_BREAK] / [IMG_END] closing the rows.
+SYSTEM = ("SYSTEM", N)
+EXPECTED["mistral3"] = ([("<s>", N), ("[SYSTEM_PROMPT]", N), SYSTEM, ("[/SYSTEM_PROMPT]", N), ("[INST]", N)]
+                        + ([("[IMG]", N)] * 3 + [("[IMG_BREAK]", N)]) * 2 + [("[IMG]", N)] * 3
+                        + [("[IMG_END]", N), ("Describe", N), ("Ġthe", N), ("Ġimage", N), (".", N),
+                           ("[/INST]", N), ("a", Y), ("Ġred", Y), ("Ġcircle", Y), ("</s>", Y)])
 FORWARD_KEYS = {
     "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
     "qwen2_5_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
     "llava": {"pixel_values"},
     "pixtral": {"pixel_values", "image_sizes"},
     "mllama": {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"},
+    "qwen3_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "gemma3": {"pixel_values", "token_type_ids"},   # token_type_ids: bidirectional attention on images
+    "mistral3": {"pixel_values", "image_sizes"},
 }
+
+
+def _expected(variant, tokenizer):
+    """(tokens, trained) of EXPECTED[variant], the SYSTEM entry spelled out as its tokens."""
+    from vlm.zoo.mistral3 import DEFAULT_SYSTEM_MESSAGE
+
+    out = []
+    for tok, trained in EXPECTED[variant]:
+        if (tok, trained) == SYSTEM:
+            out += [(t, N) for t in tokenizer.tokenize(DEFAULT_SYSTEM_MESSAGE)]
+        else:
+            out.append((tok, trained))
+    return out
+
+
+def test_every_zoo_variant_has_expectations():
+    assert set(EXPECTED) == set(FORWARD_KEYS) == set(ZOO_VARIANTS)
 
 
 def _conv(image, answer="a red circle", extra_turns=()):
@@ -72,7 +112,7 @@ def _setup(tiny_checkpoint, variant, **kwargs):
     return path, VisionChatCollator(processor, family_for_config(load_config(path)), **kwargs)
 
 
-@pytest.mark.parametrize("variant", list(EXPECTED))
+@pytest.mark.parametrize("variant", ZOO_VARIANTS)
 def test_exact_tokens_labels_and_forward(tiny_checkpoint, image, variant):
     from transformers import AutoModelForImageTextToText
 
@@ -80,7 +120,7 @@ def test_exact_tokens_labels_and_forward(tiny_checkpoint, image, variant):
     short = Conversation([Turn("user", ["Hi"]), Turn("assistant", ["a red circle"])], [],
                          record_id="s", source="mem", index=1)
     batch = collator([_conv(image), short]) if variant != "mllama" else collator([_conv(image)])
-    tokens, trained = zip(*EXPECTED[variant])
+    tokens, trained = zip(*_expected(variant, collator.tokenizer))
     ids = collator.tokenizer.convert_tokens_to_ids(list(tokens))
     n = len(ids)
     assert batch["input_ids"][0, :n].tolist() == ids

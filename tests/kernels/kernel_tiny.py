@@ -26,7 +26,7 @@ def batch_for(model, proc, seed: int = 0):
               for i in range(2)]
     texts = [f"{fam.image_placeholder}\nDescribe it: a red cat sat on the mat number {i}"
              for i in range(2)]
-    if fam.name == "mllama":
+    if fam.images_per_sample:
         images = [[im] for im in images]
     enc = proc(text=texts, images=images, return_tensors="pt", padding=True)
     labels = enc["input_ids"].clone()

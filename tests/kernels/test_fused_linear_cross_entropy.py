@@ -8,18 +8,20 @@ from kernel_testutil import DEVICE, TOL, assert_close, rel_err
 
 
 def _check(N, H, V, dtype, chunk_rows=None, bias=False, weight_grad=True, num_items=None,
-           ignore_frac=0.2, scale=2.0):
+           ignore_frac=0.2, scale=2.0, softcap=None):
     h = torch.randn(N, H, device=DEVICE, dtype=dtype).requires_grad_(True)
     w = (torch.randn(V, H, device=DEVICE) / H ** 0.5 * 2).to(dtype).requires_grad_(weight_grad)
     b = torch.randn(V, device=DEVICE, dtype=dtype).requires_grad_(True) if bias else None
     labels = torch.randint(0, V, (N,), device=DEVICE)
     labels[torch.rand(N, device=DEVICE) < ignore_frac] = -100
-    loss = fused_linear_cross_entropy(h, w, labels, bias=b, num_items=num_items, chunk_rows=chunk_rows)
+    loss = fused_linear_cross_entropy(h, w, labels, bias=b, num_items=num_items, chunk_rows=chunk_rows,
+                                      softcap=softcap)
     (loss * scale).backward()
     hr = h.detach().double().requires_grad_(True)
     wr = w.detach().double().requires_grad_(weight_grad)
     br = b.detach().double().requires_grad_(True) if bias else None
-    ref = fused_linear_cross_entropy_reference(hr, wr, labels, bias=br, num_items=num_items)
+    ref = fused_linear_cross_entropy_reference(hr, wr, labels, bias=br, num_items=num_items,
+                                               softcap=softcap)
     (ref * scale).backward()
     # the logits are rounded to the input dtype (as HF's lm_head output is): the loss error is that
     # rounding averaged over rows
@@ -41,6 +43,22 @@ def test_fused_ce_small(N, H, V, chunk, dtype):
 
 def test_fused_ce_bias_frozen_weight_num_items():
     _check(130, 48, 517, torch.float32, chunk_rows=64, bias=True, weight_grad=False, num_items=211)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ce_logit_softcap(dtype):
+    """c·tanh(z/c) before the CE (Gemma's final_logit_softcapping), with a cap the logits exceed
+    (scale 6: |z| reaches ~20 > c = 5), so the tanh's derivative matters in every gradient."""
+    _check(130, 48, 517, dtype, chunk_rows=64, bias=True, softcap=5.0, scale=6.0)
+
+
+def test_fused_ce_softcap_changes_the_loss():
+    h = torch.randn(64, 32, device=DEVICE) * 3
+    w = torch.randn(100, 32, device=DEVICE)
+    lab = torch.randint(0, 100, (64,), device=DEVICE)
+    capped = fused_linear_cross_entropy(h, w, lab, softcap=2.0).item()
+    plain = fused_linear_cross_entropy(h, w, lab).item()
+    assert abs(capped - plain) > 0.1 * plain
 
 
 def test_fused_ce_all_ignored_is_zero_not_nan():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlm.cli.main import SUBCOMMANDS, main
+from vlm.zoo import VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
 VLM = [sys.executable, "-m", "vlm"]
@@ -39,7 +40,7 @@ def test_error_is_one_line_without_traceback(tmp_path):
     result = _run("zoo", "tiny", "gpt2", str(tmp_path / "x"))
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: unknown zoo variant 'gpt2'; available: "
-                                     "qwen2_vl, qwen2_5_vl, llava, pixtral, mllama")
+                                     + ", ".join(VARIANTS))
     debug = _run("--debug", "zoo", "tiny", "gpt2", str(tmp_path / "x"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
@@ -47,7 +48,7 @@ def test_error_is_one_line_without_traceback(tmp_path):
 def test_zoo_list_and_tiny(tmp_path, capsys):
     assert main(["zoo", "list"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed == ["qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mllama"]
+    assert listed == list(VARIANTS)
     assert main(["zoo", "tiny", "pixtral", str(tmp_path / "px"), "--seed", "2"]) == 0
     assert "wrote tiny pixtral checkpoint (seed 2" in capsys.readouterr().out
     assert (tmp_path / "px" / "model.safetensors").is_file()

@@ -8,8 +8,7 @@ from vlm.errors import UnsupportedModelError
 from vlm.families import COMPONENTS, all_families, family_for_config, get_family
 from vlm.zoo import VARIANTS
 
-FAMILY_OF_VARIANT = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava",
-                     "pixtral": "pixtral", "mllama": "mllama"}
+FAMILY_OF_VARIANT = {"qwen2_5_vl": "qwen2_vl"}  # variants built by another family's zoo entry
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def tiny_models(tiny_checkpoint):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_family_found_from_config(tiny_models, variant):
     _, family = tiny_models[variant]
-    assert family.name == FAMILY_OF_VARIANT[variant]
+    assert family.name == FAMILY_OF_VARIANT.get(variant, variant)
     assert variant in family.zoo_variants
 
 
@@ -68,14 +67,16 @@ def test_unsupported_model_type_lists_supported_ones():
         family_for_config(BertConfig())
     message = str(err.value)
     assert "'bert'" in message
-    for model_type in ("qwen2_vl", "qwen2_5_vl", "llava", "mllama"):
-        assert model_type in message
+    for family in all_families().values():
+        for model_type in family.model_types:
+            assert model_type in message
 
 
 def test_get_family_by_name():
-    assert set(all_families()) == {"qwen2_vl", "llava", "pixtral", "mllama"}
+    # every family has a zoo variant, and every zoo variant a family
+    assert set(all_families()) == {FAMILY_OF_VARIANT.get(v, v) for v in VARIANTS}
     assert get_family("pixtral").image_placeholder == "[IMG]"
-    with pytest.raises(UnsupportedModelError, match="supported: llava, mllama, pixtral, qwen2_vl"):
+    with pytest.raises(UnsupportedModelError, match="supported: " + ", ".join(sorted(all_families()))):
         get_family("gpt2")
 
 
@@ -90,3 +91,18 @@ def test_component_roots_find_the_tower_through_a_peft_wrapper(tiny_checkpoint):
     wrapped = apply_lora(model, fam, r=4, warn=False)
     assert [m for _, m in fam.component_roots(wrapped, "vision")] == [model.model.visual]
     assert fam.component_roots(model, "no_such_component") == []
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vision_blocks_are_the_towers_blocks(tiny_models, variant):
+    """family.vision_blocks names ModuleLists of the vision tower holding all of its blocks."""
+    from vlm.train.compile import vision_blocks
+
+    model, family = tiny_models[variant]
+    blocks = vision_blocks(model, family)
+    vision = model.config.vision_config
+    depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers")
+    depth += getattr(vision, "num_global_layers", 0)   # Mllama: local + global encoder
+    assert len(blocks) == depth
+    names = {id(m): n for n, m in model.named_modules()}
+    assert all(family.component_of(names[id(b)]) == "vision" for b in blocks)

@@ -95,3 +95,23 @@ def test_qwen2_5_vl_windows_same_tower_output(qwen25, grid, monkeypatch):
     frames = sum(t for t, _, _ in grid)
     frame_calls = [c for c in calls if frames_equal and c[0] == frames and c[2] == grid[0][1] * grid[0][2]]
     assert len(frame_calls) == (len(windowed) - sum(windowed) if frames_equal else 0), calls
+
+
+def test_qwen3_vl_tower_batched_equals_hf(tiny_checkpoint, monkeypatch):
+    """Qwen3-VL's tower (DeepStack features included) through the batched path: HF's numbers, one
+    SDPA call per block for equal images."""
+    model, _ = vlm.load(tiny_checkpoint("qwen3_vl"), dtype="fp32", device="cpu")
+    batched = copy.deepcopy(model)
+    depth = model.config.vision_config.depth
+    assert batch_equal_images(batched, model.vlm_family) == depth
+    grid = torch.tensor([[1, 4, 4]] * 3)
+    x = torch.randn(48, model.model.visual.patch_embed.proj.weight[0].numel(),
+                    generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.model.visual(x, grid_thw=grid)
+        calls = _sdpa_calls(monkeypatch)
+        out = batched.model.visual(x, grid_thw=grid)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-6, atol=1e-6)
+    for a, b in zip(out.deepstack_features, ref.deepstack_features, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert len(calls) == depth and all(c[0] == 3 for c in calls)

@@ -17,13 +17,22 @@ MARKERS = {
     "pixtral": ("[INST][IMG]", "[/INST]"),
     "mllama": ("<|start_header_id|>user<|end_header_id|>\n\n<|image|>",
                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "qwen3_vl": ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>assistant\n"),
+    "gemma3": ("<bos><start_of_turn>user\n<start_of_image>", "<start_of_turn>model\n"),
+    "mistral3": ("[/SYSTEM_PROMPT][INST][IMG]", "[/INST]"),
 }
+# The token the model config names as its image token (Gemma 3's text holds <start_of_image>; the
+# processor expands it around <image_soft_token>s, the id in the config).
+IMAGE_TOKEN = {"qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava": "<image>",
+               "pixtral": "[IMG]", "mllama": "<|image|>", "qwen3_vl": "<|image_pad|>",
+               "gemma3": "<image_soft_token>", "mistral3": "[IMG]"}
+MODEL_TYPE = {"pixtral": "llava"}  # variants whose model_type is not their name
 EXPECTED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                   "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
 
 
-def test_all_five_variants():
-    assert tuple(VARIANTS) == ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mllama")
+def test_every_variant_has_expectations_here():
+    assert set(MARKERS) == set(IMAGE_TOKEN) == set(VARIANTS)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -33,7 +42,7 @@ def test_standard_layout_and_size(tiny_checkpoint, variant):
     assert set(EXPECTED_FILES) <= names, sorted(names)
     assert (path / "model.safetensors").stat().st_size < 3 * 1024 * 1024
     config = json.loads((path / "config.json").read_text())
-    assert config["model_type"] == ("llava" if variant == "pixtral" else variant)
+    assert config["model_type"] == MODEL_TYPE.get(variant, variant)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -50,9 +59,7 @@ def test_tokenizer_and_template(tiny_checkpoint, variant):
     assert all(t is not None for t in tok.convert_ids_to_tokens(list(range(text_vocab))))
     # The image token sits at the id the model config names.
     image_id = getattr(config, "image_token_id", None) or config.image_token_index
-    placeholder = {"qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava": "<image>",
-                   "pixtral": "[IMG]", "mllama": "<|image|>"}[variant]
-    assert tok.convert_tokens_to_ids(placeholder) == image_id
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN[variant]) == image_id
     # Generation stops on the template's end-of-turn token.
     gen = json.loads((path / "generation_config.json").read_text())
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
@@ -79,5 +86,5 @@ def test_same_seed_same_bytes(tiny_checkpoint, tmp_path, variant):
 
 
 def test_unknown_variant_names_the_known_ones(tmp_path):
-    with pytest.raises(VlmError, match="qwen2_vl, qwen2_5_vl, llava, pixtral, mllama"):
+    with pytest.raises(VlmError, match=", ".join(VARIANTS)):
         build_tiny("gpt2", tmp_path)

@@ -10,6 +10,9 @@ def configure(parser):
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped demo base)")
     parser.add_argument("--n-train", type=int, default=384)
     parser.add_argument("--n-heldout", type=int, default=100)
+    parser.add_argument("--config", default=None,
+                        help="recipe (default configs/demo.yaml, LoRA); configs/demo_full.yaml: full "
+                             "fine-tuning in bf16; configs/demo_projector.yaml: the projector only")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override configs/demo.yaml keys, e.g. training.max_steps=50")
 
@@ -25,5 +28,5 @@ def run(args) -> int:
     from vlm.demo.run import run_demo
 
     run_demo(args.out, base=args.base, n_train=args.n_train, n_heldout=args.n_heldout,
-             overrides=args.overrides)
+             overrides=args.overrides, config=args.config)
     return 0

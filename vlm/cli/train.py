@@ -36,6 +36,7 @@ def run(args) -> int:
     procs = f" on {s['processes']} processes ({s['strategy']})" if s.get("processes", 1) > 1 else ""
     print(f"trained {s['steps']} steps{procs} on {s['samples']} samples; final loss {final}; "
           f"{s['tokens_per_s']} tokens/s; peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
-    print(f"adapter: {result.adapter_dir}")
+    label = {"full": "model", "projector": "projector"}.get(s.get("method"), "adapter")
+    print(f"{label}: {result.adapter_dir}")
     print(f"summary: {result.output_dir / 'summary.json'}  loss curve: {result.output_dir / 'loss_curve.png'}")
     return 0

@@ -5,8 +5,11 @@
    in a caption, a new question and a new order); train and held-out sets use different seeds.
 2. Load the shipped base (``vlm/zoo/assets/demo_base``) under the ``dynamic`` 4-bit policy and
    score greedy captions on the held-out images: exact match and per-attribute accuracy.
-3. Fine-tune LoRA adapters with the ``configs/demo.yaml`` recipe (the same ``vlm train`` path).
-4. Reload base + saved adapter and score again. Everything lands in one folder.
+3. Fine-tune LoRA adapters with the ``configs/demo.yaml`` recipe (the same ``vlm train`` path), or
+   with ``config=configs/demo_full.yaml`` every weight in bf16 (``method: full``), or with
+   ``configs/demo_projector.yaml`` the projector only.
+4. Reload what was saved (base + adapter, the full checkpoint, or base + projector) and score again.
+   Everything lands in one folder.
 
 Every number printed is measured in this run.
 """
@@ -24,7 +27,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:5.1f}%"
 
 
-def _plot(before: dict, after: dict, out_png: Path) -> None:
+def _plot(before: dict, after: dict, out_png: Path, method: str = "lora") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,8 +38,8 @@ def _plot(before: dict, after: dict, out_png: Path) -> None:
     a = [after["exact_match"], *after["per_attribute"].values()]
     x = range(len(labels))
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
-    ax.bar([i - 0.2 for i in x], b, width=0.4, label="base (dynamic 4-bit)")
-    ax.bar([i + 0.2 for i in x], a, width=0.4, label="base + LoRA")
+    ax.bar([i - 0.2 for i in x], b, width=0.4, label="base")
+    ax.bar([i + 0.2 for i in x], a, width=0.4, label=f"after ({method})")
     ax.set_xticks(list(x), labels)
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out accuracy")
@@ -47,7 +50,8 @@ def _plot(before: dict, after: dict, out_png: Path) -> None:
 
 
 def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = None, n_train: int = 384,
-             n_heldout: int = 100, overrides: list[str] | None = None, seed: int = 0) -> dict:
+             n_heldout: int = 100, overrides: list[str] | None = None, seed: int = 0,
+             config: str | Path | None = None) -> dict:
     """Run the demo; returns the results dict (also written to ``OUT/demo_results.json``)."""
     import torch
     from peft import PeftModel
@@ -78,7 +82,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     print(f"new task: {DEMO_VOCAB.question!r} -> e.g. {train_set.captions[0]!r} "
           f"({n_train} training images, {n_heldout} held-out)")
 
-    cfg = load_config(DEMO_CONFIG, [f"model.path={base}", f"data.train=[{train_set.sharegpt_json}]",
+    cfg = load_config(config or DEMO_CONFIG, [f"model.path={base}", f"data.train=[{train_set.sharegpt_json}]",
                                     f"output={out / 'train'}", f"training.seed={seed}", *(overrides or [])])
 
     # 2. before
@@ -95,15 +99,23 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     result = train(cfg)
 
     # 4. after: the saved adapter on a freshly loaded base
-    model, processor = vlm.load(base, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
-                                calibration=str(train_set.sharegpt_json))
-    model = PeftModel.from_pretrained(model, result.adapter_dir)
+    if cfg.method == "full":      # the saved standard checkpoint on its own
+        model, processor = vlm.load(result.adapter_dir, dtype=cfg.model.dtype, device=device)
+    else:
+        model, processor = vlm.load(base, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
+                                    calibration=str(train_set.sharegpt_json))
+        if cfg.method == "projector":
+            from vlm.train.modes import load_projector
+
+            load_projector(model, model.vlm_family, result.adapter_dir)
+        else:
+            model = PeftModel.from_pretrained(model, result.adapter_dir)
     after = caption_accuracy(model, processor, items, DEMO_VOCAB)
 
-    _plot(before, after, out / "accuracy.png")
+    _plot(before, after, out / "accuracy.png", cfg.method)
     results = {
         "output_dir": str(out), "base": str(base), "task": DEMO_VOCAB.name,
-        "n_train": n_train, "n_heldout": n_heldout, "quant_counts": counts,
+        "n_train": n_train, "n_heldout": n_heldout, "quant_counts": counts, "method": cfg.method,
         "before": before, "after": after,
         "train": {k: result.summary[k] for k in ("steps", "final_loss", "tokens_per_s", "train_seconds",
                                                  "peak_memory_bytes", "peak_memory_kind",
@@ -122,6 +134,7 @@ def run_demo(out_dir: str | Path | None = None, *, base: str | Path | None = Non
     print(f"\ntrained {results['train']['steps']} steps, final loss "
           f"{'n/a' if final is None else f'{final:.3f}'}, "
           f"{results['train']['tokens_per_s']} tokens/s; total {results['wall_seconds']} s")
-    print(f"outputs: {out}  (adapter: {result.adapter_dir}, summary.json, loss_curve.png, "
+    saved = {"full": "model", "projector": "projector"}.get(cfg.method, "adapter")
+    print(f"outputs: {out}  ({saved}: {result.adapter_dir}, summary.json, loss_curve.png, "
           "accuracy.png, demo_results.json)")
     return results

@@ -46,11 +46,27 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return {}
 
 
+def _size_in_pixels(folder: Path) -> bool:
+    """Whether the folder's family reads the image processor's ``size`` as pixel counts."""
+    from vlm.families import family_for_config
+
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        from transformers import AutoConfig
+
+        return family_for_config(AutoConfig.from_pretrained(folder)).size_in_pixels
+    except Exception:  # noqa: BLE001 - an unknown model type: no family fact to apply
+        return False
+
+
 def processor_pixel_limits(folder: str | Path) -> dict[str, int]:
     """min/max pixels declared by a folder's saved image processor ({} if none or not declared).
 
     transformers 5 writes ``size: {shortest_edge: min_pixels, longest_edge: max_pixels}`` for the
-    Qwen2-VL family (its ``size`` holds pixel *counts*, not edges); older files write
+    families whose ``size`` holds pixel *counts*, not edges (``family.size_in_pixels``: Qwen2-VL,
+    Qwen3-VL; read from the folder's config.json); older files write
     ``min_pixels`` / ``max_pixels`` directly.
     """
     folder = Path(folder)
@@ -65,7 +81,7 @@ def processor_pixel_limits(folder: str | Path) -> dict[str, int]:
         if "max_pixels" in ip and ip["max_pixels"]:
             out["max_pixels"] = int(ip["max_pixels"])
         size = ip.get("size") or {}
-        if "Qwen2VL" in str(ip.get("image_processor_type", "")) and "shortest_edge" in size:
+        if "shortest_edge" in size and _size_in_pixels(folder):
             out.setdefault("min_pixels", int(size["shortest_edge"]))
             out.setdefault("max_pixels", int(size["longest_edge"]))
         if out:

@@ -8,13 +8,26 @@ elsewhere asks the record (``family.component_of(name)``) instead of branching o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 COMPONENTS = ("vision", "projector", "language", "lm_head", "embeddings")
 
 # vLLM's allowed LoRA ranks (vllm/config/lora.py: max_lora_rank choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+# vLLM fuses these sibling projections into one layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj):
+# a fused layer is quantized or kept whole, so the sensitivity analysis protects siblings together.
+FUSED_LINEARS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
+
+# The checkpoint -> vLLM module renaming of the families whose vLLM class nests the text model as
+# ``language_model.model`` (vLLM's ``hf_to_vllm_mapper``, transformers-5 checkpoint layout).
+def llava_style_vllm_renames(vision: str) -> tuple[tuple[str, str], ...]:
+    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vision}."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+            ("lm_head", "language_model.lm_head"))
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,45 @@ class VllmSupport:
     lora: bool = True                      # language-side LoRA served
     tower_connector_lora: bool = False     # vision/projector LoRA (experimental flag in vLLM)
     bnb_4bit: bool = True                  # vLLM's bitsandbytes loader supports the family
+    # checkpoint module prefix -> vLLM's module prefix (first match wins); empty = same names
+    module_renames: tuple[tuple[str, str], ...] = ()
+    fused_linears: tuple[tuple[tuple[str, ...], str], ...] = FUSED_LINEARS
+
+
+@dataclass(frozen=True)
+class LanguageKernels:
+    """The language decoder's math, as the Triton kernels need to know it (``vlm.kernels.patch``).
+
+    rms_norm_weight_offset: y = x / rms(x) · (offset + w): 0 for Llama/Qwen/Mistral, 1 for Gemma
+        (whose weights are stored as w − 1, zero-initialised).
+    mlp_activation: the gated MLP down(act(gate(x)) · up(x)): ``silu`` (SwiGLU) or ``gelu_tanh``
+        (GeGLU with the tanh approximation of GELU, Gemma).
+    rope: how positions rotate q and k: ``rope`` (1-D), ``mrope`` (Qwen2-VL: contiguous t/h/w
+        sections), ``mrope_interleaved`` (Qwen3-VL: t,h,w,t,h,w,...). In every case transformers
+        builds cos/sin per token first, so the RoPE kernel takes them as they are.
+    logit_softcapping: the model's forward caps its logits at the text config's
+        ``final_logit_softcapping`` (c·tanh(z/c), Gemma 2 style), so the fused CE must too. Gemma 3's
+        configs carry the key, but ``Gemma3ForConditionalGeneration`` does not apply it
+        (transformers 5.17-5.19; only the text-only ``Gemma3ForCausalLM`` does).
+    """
+
+    rms_norm_weight_offset: float = 0.0
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"
+    rope: Literal["rope", "mrope", "mrope_interleaved"] = "rope"
+    logit_softcapping: bool = False
+
+
+@dataclass(frozen=True)
+class ImageWrap:
+    """What a processor writes for each image when it writes more than its image token repeated.
+
+    The text's placeholder P becomes ``before + P + token * n + after`` (n: the processor's image
+    token count); the collator tokenizes that text itself, so tokens merged across the inserted
+    text (a newline before two inserted ones become one token) are the processor's too."""
+
+    before: str
+    token: str
+    after: str
 
 
 @dataclass(frozen=True)
@@ -66,7 +118,23 @@ class Family:
     gguf: GgufSupport | None = None        # None: llama.cpp cannot run the family (export refuses)
     # extra predicate on the config (e.g. LLaVA layout with a Pixtral vision tower)
     config_matches: Callable[[Any], bool] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Full names of the ModuleLists of vision transformer blocks (compiled one by one when frozen);
+    # alternatives where transformers versions nest the tower differently (those present are used).
+    vision_blocks: tuple[str, ...] = ()
+    language_kernels: LanguageKernels = LanguageKernels()
+    # Images enter through cross-attention (Mllama): one placeholder token per image, images
+    # grouped per sample for the processor.
+    cross_attention_images: bool = False
+    # The processor takes images as one list per sample (Mllama, Gemma 3), not one flat list.
+    images_per_sample: bool = False
+    # The forward needs the processor's ``mm_token_type_ids`` to place M-RoPE positions.
+    needs_mm_token_type_ids: bool = False
+    # The image processor's ``size`` holds pixel counts {shortest_edge: min_pixels,
+    # longest_edge: max_pixels} (Qwen2-VL's processor) instead of edge lengths.
+    size_in_pixels: bool = False
+    # What the processor writes around each image's tokens, when it writes more than the image
+    # token repeated (Gemma 3); None: the placeholder token is repeated in place.
+    image_wrap: ImageWrap | None = None
 
     def matches(self, config: Any) -> bool:
         if getattr(config, "model_type", None) not in self.model_types:

@@ -1,6 +1,6 @@
 """LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
 
-from vlm.families.base import Family, GgufSupport, VllmSupport
+from vlm.families.base import Family, GgufSupport, llava_style_vllm_renames, VllmSupport
 
 
 def _clip_vision(config) -> bool:
@@ -26,7 +26,9 @@ FAMILY = Family(
     # on "reply</s>", so the collator appends it (else the model never learns to stop).
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
-    vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),
+    vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
+                     module_renames=llava_style_vllm_renames("vision_tower")),
+    vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     # convert_hf_to_gguf.py's mmproj path reads Pixtral towers only; CLIP + MLP projector goes
     # through llama.cpp's CLIP encoder script (the llava-1.5 route of its docs)
     gguf=GgufSupport(

@@ -1,6 +1,6 @@
 """Llama-3.2-Vision (Mllama): vision encoder + projector feeding gated cross-attention layers."""
 
-from vlm.families.base import Family, VllmSupport
+from vlm.families.base import Family, VllmSupport, llava_style_vllm_renames
 
 FAMILY = Family(
     name="mllama",
@@ -19,6 +19,9 @@ FAMILY = Family(
     image_token_rule="cross_attention: one <|image|> token per image; pixels enter through "
                      "cross-attention (aspect_ratio_ids / aspect_ratio_mask / cross_attention_mask)",
     zoo_variants=("mllama",),
-    vllm=VllmSupport(architecture="MllamaForConditionalGeneration", lora=True, bnb_4bit=True),
-    extra={"cross_attention": True},
+    vllm=VllmSupport(architecture="MllamaForConditionalGeneration", lora=True, bnb_4bit=True,
+                     module_renames=llava_style_vllm_renames("vision_model")),
+    vision_blocks=("model.vision_model.transformer.layers", "model.vision_model.global_transformer.layers"),
+    cross_attention_images=True,
+    images_per_sample=True,
 )

@@ -1,6 +1,6 @@
 """Pixtral in the HF LLaVA layout: Pixtral ViT (2-D RoPE, any resolution) + projector + Mistral."""
 
-from vlm.families.base import Family, VllmSupport
+from vlm.families.base import Family, llava_style_vllm_renames, VllmSupport
 
 
 def _pixtral_vision(config) -> bool:
@@ -44,7 +44,9 @@ FAMILY = Family(
     shape_messages=system_into_last_user,
     image_token_rule="rows: [IMG]×cols then [IMG_BREAK] per row, the last row ending in [IMG_END]",
     zoo_variants=("pixtral",),
-    vllm=VllmSupport(architecture="LlavaForConditionalGeneration"),
+    vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
+                     module_renames=llava_style_vllm_renames("vision_tower")),
+    vision_blocks=("model.vision_tower.transformer.layers",),
     # No GGUF export: llama.cpp's converter (0.3.36) writes a Pixtral projector without the
     # [IMG_BREAK] embedding (v.token_embd.img_break) from a transformers-5 checkpoint, and mtmd then
     # refuses to load it ("unable to find tensor v.token_embd.img_break"). Refused before work.

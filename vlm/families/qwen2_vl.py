@@ -1,6 +1,6 @@
 """Qwen2-VL and Qwen2.5-VL: ViT with 2×2 patch merger (the projector) + Qwen2 decoder with M-RoPE."""
 
-from vlm.families.base import Family, GgufSupport, VllmSupport
+from vlm.families.base import Family, GgufSupport, LanguageKernels, VllmSupport
 
 FAMILY = Family(
     name="qwen2_vl",
@@ -19,7 +19,13 @@ FAMILY = Family(
     takes_video=True,   # <|video_pad|> × (t/2)·h·w/merge², t = sampled frames (2 per temporal patch)
     image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end",
     zoo_variants=("qwen2_vl", "qwen2_5_vl"),
-    vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True),
+    vllm=VllmSupport(architecture="Qwen2VLForConditionalGeneration", tower_connector_lora=True,
+                     module_renames=(("model.language_model.", "language_model.model."),
+                                     ("model.visual.", "visual."), ("lm_head", "language_model.lm_head"))),
+    vision_blocks=("model.visual.blocks",),
+    language_kernels=LanguageKernels(rope="mrope"),
+    needs_mm_token_type_ids=True,
+    size_in_pixels=True,
     # ChatML, with the default system prompt the HF template adds when none is given
     gguf=GgufSupport(
         mmproj="converter",
@@ -29,5 +35,4 @@ FAMILY = Family(
             "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
             "<|im_start|>assistant\n"),
         stop=("<|im_end|>", "<|endoftext|>")),
-    extra={"needs_mm_token_type_ids": True, "rope": "mrope"},
 )

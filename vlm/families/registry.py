@@ -9,7 +9,7 @@ from typing import Any
 from vlm.errors import UnsupportedModelError
 from vlm.families.base import Family
 
-FAMILY_MODULES = ("qwen2_vl", "llava", "pixtral", "mllama")
+FAMILY_MODULES = ("qwen2_vl", "llava", "pixtral", "mllama", "qwen3_vl", "gemma3", "mistral3")
 
 
 def all_families() -> dict[str, Family]:

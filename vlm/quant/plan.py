@@ -24,12 +24,14 @@ from typing import Any
 from torch import nn
 
 from vlm.errors import ConfigError, VlmError
+from vlm.families.base import FUSED_LINEARS
 from vlm.quant.metrics import layer_bytes
 from vlm.quant.policy import QUANTIZED, QuantPolicy
 
-# Linears that vLLM fuses into one layer (q,k,v → qkv_proj; gate,up → gate_up_proj): the
-# sensitivity analysis protects such siblings together so the skip list stays servable.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Linears that vLLM fuses into one layer (q,k,v → qkv_proj; gate,up → gate_up_proj; the family's
+# ``vllm.fused_linears``): the sensitivity analysis protects such siblings together so the skip
+# list stays servable.
+FUSED_SIBLINGS = tuple(siblings for siblings, _ in FUSED_LINEARS)
 
 
 @dataclass
@@ -200,9 +202,10 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
 
 
-def group_key(name: str) -> str:
+def group_key(name: str, family=None) -> str:
     parent, _, leaf = name.rpartition(".")
-    for sib in FUSED_SIBLINGS:
+    fused = family.vllm.fused_linears if family is not None and family.vllm is not None else FUSED_LINEARS
+    for sib, _ in fused:
         if leaf in sib:
             return f"{parent}.{'+'.join(sib)}"
     return name
@@ -246,7 +249,7 @@ def resolve_plan(policy: QuantPolicy, model: nn.Module, family, *, protected: se
         layers[name] = LayerPlan(name=name, component=comp, out_features=mod.out_features,
                                  in_features=mod.in_features, bias=mod.bias is not None,
                                  precision=prec, base_precision=prec, reason=reason,
-                                 group=group_key(name), index=i)
+                                 group=group_key(name, family), index=i)
     for glob, hits in matched.items():
         if hits == 0:
             close = [n for n in all_names if fnmatch.fnmatchcase(n, glob)]

@@ -7,29 +7,14 @@ the checkpoint's prefixes renamed (``model.language_model.`` → ``language_mode
 fused layers (q/k/v → ``qkv_proj``, gate/up → ``gate_up_proj``). A fused layer can only be skipped
 whole, which is why the sensitivity analysis protects fused siblings together.
 
-The renaming tables follow vLLM's ``hf_to_vllm_mapper`` of each family's model class (vLLM ≥ 0.10,
+The renaming table and the fused groups are the family's (``family.vllm.module_renames``,
+``family.vllm.fused_linears``, following vLLM's ``hf_to_vllm_mapper`` of each model class, vLLM ≥ 0.10,
 transformers-5 checkpoint layout); they are not exercised by a test here (no vLLM on this machine).
 """
 
 from __future__ import annotations
 
-VLLM_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "qwen2_vl": (("model.language_model.", "language_model.model."), ("model.visual.", "visual."),
-                 ("lm_head", "language_model.lm_head")),
-    "llava": (("model.language_model.", "language_model.model."),
-              ("model.vision_tower.", "vision_tower."),
-              ("model.multi_modal_projector.", "multi_modal_projector."),
-              ("lm_head", "language_model.lm_head")),
-    "pixtral": (("model.language_model.", "language_model.model."),
-                ("model.vision_tower.", "vision_tower."),
-                ("model.multi_modal_projector.", "multi_modal_projector."),
-                ("lm_head", "language_model.lm_head")),
-    "mllama": (("model.language_model.", "language_model.model."),
-               ("model.vision_model.", "vision_model."),
-               ("model.multi_modal_projector.", "multi_modal_projector."),
-               ("lm_head", "language_model.lm_head")),
-}
-_FUSED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+from vlm.families import Family, get_family
 
 
 def _rename(name: str, table) -> str:
@@ -39,16 +24,17 @@ def _rename(name: str, table) -> str:
     return name
 
 
-def vllm_skip_names(family: str, kept: list[str]) -> tuple[list[str], list[str]]:
+def vllm_skip_names(family: str | Family, kept: list[str]) -> tuple[list[str], list[str]]:
     """(vLLM skip names, kept layers vLLM cannot skip alone: a fused sibling is quantized)."""
-    table = VLLM_PREFIXES.get(family)
-    if table is None:
+    fam = get_family(family) if isinstance(family, str) else family
+    if fam.vllm is None:
         return [], []
+    table, fused_linears = fam.vllm.module_renames, dict(fam.vllm.fused_linears)
     kept_set = set(kept)
     names, partial = set(), []
     for n in kept:
         parent, _, leaf = n.rpartition(".")
-        fused = next(((sib, new) for sib, new in _FUSED.items() if leaf in sib), None)
+        fused = next(((sib, new) for sib, new in fused_linears.items() if leaf in sib), None)
         if fused is None:
             names.add(_rename(n, table))
             continue

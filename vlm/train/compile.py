@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm.errors import VlmError
+
 
 def language_layers(model: nn.Module, family) -> nn.ModuleList:
     """The ModuleList of decoder layers (``family.language_layers``) in ``model`` or a PEFT wrapper."""
@@ -140,23 +142,25 @@ def _make_room(n_modules: int) -> None:
         cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * cfg.cache_size_limit)
 
 
-def vision_blocks(model: nn.Module, family) -> nn.ModuleList | None:
-    """The largest ModuleList inside the vision tower (its transformer blocks), or None."""
-    best = None
-    for _, tower in family.component_roots(model, "vision"):
-        for _, mod in tower.named_modules():
-            if isinstance(mod, nn.ModuleList) and len(mod) > 1 and (best is None or len(mod) > len(best)):
-                best = mod
-    return best
+def vision_blocks(model: nn.Module, family) -> list[nn.Module]:
+    """The vision transformer blocks the family names (``family.vision_blocks``: every path that
+    exists in this model, in order; transformers versions nest some towers differently)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks: list[nn.Module] = []
+    for path in family.vision_blocks:
+        try:
+            blocks.extend(base.get_submodule(path))
+        except AttributeError:
+            continue
+    if family.vision_blocks and not blocks:
+        raise VlmError(f"family {family.name}: no vision blocks at any of {', '.join(family.vision_blocks)}")
+    return blocks
 
 
 def compile_vision_blocks(model: nn.Module, family, *, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile each vision transformer block (frozen towers run them under no_grad: inference graphs)."""
-    blocks = vision_blocks(model, family)
-    if blocks is None:
-        return 0
     n = 0
-    for block in blocks:
+    for block in vision_blocks(model, family):
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(backend=backend, mode=mode)
             n += 1

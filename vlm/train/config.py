@@ -1,7 +1,8 @@
 """The training recipe's config: one YAML per model × method under ``configs/``.
 
-Sections: ``model``, ``quant``, ``kernels``, ``lora``, ``data``, ``training``, ``output``, ``logging``,
-``distributed``.
+Sections: ``method``, ``model``, ``quant``, ``kernels``, ``lora``, ``data``, ``training``, ``output``,
+``logging``, ``distributed``. ``method``: ``lora`` (LoRA / QLoRA on a 4-bit policy), ``full`` (every
+language weight in bf16) or ``projector`` (LLaVA stage 1: the projector only); see vlm.train.modes.
 Every key is checked (unknown → closest valid key; bad value → allowed values).
 """
 
@@ -22,6 +23,8 @@ class ModelSection:
     path: str
     dtype: str = choices("bf16", "fp16", "fp32", default="bf16")
     device: str | None = None
+    # a projector-only safetensors (or the folder) from `method: projector`: the stage-2 start
+    projector_init: str | None = None
 
 
 @dataclass
@@ -133,6 +136,11 @@ class TrainingSection:
     save_steps: int = 100
     save_total_limit: int = 3
     logging_steps: int = 1
+    # method: full: train the vision tower too (the projector and language model always train)
+    train_vision: bool = False
+    # method full/projector on 16-bit weights: how BF16AdamW writes updates that bf16 cannot hold
+    # (vlm.train.bf16_adamw): stochastic rounding (8 bytes/param in all) or Kahan compensation (10)
+    bf16_update: str = choices("stochastic", "kahan", default="stochastic")
 
     def validate(self, where: str) -> None:
         if self.lr <= 0:
@@ -182,8 +190,14 @@ class TrainConfig:
     output: str = "runs/train"
     logging: LoggingSection = field(default_factory=LoggingSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    method: str = choices("lora", "full", "projector", default="lora")
 
     def validate(self, where: str) -> None:
+        if self.training.train_vision and self.method != "full":
+            hint = ("put vision in lora.targets to adapt the tower" if self.method == "lora"
+                    else "stage 1 trains the projector only")
+            raise ConfigError(f"training.train_vision: applies to method: full (method is {self.method}: "
+                              f"{hint})")
         # the policy is read here, with the rest of the config, so a bad one fails before the
         # output folder exists or a model is loaded (vlm.load parses it again from the same value)
         if self.quant is not None and not (isinstance(self.quant, str) and self.quant in NOT_QUANTIZED):

@@ -66,7 +66,7 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
         from vlm.kernels import patch
         from vlm.train.compile import kernel_patch_options
 
-        done.kernels = patch(model, **kernel_patch_options(plan.compiled))
+        done.kernels = patch(model, family, **kernel_patch_options(plan.compiled))
     if not plan.compiled:
         return done
     from vlm.train.compile import chunk_mlps, compile_language_layers, compile_vision_blocks

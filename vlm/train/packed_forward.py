@@ -10,7 +10,7 @@ batch,
   ``seq = cumsum(diff(position_ids) != 1)``) and builds the mask ``causal(q, k) ∧ seq[q] = seq[k]``
   on every attention backend (eager, SDPA, flex; flash-attention takes the same resets as varlen
   ``cu_seq_lens``). Nothing is built by hand here;
-- for M-RoPE families (``family.extra["rope"] == "mrope"``: Qwen2-VL, Qwen2.5-VL) the three rotary
+- for M-RoPE families (``family.language_kernels.rope`` "mrope"…: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the three rotary
   axes (temporal, height, width) are computed per sample by the model's own ``get_rope_index`` — one
   call over the samples stacked as rows, which consumes ``image_grid_thw`` / ``video_grid_thw`` in
   token order exactly as the packed row does — and concatenated; the 1-D text positions go in front as row 0, the layout
@@ -75,7 +75,7 @@ def enable(model, family):
     if refusal is not None:
         raise ConfigError(f"packing: {refusal}")
     mm_model = multimodal_model(model, family)
-    mrope = family.extra.get("rope") == "mrope"
+    mrope = family.language_kernels.rope.startswith("mrope")
 
     def packed_forward(module, args, kwargs):
         positions = kwargs.get("position_ids")

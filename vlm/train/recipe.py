@@ -1,6 +1,7 @@
 """The LoRA / QLoRA recipe, top to bottom.
 
-    config ─► load (per-component quant policy) ─► data (read, validate, plan lengths) ─► LoRA
+    config ─► load (per-component quant policy) ─► data (read, validate, plan lengths) ─► LoRA (or
+    method full / projector: vlm.train.modes)
     ─► fast path (batched vision attention, kernels.patch, torch.compile, CUDA graphs:
     vlm.train.fast_path) ─► VlmTrainer (transformers Trainer: checkpoints, logging, mixed precision,
     distributed launch) ─► adapter folder + processor + metadata + summary.json + loss_curve.png
@@ -28,7 +29,7 @@ import torch
 
 from vlm.errors import ConfigError
 from vlm.atomic import ensure_writable_folder, write_json
-from vlm.train import fast_path
+from vlm.train import fast_path, modes
 from vlm.train.checkpoints import checkpoint_record, resume_point, run_totals
 from vlm.train.config import TrainConfig, to_plain
 
@@ -110,12 +111,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         print(token_budget_line(budget))
     t_data = time.perf_counter()
 
+    mode = None                    # method: full / projector (vlm.train.modes); lora below
+    if cfg.model.projector_init:
+        print(f"model.projector_init: {modes.load_projector(model, family, cfg.model.projector_init)} "
+              f"projector tensors from {cfg.model.projector_init}")
+    if cfg.method != "lora":
+        if strat == "fsdp":
+            raise ConfigError(f"method: {cfg.method}: not supported under FSDP yet; use ddp")
+        mode = modes.prepare(model, family, cfg)
+        print(modes.describe(mode, cfg))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
-                           use_rslora=cfg.lora.use_rslora,
-                           gradient_checkpointing=cfg.training.gradient_checkpointing)
+        if mode is None:
+            model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                               targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
+                               use_rslora=cfg.lora.use_rslora,
+                               gradient_checkpointing=cfg.training.gradient_checkpointing)
     for caught_warning in caught:   # not `w`: that is the process world, used after training
         if str(caught_warning.message).startswith("vLLM serving:"):
             print(f"warning: {caught_warning.message}")
@@ -167,11 +178,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     trainer = VlmTrainer(model=model, args=args, train_dataset=rows, data_collator=data_collator,
                          train_sampler_factory=sampler_factory(rows, cfg.training.seed,
                                                                cfg.data.group_by_length and budget is None),
-                         optimizer_cls_and_kwargs=dist.optimizer_cls_and_kwargs(args, strat))
+                         optimizer_cls_and_kwargs=(mode.optimizer_cls_and_kwargs if mode else None)
+                         or dist.optimizer_cls_and_kwargs(args, strat))
     record = checkpoint_record(resume_from)  # read now: rotation may remove that folder later
     before, resumed_step = run_totals(record), record.get("step")
     trainer.checkpoint_record, trainer.run_before, trainer.segment_start = {"config": plain_cfg}, before, t_start
     dist.check_engaged(trainer, strat)
+    if resume_from and mode is not None:
+        modes.load_checkpoint_weights(model, resume_from)   # Trainer's own load misses renamed keys
     try:
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
@@ -197,7 +211,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
     steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
-    if w.is_main:
+    if w.is_main and mode is not None:
+        adapter_dir = modes.save_output(model, processor, out, cfg=cfg, resolution=resolution)
+    elif w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
     history = trainer.state.log_history
     if w.is_main:
@@ -210,6 +226,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     summary = {
         "model": cfg.model.path,
         "family": family.name,
+        **modes.summary_fields(mode, cfg),
         "quant": (quant_metadata(model) or {}).get("counts"),
         "kernels": None if fast.kernels is None else dataclasses.asdict(fast.kernels),
         "compiled_layers": plan.compiled,

@@ -21,6 +21,9 @@ VARIANTS = {
     "llava": ("vlm.zoo.llava", "LLaVA-1.5: CLIP ViT + 2-layer MLP projector + Llama"),
     "pixtral": ("vlm.zoo.pixtral", "Pixtral (HF llava layout): Pixtral ViT + projector + Mistral"),
     "mllama": ("vlm.zoo.mllama", "Llama-3.2-Vision: tiled ViT + gated cross-attention Llama"),
+    "qwen3_vl": ("vlm.zoo.qwen3_vl", "Qwen3-VL: ViT + merger + DeepStack mergers + Qwen3 decoder (interleaved M-RoPE)"),
+    "gemma3": ("vlm.zoo.gemma3", "Gemma 3: SigLIP ViT + pooling projector + Gemma 3 decoder (GeGLU, (1+w) RMSNorm)"),
+    "mistral3": ("vlm.zoo.mistral3", "Mistral-Small-3.1: Pixtral ViT + patch-merger projector + Mistral"),
 }
 
 

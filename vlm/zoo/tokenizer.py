@@ -7,6 +7,8 @@ Every family's real tokenizer is a BPE; they differ in how text is split before 
 - ``tekken``: byte-level BPE after Mistral's Tekken regex (Pixtral).
 - ``spm``: SentencePiece-style BPE (LLaVA-1.5's Llama 2 tokenizer): ``▁`` marks word starts,
   unknown characters fall back to byte tokens ``<0x00>``..``<0xFF>`` (ids 3..258, as in Llama 2).
+- ``gemma``: the same with no ``▁`` prepended to the text (Gemma's tokenizer only replaces spaces
+  by ``▁``); the byte tokens follow the head specials.
 
 ``train_bpe`` returns ``(vocab, merges)``; the builders hand them to the family's own transformers
 tokenizer class, so the saved tokenizer is what that class would load for a real checkpoint.
@@ -30,7 +32,7 @@ TEKKEN_REGEX = (r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{
                 r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
                 r"""|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _REGEXES = {"qwen2": QWEN2_REGEX, "llama3": LLAMA3_REGEX, "tekken": TEKKEN_REGEX}
-STYLES = ("qwen2", "llama3", "tekken", "spm")
+STYLES = ("qwen2", "llama3", "tekken", "spm", "gemma")
 SPM_BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 
 
@@ -48,12 +50,12 @@ def _byte_level_tokenizer(style: str):
     return tok
 
 
-def _spm_tokenizer():
+def _spm_tokenizer(prepend_scheme: str = "always"):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     # split=True while training keeps merges inside words, as SentencePiece does.
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
     return tok
 
 
@@ -64,8 +66,8 @@ def _train(style: str, vocab_size: int, head_specials: tuple[str, ...]) -> str:
     if style not in STYLES:
         raise VlmError(f"tokenizer style {style!r} is not one of {', '.join(STYLES)}")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    if style == "spm":
-        tok = _spm_tokenizer()
+    if style in ("spm", "gemma"):
+        tok = _spm_tokenizer("always" if style == "spm" else "never")
         specials = list(head_specials) + list(SPM_BYTE_TOKENS)
         alphabet: list[str] = []
     else:

@@ -9,7 +9,9 @@ from vlm.families.base import Family
 from vlm.quant.plan import resolve_plan
 from vlm.quant.policy import QuantPolicy
 
-FAMILY_VARIANTS = ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "mllama")
+from vlm.zoo import VARIANTS
+
+FAMILY_VARIANTS = tuple(VARIANTS)
 
 
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)

@@ -1,0 +1,339 @@
+"""Full fine-tuning and projector pretraining: vlmtune vs the Hugging Face setup, side by side (issue 21).
+
+    python benchmarks/train_modes.py                        # GPU: both parts (random weights, real shapes)
+    python benchmarks/train_modes.py --tiny --device cpu    # smoke test of every code path on CPU
+    python benchmarks/train_modes.py --parts full           # one part: full | projector
+
+Part "full": Qwen2-VL-2B shapes (random bf16 weights built on the device), workload W of
+train_step_workload.py (batch 8 × 512 tokens, one 448×448 image each, labels on the 254 text tokens).
+Trained: the language model, embeddings/lm_head and the merger; the vision tower is frozen (what
+`method: full` trains with training.train_vision: false). Both sides use non-reentrant gradient
+checkpointing of the decoder layers and clip the gradient norm to 1.0; lr 1e-5.
+  full_hf    transformers Trainer's bf16 mixed precision: fp32 weights under bf16 autocast,
+             torch.optim.AdamW (Trainer's adamw_torch): 16 bytes per trained parameter
+  full_ours  what `vlm train` does with method: full (vlm.train.modes.prepare, vlm.train.fast_path:
+             batched vision attention, kernels.patch, compiled layers): bf16 weights and grads,
+             BF16AdamW (bf16 moments, stochastic rounding; fp32 master for norms/biases)
+
+Part "projector": LLaVA-1.5-7B shapes (CLIP ViT-L/336 + Llama-2-7B, random bf16 weights), caption
+pairs as in LLaVA's stage 1: batch 16 × 616 tokens = 1 BOS, 576 <image> tokens, 1 newline, a
+38-token caption (labels on the caption). Only the projector trains; lr 1e-3.
+  proj_hf    the HF setup: the model in fp32 under bf16 autocast (Trainer's mixed precision),
+             tower and language model frozen, gradient checkpointing with enable_input_require_grads,
+             torch.optim.AdamW on the projector
+  proj_hf16  the same with the frozen parts loaded in bf16 (what LLaVA's own scripts load): a
+             second, stronger baseline, reported alongside
+  proj_ours  what `vlm train` does with method: projector (bf16 model, frozen tower under no_grad,
+             gradient checkpointing inside the compiled layers, fused linear CE (no logits tensor);
+             BF16AdamW with an fp32 master for the projector)
+  proj_ours_nogc  (only with --variants) the same without checkpointing: frozen linears keep no
+             input for a weight gradient, but attention/MLP activations still add ~3 MB per token
+
+Per variant (own subprocess): median step time over --steps after --warmup, tokens/s (all tokens,
+image tokens included), peak CUDA memory allocated, and bytes per trained parameter held in
+weights + grads + optimizer state (counted from the tensors after the last step). Ratios ours/HF
+come from the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+GiB = 2 ** 30
+PARTS = {"full": ("full_hf", "full_ours"), "projector": ("proj_hf", "proj_hf16", "proj_ours")}
+EXTRA = {"projector": ("proj_ours_nogc",)}
+MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b"}
+TARGETS = {"full": {"memory": 0.55, "speed": 2.0}, "projector": {"memory": 0.5, "speed": 1.45}}
+
+
+def _importable_vlm() -> None:
+    try:
+        import vlm  # noqa: F401
+    except ImportError:
+        import quant_memory  # noqa: F401  (its import links vlm/ for an uninstalled checkout)
+
+
+# --------------------------------------------------------------------------- workload
+
+def caption_batches(config, tiny: bool, n: int = 3) -> list[dict]:
+    """LLaVA stage-1 batches: BOS, the image tokens, a newline, a caption (labels on the caption)."""
+    import torch
+
+    from train_step_workload import LLAVA_IMAGE
+
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    batch, caption = (2, 6) if tiny else (16, 38)
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(n):
+        rows = [torch.cat([torch.tensor([1]), torch.full((side * side,), LLAVA_IMAGE), torch.tensor([13]),
+                           torch.randint(2, 32000, (caption,), generator=g)]) for _ in range(batch)]
+        ids = torch.stack(rows)
+        labels = ids.clone()
+        labels[:, : side * side + 2] = -100
+        px = config.vision_config.image_size
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+                    "pixel_values": torch.randn(batch, 3, px, px, generator=g)})
+    return out
+
+
+def batches_for(part: str, config, tiny: bool) -> list[dict]:
+    if part == "projector":
+        return caption_batches(config, tiny)
+    from train_step_workload import make_batches
+
+    return make_batches(MODEL[part], config, tiny, n=3)
+
+
+# --------------------------------------------------------------------------- build (subprocess)
+
+def build(args) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from train_step_workload import model_config
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(model_config(MODEL[args.part], args.tiny),
+                                                        dtype=torch.bfloat16)
+    model.save_pretrained(args.ckpt)
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------- one variant (subprocess)
+
+def _cfg(method: str, gc: bool, lr: float):
+    from vlm.train.config import parse_config
+
+    return parse_config({"method": method, "model": {"path": "random", "dtype": "bf16"}, "kernels": True,
+                         "data": {"train": ["unused.json"]},
+                         "training": {"lr": lr, "gradient_checkpointing": gc, "precision": "bf16"}})
+
+
+def setup(variant: str, args, batches):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlm.families import family_for_config
+    from vlm.load import load_config
+    from vlm.train import fast_path, modes
+
+    part = "full" if variant.startswith("full") else "projector"
+    lr = 1e-5 if part == "full" else 1e-3
+    family = family_for_config(load_config(args.ckpt))
+    info = {}
+    if "_ours" in variant:
+        cfg = _cfg("full" if part == "full" else "projector", gc=not variant.endswith("_nogc"), lr=lr)
+        model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16).to(args.device)
+        model.vlm_family = family
+        mode = modes.prepare(model, family, cfg)
+        plan = fast_path.resolve(cfg, args.device, "single")
+        applied = fast_path.apply(model, family, cfg, plan, [int(batches[0]["attention_mask"][0].sum())])
+        info.update(compiled_layers=plan.compiled, kernels=str(applied.kernels),
+                    compiled_vision_blocks=applied.compiled_vision_blocks, optimizer=mode.optimizer)
+        opt_cls, kw = mode.optimizer_cls_and_kwargs
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = opt_cls(params, weight_decay=0.0, **kw)
+        return model, opt, info
+    dtype = torch.bfloat16 if variant == "proj_hf16" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype).to(args.device)
+    train = ("projector",) if part == "projector" else ("language", "embeddings", "lm_head", "projector")
+    for name, p in model.named_parameters():
+        p.requires_grad_(family.component_of(name.rsplit(".", 1)[0]) in train)
+    if part == "projector":
+        for _, root in family.component_roots(model, "projector"):
+            root.float()                      # the trained part in fp32 (mixed precision), either way
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if part == "projector":
+        model.enable_input_require_grads()    # HF's recipe for a frozen base
+    model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    info["optimizer"] = f"torch.optim.AdamW ({dtype})"
+    return model, opt, info
+
+
+def state_bytes(model, opt) -> dict:
+    import torch
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in trained)
+    w = sum(p.numel() * p.element_size() for p in trained)
+    g = sum(p.grad.numel() * p.grad.element_size() for p in trained if p.grad is not None)
+    o = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+            if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return {"trained_parameters": n, "bytes_per_param": (w + g + o) / n,
+            "weight_bytes_per_param": w / n, "grad_bytes_per_param": g / n, "optimizer_bytes_per_param": o / n}
+
+
+def worker(args) -> dict:
+    import torch
+
+    from vlm.load import load_config
+
+    cuda = args.device.startswith("cuda")
+    part = "full" if args.worker.startswith("full") else "projector"
+    batches = [{k: t.to(args.device) for k, t in b.items()} for b in batches_for(part, load_config(args.ckpt),
+                                                                                  args.tiny)]
+    model, opt, info = setup(args.worker, args, batches)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    params = [p for p in model.parameters() if p.requires_grad]
+    walls, losses, sizes = [], [], None
+    for i in range(args.warmup + args.steps):
+        b = batches[i % len(batches)]
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if i == args.warmup + args.steps - 1:
+            sizes = state_bytes(model, opt)          # grads still allocated: what a step holds
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+        losses.append(float(loss.detach().float()))
+    med = statistics.median(walls[args.warmup:])
+    tokens = int(batches[0]["attention_mask"].sum())
+    row = {"variant": args.worker, **info, **sizes, "step_s_median": med, "tokens_per_step": tokens,
+           "tokens_per_s": tokens / med, "first_step_s": walls[0], "losses": losses}
+    if cuda:
+        row["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GiB
+    return row
+
+
+# --------------------------------------------------------------------------- driver
+
+def run_sub(argv: list[str], timeout: int) -> dict:
+    try:
+        p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": f"exit {p.returncode}", "tail": (p.stdout + p.stderr)[-3000:]}
+
+
+def ratios(part: str, rows: dict) -> dict:
+    ours = rows.get("full_ours" if part == "full" else "proj_ours")
+    out = {}
+    for base in PARTS[part]:
+        if "_ours" in base or base not in rows or ours is None or "error" in rows[base] or "error" in ours:
+            continue
+        r = {"speed": ours["tokens_per_s"] / rows[base]["tokens_per_s"],
+             "bytes_per_param": ours["bytes_per_param"] / rows[base]["bytes_per_param"]}
+        if "peak_alloc_gib" in ours:
+            r["peak_memory"] = ours["peak_alloc_gib"] / rows[base]["peak_alloc_gib"]
+        out[f"ours/{base}"] = r
+    return out
+
+
+def markdown(data: dict) -> str:
+    lines = [f"# Training modes: vlmtune vs Hugging Face ({data['device']})", ""]
+    for part, res in data["parts"].items():
+        t = TARGETS[part]
+        lines += [f"## {part} ({res['model']}{', tiny' if data['tiny'] else ''})", "",
+                  "| variant | optimizer | tokens/s | step ms | peak GiB | bytes/param (w+g+opt) |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for v, r in res["rows"].items():
+            if "error" in r:
+                lines.append(f"| {v} | error: {r['error']} | | | | |")
+                continue
+            lines.append(f"| {v} | {r.get('optimizer', '')} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['step_s_median'] * 1e3:.1f} | {r.get('peak_alloc_gib', float('nan')):.2f} | "
+                         f"{r['bytes_per_param']:.2f} |")
+        lines.append("")
+        for k, r in res["ratios"].items():
+            lines.append(f"- {k}: speed {r['speed']:.2f}× (target ≥ {t['speed']}×), bytes/param "
+                         f"{r['bytes_per_param']:.2f}×" + (f", peak memory {r['peak_memory']:.2f}×"
+                                                           if "peak_memory" in r else "")
+                         + f" (target ≤ {t['memory']}×)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="full,projector")
+    ap.add_argument("--variants", default=None, help="comma list (default: every variant of the parts)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _importable_vlm()
+    if args.worker or args.build:
+        r = build(args) if args.build else worker(args)
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="train_modes_"))
+    data = {"device": args.device, "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "parts": {}}
+    if args.device.startswith("cuda"):
+        import torch
+
+        data["device"] = torch.cuda.get_device_name()
+    wanted = args.variants.split(",") if args.variants else None
+    stem = "train_modes" + ("_tiny" if args.tiny else "")
+    failed = False
+    for part in args.parts.split(","):
+        ckpt = work / MODEL[part]
+        common = ["--device", args.device, "--ckpt", str(ckpt), "--part", part,
+                  "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+        t = time.perf_counter()
+        b = run_sub(["--build", *common], args.timeout)
+        if "error" in b:
+            print(f"[{part}] build failed: {b}")
+            return 1
+        print(f"[{part}] built {MODEL[part]} ({b['parameters'] / 1e9:.2f} B parameters) in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+        rows = {}
+        for v in PARTS[part] + EXTRA.get(part, ()):
+            if (wanted and v not in wanted) or (not wanted and v not in PARTS[part]):
+                continue
+            rows[v] = r = run_sub(["--worker", v, *common], args.timeout)
+            failed |= "error" in r
+            print(f"[{v}] " + (f"FAILED {r['error']}\n{r.get('tail', '')}" if "error" in r else
+                               f"{r['tokens_per_s']:,.0f} tok/s, {r['step_s_median'] * 1e3:.1f} ms/step, peak "
+                               f"{r.get('peak_alloc_gib', 0):.2f} GiB, {r['bytes_per_param']:.2f} B/param, "
+                               f"loss {r['losses'][0]:.4f} → {r['losses'][-1]:.4f}"), flush=True)
+        data["parts"][part] = {"model": MODEL[part], "rows": rows, "ratios": ratios(part, rows)}
+        for dst in {Path(args.out), Path(os.environ.get("OUT", args.out))}:
+            dst.mkdir(parents=True, exist_ok=True)
+            (dst / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+            (dst / f"{stem}.md").write_text(markdown(data))
+    print(markdown(data))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

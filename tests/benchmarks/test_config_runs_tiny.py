@@ -1,0 +1,21 @@
+"""benchmarks/config_runs.py --tiny: a shipped new-family config, unchanged but for the CPU
+overrides, trains a step on a shrunk random model and its adapter loads in plain PEFT."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gemma3_config_runs_on_a_tiny_model(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "config_runs.py"), "--runs", "gemma3_4b",
+                        "--steps", "1", "--tiny", "--root", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert '"adapter_plain_peft": "ok' in r.stdout, r.stdout[-2000:]
+    assert (tmp_path / "run_gemma3_4b" / "adapter" / "adapter_config.json").is_file()

@@ -1,0 +1,30 @@
+"""Gemma 3: SigLIP vision tower + multi-modal projector (average pool to a fixed number of soft
+tokens, RMSNorm, linear) + Gemma 3 decoder (GeGLU MLP, ``(1 + w)`` RMSNorm, sliding/full layers)."""
+
+from vlm.families.base import Family, ImageWrap, LanguageKernels, VllmSupport, llava_style_vllm_renames
+
+FAMILY = Family(
+    name="gemma3",
+    description="Gemma 3 (SigLIP vision + pooling projector + Gemma 3 decoder)",
+    model_types=("gemma3",),
+    component_prefixes={
+        "vision": ("model.vision_tower",),
+        "projector": ("model.multi_modal_projector",),
+        "language": ("model.language_model",),
+        "embeddings": ("model.language_model.embed_tokens",),
+        "lm_head": ("lm_head",),
+    },
+    language_layers="model.language_model.layers",
+    end_of_turn="<end_of_turn>",
+    image_placeholder="<start_of_image>",
+    image_token_rule="fixed: <start_of_image> becomes \\n\\n<start_of_image>, mm_tokens_per_image × "
+                     "<image_soft_token> (256 real), <end_of_image>\\n\\n",
+    zoo_variants=("gemma3",),
+    vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
+                     module_renames=llava_style_vllm_renames("vision_tower")),
+    vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
+    language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),
+    # the processor replaces <start_of_image> by \n\n<start_of_image> + soft tokens + <end_of_image>\n\n
+    images_per_sample=True,
+    image_wrap=ImageWrap(before="\n\n", token="<image_soft_token>", after="<end_of_image>\n\n"),
+)

@@ -1,0 +1,26 @@
+"""Mistral-Small-3.1 (Mistral3): Pixtral vision tower + projector (RMSNorm, 2x2 patch merger,
+2-layer GELU MLP) + Mistral decoder."""
+
+from vlm.families.base import Family, VllmSupport, llava_style_vllm_renames
+
+FAMILY = Family(
+    name="mistral3",
+    description="Mistral-Small-3.1 (Pixtral vision + patch-merger projector + Mistral)",
+    model_types=("mistral3",),
+    component_prefixes={
+        "vision": ("model.vision_tower",),
+        "projector": ("model.multi_modal_projector",),
+        "language": ("model.language_model",),
+        "embeddings": ("model.language_model.embed_tokens",),
+        "lm_head": ("lm_head",),
+    },
+    language_layers="model.language_model.layers",
+    end_of_turn="</s>",
+    image_placeholder="[IMG]",
+    image_token_rule="rows of merged 2x2 patches: [IMG]×cols then [IMG_BREAK] per row, the last "
+                     "row ending in [IMG_END]",
+    zoo_variants=("mistral3",),
+    vllm=VllmSupport(architecture="Mistral3ForConditionalGeneration",
+                     module_renames=llava_style_vllm_renames("vision_tower")),
+    vision_blocks=("model.vision_tower.transformer.layers",),
+)

@@ -1,0 +1,221 @@
+"""AdamW for weights stored in bf16, without an fp32 master copy, whose small updates do not stall.
+
+The math of one step (t = step count, g = gradient, all arithmetic in fp32 on the fly):
+
+    m_t = β1·m + (1 − β1)·g                 v_t = β2·v + (1 − β2)·g²
+    w_t = w·(1 − lr·λ) − lr · (m_t / (1 − β1^t)) / (√(v_t / (1 − β2^t)) + ε)
+
+Why plain bf16 AdamW stalls: bf16 keeps 8 significant bits, so a weight moves only when its update
+exceeds half a unit in the last place (|Δw| > 2⁻⁹·|w|). With lr 1e-5 and Adam's normalised step
+≈ lr, a weight of magnitude 0.02 needs |Δw| > 4e-5: every update is rounded away and training
+stops. The same holds for the states: v_t = 0.999·v + 0.001·g² changes v by 0.1 %, below bf16's
+0.4 % resolution, so v neither grows nor decays. Two fixes, per weight tensor:
+
+- ``rounding="stochastic"`` (default): the fp32 result x is written as one of its two bf16
+  neighbours, the upper with probability (x − lower)/(upper − lower), so E[round(x)] = x and tiny
+  updates accumulate in expectation. Done on the bit pattern: add a uniform random 16-bit integer
+  to the fp32 bits, then clear the low 16 bits (truncation toward zero after the random carry).
+  The random bits are a hash of (seed, step, tensor index, element index): a run resumed from a
+  checkpoint draws the same bits as an uninterrupted one (resume is exact), and on a GPU the whole
+  update of a tensor compiles into one kernel.
+- ``rounding="kahan"``: a bf16 compensation buffer c holds what rounding dropped, so w + c carries
+  ~16 significant bits: y = (w + c) + Δw; w ← bf16(y) (to nearest); c ← bf16(y − w), stochastically
+  rounded (c's own 8 bits would otherwise drop a steady small update the same way every step). The
+  weight the model sees lags y by at most half a bf16 spacing instead of a random walk; 2 more
+  bytes per parameter.
+
+The moments m and v are stored in ``state_dtype`` (default: the weight's dtype, bf16): their writes
+are stochastically rounded too (unbiased, so v tracks g² instead of freezing); ``state_dtype=
+torch.float32`` stores them exactly. Tensors with fewer than two dimensions (norm weights, biases:
+a few thousandths of a model, but a loss curve is sensitive to them) keep an fp32 master copy and
+fp32 moments in the optimizer state and are written back to the bf16 weight by round-to-nearest;
+``fp32_master="all"`` does that for every tensor (a small trainable set such as a projector, where
+exactness costs little memory).
+
+Memory per bf16 parameter (weights + grads + optimizer): stochastic with bf16 moments 2 + 2 + 4 =
+8 bytes; kahan 10; fp32 moments +4. transformers' Trainer with bf16 mixed precision keeps fp32
+weights, grads and moments: 16 bytes. Parameters that are not bf16/fp16 get the plain fp32 AdamW
+update above (this class is then torch's AdamW up to summation order).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+_LOW16 = 0xFFFF
+_HIGH16 = -65536          # 0xFFFF0000 as a signed 32-bit integer
+
+
+def random_bits16(like: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
+    """16 pseudo-random bits per element of ``like`` (int32 in [0, 65536)), a pure function of
+    (``key``, element index): murmur3's 32-bit finaliser over index·φ + key. Stateless, so a resumed run
+    draws the same bits, and plain tensor arithmetic, so torch.compile fuses it into the update.
+    (Every product stays below 2⁶³: int64 never overflows.)"""
+    i = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    x = (i * 0x61C88647 + key) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    return (x & _LOW16).to(torch.int32)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | int) -> torch.Tensor:
+    """``x`` (fp32) rounded to ``dtype`` (bf16) up or down at random, unbiased: E[result] = x.
+
+    Adds 16 random bits to the fp32 bit pattern and clears the low 16: the carry into bit 16 (the
+    bf16 ulp) happens with probability (dropped bits)/2¹⁶. fp16 (not a truncated fp32) gets
+    round-to-nearest instead."""
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    bits = (x.contiguous().view(torch.int32) + random_bits16(x, key)) & _HIGH16
+    return bits.view(torch.float32).to(torch.bfloat16)    # exact: the low 16 bits are zero
+
+
+def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> None:
+    """One AdamW update of one tensor, in place (the math in the module docstring).
+
+    ``scalars`` = [lr, lr / (1 − β1^t), 1 − β2^t] (fp32, on the device: no recompile per step);
+    ``key`` (int64 0-d) seeds the rounding of m (key), v (key + 1), w (key + 2) and c (key + 3)."""
+    lr, step_size, bc2 = scalars[0], scalars[1], scalars[2]
+    g = grad.float()
+    m = m_store.float() * beta1 + g * (1 - beta1)
+    v = v_store.float() * beta2 + g * g * (1 - beta2)
+    denom = (v / bc2).sqrt() + eps
+    if master is not None:
+        w = master
+    elif comp is not None:
+        w = p.float() + comp.float()
+    else:
+        w = p.float()
+    if weight_decay:
+        w = w * (1 - lr * weight_decay)
+    w = w - step_size * m / denom
+    m_store.copy_(m if m_store.dtype == torch.float32 else stochastic_round(m, m_store.dtype, key))
+    v_store.copy_(v if v_store.dtype == torch.float32 else stochastic_round(v, v_store.dtype, key + 1))
+    if master is not None:
+        master.copy_(w)
+        p.copy_(w)                                          # round to nearest from the fp32 master
+    elif p.dtype == torch.float32:
+        p.copy_(w)
+    elif comp is not None:
+        rounded = w.to(p.dtype)
+        p.copy_(rounded)
+        comp.copy_(stochastic_round(w - rounded.float(), comp.dtype, key + 3))
+    else:
+        p.copy_(stochastic_round(w, p.dtype, key + 2))
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW updating 16-bit weights in place (see the module docstring for the math).
+
+    Args:
+        rounding: ``"stochastic"`` or ``"kahan"`` for the 16-bit weights.
+        state_dtype: dtype of m and v for 16-bit weights (default: the weight's own dtype).
+        fp32_master: ``"small"`` (tensors with < 2 dims) or ``"all"``: those keep an fp32 master
+            copy and fp32 moments.
+        seed: seeds the stochastic rounding (with the step and the tensor's index).
+        compile: run each tensor's update as one torch.compile'd kernel (default: on CUDA). Eager,
+            the ~20 elementwise ops per tensor each launch a kernel and write an fp32 temporary.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, rounding: str = "stochastic",
+                 state_dtype: torch.dtype | None = None, fp32_master: str = "small", seed: int = 0,
+                 compile: bool | None = None):
+        if rounding not in ("stochastic", "kahan"):
+            raise ValueError(f"rounding: {rounding!r} is not 'stochastic' or 'kahan'")
+        if fp32_master not in ("small", "all"):
+            raise ValueError(f"fp32_master: {fp32_master!r} is not 'small' or 'all'")
+        if lr < 0 or eps < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid lr/eps/betas: {lr}, {eps}, {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.rounding = rounding
+        self.state_dtype = state_dtype
+        self.fp32_master = fp32_master
+        self.seed = int(seed)
+        self.compile = compile
+        self._update = None
+
+    def _update_fn(self, device: torch.device):
+        if self._update is None:
+            use = self.compile if self.compile is not None else device.type == "cuda"
+            self._update = torch.compile(adamw_update, dynamic=True) if use else adamw_update
+        return self._update
+
+    def _key(self, step: int, index: int) -> int:
+        # a fixed function of (seed, step, tensor): a resumed run draws the same bits
+        return (self.seed * 1_000_003 + step * 7_919 + index * 4) % (2 ** 31)
+
+    def _keeps_master(self, p: torch.Tensor) -> bool:
+        return self.fp32_master == "all" or p.dim() < 2
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        low = p.dtype in (torch.bfloat16, torch.float16)
+        if low and self._keeps_master(p):
+            state["master"] = p.detach().float().clone()
+            moments = torch.float32
+        elif low:
+            moments = self.state_dtype or p.dtype
+            if self.rounding == "kahan":
+                state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            moments = p.dtype
+        state["exp_avg"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BF16AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                state["step"] += 1
+                t = int(state["step"].item())
+                scalars = torch.tensor([lr, lr / (1 - beta1 ** t), 1 - beta2 ** t], dtype=torch.float32,
+                                       device=p.device)
+                key = torch.tensor(self._key(t, index), dtype=torch.int64, device=p.device)
+                self._update_fn(p.device)(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                          state.get("master"), state.get("compensation"), scalars, key,
+                                          beta1, beta2, eps, wd)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch's loader casts every floating state tensor to its weight's dtype; our fp32 masters and
+        # moments must come back as saved (fp32), or a resumed run would differ from an unbroken one.
+        # So the groups load through torch (checks, hooks) and the per-tensor state as saved.
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in saved:
+                self.state[p] = {k: (v.clone() if k == "step" else v.to(p.device, copy=True))
+                                 if isinstance(v, torch.Tensor) else v for k, v in saved[i].items()}
+
+
+def optimizer_bytes_per_parameter(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of optimizer state per trained parameter (after at least one step)."""
+    n = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p in optimizer.state)
+    total = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return total / n if n else math.nan

@@ -1,0 +1,243 @@
+"""What `method:` trains and how it is saved: ``lora`` (vlm.lora), ``full`` and ``projector``.
+
+- ``full``: every language-model weight (decoder layers, norms, embeddings, lm_head) and the
+  projector train; the vision tower too with ``training.train_vision``. Weights stay in their load
+  dtype: in bf16 the optimizer is ``BF16AdamW`` (vlm.train.bf16_adamw: no fp32 master copy, updates
+  stochastically rounded or Kahan-compensated; norm weights and biases keep an fp32 master), so a
+  parameter costs 2 (weight) + 2 (grad) + 4 (moments) bytes instead of Trainer's 16. Refused on a
+  4-bit model (QLoRA is ``method: lora`` on a 4-bit policy). Output: ``OUT/model/``, a standard
+  checkpoint (safetensors + config + processor) that plain transformers loads.
+- ``projector``: LLaVA stage 1: only the family's projector (``Family.component_prefixes
+  ["projector"]``) trains; tower and language model frozen. The projector keeps an fp32 master in
+  the optimizer (it is small). Output: ``OUT/projector/projector.safetensors`` (full module names,
+  the load dtype) plus the processor, which ``model.projector_init`` loads as the start of stage 2
+  (``vlm train`` with any method) and plain transformers loads with
+  ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.errors import ConfigError, VlmError
+
+MODEL_DIR = "model"
+PROJECTOR_DIR = "projector"
+PROJECTOR_FILE = "projector.safetensors"
+METHODS = ("lora", "full", "projector")
+
+
+@dataclass
+class ModeSetup:
+    """What the recipe needs from a non-LoRA method."""
+    trainable: dict[str, int]                 # component -> trainable parameters
+    optimizer_cls_and_kwargs: tuple | None     # for transformers.Trainer; None: Trainer's own optim
+    optimizer: str                            # what the summary reports
+
+
+def quantized_counts(model) -> dict[str, int]:
+    from vlm.quant.loading import quant_metadata
+
+    counts = ((quant_metadata(model) or {}).get("counts") or {}).get("quantized") or {}
+    return {k: int(v) for k, v in counts.items() if v}
+
+
+def check_model(model, family, cfg) -> None:
+    """``full`` needs every trained weight in 16/32-bit; ``projector`` needs a 16-bit projector."""
+    quantized = quantized_counts(model)
+    if cfg.method == "full" and quantized:
+        raise ConfigError(
+            f"method: full trains every language weight in 16-bit, but this {family.name} model was "
+            f"loaded with 4/8-bit layers ({', '.join(f'{k}: {v}' for k, v in quantized.items())}; "
+            f"quant: {cfg.quant!r}). Use quant: bf16 (or null) for full fine-tuning, or method: lora "
+            "for QLoRA on the quantized model")
+    if cfg.method == "projector" and quantized.get("projector"):
+        raise ConfigError(f"method: projector trains the projector, which this quant policy stores in "
+                          f"4/8 bit (quant: {cfg.quant!r}); keep the projector 16-bit (the dynamic "
+                          "presets do)")
+
+
+def trainable_components(family, cfg) -> tuple[str, ...]:
+    if cfg.method == "projector":
+        return ("projector",)
+    comps = ("language", "embeddings", "lm_head", "projector")
+    return comps + ("vision",) if cfg.training.train_vision else comps
+
+
+def set_trainable(model, family, components: tuple[str, ...]) -> dict[str, int]:
+    """Freeze everything, then unfreeze the parameters whose module belongs to ``components``.
+
+    Parameters are assigned through their owning module's name (longest component prefix wins, so
+    Qwen2-VL's merger inside the vision tower counts as the projector)."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        comp = family.component_of(name.rsplit(".", 1)[0])
+        p.requires_grad_(comp in components)
+        if comp in components:
+            counts[comp] = counts.get(comp, 0) + p.numel()
+    missing = [c for c in components if c in family.component_prefixes and not counts.get(c)
+               and c not in ("embeddings", "lm_head")]   # tied / shared with language
+    if missing:
+        raise VlmError(f"method: {components}: no parameter of {', '.join(missing)} found in this "
+                       f"{family.name} model (family component paths: "
+                       f"{ {c: family.component_prefixes[c] for c in missing} })")
+    return counts
+
+
+def optimizer_for(model, cfg) -> tuple[tuple | None, str]:
+    """(Trainer's optimizer_cls_and_kwargs, a name for the summary)."""
+    from vlm.train.bf16_adamw import BF16AdamW
+
+    low = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
+    if not low:
+        return None, cfg.training.optimizer          # fp32 weights: Trainer's own optimizer
+    if cfg.training.optimizer != "adamw":
+        raise ConfigError(
+            f"training.optimizer: {cfg.training.optimizer} updates 16-bit weights with round-to-nearest, "
+            "where small updates are lost (training stalls); method full/projector on 16-bit weights "
+            "uses adamw (BF16AdamW: stochastic rounding or training.bf16_update: kahan)")
+    kwargs = dict(lr=cfg.training.lr, betas=(0.9, 0.999), eps=1e-8, rounding=cfg.training.bf16_update,
+                  fp32_master="all" if cfg.method == "projector" else "small", seed=cfg.training.seed)
+    name = ("bf16_adamw (fp32 master)" if cfg.method == "projector"
+            else f"bf16_adamw ({cfg.training.bf16_update})")
+    return (BF16AdamW, kwargs), name
+
+
+def prepare(model, family, cfg) -> ModeSetup:
+    """Set up ``full`` or ``projector`` training on a loaded model (in place)."""
+    from vlm.lora import _output_requires_grad, no_grad_when_frozen
+
+    check_model(model, family, cfg)
+    counts = set_trainable(model, family, trainable_components(family, cfg))
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method == "projector":
+            # the frozen language model's checkpointed layers get their grad path through the image
+            # embeddings; text-only batches need the text embeddings to carry one (as in vlm.lora)
+            emb = model.get_input_embeddings()
+            emb.register_forward_hook(_output_requires_grad)
+    model.config.use_cache = False
+    no_grad_when_frozen(model, family)
+    opt, name = optimizer_for(model, cfg)
+    return ModeSetup(trainable=counts, optimizer_cls_and_kwargs=opt, optimizer=name)
+
+
+def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
+    """Put a Trainer checkpoint's weights into ``model`` (resume of ``full`` / ``projector``).
+
+    Why not Trainer's own resume: save_pretrained writes the checkpoint under the original (legacy)
+    names (``model.layers.0...`` for Qwen2-VL's ``model.language_model.layers.0...``), and Trainer
+    loads it back with ``load_state_dict(strict=False)``, which then matches no key and silently
+    resumes from the *base* weights (seen: the resumed loss jumped back to the step-0 loss). Loading
+    through ``from_pretrained`` applies transformers' name conversion; every tensor must land."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = type(base).from_pretrained(str(checkpoint), dtype=base.dtype, device_map="cpu")
+    state = saved.state_dict()
+    own = base.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise VlmError(f"--resume: {checkpoint} lacks weights of this model: {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state[name])
+    del saved
+    return len(own)
+
+
+# ---- projector files ------------------------------------------------------------------------------
+
+def projector_state_dict(model, family) -> dict[str, torch.Tensor]:
+    """The projector's tensors under their full names in the *ForConditionalGeneration model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = {}
+    for name, t in base.state_dict().items():
+        if family.component_of(name.rsplit(".", 1)[0]) == "projector":
+            out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_projector(model, family, path: str | Path) -> int:
+    """Load a projector-only safetensors (``method: projector``'s output, a file or its folder)
+    into ``model``; every tensor must be a projector tensor of this model with the same shape."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / PROJECTOR_FILE
+    if not p.is_file():
+        raise VlmError(f"model.projector_init: {p} does not exist (give a {PROJECTOR_FILE} or the "
+                       "folder method: projector wrote)")
+    tensors = load_file(str(p))
+    own = projector_state_dict(model, family)
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise VlmError(f"model.projector_init: {p} holds tensors that are not this {family.name} "
+                       f"model's projector: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise VlmError(f"model.projector_init: {p} lacks projector tensors {', '.join(missing[:5])}")
+    bad = [f"{k}: {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in tensors
+           if tensors[k].shape != own[k].shape]
+    if bad:
+        raise VlmError(f"model.projector_init: {p}: shapes differ from this model's projector: "
+                       + "; ".join(bad[:3]))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        for name, t in tensors.items():
+            base.get_parameter(name).copy_(t) if _is_param(base, name) else base.get_buffer(name).copy_(t)
+    return len(tensors)
+
+
+def _is_param(model, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def save_output(model, processor, out: Path, *, cfg, resolution) -> Path:
+    """``full``: OUT/model (standard checkpoint); ``projector``: OUT/projector (projector-only
+    safetensors). Both with the processor and ``vlmtune.json``; written atomically."""
+    from safetensors.torch import save_file
+
+    from vlm.atomic import replacing_folder, write_json
+    from vlm.data_formats.resolution import save_resolution
+    from vlm.train.config import to_plain
+
+    family = model.vlm_family
+    target = out / (MODEL_DIR if cfg.method == "full" else PROJECTOR_DIR)
+    meta = {"vlmtune": {"method": cfg.method, "base_model": cfg.model.path, "family": family.name,
+                        "projector_init": cfg.model.projector_init,
+                        "training": to_plain(cfg.training)}}
+    with replacing_folder(target) as tmp:
+        if cfg.method == "full":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            tensors = projector_state_dict(model, family)
+            dtype = model.dtype
+            save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                      str(tmp / PROJECTOR_FILE),
+                      metadata={"format": "pt", "vlmtune": json.dumps(meta["vlmtune"], default=str)})
+        processor.save_pretrained(tmp)
+        write_json(tmp / "vlmtune.json", meta)
+        save_resolution(tmp, resolution)
+    return target
+
+
+def describe(setup: ModeSetup, cfg) -> str:
+    parts = ", ".join(f"{k} {v:,}" for k, v in setup.trainable.items())
+    return f"method: {cfg.method}: training {sum(setup.trainable.values()):,} parameters ({parts}); " \
+           f"optimizer {setup.optimizer}"
+
+
+def summary_fields(setup: Any, cfg) -> dict:
+    return {"method": cfg.method,
+            "optimizer": setup.optimizer if setup is not None else cfg.training.optimizer}
