@@ -16,7 +16,9 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    from vlm.errors import VlmError
+
+    with pytest.raises(VlmError, match=f"cannot write {path}: disk full"):   # names the file and the cause
         atomic_write(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]   # no temp file left behind

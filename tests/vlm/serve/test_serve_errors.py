@@ -86,7 +86,8 @@ def test_launch_plan_flags(servable_base, trained_adapter):
     assert argv[argv.index("--max-lora-rank") + 1] == "8" and "--enable-lora" in argv
     assert argv[argv.index("--lora-modules") + 1] == f"captions={trained_adapter}"
     assert '"shortest_edge": 3136' in argv[argv.index("--mm-processor-kwargs") + 1]
-    assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 1, "video": 0}'
+    # the servable base is a Qwen2-VL: it trains on video, so the server takes one video per request
+    assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image": 1, "video": 1}'
     assert "sekret" not in " ".join(argv) and launch.env["VLLM_API_KEY"] == "sekret"
     assert launch.env["VLLM_TARGET_DEVICE"] == "cpu"
     assert launch.model_names == [servable_base.name, "captions"]
