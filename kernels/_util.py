@@ -32,6 +32,15 @@ def warps_for(block: int) -> int:
     return 2 if block >= 256 else 1
 
 
+def elementwise_launch(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a 1-D elementwise kernel over ``n`` values (SwiGLU, GeGLU): one
+    4096-value block per program on a GPU; under the CPU interpreter one block over everything (up
+    to 65,536 values), since each interpreted program costs far more than its arithmetic."""
+    if interpreting():
+        return max(16, min(triton.next_power_of_2(n), 1 << 16)), 1
+    return 4096, 8
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Triton launches need CUDA tensors, or CPU tensors under the interpreter."""
     for t in tensors:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlm.kernels._util import check_device, interpreting
+from vlm.kernels._util import check_device, elementwise_launch
 
 _A = math.sqrt(2.0 / math.pi)
 _B = 0.044715
@@ -58,12 +58,6 @@ def _geglu_bwd_kernel(DY, G, U, DG, DU, n, A: tl.constexpr, B: tl.constexpr, BLO
     tl.store(DG + offs, (dy * u * dphi).to(DG.dtype.element_ty), mask=mask)
 
 
-def _block(n: int) -> tuple[int, int]:
-    if interpreting():
-        return max(16, min(triton.next_power_of_2(n), 1 << 16)), 1
-    return 4096, 8
-
-
 class GeGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
@@ -73,7 +67,7 @@ class GeGLUFunction(torch.autograd.Function):
         g, u = g.contiguous(), u.contiguous()
         y = torch.empty_like(g)
         n = g.numel()
-        block, nw = _block(n)
+        block, nw = elementwise_launch(n)
         _geglu_fwd_kernel[(triton.cdiv(n, block),)](g, u, y, n, A=_A, B=_B, BLOCK=block, num_warps=nw)
         ctx.save_for_backward(g, u)
         return y
@@ -84,7 +78,7 @@ class GeGLUFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
-        block, nw = _block(n)
+        block, nw = elementwise_launch(n)
         _geglu_bwd_kernel[(triton.cdiv(n, block),)](dy, g, u, dg, du, n, A=_A, B=_B, BLOCK=block,
                                                     num_warps=nw)
         return dg, du

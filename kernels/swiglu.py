@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlm.kernels._util import check_device, interpreting
+from vlm.kernels._util import check_device, elementwise_launch
 
 
 @triton.jit
@@ -45,12 +45,6 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DG + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
 
 
-def _block(n: int) -> tuple[int, int]:
-    if interpreting():
-        return max(16, min(triton.next_power_of_2(n), 1 << 16)), 1
-    return 4096, 8
-
-
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
@@ -60,7 +54,7 @@ class SwiGLUFunction(torch.autograd.Function):
         g, u = g.contiguous(), u.contiguous()
         y = torch.empty_like(g)
         n = g.numel()
-        block, nw = _block(n)
+        block, nw = elementwise_launch(n)
         _swiglu_fwd_kernel[(triton.cdiv(n, block),)](g, u, y, n, BLOCK=block, num_warps=nw)
         ctx.save_for_backward(g, u)
         return y
@@ -71,7 +65,7 @@ class SwiGLUFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
-        block, nw = _block(n)
+        block, nw = elementwise_launch(n)
         _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dy, g, u, dg, du, n, BLOCK=block, num_warps=nw)
         return dg, du
 

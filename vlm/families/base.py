@@ -22,6 +22,15 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 FUSED_LINEARS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
 
+# The component map of the transformers-5 "LLaVA layout" (LLaVA, Pixtral, Gemma 3, Mistral 3): the
+# tower under model.vision_tower, the projector under model.multi_modal_projector, the decoder
+# under model.language_model. A function, so each family gets its own dict.
+def llava_style_components() -> dict[str, tuple[str, ...]]:
+    return {"vision": ("model.vision_tower",), "projector": ("model.multi_modal_projector",),
+            "language": ("model.language_model",), "embeddings": ("model.language_model.embed_tokens",),
+            "lm_head": ("lm_head",)}
+
+
 # The checkpoint -> vLLM module renaming of the families whose vLLM class nests the text model as
 # ``language_model.model`` (vLLM's ``hf_to_vllm_mapper``, transformers-5 checkpoint layout).
 def llava_style_vllm_renames(vision: str) -> tuple[tuple[str, str], ...]:

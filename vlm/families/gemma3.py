@@ -1,19 +1,14 @@
 """Gemma 3: SigLIP vision tower + multi-modal projector (average pool to a fixed number of soft
 tokens, RMSNorm, linear) + Gemma 3 decoder (GeGLU MLP, ``(1 + w)`` RMSNorm, sliding/full layers)."""
 
-from vlm.families.base import Family, ImageWrap, LanguageKernels, VllmSupport, llava_style_vllm_renames
+from vlm.families.base import (Family, ImageWrap, LanguageKernels, VllmSupport, llava_style_components,
+                               llava_style_vllm_renames)
 
 FAMILY = Family(
     name="gemma3",
     description="Gemma 3 (SigLIP vision + pooling projector + Gemma 3 decoder)",
     model_types=("gemma3",),
-    component_prefixes={
-        "vision": ("model.vision_tower",),
-        "projector": ("model.multi_modal_projector",),
-        "language": ("model.language_model",),
-        "embeddings": ("model.language_model.embed_tokens",),
-        "lm_head": ("lm_head",),
-    },
+    component_prefixes=llava_style_components(),
     language_layers="model.language_model.layers",
     end_of_turn="<end_of_turn>",
     image_placeholder="<start_of_image>",

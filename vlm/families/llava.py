@@ -1,6 +1,6 @@
 """LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
 
-from vlm.families.base import Family, GgufSupport, llava_style_vllm_renames, VllmSupport
+from vlm.families.base import Family, GgufSupport, llava_style_components, llava_style_vllm_renames, VllmSupport
 
 
 def _clip_vision(config) -> bool:
@@ -12,13 +12,7 @@ FAMILY = Family(
     description="LLaVA-1.5 (CLIP vision + MLP projector + Llama)",
     model_types=("llava",),
     config_matches=_clip_vision,
-    component_prefixes={
-        "vision": ("model.vision_tower",),
-        "projector": ("model.multi_modal_projector",),
-        "language": ("model.language_model",),
-        "embeddings": ("model.language_model.embed_tokens",),
-        "lm_head": ("lm_head",),
-    },
+    component_prefixes=llava_style_components(),
     language_layers="model.language_model.layers",
     image_placeholder="<image>",
     end_of_turn="</s>",

@@ -1,19 +1,13 @@
 """Mistral-Small-3.1 (Mistral3): Pixtral vision tower + projector (RMSNorm, 2x2 patch merger,
 2-layer GELU MLP) + Mistral decoder."""
 
-from vlm.families.base import Family, VllmSupport, llava_style_vllm_renames
+from vlm.families.base import Family, llava_style_components, llava_style_vllm_renames, VllmSupport
 
 FAMILY = Family(
     name="mistral3",
     description="Mistral-Small-3.1 (Pixtral vision + patch-merger projector + Mistral)",
     model_types=("mistral3",),
-    component_prefixes={
-        "vision": ("model.vision_tower",),
-        "projector": ("model.multi_modal_projector",),
-        "language": ("model.language_model",),
-        "embeddings": ("model.language_model.embed_tokens",),
-        "lm_head": ("lm_head",),
-    },
+    component_prefixes=llava_style_components(),
     language_layers="model.language_model.layers",
     end_of_turn="</s>",
     image_placeholder="[IMG]",

@@ -1,6 +1,6 @@
 """Pixtral in the HF LLaVA layout: Pixtral ViT (2-D RoPE, any resolution) + projector + Mistral."""
 
-from vlm.families.base import Family, llava_style_vllm_renames, VllmSupport
+from vlm.families.base import Family, llava_style_components, llava_style_vllm_renames, VllmSupport
 
 
 def _pixtral_vision(config) -> bool:
@@ -31,13 +31,7 @@ FAMILY = Family(
     description="Pixtral (HF llava layout: Pixtral vision + projector + Mistral)",
     model_types=("llava",),
     config_matches=_pixtral_vision,
-    component_prefixes={
-        "vision": ("model.vision_tower",),
-        "projector": ("model.multi_modal_projector",),
-        "language": ("model.language_model",),
-        "embeddings": ("model.language_model.embed_tokens",),
-        "lm_head": ("lm_head",),
-    },
+    component_prefixes=llava_style_components(),
     language_layers="model.language_model.layers",
     image_placeholder="[IMG]",
     end_of_turn="</s>",
