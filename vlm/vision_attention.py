@@ -1,85 +1,154 @@
-"""One attention call per vision block for a batch of equal-size images (Qwen2-VL, Qwen2.5-VL towers).
+"""One attention call per vision block for a batch of images (Qwen2-VL, Qwen2.5-VL, Qwen3-VL towers).
 
 Qwen2-VL's vision tower packs every image of a batch into one sequence of N patches and, outside
 flash-attention builds, runs attention *image by image* (``torch.split`` by ``cu_seqlens``, one SDPA
 call per image frame, then ``torch.cat``): 8 images × 32 blocks = 256 small attention calls plus the
-split/cat per step, and the per-image lengths come from a device-to-host copy in every block.
+split/cat per step, and the per-image lengths come from a device-to-host copy in every block — a
+data-dependent ``.tolist()`` that also breaks a ``torch.compile`` graph in every block.
 
-When every frame of the batch has the same patch count L (fixed-resolution training, the common
-case), the packed sequence is exactly n = N / L independent sequences of length L, so
+The packed sequence is n independent segments (frames, or Qwen2.5-VL's windows) of lengths
+L_1..L_n, and attention never crosses a segment:
 
-    attn(x)[image i] = softmax(q_i k_iᵀ · d^-½) v_i      for i = 1..n
+    attn(x)[segment i] = softmax(q_i k_iᵀ · d^-½) v_i      for i = 1..n
 
-is one batched SDPA over (n, heads, L, d) — the same numbers, one kernel. The tower's wrapper reads
-the frame sizes from ``grid_thw`` once per forward; each attention module uses the batched path only
-while that mark is set, and HF's own forward otherwise (unequal sizes, or a direct module call).
+- equal lengths L (fixed-resolution training, the common case): the packed (N, heads, d) tensors
+  are exactly (n, heads, L, d), one batched SDPA, no copy;
+- unequal lengths (mixed image sizes): each segment is gathered into a row of an (n, L_max) grid,
+  the L_max − L_i padding keys of row i masked out (weight exp(−∞) = 0, so each real query's softmax
+  runs over its own segment's keys only: the same function), one batched SDPA, and the real rows
+  gathered back to packed order. It costs n·L_max² score entries instead of Σ L_i², so the padded
+  path is taken only while n·L_max² ≤ ``MAX_PADDED_COST`` · Σ L_i²; past that (one large image among
+  many small ones) HF's per-segment loop runs.
 
-Qwen2.5-VL's tower runs 28 of its 32 blocks over *windows* and the others over whole frames (HF:
-one SDPA call per window, 16 per 448² image per block). Its windows are equal whenever each frame's
-merged grid is a multiple of the window side w = window_size / (patch_size · spatial_merge_size) in
-both directions (112 px windows: image sides that are multiples of 112 px): every window then holds
-w² · merge² consecutive patches (the tower has already permuted patches into window order, rotary
-tables included), so the window blocks batch the same way with L = w² · merge², and the
-full-attention blocks with L = h · w.
+The tower's wrapper reads the segment lengths from ``grid_thw`` once per forward (one host read, not
+one per block), builds the gather indices and key mask on the device once, and marks each attention
+module; a module uses the batched path only while that mark is set, and HF's own forward otherwise
+(a direct module call). With the indices as tensor inputs, nothing in a block depends on data:
+compiled vision blocks trace whole (``vlm.train.compile``).
+
+Qwen2.5-VL's tower runs most blocks over *windows* of side w = window_size / (patch_size ·
+spatial_merge_size) merged patches and the others over whole frames; the tower has already permuted
+patches into window order (rotary tables included), so window j holds rows_j · cols_j · merge²
+consecutive patches, where rows_j, cols_j ≤ w are what of the window lies inside the image.
 
 Handled: Qwen2-VL's ``VisionAttention``, Qwen2.5-VL's ``Qwen2_5_VLVisionAttention`` and Qwen3-VL's
 ``Qwen3VLVisionAttention`` (same fields and math; their forward, transformers 5.17–5.19, is
-reproduced below). Used by training
-(``vlm train``) and by the eval harness's local generation.
+reproduced below). Used by training (``vlm train``) and by the eval harness's local generation.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from types import MethodType
 
 import torch
 from torch import nn
 
+# The padded path may compute up to this many times the score entries of per-segment attention.
+MAX_PADDED_COST = 2.0
 
-def _uniform_attention_forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
-    seg = self._vlm_uniform_len
-    if seg is None or position_embeddings is None or hidden_states.shape[0] % seg:
+
+@dataclass(frozen=True)
+class Segments:
+    """How one tower forward's packed sequence splits into attention segments.
+
+    ``length``: every segment has this many patches (no gather); else ``gather`` (n, L_max) indices
+    of each row's patches in the packed sequence (padding repeats the row's first patch),
+    ``keep`` (n, 1, 1, L_max) True at real keys, ``scatter`` (N,) the position of each packed patch
+    in the flattened (n · L_max) grid."""
+
+    n: int
+    length: int | None = None
+    gather: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None
+
+    @property
+    def patches(self) -> int:
+        """N, the packed sequence's length."""
+        return self.n * self.length if self.length is not None else self.scatter.shape[0]
+
+
+def plan_segments(lengths: list[int], device) -> Segments | None:
+    """The batched layout of segments of ``lengths`` patches, or None where padding costs too much."""
+    if not lengths:
+        return None
+    n, longest = len(lengths), max(lengths)
+    if len(set(lengths)) == 1:
+        return Segments(n=n, length=longest)
+    if n * longest * longest > MAX_PADDED_COST * sum(L * L for L in lengths):
+        return None
+    lens = torch.tensor(lengths)
+    starts = torch.cumsum(lens, 0) - lens
+    cols = torch.arange(longest)
+    keep = cols[None, :] < lens[:, None]                               # (n, L_max)
+    gather = torch.where(keep, starts[:, None] + cols[None, :], starts[:, None])
+    scatter = (torch.arange(n)[:, None] * longest + cols[None, :])[keep]   # row-major = packed order
+    return Segments(n=n, gather=gather.to(device), keep=keep[:, None, None, :].to(device),
+                    scatter=scatter.to(device))
+
+
+def _batched_attention_forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
+    seg = self._vlm_segments
+    if seg is None or position_embeddings is None or hidden_states.shape[0] != seg.patches:
         return self._vlm_hf_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     n_tok = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(n_tok, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = rotary(q, k, cos, sin)
-    n = n_tok // seg
+    if seg.length is not None:
+        def rows(t):   # (N, heads, d) -> (n, heads, L, d): a view
+            return t.reshape(seg.n, seg.length, self.num_heads, -1).transpose(1, 2)
 
-    def frames(t):   # (N, heads, d) -> (n, heads, L, d)
-        return t.reshape(n, seg, self.num_heads, -1).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(rows(q), rows(k), rows(v), scale=self.scaling)
+        return self.proj(out.transpose(1, 2).reshape(n_tok, -1))
 
-    out = torch.nn.functional.scaled_dot_product_attention(frames(q), frames(k), frames(v), scale=self.scaling)
-    return self.proj(out.transpose(1, 2).reshape(n_tok, -1))
+    def rows(t):       # (N, heads, d) -> (n, heads, L_max, d): each segment gathered into its row
+        return t[seg.gather].transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=seg.keep,
+                                                           scale=self.scaling)
+    out = out.transpose(1, 2).reshape(seg.gather.numel(), -1)[seg.scatter]
+    return self.proj(out)
 
 
-def _segment_lengths(tower, rows: list[list[int]]) -> tuple[int | None, int | None]:
-    """(frame length, window length) in patches when all frames / all windows are equal, else None."""
-    sizes = {h * w for _, h, w in rows}
-    frame = next(iter(sizes)) if len(sizes) == 1 else None
-    window = None
-    if hasattr(tower, "window_size") and rows:    # Qwen2.5-VL: windows of side w merged patches
-        merge = tower.spatial_merge_size
-        side = tower.window_size // merge // tower.patch_size
-        if side > 0 and all(h % merge == 0 and w % merge == 0 and (h // merge) % side == 0
-                            and (w // merge) % side == 0 for _, h, w in rows):
-            window = side * side * merge * merge
-    return frame, window
+def frame_lengths(rows: list[list[int]]) -> list[int]:
+    """Patches per frame: each (t, h, w) row of ``grid_thw`` is t frames of h·w patches."""
+    return [h * w for t, h, w in rows for _ in range(t)]
+
+
+def window_lengths(rows: list[list[int]], merge: int, side: int) -> list[int]:
+    """Patches per Qwen2.5-VL window, in the tower's window order: each frame's (h/merge, w/merge)
+    grid of merged patches cut into side × side windows row by row, the last row and column of
+    windows cut short by the image border; each merged patch is merge² patches."""
+    out = []
+    for t, h, w in rows:
+        gh, gw = h // merge, w // merge
+        heights = [min(side, gh - i) for i in range(0, gh, side)]
+        widths = [min(side, gw - j) for j in range(0, gw, side)]
+        out.extend(a * b * merge * merge for _ in range(t) for a in heights for b in widths)
+    return out
 
 
 def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
-    frame = window = None
+    frames = windows = None
     if grid_thw is not None:   # one host read per forward, not per block
-        frame, window = _segment_lengths(self, grid_thw.tolist())
+        rows = grid_thw.tolist()
+        device = hidden_states.device
+        frames = plan_segments(frame_lengths(rows), device)
+        if hasattr(self, "window_size"):   # Qwen2.5-VL
+            merge = self.spatial_merge_size
+            side = self.window_size // merge // self.patch_size
+            windows = plan_segments(window_lengths(rows, merge, side), device) if side > 0 else None
     for mod in self._vlm_uniform_modules:
-        mod._vlm_uniform_len = window if mod._vlm_window else frame
+        mod._vlm_segments = windows if mod._vlm_window else frames
     try:
         return self._vlm_tower_forward(hidden_states, grid_thw, *args, **kwargs)
     finally:
         for mod in self._vlm_uniform_modules:
-            mod._vlm_uniform_len = None
+            mod._vlm_segments = None
 
 
 _ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
@@ -104,8 +173,9 @@ def _windowed(tower: nn.Module, mods: list[nn.Module]) -> list[bool]:
 
 
 def batch_equal_images(model: nn.Module, family) -> int:
-    """Install the batched path on every Qwen2-VL / Qwen2.5-VL vision attention of ``model``; returns
-    how many (0 for other towers). Idempotent."""
+    """Install the batched path on every Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention of
+    ``model`` (equal segments as a view, unequal ones padded; see the module doc); returns how many
+    (0 for other towers). Idempotent."""
     n = 0
     for _, tower in family.component_roots(model, "vision"):
         if "_vlm_tower_forward" in tower.__dict__:
@@ -116,9 +186,9 @@ def batch_equal_images(model: nn.Module, family) -> int:
             continue
         for m, windowed in zip(mods, _windowed(tower, mods)):
             m._vlm_window = windowed
-            m._vlm_uniform_len = None
+            m._vlm_segments = None
             m._vlm_hf_forward = m.forward
-            m.forward = MethodType(_uniform_attention_forward, m)
+            m.forward = MethodType(_batched_attention_forward, m)
         tower._vlm_uniform_modules = mods
         tower._vlm_tower_forward = tower.forward
         tower.forward = MethodType(_tower_forward, tower)

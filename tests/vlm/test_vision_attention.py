@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlm
-from vlm.vision_attention import batch_equal_images
+from vlm.vision_attention import batch_equal_images, frame_lengths, plan_segments, window_lengths
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,9 @@ def _tower_outputs(model, batched, grid, monkeypatch, seed):
     return ref, out, calls
 
 
-@pytest.mark.parametrize("grid", [[[1, 4, 4]] * 3, [[2, 4, 6]], [[1, 4, 4], [1, 2, 4]]],
-                         ids=["3 equal images", "2 frames of one video", "unequal images"])
+@pytest.mark.parametrize("grid", [[[1, 4, 4]] * 3, [[2, 4, 6]], [[1, 4, 4], [1, 2, 4]], [[1, 4, 6], [2, 4, 4], [1, 2, 6]]],
+                         ids=["3 equal images", "2 frames of one video", "unequal images",
+                              "mixed images and a video"])
 def test_same_tower_output(qwen, grid, monkeypatch):
     batched = copy.deepcopy(qwen)
     n_attn = batch_equal_images(batched, qwen.vlm_family)
@@ -51,14 +52,35 @@ def test_same_tower_output(qwen, grid, monkeypatch):
     ref, out, calls = _tower_outputs(qwen, batched, grid, monkeypatch, seed=0)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     frames = sum(t for t, _, _ in grid)
-    sizes = {h * w for _, h, w in grid}
-    if len(sizes) == 1:   # one call per block over all frames
-        assert calls == [(frames, qwen.config.vision_config.num_heads, sizes.pop(),
-                          qwen.config.vision_config.embed_dim // qwen.config.vision_config.num_heads)] * n_attn
-    else:                 # HF's loop: a call per frame per block
-        assert len(calls) == frames * n_attn
+    longest = max(h * w for _, h, w in grid)
+    # one call per block over all frames, unequal ones padded to the longest
+    assert calls == [(frames, qwen.config.vision_config.num_heads, longest,
+                      qwen.config.vision_config.embed_dim // qwen.config.vision_config.num_heads)] * n_attn
     # outside a tower call the modules fall back to HF's forward
-    assert all(m._vlm_uniform_len is None for m in batched.model.visual._vlm_uniform_modules)
+    assert all(m._vlm_segments is None for m in batched.model.visual._vlm_uniform_modules)
+
+
+def test_padding_past_the_cost_bound_runs_hf_loop(qwen, monkeypatch):
+    """One large image among small ones: padding would cost more than MAX_PADDED_COST times the
+    per-image attention, so HF's loop runs (a call per frame per block), with the same numbers."""
+    grid = [[1, 8, 8]] + [[1, 2, 2]] * 6     # 7·64² = 28,672 > 2·(64² + 6·4²) = 8,384 score entries
+    assert plan_segments(frame_lengths(grid), "cpu") is None
+    batched = copy.deepcopy(qwen)
+    n_attn = batch_equal_images(batched, qwen.vlm_family)
+    ref, out, calls = _tower_outputs(qwen, batched, grid, monkeypatch, seed=2)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert len(calls) == len(grid) * n_attn
+
+
+def test_padded_plan_gathers_and_scatters_back():
+    lengths = [3, 1, 2]
+    seg = plan_segments(lengths, "cpu")
+    assert seg.length is None and seg.n == 3 and seg.patches == 6
+    assert seg.gather.tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 4]]
+    assert seg.keep[:, 0, 0].tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    x = torch.arange(6)
+    assert x[seg.gather].reshape(-1)[seg.scatter].tolist() == x.tolist()
+    assert plan_segments([5, 5], "cpu").length == 5 and plan_segments([], "cpu") is None
 
 
 def test_other_towers_untouched(tiny_checkpoint):
@@ -72,9 +94,9 @@ def qwen25(tiny_checkpoint):
     return model
 
 
-@pytest.mark.parametrize("grid", [[[1, 8, 8]] * 3, [[2, 4, 8]], [[1, 4, 4], [1, 8, 4]], [[1, 6, 6]] * 2],
+@pytest.mark.parametrize("grid", [[[1, 8, 8]] * 3, [[2, 4, 8]], [[1, 4, 4], [1, 8, 4]], [[1, 6, 6]] * 2, [[1, 6, 10], [2, 4, 4]]],
                          ids=["3 equal images", "2 frames of one video", "unequal images, equal windows",
-                              "windows cut by the image border"])
+                              "windows cut by the image border", "mixed sizes, uneven windows"])
 def test_qwen2_5_vl_windows_same_tower_output(qwen25, grid, monkeypatch):
     tower_cfg = qwen25.config.vision_config
     batched = copy.deepcopy(qwen25)
@@ -84,28 +106,30 @@ def test_qwen2_5_vl_windows_same_tower_output(qwen25, grid, monkeypatch):
     assert windowed == [i not in tower_cfg.fullatt_block_indexes for i in range(tower_cfg.depth)]
     ref, out, calls = _tower_outputs(qwen25, batched, grid, monkeypatch, seed=1)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    n_patches = sum(t * h * w for t, h, w in grid)
     merge, side = tower.spatial_merge_size, tower.window_size // tower.spatial_merge_size // tower.patch_size
-    window_len = side * side * merge * merge
-    windows_equal = all((h // merge) % side == 0 and (w // merge) % side == 0 for _, h, w in grid)
-    frames_equal = len({h * w for _, h, w in grid}) == 1
-    window_calls = [c for c in calls if c[2] == window_len and c[0] == n_patches // window_len]
-    # a batched window block is one call over all n windows; otherwise HF's loop, a call per window
-    assert len(window_calls) == (sum(windowed) if windows_equal else 0), calls
-    frames = sum(t for t, _, _ in grid)
-    frame_calls = [c for c in calls if frames_equal and c[0] == frames and c[2] == grid[0][1] * grid[0][2]]
-    assert len(frame_calls) == (len(windowed) - sum(windowed) if frames_equal else 0), calls
+    heads, head_dim = tower_cfg.num_heads, tower_cfg.hidden_size // tower_cfg.num_heads
+    expected = []   # one call per block: (segments, heads, longest, d), or HF's loop past the cost bound
+    for w in windowed:
+        lengths = window_lengths(grid, merge, side) if w else frame_lengths(grid)
+        if plan_segments(lengths, "cpu") is None:
+            expected += [(1, heads, L, head_dim) for L in lengths]
+        else:
+            expected.append((len(lengths), heads, max(lengths), head_dim))
+    assert calls == expected
+    assert sum(c[0] > 1 for c in calls) >= 1   # at least one batched call in each case
 
 
-def test_qwen3_vl_tower_batched_equals_hf(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("rows", [[[1, 4, 4]] * 3, [[1, 4, 4], [2, 4, 6], [1, 2, 4]]],
+                         ids=["3 equal images", "mixed images and a video"])
+def test_qwen3_vl_tower_batched_equals_hf(tiny_checkpoint, monkeypatch, rows):
     """Qwen3-VL's tower (DeepStack features included) through the batched path: HF's numbers, one
-    SDPA call per block for equal images."""
+    SDPA call per block over every frame."""
     model, _ = vlm.load(tiny_checkpoint("qwen3_vl"), dtype="fp32", device="cpu")
     batched = copy.deepcopy(model)
     depth = model.config.vision_config.depth
     assert batch_equal_images(batched, model.vlm_family) == depth
-    grid = torch.tensor([[1, 4, 4]] * 3)
-    x = torch.randn(48, model.model.visual.patch_embed.proj.weight[0].numel(),
+    grid = torch.tensor(rows)
+    x = torch.randn(sum(t * h * w for t, h, w in rows), model.model.visual.patch_embed.proj.weight[0].numel(),
                     generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model.model.visual(x, grid_thw=grid)
@@ -114,4 +138,5 @@ def test_qwen3_vl_tower_batched_equals_hf(tiny_checkpoint, monkeypatch):
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-6, atol=1e-6)
     for a, b in zip(out.deepstack_features, ref.deepstack_features, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert len(calls) == depth and all(c[0] == 3 for c in calls)
+    frames = sum(t for t, _, _ in rows)
+    assert len(calls) == depth and all(c[0] == frames for c in calls)
