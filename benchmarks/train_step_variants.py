@@ -95,7 +95,7 @@ def ablation(variant: str, flags: set, model, family, info: dict) -> None:
 
         inductor_config.cpp_wrapper = True
     info["compiled_layers"] = compile_language_layers(model, family, checkpoint_inside="hfck" not in flags)
-    if info.get("vision_attention_batched") and "evis" not in flags:   # as vlm train does
+    if not flags & {"evis", "novis"}:   # frozen vision blocks compiled, as vlm train does
         info["compiled_vision_blocks"] = compile_vision_blocks(model, family)
     if "gc2" in flags:   # selective: checkpoint layers 0, 2, 4, ...
         for i, layer in enumerate(language_layers(model, family)):

@@ -22,9 +22,13 @@ How (nothing of transformers or PEFT is edited):
   partitioner saved every deq(W): +4 GiB at 2B). LoRA's own matmuls stay in the graph.
   The fused linear cross-entropy sits outside the layers and stays ours.
 - the frozen vision tower's blocks (``compile_vision_blocks``): inference graphs, one for all blocks,
-  where they trace whole — Qwen2-VL's and Qwen2.5-VL's with ``vlm.vision_attention``'s batched
-  attention; other towers graph-break inside their blocks and stay eager (``vlm train`` compiles
-  only the former);
+  each block whole in every family. Two things would break them, and neither is edited: Qwen towers
+  split attention per image by data-dependent lengths (``vlm.vision_attention`` batches them into one
+  SDPA with precomputed indices), and transformers' output-capturing hooks (LLaVA's and Mistral 3's
+  tower is asked for hidden states) read a ``ContextVar`` that dynamo cannot trace. So a block's
+  ``forward`` is compiled rather than its ``__call__``: the block's own hook runs eagerly around the
+  graph, and for the hooks of modules inside it the collector is read once outside the graph and handed
+  in through transformers' ``CompileableContextVar`` compile slot (``_collector_handed_in``);
 - ``chunk_mlps``: each layer's MLP over n token blocks, so the compiled backward holds ~1/n of its
   (tokens × intermediate) tensors at once (``training.mlp_chunks``);
 - ``mode="reduce-overhead"`` (``training.cuda_graphs``): each compiled layer replays a CUDA graph per
@@ -157,15 +161,60 @@ def vision_blocks(model: nn.Module, family) -> list[nn.Module]:
     return blocks
 
 
+def _output_collector():
+    """transformers' output-capturing collector (a ``CompileableContextVar``), or None where this
+    transformers has none."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return None
+    var = getattr(output_capturing, "_active_collector", None)
+    return var if all(hasattr(var, a) for a in ("context_var", "global_var", "compiling")) else None
+
+
+def _collector_handed_in(compiled, *args, **kwargs):
+    """Call ``compiled`` with transformers' output collector readable inside the graph.
+
+    The output-capturing hooks call ``_active_collector.get()``; eagerly that reads a ContextVar, which
+    dynamo cannot trace (a graph break in every block). transformers' ``CompileableContextVar`` has a
+    mode for compiled code: while ``compiling`` is set, ``get()`` returns ``global_var``, a plain
+    attribute dynamo traces and guards on. Here the ContextVar is read eagerly, put in that slot for
+    the compiled call, and the slot cleared after: the hooks inside see exactly what they would have
+    seen eagerly. The slot is process-global during the call, as in transformers' own compiled mode
+    (vlm runs a model from one thread)."""
+    var = _output_collector()
+    if var is None or var.compiling:
+        return compiled(*args, **kwargs)
+    var.global_var, var.compiling = var.context_var.get(), True
+    try:
+        return compiled(*args, **kwargs)
+    finally:
+        var.global_var, var.compiling = None, False
+
+
 def compile_vision_blocks(model: nn.Module, family, *, backend: str = "inductor", mode: str | None = None) -> int:
-    """Compile each vision transformer block (frozen towers run them under no_grad: inference graphs)."""
+    """Compile each vision transformer block's ``forward`` (frozen towers run them under no_grad:
+    inference graphs); returns how many were compiled. Idempotent.
+
+    The forward, not ``__call__``: hooks registered on the block itself (transformers' hidden-state
+    capture) stay eager around the graph; those on modules inside it read the output collector handed
+    in by ``_collector_handed_in``. Identical blocks share one graph."""
+    from functools import partial
+
     n = 0
     for block in vision_blocks(model, family):
-        if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(backend=backend, mode=mode)
-            n += 1
+        if "_vlm_eager_forward" in block.__dict__:
+            continue
+        block._vlm_eager_forward = block.forward
+        block.forward = partial(_collector_handed_in, torch.compile(block.forward, backend=backend, mode=mode))
+        n += 1
     _make_room(n)
     return n
+
+
+def vision_blocks_compiled(model: nn.Module, family) -> int:
+    """How many of the family's vision blocks in ``model`` run a compiled forward."""
+    return sum("_vlm_eager_forward" in block.__dict__ for block in vision_blocks(model, family))
 
 
 def is_compiled(model: nn.Module, family) -> bool:

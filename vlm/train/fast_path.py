@@ -74,10 +74,9 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
     warning = compile_memory_warning(model, kernels=cfg.kernels)
     if warning:
         print(f"warning: {warning}")
-    if done.vision_attention_batched and not vision_trains(model, family):
-        # Qwen2-VL / Qwen2.5-VL towers with the batched attention trace whole for equal-size
-        # frames/windows (other sizes: HF's split, a graph break inside each block, still
-        # correct); other towers graph-break (transformers' output-capturing hooks): left eager
+    if not vision_trains(model, family):
+        # frozen towers: every family's blocks trace whole (Qwen towers with the batched attention
+        # above; transformers' output-capturing hooks kept out of the graph: vlm.train.compile)
         done.compiled_vision_blocks = compile_vision_blocks(model, family)
     n_layers = done.compiled_layers = compile_language_layers(
         model, family, mode="reduce-overhead" if plan.cuda_graphs else None)

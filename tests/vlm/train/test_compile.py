@@ -169,33 +169,53 @@ def test_qwen2_5_vl_tower_with_batched_windows_compiles_whole(tiny_checkpoint):
         torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "qwen2_vl"])  # qwen2_vl: above
-def test_every_family_compiles_to_the_same_gradients(tiny_checkpoint, chat_batch, variant):
-    """Decoder layers compile without graph breaks, then with the frozen vision blocks the family
-    names (batched vision attention where the tower allows it, as the fast path runs them), to the
-    eager model's loss and gradients."""
+def _two_image_batch(processor, image_token_id):
+    """Two images of different sizes in a two-turn chat: mixed sizes are what make vision attention
+    data-dependent (unequal segments) and what real datasets hold."""
+    from PIL import Image, ImageDraw
+
+    big = Image.new("RGB", (160, 96), (30, 60, 200))
+    ImageDraw.Draw(big).rectangle([20, 12, 100, 60], fill=(220, 30, 30))
+    small = Image.new("RGB", (40, 56), (20, 160, 40))
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": big}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red box on blue."}]},
+        {"role": "user", "content": [{"type": "image", "image": small}, {"type": "text", "text": "And this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a plain green card, taller than wide."}]},
+    ]
+    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[labels == image_token_id] = -100
+    batch["labels"] = labels
+    return batch
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_family_compiles_without_graph_breaks_to_the_same_gradients(tiny_checkpoint, variant):
+    """Decoder layers, then the frozen vision blocks the family names (batched vision attention where
+    the tower allows it, as the fast path runs them), compile with zero graph breaks on two images of
+    different sizes, to the eager model's loss and gradients."""
     model, processor = vlm.load(tiny_checkpoint(variant), dtype="fp32", device="cpu")
     cfg = model.config
-    batch = chat_batch(processor, getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+    batch = _two_image_batch(processor, getattr(cfg, "image_token_id", None) or cfg.image_token_index)
     eager = _lora(model)
     compiled = copy.deepcopy(eager)
     l_eager, g_eager = _loss_and_grads(eager, batch)
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()   # reset() keeps counters: an earlier test's vision breaks
+    torch._dynamo.utils.counters.clear()   # reset() keeps counters: an earlier test's breaks
     batch_equal_images(compiled, model.vlm_family)   # as the fast path does, where the tower allows it
     compile_language_layers(compiled, model.vlm_family, backend="aot_eager")
     l_comp, g_comp = _loss_and_grads(compiled, batch)
-    assert _graph_breaks() == 0   # decoder layers compile whole in every family
+    assert _graph_breaks() == 0, dict(torch._dynamo.utils.counters["graph_break"])
     assert l_comp == pytest.approx(l_eager, rel=1e-6)
     for name, g in g_eager.items():
         torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
-    # Then the frozen vision blocks the family names: the same numbers. (Graph breaks remain in
-    # towers whose layers hold transformers' output-capturing hooks, which read a ContextVar dynamo
-    # cannot trace — CLIP, Pixtral, Mllama's — and in towers that split attention per image by
-    # data-dependent lengths unless vlm.vision_attention batches them.)
+    # then the frozen vision blocks: whole graphs too, the same numbers
     n_vis = compile_vision_blocks(compiled, model.vlm_family, backend="aot_eager")
     assert n_vis == len(vision_blocks(compiled, model.vlm_family)) > 0
+    assert compile_vision_blocks(compiled, model.vlm_family, backend="aot_eager") == 0   # idempotent
     l_vis, g_vis = _loss_and_grads(compiled, batch)
+    assert _graph_breaks() == 0, dict(torch._dynamo.utils.counters["graph_break"])
     assert l_vis == pytest.approx(l_eager, rel=1e-6)
     for name, g in g_eager.items():
         torch.testing.assert_close(g_vis[name], g, rtol=1e-5, atol=1e-7, msg=name)
