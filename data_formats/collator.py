@@ -40,7 +40,7 @@ from vlm.data_formats.image_tokens import expand_flags, image_token_counts, wrap
 from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_image
 from vlm.data_formats.records import located
 from vlm.data_formats.resolution import Resolution, apply_resolution
-from vlm.data_formats.video import (DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling,
+from vlm.data_formats.video import (DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling, patch_times,
                                     read_video, video_header)
 from vlm.errors import ConfigError, DataError, VlmError
 
@@ -281,16 +281,34 @@ class VisionChatCollator:
         """Tokens per video (in video order) from the container header and the frame sampling."""
         if not conv.videos:
             return []
-        sizes = []
-        for ref in conv.videos:
-            header = video_header(ref, conv.image_root)
-            sizes.append([len(header.indices(self.video_sampling)), header.height, header.width])
+        headers = [video_header(ref, conv.image_root) for ref in conv.videos]
+        sizes = [[len(h.indices(self.video_sampling)), h.height, h.width] for h in headers]
         try:
             counted = self.processor._get_num_multimodal_tokens(video_sizes=sizes)
         except (ValueError, ZeroDivisionError) as e:
             raise DataError(f"a video cannot be resized by the model's processor: {e}",
                             code=problems.IMAGE_SHAPE) from None
-        return [int(n) for n in counted.num_video_tokens]
+        tokens = [int(n) for n in counted.num_video_tokens]
+        if self.family.video_frame_wrap is None:
+            return tokens
+        return [self._wrapped_video_tokens(h, n) for h, n in zip(headers, tokens)]
+
+    def _wrapped_video_tokens(self, header, n_tokens: int) -> int:
+        """Tokens a video becomes where the processor writes each temporal patch as timestamp +
+        before + tokens + after (``Family.video_frame_wrap``); the timestamp text sits between
+        special tokens, so it tokenizes on its own."""
+        wrap = self.family.video_frame_wrap
+        frames_per_patch = int(self.processor.video_processor.temporal_patch_size)
+        times = patch_times(header.indices(self.video_sampling), header.native_fps, frames_per_patch)
+        if n_tokens % len(times):
+            raise VlmError(f"{self.family.name}: {n_tokens} video tokens do not split into "
+                           f"{len(times)} temporal patches")
+
+        def count(text: str) -> int:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        per_patch = count(wrap.before) + n_tokens // len(times) + count(wrap.after)
+        return sum(count(wrap.timestamp.format(t)) + per_patch for t in times)
 
     def _image_token_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
         """Per-image token counts; an image the processor cannot resize (Qwen2-VL refuses an aspect

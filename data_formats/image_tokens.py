@@ -72,7 +72,9 @@ def expand_flags(unexpanded: Sequence[int], flags: Sequence[bool], image_token_i
             if n_img >= len(counts):
                 raise VlmError(f"{where}: more image placeholders in the text than images ({len(counts)})")
             n = counts[n_img]
-            if j + n > len(expanded) or expanded[j] != tok:
+            # the block holds the placeholder token (first, or after the text a family writes
+            # around each video patch: Family.video_frame_wrap)
+            if j + n > len(expanded) or tok not in expanded[j:j + n]:
                 raise VlmError(f"{where}: image {n_img + 1} expected {n} tokens at position {j}; "
                                "the processor expanded it differently")
             train.extend([False] * n)

@@ -57,6 +57,16 @@ class VideoHeader:
                 "duration": self.total_frames / self.native_fps, "video_backend": "pyav"}
 
 
+def patch_times(indices: list[int], native_fps: float, frames_per_patch: int) -> list[float]:
+    """Seconds at which each temporal patch of sampled frames sits: frames ``indices`` of a video at
+    ``native_fps`` are grouped ``frames_per_patch`` at a time (the last group filled by repeating the
+    last frame), and group k's time is the mean of its first and last frame's time,
+    t_k = (i_first / fps + i_last / fps) / 2. Qwen3-VL writes it before each patch's tokens."""
+    p = max(1, int(frames_per_patch))
+    padded = list(indices) + [indices[-1]] * (-len(indices) % p)
+    return [(padded[k] + padded[k + p - 1]) / 2 / native_fps for k in range(0, len(padded), p)]
+
+
 def _path(ref: ImageRef, root) -> str:
     if ref.kind != "path":
         raise DataError(f"video {ref.describe()} must be a file path", code=problems.WRONG_TYPE)

@@ -16,7 +16,7 @@ from vlm.data_formats.collator import IGNORE_INDEX, VisionChatCollator
 from vlm.data_formats.conversation import ImageRef
 from vlm.data_formats.reader import read_conversations
 from vlm.data_formats.records import parse_record
-from vlm.data_formats.video import VideoSampling, read_video, video_header
+from vlm.data_formats.video import VideoSampling, patch_times, read_video, video_header
 from vlm.errors import DataError
 from vlm.zoo import VARIANTS
 
@@ -70,6 +70,12 @@ def test_video_layouts_parse(clip_dir, layout):
     assert conv.to_messages()[0]["content"][0] == {"type": "video"}
 
 
+def test_patch_times_are_the_mean_of_each_patch_first_and_last_frame():
+    assert patch_times([0, 2, 4, 7, 9, 11], 4.0, 2) == [0.25, 1.375, 2.5]
+    assert patch_times([0, 4, 8], 4.0, 2) == [0.5, 2.0]          # the last patch repeats frame 8
+    assert patch_times([3], 2.0, 2) == [1.5]
+
+
 def test_sampling_follows_fps_and_max_frames(clip_dir):
     ref = ImageRef("path", "clip.mp4")
     header = video_header(ref, clip_dir)
@@ -99,6 +105,23 @@ def _collator(tiny_checkpoint, variant, **kwargs):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_families_whose_model_takes_video_declare_it(tiny_checkpoint, variant):
+    """A checkpoint with a video token and a video processor trains on video records: the family
+    must not refuse what the model can take."""
+    from transformers import AutoProcessor
+
+    from vlm.families import family_for_config
+    from vlm.load import load_config
+
+    path = tiny_checkpoint(variant)
+    config = load_config(path)
+    processor = AutoProcessor.from_pretrained(str(path))
+    model_takes_video = (getattr(config, "video_token_id", None) is not None
+                         and getattr(processor, "video_processor", None) is not None)
+    assert family_for_config(config).takes_video == model_takes_video
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_video_trains_or_is_refused_by_name(clip_dir, tiny_checkpoint, variant):
     from transformers import AutoModelForImageTextToText
 
@@ -110,13 +133,26 @@ def test_video_trains_or_is_refused_by_name(clip_dir, tiny_checkpoint, variant):
         assert e.value.code == problems.VIDEO_UNSUPPORTED and collator.family.name in str(e.value)
         return
     plan = collator.plan(conv)
-    # 6 frames -> 3 temporal patches; 64x48 -> 56x56 (min_pixels) -> 4x4 patches / 2x2 merge
-    assert plan.image_counts == [3 * 4 * 4 // 4]
     batch = collator([conv])
-    assert batch["video_grid_thw"].tolist() == [[3, 4, 4]]
+    # 6 frames -> 3 temporal patches of 2 frames; the processor's resize sets the h x w grid
+    (t, h, w), = batch["video_grid_thw"].tolist()
+    merge = collator.processor.video_processor.merge_size
+    assert t == 3
     video_tokens = batch["input_ids"][0] == collator.video_token_id
-    assert video_tokens.sum().item() == 12
-    assert (batch["labels"][0][video_tokens] == IGNORE_INDEX).all()
+    assert video_tokens.sum().item() == t * h * w // merge ** 2
+    block = plan.image_counts[0]    # the whole video block is an input, never a target
+    start = int(video_tokens.nonzero()[0])
+    wrap = collator.family.video_frame_wrap
+    if wrap is None:                # the placeholder repeated in place
+        assert block == t * h * w // merge ** 2 and bool(video_tokens[start:start + block].all())
+    else:                           # each patch written at its time: frames 0,2 | 4,7 | 9,11 at 4 fps
+        start -= len(collator.tokenizer(wrap.timestamp.format(0.25) + wrap.before,
+                                        add_special_tokens=False)["input_ids"])
+        text = collator.tokenizer.decode(batch["input_ids"][0, start:start + block])
+        assert text.startswith("<0.2 seconds>") and "<1.4 seconds>" in text and "<2.5 seconds>" in text
+        assert text.count(wrap.before) == t and text.endswith(wrap.after)
+    assert (batch["labels"][0][start:start + block] == IGNORE_INDEX).all()
+    assert (batch["labels"][0] != IGNORE_INDEX).sum() > 0
     assert (batch["mm_token_type_ids"][0][video_tokens] == 2).all()
     if "second_per_grid_ts" in batch:    # Qwen2.5-VL: 2 frames per patch at 6/12·4 = 2 fps -> 1 s
         assert torch.allclose(torch.as_tensor(batch["second_per_grid_ts"], dtype=torch.float32),

@@ -90,6 +90,21 @@ class ImageWrap:
 
 
 @dataclass(frozen=True)
+class VideoFrameWrap:
+    """What a processor writes for each temporal patch of a video besides its tokens (Qwen3-VL).
+
+    A video of T temporal patches (``temporal_patch_size`` sampled frames each) and n tokens per
+    patch becomes, in place of its placeholder token, for k = 1..T:
+    ``timestamp.format(t_k) + before + token * n + after``, where t_k is the mean of the times of the
+    first and last frame of patch k (``vlm.data_formats.video.patch_times``). The collator counts
+    those tokens before any frame is decoded, as it does for images."""
+
+    timestamp: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
 class GgufSupport:
     """What llama.cpp (and Ollama on top of it) runs for this family: how its projector GGUF is
     made, and the Ollama chat template (Go template syntax) and stop strings of its chat format."""
@@ -119,6 +134,7 @@ class Family:
                                            # checkpoint's template writes none
     takes_video: bool = False              # video records train (frames through the processor's
                                            # video path); other families refuse them by name
+    video_frame_wrap: VideoFrameWrap | None = None   # text around each temporal patch's tokens
     # messages -> messages the checkpoint's template renders right (e.g. where a system prompt goes)
     shape_messages: Callable[[list[dict]], list[dict]] | None = None
     image_token_rule: str = ""             # how the processor expands it (documentation)

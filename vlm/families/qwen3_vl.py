@@ -6,7 +6,7 @@ blocks into embeddings added to the image positions of the first decoder layers,
 the projector (kept 16-bit with it) though they live inside the vision tower.
 """
 
-from vlm.families.base import Family, LanguageKernels, VllmSupport
+from vlm.families.base import Family, LanguageKernels, VideoFrameWrap, VllmSupport
 
 FAMILY = Family(
     name="qwen3_vl",
@@ -24,6 +24,11 @@ FAMILY = Family(
     image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     image_token_rule="grid: <|image_pad|> repeated (t·h·w)/merge² times between vision start/end "
                      "(16-px patches)",
+    # a video's <|video_pad|> becomes, per temporal patch (2 frames), "<1.4 seconds>" (the patch's
+    # mean frame time) + <|vision_start|> + <|video_pad|> × h·w/merge² + <|vision_end|>
+    takes_video=True,
+    video_frame_wrap=VideoFrameWrap(timestamp="<{:.1f} seconds>", before="<|vision_start|>",
+                                    after="<|vision_end|>"),
     zoo_variants=("qwen3_vl",),
     vllm=VllmSupport(architecture="Qwen3VLForConditionalGeneration",
                      module_renames=(("model.language_model.", "language_model.model."),

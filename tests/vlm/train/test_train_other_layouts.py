@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from vlm.cli.main import main as vlm_main
+from vlm.families import all_families
 
 from ._tiny_run import write_config
 
 
-def test_train_on_mixed_layouts_with_video_and_a_bad_record(tmp_path, tiny_checkpoint):
+VIDEO_VARIANTS = [v for fam in all_families().values() if fam.takes_video for v in fam.zoo_variants]
+
+
+@pytest.mark.parametrize("variant", VIDEO_VARIANTS)
+def test_train_on_mixed_layouts_with_video_and_a_bad_record(tmp_path, tiny_checkpoint, variant):
     from tests.data_formats.test_video import write_clip
 
     data = tmp_path / "data"
@@ -37,7 +43,7 @@ def test_train_on_mixed_layouts_with_video_and_a_bad_record(tmp_path, tiny_check
     ]
     train = data / "mixed.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = write_config(tmp_path, tiny_checkpoint("qwen2_vl"), train, max_steps=2, save_steps=2, batch_size=2,
+    cfg = write_config(tmp_path, tiny_checkpoint(variant), train, max_steps=2, save_steps=2, batch_size=2,
                        extra={"data.on_error": "skip", "data.video_max_frames": 4})
     assert vlm_main(["train", str(cfg)]) == 0
     out = tmp_path / "out"
