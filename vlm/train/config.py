@@ -59,7 +59,7 @@ class DataSection:
     image_root: str | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
-    video_fps: float = 2.0              # frames sampled per second of video (Qwen2-VL family)
+    video_fps: float = 2.0              # frames sampled per second of video (families that take video)
     video_max_frames: int = 32          # at most this many frames per video
     max_length: int = 2048
     overlong: str = choices("truncate", "drop", default="truncate",
