@@ -147,7 +147,10 @@ def _run(cmd: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    tail = [line for line in r.stdout.splitlines() if line.startswith(("startup:", "data:", "torch.compile", "warning"))]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)   # the whole output, kept
+    tail = [line for line in r.stdout.splitlines()
+            if line.startswith(("startup:", "data:", "torch.compile", "warning", "attention:"))]
     print("\n".join(tail), flush=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")

@@ -92,11 +92,13 @@ def max_segment_length(bounds: list[int], row_length: int) -> int:
     return min(row_length, -(-longest // 256) * 256)
 
 
-def enable(model, family, *, varlen: bool = True) -> PackedForward:
+def enable(model, family, *, varlen: bool = True, cuda_graphs: bool = False) -> PackedForward:
     """Hook ``model`` so packed batches run with per-sample positions and attention; returns the
     hooks (``.remove()`` them after training). With ``varlen`` (and a family whose language
     attention is purely causal: :func:`vlm.train.varlen_attention.refusal`) attention runs over the
-    samples' boundaries (:mod:`vlm.train.varlen_attention`) instead of an L×L block mask. Raises
+    samples' boundaries (:mod:`vlm.train.varlen_attention`) instead of an L×L block mask; the kernels
+    are sized by the longest sample, or by the row under ``cuda_graphs`` (a replayed graph takes no
+    CPU input). Raises
     :class:`ConfigError` for a family that cannot pack (:func:`vlm.data_formats.packing.packing_refusal`)."""
     from vlm.train import varlen_attention
 
@@ -118,8 +120,9 @@ def enable(model, family, *, varlen: bool = True) -> PackedForward:
             bounds = varlen_attention.segment_boundaries(positions)
             cu_seqlens = varlen_attention.padded_boundaries(bounds, positions.device)
             longest = max_segment_length(bounds, positions.shape[-1])
-            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-                          max_length_q=longest, max_length_k=longest)
+            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens)
+            if not cuda_graphs:
+                kwargs["vlm_max_seqlen"] = varlen_attention.max_length_tensor(longest)
             varlen_attention.set_packed(True)
         if mrope:
             if kwargs.get("mm_token_type_ids") is None:

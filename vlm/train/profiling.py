@@ -1,7 +1,7 @@
 """``logging.profile_steps: [first, last]``: a torch.profiler record of those optimizer steps.
 
-Writes into the run's output folder ``profile.txt`` (operators sorted by their own device time —
-CUDA on a GPU, CPU otherwise — the table that says where a step's time goes) and
+Writes into the run's output folder ``profile.txt`` (operators sorted by their own CUDA time on a
+GPU, then by their own CPU time — where the device's and the host's share of a step go) and
 ``profile_trace.json`` (a Chrome/Perfetto trace of the same steps). Main process only; profiling
 slows the profiled steps, so the step clock's steady-state rate should exclude them.
 """
@@ -43,8 +43,11 @@ class StepProfiler(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         profiler.__exit__(None, None, None)
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = profiler.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
-        write_text(self.out / "profile.txt", f"optimizer steps {self.first}–{self.last}, sorted by {sort}\n\n{table}\n")
+        averages = profiler.key_averages()
+        sorts = (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]
+        text = "".join(f"optimizer steps {self.first}–{self.last}, sorted by {sort}\n\n"
+                       f"{averages.table(sort_by=sort, row_limit=50, max_name_column_width=90)}\n\n"
+                       for sort in sorts)
+        write_text(self.out / "profile.txt", text)
         profiler.export_chrome_trace(str(self.out / "profile_trace.json"))
         print(f"profile: steps {self.first}–{self.last} -> {self.out / 'profile.txt'}")

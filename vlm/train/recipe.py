@@ -135,7 +135,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                    caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
-    packing_hook = (packed_forward.enable(model, family, varlen=cfg.training.packed_attention == "varlen")
+    packing_hook = (packed_forward.enable(model, family, varlen=cfg.training.packed_attention == "varlen",
+                                          cuda_graphs=plan.cuda_graphs)
                     if budget is not None and budget.packed else None)
     if packing_hook is not None and w.is_main:
         print("attention: per sample over packed boundaries (varlen)" if packing_hook.varlen

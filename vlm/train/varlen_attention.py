@@ -8,7 +8,8 @@ heads share key/value head h·H_kv/H):
 
     out[i, h] = Σ_{t=c_j}^{i} softmax_t(s · q[i, h] · k[t, h_kv]) · v[t, h_kv],   s = scaling
 
-with t further restricted to i - t < W for a sliding window W. That is exactly what the
+with t further restricted to i - t < W for a sliding window W (and t ranging over the whole segment
+for non-causal attention: vision towers, ``causal=False``). That is exactly what the
 block-diagonal causal mask gives (``causal(q, k) ∧ sample[q] = sample[k]``), but the work is
 Σ_j n_j² instead of L² per row, and no L×L mask exists.
 
@@ -20,8 +21,8 @@ GPU path is tested against, and the CPU training path.
 
 Wiring (:func:`install`): the attention function is registered with transformers' attention
 interface as ``vlm_varlen`` and set on the language model's config, so every decoder layer's
-attention calls it. A packed forward passes ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers'
-flash-attention keyword names, which every decoder layer hands on to its attention) and builds no
+attention calls it. A packed forward passes ``cu_seq_lens_q/k`` (transformers' flash-attention keyword
+names, which every decoder layer hands on to its attention) and ``vlm_max_seqlen`` and builds no
 mask; any other forward (no boundaries: generation, an unpacked batch) gets transformers' SDPA mask
 and SDPA, exactly as before.
 """
@@ -56,8 +57,10 @@ def padded_boundaries(bounds: list[int], device) -> torch.Tensor:
     return torch.tensor(bounds + [bounds[-1]] * (size - len(bounds)), dtype=torch.int32, device=device)
 
 
-def reference_varlen(q, k, v, cu_seqlens, *, scale: float, window: int | None = None) -> torch.Tensor:
-    """The formula of the module docstring, one SDPA per segment. q (T, H, D), k/v (T, H_kv, D)."""
+def reference_varlen(q, k, v, cu_seqlens, *, scale: float, window: int | None = None,
+                     causal: bool = True) -> torch.Tensor:
+    """The formula of the module docstring, one SDPA per segment. q (T, H, D), k/v (T, H_kv, D).
+    ``causal=False``: every token of a segment sees the whole segment (vision towers)."""
     bounds = cu_seqlens.tolist()
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
@@ -68,7 +71,7 @@ def reference_varlen(q, k, v, cu_seqlens, *, scale: float, window: int | None = 
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
         if window is None:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
         else:
             i = torch.arange(b - a, device=q.device)
             allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
@@ -77,67 +80,94 @@ def reference_varlen(q, k, v, cu_seqlens, *, scale: float, window: int | None = 
     return out
 
 
+# The longest segment reaches the kernels as a 1-element CPU tensor, read when the op runs: inside a
+# compiled decoder layer a Python int would be guarded on (one recompile per distinct value).
+def _window(causal: bool, window_left: int) -> tuple[int, int]:
+    return window_left, (0 if causal else -1)
+
+
 @torch.library.custom_op("vlmtune::varlen_attention_fwd", mutates_args=())
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-               max_len: int, scale: float, window_left: int) -> tuple[torch.Tensor, torch.Tensor]:
+               max_len: torch.Tensor, scale: float, causal: bool,
+               window_left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = int(max_len)
+    left, right = _window(causal, window_left)
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale,
-        window_size_left=window_left, window_size_right=0 if window_left >= 0 else -1)
+        q, k, v, cu_seqlens, cu_seqlens, n, n, 0.0, causal, False, scale=scale,
+        window_size_left=left, window_size_right=right)
     return out, lse
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_len, scale, window_left):
+def _(q, k, v, cu_seqlens, max_len, scale, causal, window_left):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("vlmtune::varlen_attention_bwd", mutates_args=())
 def _flash_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, scale: float,
+               lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: torch.Tensor, scale: float, causal: bool,
                window_left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = int(max_len)
+    left, right = _window(causal, window_left)
     # dropout is 0: the kernel reads no random state (placeholders, as torch's own varlen wrapper does)
     rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
     unused = torch.empty(0, device=q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True,
-        rng, unused, scale=scale, window_size_left=window_left,
-        window_size_right=0 if window_left >= 0 else -1)
+        grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, n, n, 0.0, causal,
+        rng, unused, scale=scale, window_size_left=left, window_size_right=right)
     return dq, dk, dv
 
 
 @_flash_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_len, scale, window_left):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_len, scale, causal, window_left):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_len, scale, window_left = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
-    ctx.max_len, ctx.scale, ctx.window_left = max_len, scale, window_left
+    q, k, v, cu_seqlens, max_len, scale, causal, window_left = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, max_len)
+    ctx.scale, ctx.causal, ctx.window_left = scale, causal, window_left
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _flash_bwd(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_len, ctx.scale, ctx.window_left)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, cu_seqlens, max_len = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_len, ctx.scale, ctx.causal,
+                            ctx.window_left)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+_SM80: dict[int, bool] = {}   # device index -> flash kernels built for it (filled outside compiled code)
+
+
 def flash_applies(q: torch.Tensor) -> bool:
     """PyTorch's flash kernels: CUDA (sm80+), fp16/bf16, head size ≤ 256 (multiple of 8)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and q.shape[-1] % 8 == 0 and torch.cuda.get_device_capability(q.device)[0] >= 8)
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0):
+        return False
+    index = q.device.index or 0
+    if index not in _SM80:
+        _SM80[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return _SM80[index]
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_len: int, *, scale: float, window: int | None = None):
-    """Packed causal attention, q (T, H, D), k/v (T, H_kv, D) -> (T, H, D): flash varlen where it
-    applies, else :func:`reference_varlen`."""
+def max_length_tensor(n: int) -> torch.Tensor:
+    """The longest segment, as the kernels take it (a CPU tensor: see ``_flash_fwd``)."""
+    return torch.tensor([n], dtype=torch.int32)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_len: int | torch.Tensor, *, scale: float,
+                     window: int | None = None, causal: bool = True):
+    """Packed attention, q (T, H, D), k/v (T, H_kv, D) -> (T, H, D): flash varlen where it applies,
+    else :func:`reference_varlen`. ``max_len`` ≥ the longest segment (an int or a CPU tensor)."""
     if flash_applies(q):
-        out, _ = _flash_fwd(q, k, v, cu_seqlens, max_len, scale, -1 if window is None else window - 1)
+        if not isinstance(max_len, torch.Tensor):
+            max_len = max_length_tensor(max_len)
+        out, _ = _flash_fwd(q, k, v, cu_seqlens, max_len, scale, causal, -1 if window is None else window - 1)
         return out
-    return reference_varlen(q, k, v, cu_seqlens, scale=scale, window=window)
+    return reference_varlen(q, k, v, cu_seqlens, scale=scale, window=window, causal=causal)
 
 
 # --- transformers wiring -----------------------------------------------------------------------
@@ -155,7 +185,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     b, heads, length, dim = query.shape
     flat = lambda x: x.transpose(1, 2).reshape(b * length, x.shape[1], dim)   # noqa: E731
     scale = scaling if scaling is not None else dim ** -0.5
-    out = varlen_attention(flat(query), flat(key), flat(value), cu_seqlens, kwargs.get("max_length_q", length),
+    # the longest sample (a CPU tensor from the packed forward), else the row: an upper bound suffices
+    out = varlen_attention(flat(query), flat(key), flat(value), cu_seqlens, kwargs.get("vlm_max_seqlen", length),
                            scale=scale, window=sliding_window)
     return out.view(b, length, heads, dim), None
 
@@ -200,6 +231,8 @@ def set_packed(active: bool) -> None:
 def install(model, family):
     """Route the language model's attention through ``vlm_varlen``; returns a function restoring it."""
     register()
+    if torch.cuda.is_available():   # the capability read happens here, not inside a compiled layer
+        flash_applies(torch.empty(0, 8, device="cuda", dtype=torch.bfloat16))
     config = language_config(model, family)
     previous = config._attn_implementation
     config._attn_implementation = NAME
