@@ -13,18 +13,21 @@ L_1..L_n, and attention never crosses a segment:
 
 - equal lengths L (fixed-resolution training, the common case): the packed (N, heads, d) tensors
   are exactly (n, heads, L, d), one batched SDPA, no copy;
-- unequal lengths (mixed image sizes): each segment is gathered into a row of an (n, L_max) grid,
+- unequal lengths (mixed image sizes) on a GPU in 16-bit: one non-causal flash-attention varlen
+  call over the tower's own ``cu_seqlens`` (``vlm.train.varlen_attention``: Σ L_i² work, an opaque
+  op inside compiled blocks), sized by the longest segment read from ``grid_thw``;
+- unequal lengths elsewhere (CPU, fp32): each segment is gathered into a row of an (n, L_max) grid,
   the L_max − L_i padding keys of row i masked out (weight exp(−∞) = 0, so each real query's softmax
   runs over its own segment's keys only: the same function), one batched SDPA, and the real rows
   gathered back to packed order. It costs n·L_max² score entries instead of Σ L_i², so the padded
   path is taken only while n·L_max² ≤ ``MAX_PADDED_COST`` · Σ L_i²; past that (one large image among
-  many small ones) HF's per-segment loop runs.
+  many small ones) one SDPA per segment runs, as in HF's loop.
 
 The tower's wrapper reads the segment lengths from ``grid_thw`` once per forward (one host read, not
 one per block), builds the gather indices and key mask on the device once, and marks each attention
 module; a module uses the batched path only while that mark is set, and HF's own forward otherwise
-(a direct module call). With the indices as tensor inputs, nothing in a block depends on data:
-compiled vision blocks trace whole (``vlm.train.compile``).
+(a direct module call). With the indices as tensor inputs (or the flash varlen op), nothing in a
+block depends on data: compiled vision blocks trace whole (``vlm.train.compile``).
 
 Qwen2.5-VL's tower runs most blocks over *windows* of side w = window_size / (patch_size ·
 spatial_merge_size) merged patches and the others over whole frames; the tower has already permuted
@@ -90,15 +93,24 @@ def plan_segments(lengths: list[int], device) -> Segments | None:
 
 
 def _batched_attention_forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
-    seg = self._vlm_segments
-    if seg is None or position_embeddings is None or hidden_states.shape[0] != seg.patches:
+    from vlm.train.varlen_attention import flash_applies, varlen_attention
+
+    seg, longest = self._vlm_segments, self._vlm_max_len
+    n_tok = hidden_states.shape[0]
+    if position_embeddings is None or longest is None or cu_seqlens is None or (
+            seg is not None and n_tok != seg.patches):
         return self._vlm_hf_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
-    n_tok = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(n_tok, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = rotary(q, k, cos, sin)
-    if seg.length is not None:
+    uniform = seg is not None and seg.length is not None
+    padded = seg is not None and seg.length is None
+    if not uniform and (not padded or flash_applies(q)):
+        # unequal segments: flash varlen on a GPU; one SDPA per segment past the padding bound elsewhere
+        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), longest, scale=self.scaling, causal=False)
+        return self.proj(out.reshape(n_tok, -1))
+    if uniform:
         def rows(t):   # (N, heads, d) -> (n, heads, L, d): a view
             return t.reshape(seg.n, seg.length, self.num_heads, -1).transpose(1, 2)
 
@@ -132,23 +144,31 @@ def window_lengths(rows: list[list[int]], merge: int, side: int) -> list[int]:
     return out
 
 
+def _window_side(tower) -> int:
+    """Qwen2.5-VL: windows of side w merged patches (0: the tower has no windows)."""
+    if not hasattr(tower, "window_size"):
+        return 0
+    return max(tower.window_size // tower.spatial_merge_size // tower.patch_size, 0)
+
+
 def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
-    frames = windows = None
-    if grid_thw is not None:   # one host read per forward, not per block
-        rows = grid_thw.tolist()
+    marks = {False: (None, None), True: (None, None)}   # windowed? -> (segments, longest)
+    rows = grid_thw.tolist() if grid_thw is not None else []   # one host read per forward, not per block
+    if rows:
         device = hidden_states.device
-        frames = plan_segments(frame_lengths(rows), device)
-        if hasattr(self, "window_size"):   # Qwen2.5-VL
-            merge = self.spatial_merge_size
-            side = self.window_size // merge // self.patch_size
-            windows = plan_segments(window_lengths(rows, merge, side), device) if side > 0 else None
+        frames = frame_lengths(rows)
+        marks[False] = plan_segments(frames, device), max(frames)
+        side = _window_side(self)
+        if side:   # Qwen2.5-VL
+            windows = window_lengths(rows, self.spatial_merge_size, side)
+            marks[True] = plan_segments(windows, device), max(windows)
     for mod in self._vlm_uniform_modules:
-        mod._vlm_segments = windows if mod._vlm_window else frames
+        mod._vlm_segments, mod._vlm_max_len = marks[mod._vlm_window]
     try:
         return self._vlm_tower_forward(hidden_states, grid_thw, *args, **kwargs)
     finally:
         for mod in self._vlm_uniform_modules:
-            mod._vlm_segments = None
+            mod._vlm_segments = mod._vlm_max_len = None
 
 
 _ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
@@ -174,8 +194,12 @@ def _windowed(tower: nn.Module, mods: list[nn.Module]) -> list[bool]:
 
 def batch_equal_images(model: nn.Module, family) -> int:
     """Install the batched path on every Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention of
-    ``model`` (equal segments as a view, unequal ones padded; see the module doc); returns how many
+    ``model`` (equal segments as a view, unequal ones varlen or padded; see the module doc); returns how many
     (0 for other towers). Idempotent."""
+    if torch.cuda.is_available():   # the capability read happens here, not inside a compiled block
+        from vlm.train.varlen_attention import flash_applies
+
+        flash_applies(torch.empty(0, 8, device="cuda", dtype=torch.bfloat16))
     n = 0
     for _, tower in family.component_roots(model, "vision"):
         if "_vlm_tower_forward" in tower.__dict__:
@@ -186,7 +210,7 @@ def batch_equal_images(model: nn.Module, family) -> int:
             continue
         for m, windowed in zip(mods, _windowed(tower, mods)):
             m._vlm_window = windowed
-            m._vlm_segments = None
+            m._vlm_segments = m._vlm_max_len = None
             m._vlm_hf_forward = m.forward
             m.forward = MethodType(_batched_attention_forward, m)
         tower._vlm_uniform_modules = mods

@@ -60,9 +60,10 @@ def test_same_tower_output(qwen, grid, monkeypatch):
     assert all(m._vlm_segments is None for m in batched.model.visual._vlm_uniform_modules)
 
 
-def test_padding_past_the_cost_bound_runs_hf_loop(qwen, monkeypatch):
+def test_padding_past_the_cost_bound_runs_one_call_per_image(qwen, monkeypatch):
     """One large image among small ones: padding would cost more than MAX_PADDED_COST times the
-    per-image attention, so HF's loop runs (a call per frame per block), with the same numbers."""
+    per-image attention, so one SDPA per frame runs (as HF's loop, without its host read per
+    block), with the same numbers."""
     grid = [[1, 8, 8]] + [[1, 2, 2]] * 6     # 7·64² = 28,672 > 2·(64² + 6·4²) = 8,384 score entries
     assert plan_segments(frame_lengths(grid), "cpu") is None
     batched = copy.deepcopy(qwen)
@@ -112,7 +113,7 @@ def test_qwen2_5_vl_windows_same_tower_output(qwen25, grid, monkeypatch):
     for w in windowed:
         lengths = window_lengths(grid, merge, side) if w else frame_lengths(grid)
         if plan_segments(lengths, "cpu") is None:
-            expected += [(1, heads, L, head_dim) for L in lengths]
+            expected += [(heads, L, head_dim) for L in lengths]   # one SDPA per segment (varlen reference)
         else:
             expected.append((len(lengths), heads, max(lengths), head_dim))
     assert calls == expected
@@ -140,3 +141,27 @@ def test_qwen3_vl_tower_batched_equals_hf(tiny_checkpoint, monkeypatch, rows):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     frames = sum(t for t, _, _ in rows)
     assert len(calls) == depth and all(c[0] == frames for c in calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
+def test_unequal_images_run_one_flash_varlen_call_per_block(tiny_checkpoint, variant):
+    """On a GPU, frames of different sizes go through the flash varlen kernel in one call per block
+    (no per-frame loop, no host read per block): the same tower output as HF's loop, in bf16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, _ = vlm.load(tiny_checkpoint(variant), dtype="bf16", device="cuda")
+    batched = copy.deepcopy(model)
+    batch_equal_images(batched, model.vlm_family)
+    grid = torch.tensor([[1, 8, 8], [1, 4, 8], [2, 8, 4]], device="cuda")
+    n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    x = torch.randn(n, model.model.visual.patch_embed.proj.weight[0].numel(),
+                    generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = batched.model.visual(x, grid_thw=grid).pooler_output
+    with torch.no_grad():
+        ref = model.model.visual(x, grid_thw=grid).pooler_output
+    err = (out.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+    assert err < 2e-2, err
+    names = [e.name for e in prof.key_averages()]
+    assert any("flash_fwd" in name for name in names), names
