@@ -212,11 +212,6 @@ def compile_vision_blocks(model: nn.Module, family, *, backend: str = "inductor"
     return n
 
 
-def vision_blocks_compiled(model: nn.Module, family) -> int:
-    """How many of the family's vision blocks in ``model`` run a compiled forward."""
-    return sum("_vlm_eager_forward" in block.__dict__ for block in vision_blocks(model, family))
-
-
 def is_compiled(model: nn.Module, family) -> bool:
     return all(getattr(layer, "_compiled_call_impl", None) is not None
                for layer in language_layers(model, family))
