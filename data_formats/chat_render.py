@@ -31,6 +31,15 @@ from vlm.data_formats.conversation import Conversation
 from vlm.errors import ConfigError, DataError
 
 TRAIN_ON = ("assistant", "last_assistant", "all")
+
+
+def adds_bos(tokenizer, text: str) -> bool:
+    """Whether tokenizing rendered chat ``text`` should add the tokenizer's special tokens: not when
+    the template wrote the BOS itself (Mistral, Pixtral, LLaVA, Gemma, Llama templates do), else the
+    model reads two. The rule of ``processor.apply_chat_template(tokenize=True)``, for code that
+    renders the text first and tokenizes it after."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos is not None and text.startswith(bos))
 OPEN, CLOSE = "\ue000", "\ue001"      # private-use characters: no template or tokenizer gives them meaning
 PROBE = "vlm-probe-reply"
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from vlm.data_formats import problems
-from vlm.data_formats.chat_render import (TRAIN_ON, end_of_turn_to_append, generation_prompt,
+from vlm.data_formats.chat_render import (TRAIN_ON, adds_bos, end_of_turn_to_append, generation_prompt,
                                           token_flags, trainable_char_spans)
 from vlm.data_formats.conversation import Conversation
 from vlm.data_formats.image_tokens import expand_flags, image_token_counts, wrap_images
@@ -141,10 +141,7 @@ class VisionChatCollator:
         return int(tid)
 
     def _add_special_tokens(self, text: str) -> bool:
-        # Same rule as processor.apply_chat_template(tokenize=True): a template that writes the BOS
-        # itself must not get a second one from the tokenizer.
-        bos = self.tokenizer.bos_token
-        return not (bos is not None and text.startswith(bos))
+        return adds_bos(self.tokenizer, text)
 
     # -- planning (no pixels decoded) ---------------------------------------------------------
     def plan(self, conv: Conversation) -> SamplePlan:

@@ -34,9 +34,13 @@ def probe_messages(text: str = "Describe the image.") -> list[dict]:
 
 
 def probe_inputs(processor: Any, text: str = "Describe the image.", image=None) -> dict:
-    """Tokenized chat with one image, as the processor's own chat template lays it out."""
+    """Tokenized chat with one image, as the processor's own chat template lays it out (one BOS:
+    a template that writes it gets none added, as vLLM and ``apply_chat_template`` do)."""
+    from vlm.data_formats.chat_render import adds_bos
+
     prompt = processor.apply_chat_template(probe_messages(text), add_generation_prompt=True)
-    return dict(processor(text=[prompt], images=[image or probe_image()], return_tensors="pt"))
+    return dict(processor(text=[prompt], images=[image or probe_image()], return_tensors="pt",
+                          add_special_tokens=adds_bos(processor.tokenizer, prompt)))
 
 
 @torch.no_grad()

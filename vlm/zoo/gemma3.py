@@ -29,6 +29,10 @@ from vlm.zoo.tokenizer import check_special_ids, train_bpe
 VOCAB_SIZE = 896
 HEAD_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<start_of_turn>",
                  "<end_of_turn>")
+# Runs of newlines are single tokens in Gemma's vocabulary (real: "\n" ×1..31 from id 107, right
+# after the turn markers), never split or merged with neighbours; vLLM's Gemma 3 processor looks
+# "\n" ×1..4 up by text when it writes the image block. Here ×1..4, after the turn markers.
+NEWLINE_RUNS = tuple("\n" * k for k in range(1, 5))
 TAIL_SPECIALS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 BASE_VOCAB = VOCAB_SIZE - len(TAIL_SPECIALS)
 IDS = {t: i for i, t in enumerate(HEAD_SPECIALS)} | {t: BASE_VOCAB + i for i, t in enumerate(TAIL_SPECIALS)}
@@ -86,13 +90,14 @@ def build_tokenizer():
     """GemmaTokenizer (BPE with byte fallback) with the image tokens named as Gemma 3's are."""
     from transformers import AddedToken, GemmaTokenizer
 
-    vocab, merges = train_bpe("gemma", BASE_VOCAB, HEAD_SPECIALS)
+    vocab, merges = train_bpe("gemma", BASE_VOCAB, HEAD_SPECIALS + NEWLINE_RUNS)
     tok = GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=131072, padding_side="left",
                          add_bos_token=True, add_eos_token=False,
                          boi_token="<start_of_image>", eoi_token="<end_of_image>",
                          image_token="<image_soft_token>")
     tok.add_special_tokens({"additional_special_tokens": [
         AddedToken(t, special=True, normalized=False) for t in HEAD_SPECIALS[5:] + TAIL_SPECIALS]})
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NEWLINE_RUNS])
     tok.chat_template = CHAT_TEMPLATE
     check_special_ids(tok, IDS, length=VOCAB_SIZE)
     return tok

@@ -43,6 +43,36 @@ def build_servable_qwen2_vl(out_dir: Path, seed: int = 0) -> Path:
     return common.save_checkpoint(out_dir, model, processor, zq.generation_kwargs())
 
 
+def build_servable(variant: str, out_dir: Path, seed: int = 0) -> Path:
+    """The zoo's tiny ``variant`` with its language attention reshaped to heads vLLM's CPU attention
+    runs (2 query heads over 1 KV head of 32 dims: the zoo's 16-dim heads are not in
+    ``CPU_HEAD_SIZES``), weights drawn again from ``seed``; tokenizer, processor, chat template and
+    generation config are the zoo's own. M-RoPE sections are doubled with the head (sum = 32 / 2)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from vlm.zoo import build_tiny, common
+
+    zoo = build_tiny(variant, out_dir.parent / f"{out_dir.name}-zoo", seed=seed)
+    config = AutoConfig.from_pretrained(zoo)
+    text = config.text_config
+    old_head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = 2, 1, 32
+    if getattr(text, "query_pre_attn_scalar", None) == old_head:   # Gemma: scores scaled by head_dim^-1/2
+        text.query_pre_attn_scalar = 32
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    if "mrope_section" in rope:
+        text.rope_parameters = dict(rope, mrope_section=[n * 32 // old_head for n in rope["mrope_section"]])
+        assert sum(text.rope_parameters["mrope_section"]) == 16, text.rope_parameters
+    with common.seeded(seed):
+        model = AutoModelForImageTextToText.from_config(config).to(torch.float32).eval()
+    model.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(zoo).save_pretrained(out_dir)
+    shutil.copy(zoo / "generation_config.json", out_dir / "generation_config.json")
+    return out_dir
+
+
 def train_adapter(base: Path, out: Path, *, steps: int = 40, targets=("language.attention", "language.mlp"),
                   modules_to_save=None, r: int = 8, seed: int = 0, quant=None) -> Path:
     """LoRA-train ``base`` (optionally quantized: QLoRA) to caption the probe image with CAPTION.
@@ -61,7 +91,8 @@ def train_adapter(base: Path, out: Path, *, steps: int = 40, targets=("language.
     pm = apply_lora(model, model.vlm_family, r=r, alpha=2 * r, targets=list(targets),
                     modules_to_save=modules_to_save, warn=False)
     prompt = processor.apply_chat_template(probe_messages(), add_generation_prompt=True)
-    full = processor(text=[prompt + CAPTION + "<|im_end|>"], images=[probe_image()], return_tensors="pt")
+    family = model.vlm_family
+    full = processor(text=[prompt + CAPTION + family.end_of_turn], images=[probe_image()], return_tensors="pt")
     n_prompt = processor(text=[prompt], images=[probe_image()], return_tensors="pt")["input_ids"].shape[1]
     labels = full["input_ids"].clone()
     labels[:, :n_prompt] = -100
@@ -76,9 +107,10 @@ def train_adapter(base: Path, out: Path, *, steps: int = 40, targets=("language.
     pm.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "vlmtune.json").write_text(json.dumps({"vlmtune": {
-        "base_model": str(base), "family": "qwen2_vl", "quant": recorded_quant, "max_images_per_prompt": 1}}))
-    ip = processor.image_processor.size
-    save_resolution(out, {"min_pixels": ip["shortest_edge"], "max_pixels": ip["longest_edge"]})
+        "base_model": str(base), "family": family.name, "quant": recorded_quant, "max_images_per_prompt": 1}}))
+    if family.size_in_pixels:
+        ip = processor.image_processor.size
+        save_resolution(out, {"min_pixels": ip["shortest_edge"], "max_pixels": ip["longest_edge"]})
     return out
 
 

