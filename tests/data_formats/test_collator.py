@@ -46,9 +46,10 @@ EXPECTED = {
                ("<|eot_id|>", Y)],
 }
 EXPECTED["qwen3_vl"] = QWEN[11:]   # no default system prompt; 64px -> 4x4 patches of 16 / 2x2 = 4
-# Gemma 3: the processor writes \n\n before <start_of_image> (merged here with the turn's \n into
-# "\n\n" + "\n") and 4 soft tokens, <end_of_image>, \n\n after it; the assistant is "model".
-EXPECTED["gemma3"] = ([("<bos>", N), ("<start_of_turn>", N), ("user", N), ("\n\n", N), ("\n", N),
+# Gemma 3: the processor writes \n\n before <start_of_image> (with the turn's \n one token "\n\n\n":
+# newline runs are single tokens in Gemma's vocabulary) and 4 soft tokens, <end_of_image>, \n\n after
+# it; the assistant is "model".
+EXPECTED["gemma3"] = ([("<bos>", N), ("<start_of_turn>", N), ("user", N), ("\n\n\n", N),
                        ("<start_of_image>", N)] + [("<image_soft_token>", N)] * 4
                       + [("<end_of_image>", N), ("\n\n", N), ("Describe", N), ("▁the", N), ("▁image.", N),
                          ("<end_of_turn>", N), ("\n", N), ("<start_of_turn>", N), ("m", N), ("o", N),
