@@ -51,6 +51,9 @@ class VllmSupport:
     # checkpoint module prefix -> vLLM's module prefix (first match wins); empty = same names
     module_renames: tuple[tuple[str, str], ...] = ()
     fused_linears: tuple[tuple[tuple[str, ...], str], ...] = FUSED_LINEARS
+    # why vLLM cannot load a checkpoint that transformers itself saves for the family (the zoo's, a
+    # merged export) though it serves the hub's checkpoints (and adapters on them); "" = it can
+    saved_checkpoint_gap: str = ""
 
 
 @dataclass(frozen=True)
