@@ -8,14 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_gemma3_config_runs_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("run", ["gemma3_4b", "mistral_24b"])   # mistral_24b: data.longest_edge (Pixtral processor)
+def test_new_family_config_runs_on_a_tiny_model(tmp_path, run):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "config_runs.py"), "--runs", "gemma3_4b",
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "config_runs.py"), "--runs", run,
                         "--steps", "1", "--tiny", "--root", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert '"adapter_plain_peft": "ok' in r.stdout, r.stdout[-2000:]
-    assert (tmp_path / "run_gemma3_4b" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / f"run_{run}" / "adapter" / "adapter_config.json").is_file()

@@ -57,8 +57,9 @@ class DataFile:
 class DataSection:
     train: list[DataFile | str] = field(default_factory=list)
     image_root: str | None = None
-    min_pixels: int | None = None
+    min_pixels: int | None = None       # image pixel limits (Qwen2-VL / Qwen3-VL processors)
     max_pixels: int | None = None
+    longest_edge: int | None = None     # image longest side in px (Pixtral / Mistral 3 processors)
     video_fps: float = 2.0              # frames sampled per second of video (families that take video)
     video_max_frames: int = 32          # at most this many frames per video
     max_length: int = 2048

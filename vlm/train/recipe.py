@@ -95,7 +95,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                 calibration=calibration,
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
     family = model.vlm_family
-    resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    resolution = Resolution(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                            longest_edge=cfg.data.longest_edge)
     collator = VisionChatCollator(processor, family, max_length=cfg.data.max_length,
                                   train_on=cfg.data.train_on, overlong=cfg.data.overlong,
                                   video_fps=cfg.data.video_fps, video_max_frames=cfg.data.video_max_frames,
