@@ -51,9 +51,9 @@ class VllmSupport:
     # checkpoint module prefix -> vLLM's module prefix (first match wins); empty = same names
     module_renames: tuple[tuple[str, str], ...] = ()
     fused_linears: tuple[tuple[tuple[str, ...], str], ...] = FUSED_LINEARS
-    # why vLLM cannot load a checkpoint that transformers itself saves for the family (the zoo's, a
-    # merged export) though it serves the hub's checkpoints (and adapters on them); "" = it can
-    saved_checkpoint_gap: str = ""
+    # what the pinned vLLM (0.32) cannot serve of what this project makes for the family, and why
+    # (measured by tests/vlm/serve/test_serve_families.py); "" = it serves it
+    serving_gap: str = ""
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ FAMILY = Family(
     zoo_variants=("gemma3",),
     vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower"),
-                     saved_checkpoint_gap=(
-                         "transformers 5.19 saves the SigLIP tower as vision_tower.embeddings/encoder.*, "
-                         "vLLM 0.32 loads it only as vision_tower.vision_model.* (the hub's layout): "
-                         "'no module or parameter named vision_tower.embeddings'")),
+                     serving_gap=(
+                         "checkpoints saved by transformers 5.19 (a merged export, the zoo's): their SigLIP "
+                         "tower is vision_tower.embeddings/encoder.*, vLLM 0.32 loads only the hub's "
+                         "vision_tower.vision_model.* ('no module or parameter named "
+                         "vision_tower.embeddings')")),
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),
     # the processor replaces <start_of_image> by \n\n<start_of_image> + soft tokens + <end_of_image>\n\n

@@ -20,7 +20,10 @@ FAMILY = Family(
                      "cross-attention (aspect_ratio_ids / aspect_ratio_mask / cross_attention_mask)",
     zoo_variants=("mllama",),
     vllm=VllmSupport(architecture="MllamaForConditionalGeneration", lora=True, bnb_4bit=True,
-                     module_renames=llava_style_vllm_renames("vision_model")),
+                     module_renames=llava_style_vllm_renames("vision_model"),
+                     serving_gap=("any checkpoint with transformers 5.19: vLLM 0.32's Mllama input "
+                                  "processing calls MllamaProcessor._get_num_multimodal_tokens, which "
+                                  "transformers 5.19 does not have (the server exits at start-up)")),
     vision_blocks=("model.vision_model.transformer.layers", "model.vision_model.global_transformer.layers"),
     cross_attention_images=True,
     images_per_sample=True,

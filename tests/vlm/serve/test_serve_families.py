@@ -4,9 +4,9 @@ For each zoo variant of a family with ``Family.vllm`` (Qwen2-VL has its fuller t
 test_serve_vllm.py): the tiny checkpoint with vLLM-CPU-sized attention heads (``build_servable``),
 a LoRA adapter trained until it changes the answer, ``vlm export --check-vllm``'s check, then vLLM's
 OpenAI server with the base and the adapter: an image chat request must give exactly the greedy
-tokens transformers(+PEFT) give, EOS banned for N tokens on both sides. A family whose record
-names a gap between what transformers saves and what vLLM loads (``saved_checkpoint_gap``) is an
-expected failure, strict: it fails the suite once the gap closes.
+tokens transformers(+PEFT) give, EOS banned for N tokens on both sides. A family whose record names
+what vLLM cannot serve (``VllmSupport.serving_gap``) is an expected failure at server start-up,
+strict: it fails the suite once the gap closes.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from .conftest import build_servable, train_adapter
 
 pytestmark = pytest.mark.serve
 
-SERVED = [pytest.param(v, marks=pytest.mark.xfail(strict=True, raises=ServeError, reason=fam.vllm.saved_checkpoint_gap)
-                       if fam.vllm.saved_checkpoint_gap else ())
+SERVED = [pytest.param(v, marks=pytest.mark.xfail(strict=True, raises=ServeError, reason=fam.vllm.serving_gap)
+                       if fam.vllm.serving_gap else ())
           for fam in all_families().values() if fam.vllm is not None for v in fam.zoo_variants
           if v != "qwen2_vl"]
 
