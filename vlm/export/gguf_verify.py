@@ -20,14 +20,25 @@ import numpy as np
 import torch
 
 
-def probe_image_for(processor):
-    """The probe image at a size both preprocessors leave unresized: the CLIP crop size when the
-    processor crops (LLaVA), else 112 px (a multiple of every zoo patch × merge size)."""
+def probe_image_for(processor, family=None):
+    """The probe image at a size both preprocessors leave unresized: the family's ``probe_size``
+    where it names one, else the CLIP crop size when the processor crops (LLaVA), else 112 px (a
+    multiple of every zoo patch × merge size)."""
     from vlm.export.verify import probe_image
 
+    if family is not None and family.gguf is not None and family.gguf.probe_size:
+        width, height = family.gguf.probe_size
+        return probe_image(width, height=height)
     crop = getattr(processor.image_processor, "crop_size", None)
     size = crop["height"] if isinstance(crop, dict) and crop.get("height") else 112
     return probe_image(size)
+
+
+def image_token_ids(config, tokenizer, family) -> tuple[int, int | None]:
+    """(image token id, row-break token id or None) of the checkpoint, for ``GgufModel.prompt``."""
+    image_token_id = getattr(config, "image_token_id", None) or config.image_token_index
+    name = family.gguf.image_break_token if family.gguf is not None else None
+    return image_token_id, (tokenizer.convert_tokens_to_ids(name) if name else None)
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -57,13 +68,13 @@ def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tok
 
     model, processor = load(str(hf_dir), dtype="fp32", device="cpu")
     family = model.vlm_family
-    image = probe_image_for(processor)
+    image = probe_image_for(processor, family)
     prompt = processor.apply_chat_template(probe_messages(text), add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     gg = GgufModel(gguf_dir)
-    image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    image_token_id, break_id = image_token_ids(model.config, processor.tokenizer, family)
     gg_text = prompt.replace(family.image_placeholder, gg.marker)
-    layout, _ = gg.prompt(gg_text, [image], image_token_id)
+    layout, _ = gg.prompt(gg_text, [image], image_token_id, break_id)
     hf_ids = inputs["input_ids"][0].tolist()
     diff = [] if layout == hf_ids else _extra_tokens(layout, hf_ids)
     if diff:
@@ -77,8 +88,9 @@ def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tok
     hf_logits = torch.stack(out.logits, 1)[0].float().numpy()
     del model
     try:
-        layout, gg_tokens, _ = gg.greedy(gg_text, [image], image_token_id, n_tokens, banned=eos)
-        tf = gg.teacher_forced(gg_text, [image], image_token_id, hf_tokens)
+        layout, gg_tokens, _ = gg.greedy(gg_text, [image], image_token_id, n_tokens, banned=eos,
+                                         break_token_id=break_id)
+        tf = gg.teacher_forced(gg_text, [image], image_token_id, hf_tokens, break_token_id=break_id)
     finally:
         gg.close()
     hf_for_cmp = hf_logits.copy()
