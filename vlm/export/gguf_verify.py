@@ -59,9 +59,27 @@ def _extra_tokens(longer: list[int], shorter: list[int]) -> list[int]:
     return extra
 
 
+def _with_image_embeddings(model, inputs: dict, features: np.ndarray, image_token_id: int) -> dict:
+    """``inputs_embeds``: the token embeddings with ``features`` at the image-token positions."""
+    ids = inputs["input_ids"]
+    mask = ids[0] == image_token_id
+    if int(mask.sum()) != len(features):
+        raise ValueError(f"{int(mask.sum())} image tokens in the prompt, {len(features)} image embeddings from "
+                         "llama.cpp (a family whose image chunk holds more than image features?)")
+    embeds = model.get_input_embeddings()(ids).clone()
+    embeds[0, mask] = torch.from_numpy(features).to(embeds.dtype)
+    return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+
+
 @torch.no_grad()
 def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tokens: int = 8,
-                              text: str = "Describe the image.") -> dict:
+                              text: str = "Describe the image.", image_features: str = "transformers") -> dict:
+    """``image_features="llama.cpp"``: transformers' language model is given llama.cpp's image
+    embeddings (``GgufModel.image_embeddings``) in place of its own tower's, so the comparison covers
+    the language side alone — for a family whose llama.cpp vision path is known to differ
+    (``GgufSupport.runtime_caveat``), the rest of the export is still checked token for token."""
+    if image_features not in ("transformers", "llama.cpp"):
+        raise ValueError(f"image_features={image_features!r}: 'transformers' or 'llama.cpp'")
     from vlm.export.gguf_runtime import GgufModel
     from vlm.export.verify import probe_messages
     from vlm.load import load
@@ -82,9 +100,13 @@ def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tok
     gen = model.generation_config
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     eos = tuple(int(e) for e in eos if e is not None)
+    n_prompt = inputs["input_ids"].shape[1]
+    if image_features == "llama.cpp":
+        inputs = _with_image_embeddings(model, inputs, gg.image_embeddings(image), image_token_id)
+        n_prompt = 0   # generate() from embeddings returns the new tokens only
     out = model.generate(**inputs, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
-    hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    hf_tokens = out.sequences[0, n_prompt:].tolist()
     hf_logits = torch.stack(out.logits, 1)[0].float().numpy()
     del model
     try:
