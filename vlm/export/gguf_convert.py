@@ -113,6 +113,9 @@ def convert(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, v
     cls = with_img_break_embedding(cls) if mmproj and hasattr(cls, "img_break_tok_id") else with_regex_fallback(cls)
     with torch.inference_mode():
         model = cls(model_dir, ftypes[outtype], out, eager=False, dry_run=False)
+        inner = getattr(model, "impl", None)   # a dispatching class (Mistral3) hands the work to `impl`
+        if not mmproj and inner is not None and hasattr(inner, "get_vocab_base_pre"):
+            inner.__class__ = with_regex_fallback(type(inner))
         if vocab_only:
             model.write_vocab()
         else:
