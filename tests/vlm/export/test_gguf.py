@@ -80,6 +80,18 @@ def test_modelfile_names_both_files_and_template():
         assert 'TEMPLATE """' in text and all(f'PARAMETER stop "{s}"' in text for s in fam.gguf.stop)
 
 
+@pytest.mark.parametrize("rows,cols", [(3, 4), (4, 3), (1, 5), (5, 1), (7, 7), (2, 9)])
+def test_image_layout_puts_row_breaks_where_the_processor_does(rows, cols):
+    """mtmd reports only the size of a Pixtral image chunk (rows·(cols+1)−1 embeddings); the layout
+    recovers the grid from the image's aspect ratio, breaks between rows and none after the last."""
+    from vlm.export.gguf_runtime import image_layout
+
+    IMG, BREAK = 10, 12
+    expected = ([IMG] * cols + [BREAK]) * (rows - 1) + [IMG] * cols
+    assert image_layout(len(expected), (16 * cols, 16 * rows), IMG, BREAK) == expected
+    assert image_layout(rows * cols, (16 * cols, 16 * rows), IMG, None) == [IMG] * (rows * cols)
+
+
 # ---- llama.cpp runs (make test-gguf) -------------------------------------------------------------
 
 gguf = pytest.mark.gguf
