@@ -41,9 +41,9 @@ from torch import nn
 
 
 def _uniform_attention_forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
-    seg, longest = self._vlm_uniform_len, self._vlm_max_len
+    seg = self._vlm_uniform_len
     uniform = seg is not None and hidden_states.shape[0] % seg == 0
-    if position_embeddings is None or not (uniform or (longest is not None and cu_seqlens is not None)):
+    if position_embeddings is None or not (uniform or (self._vlm_varlen and cu_seqlens is not None)):
         return self._vlm_hf_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     n_tok = hidden_states.shape[0]
@@ -52,7 +52,9 @@ def _uniform_attention_forward(self, hidden_states, cu_seqlens=None, position_em
     q, k = rotary(q, k, cos, sin)
     if not uniform:   # frames (or windows) of different sizes: one varlen call over cu_seqlens
         from vlm.train.varlen_attention import varlen_attention
-        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), longest, scale=self.scaling, causal=False)
+        # _vlm_max_len: a CPU tensor filled per forward (a changing int would be guarded on when compiled)
+        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), self._vlm_max_len, scale=self.scaling,
+                               causal=False)
         return self.proj(out.reshape(n_tok, -1))
     n = n_tok // seg
 
@@ -98,12 +100,14 @@ def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
         longest = _longest(self, rows) if rows else None
     for mod in self._vlm_uniform_modules:
         mod._vlm_uniform_len = window if mod._vlm_window else frame
-        mod._vlm_max_len = None if longest is None else longest[1] if mod._vlm_window else longest[0]
+        mod._vlm_varlen = longest is not None
+        if longest is not None:
+            mod._vlm_max_len.fill_(longest[1] if mod._vlm_window else longest[0])
     try:
         return self._vlm_tower_forward(hidden_states, grid_thw, *args, **kwargs)
     finally:
         for mod in self._vlm_uniform_modules:
-            mod._vlm_uniform_len = mod._vlm_max_len = None
+            mod._vlm_uniform_len, mod._vlm_varlen = None, False
 
 
 _ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
@@ -140,7 +144,8 @@ def batch_equal_images(model: nn.Module, family) -> int:
             continue
         for m, windowed in zip(mods, _windowed(tower, mods)):
             m._vlm_window = windowed
-            m._vlm_uniform_len = m._vlm_max_len = None
+            m._vlm_uniform_len, m._vlm_varlen = None, False
+            m._vlm_max_len = torch.zeros(1, dtype=torch.int32)
             m._vlm_hf_forward = m.forward
             m.forward = MethodType(_uniform_attention_forward, m)
         tower._vlm_uniform_modules = mods
