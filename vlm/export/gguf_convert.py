@@ -2,8 +2,9 @@
 
 ``python -m vlm.export.gguf_convert MODEL_DIR OUT.gguf --outtype f16 [--mmproj] [--vocab-only]``,
 with ``PYTHONPATH`` from :func:`vlm.export.gguf_toolchain.converter_env` (the converter's folder and
-its ``gguf-py``). It does what the converter's ``main()`` does for a local folder, with one change,
-made by subclassing the converter's model class: the BPE pre-tokenizer.
+its ``gguf-py``). It does what the converter's ``main()`` does for a local folder, with two changes,
+made by subclassing the converter's model classes: the BPE pre-tokenizer (below), and, for the
+Pixtral projector, the ``[IMG_BREAK]`` embedding row (:func:`with_img_break_embedding`).
 
 The converter names a byte-level BPE's pre-tokenizer (``tokenizer.ggml.pre``, which selects
 llama.cpp's split regex) by hashing the token ids of a probe text, so only tokenizers with the exact
@@ -80,11 +81,10 @@ def with_img_break_embedding(model_class: type) -> type:
     that lets the language model's embedding table through its tensor filter.
 
     The projector converter skips every tensor named ``language_model.*`` before its own code looks
-    for the embedding table it takes the ``[IMG_BREAK]`` row from; with transformers' layout
-    (``language_model.model.embed_tokens.weight`` as saved, ``model.language_model.…`` in memory) it
-    thus never sees it and writes a projector
-    without ``v.token_embd.img_break``, which mtmd refuses to load. Only that one tensor is let
-    through; its ``modify_tensors`` keeps the row and drops the rest of the table."""
+    for the embedding table it takes the ``[IMG_BREAK]`` row from; with transformers' names
+    (``language_model.model.embed_tokens.weight`` as saved) it never sees the table and writes a
+    projector without ``v.token_embd.img_break``, which mtmd refuses to load. Only that one tensor
+    is let through; its ``modify_tensors`` keeps the row and drops the rest of the table."""
 
     class WithImgBreakEmbedding(model_class):  # type: ignore[misc, valid-type]
         @classmethod

@@ -3,8 +3,9 @@
 ``GgufModel(folder)`` loads ``model-*.gguf`` and ``mmproj-*.gguf``; ``prompt`` tokenizes a prompt
 whose image sits at llama.cpp's media marker (mtmd adds the family's image begin/end tokens and
 the image's embedding positions), evaluates it, and gives the token sequence llama.cpp built (each
-image as ``image_token_id`` repeated once per embedding, i.e. the layout of transformers' input ids)
-and the logits of the last position. ``step(token)`` feeds one token and returns the next logits:
+image as ``image_token_id`` repeated once per embedding, with the family's row-break token where its
+projector puts one — i.e. the layout of transformers' input ids) and the logits of the last
+position; ``image_embeddings`` gives the projector's output for one image. ``step(token)`` feeds one token and returns the next logits:
 greedy decoding and teacher forcing are both loops over it. One thread, greedy, no sampler.
 """
 
