@@ -72,6 +72,7 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_back(tmp_path, tiny_checkpo
     assert got["strategy"] == "fsdp" and got["processes"] == 2
     assert got["tokens"] == ref["tokens"], "each process its own packed rows: together the same rows"
     _close(got["loss_history"], ref["loss_history"], range(1, STEPS + 1), "FSDP2 on 2")
+    _check_sharding(got, ck)
     fsdp_ckpt = tmp_path / "two" / "out" / "checkpoint-2"
     assert {"pytorch_model_fsdp_0", "optimizer_0"} <= {p.name for p in fsdp_ckpt.iterdir()}
 
@@ -92,6 +93,21 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_back(tmp_path, tiny_checkpo
     res = json.loads((out / "summary.json").read_text())
     assert res["strategy"] == "fsdp" and res["resumed_from"].endswith("checkpoint-2")
     _close(res["loss_history"], ref["loss_history"], (3, 4), "1-process checkpoint resumed under FSDP2")
+
+
+def _check_sharding(summary, checkpoint):
+    """Each process holds half the parameter bytes; every decoder layer and vision block is its own
+    unit, so are the embeddings and lm_head; the root unit (whole through forward and backward)
+    keeps only the vision patch embedding, merger and final norm (vlm.train.fsdp_units)."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    layers = cfg["text_config"]["num_hidden_layers"]
+    blocks = cfg["vision_config"]["depth"]
+    whole = summary["sharding"]["parameter_bytes_whole"]
+    assert summary["parameter_bytes_per_process"] == [whole // 2, whole // 2]
+    assert summary["sharding"]["fsdp_units"] == layers + blocks + 3     # + embeddings, lm_head, root
+    root = summary["sharding"]["root_unit_modules"]
+    kept = (".visual.patch_embed", ".visual.merger", ".language_model.norm")
+    assert root and all(any(k in m for k in kept) for m in root), root
 
 
 def test_cross_strategy_resume_names_what_it_cannot_read(tmp_path):
