@@ -241,6 +241,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "compiled_layers": plan.compiled,
         "vision_attention_batched": fast.vision_attention_batched,
         "compiled_vision_blocks": fast.compiled_vision_blocks,
+        "dynamo_graphs": _dynamo_graphs(),     # graphs torch.compile built in this process
         "mlp_chunks": fast.mlp_chunks,
         "cuda_graphs": plan.cuda_graphs,
         "padded_to": plan.pad_to,
@@ -281,6 +282,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
+
+
+def _dynamo_graphs() -> int:
+    """How many graphs dynamo compiled in this process (0 when nothing was compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:   # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def token_budget_line(budget) -> str:
