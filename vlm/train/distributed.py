@@ -11,7 +11,9 @@ sampler's indices across processes, gradient averaging, checkpoint format. This 
 - chooses bitsandbytes' 4-bit storage dtype: under FSDP the compute dtype, because FSDP shards only
   floating tensors and wants one dtype per shard group (uint8 4-bit weights would stay unsharded);
 - sums per-process counters for the summary (tokens, memory per process);
-- reconciles a checkpoint written by N processes with a run on M (see ``reconcile_resume``).
+- reconciles a checkpoint written by N processes with a run on M (see ``reconcile_resume``; across
+  FSDP2 and one process / DDP the states are converted on load: ``vlm.train.cross_resume``);
+- runs FSDP2 on CPU processes too (``fsdp_on_cpu``: accelerate would silently run DDP there).
 
 Same samples per step on N or M processes: the sampler yields one global order (seed + epoch);
 accelerate cuts it into per-process batches of ``batch_size``, so one optimizer step consumes
