@@ -31,6 +31,8 @@ Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
   resume_fsdp2_on_1gpu  resumes fsdp2's checkpoint in one process (2 → 1: grad_accum doubles to keep
                         the global batch) for ``--resume-steps`` more steps
+  resume_1gpu_on_fsdp2  resumes 1gpu_eager's checkpoint under FSDP2 on 2 GPUs (1 → 2), likewise
+                        (both continue in the resumed run's folder: run them after that run)
 "× 1 GPU" compares the steady-state tokens/s (optimizer steps 3.. of the run: compile and warm-up
 excluded, summed over processes) with the 1-GPU row of the same compile setting, quantization and
 per-GPU batch. Memory per GPU: the load peak (before the first step) and the training peak (from
@@ -80,15 +82,19 @@ def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
     runs.update({k + suffix: (n, st, [o for o in ov if o not in one + two] + (wide_two if n == 2 else wide_one))
                  for k, (n, st, ov) in list(runs.items())})
     runs["resume_fsdp2_on_1gpu"] = (1, None, one + EAGER)
+    runs["resume_1gpu_on_fsdp2"] = (2, "fsdp", two)
     return runs
+
+
+RESUMES = {"resume_fsdp2_on_1gpu": "run_fsdp2", "resume_1gpu_on_fsdp2": "run_1gpu_eager"}   # row -> run it continues
 
 
 def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dict:
     from train_e2e import TINY_OVERRIDES, steady
 
     nproc, strategy, overrides = runs[name]
-    resume = name.startswith("resume_")
-    out = root / ("run_fsdp2" if resume else f"run_{name}")
+    resume = name in RESUMES
+    out = root / (RESUMES[name] if resume else f"run_{name}")
     total = args.steps + args.resume_steps if resume else args.steps
     cmd = [sys.executable, "-m", "vlm", "train", str(CONFIG), f"model.path={model}",
            f"data.train=[{data}]", f"output={out}", f"training.max_steps={total}",
