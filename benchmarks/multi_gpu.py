@@ -3,6 +3,7 @@
     source benchmarks/device_install.sh        # on the device (carry .whl/bitsandbytes-*.whl)
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2,1gpu,ddp2 --steps 10
     python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2,fsdp2_compiled,resume_fsdp2_on_1gpu --steps 10
+    python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
 
 What runs: ``vlm train configs/qwen2_vl_7b_qlora.yaml`` unchanged (dynamic 4-bit policy, adamw_8bit,
@@ -94,12 +95,12 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
 
     nproc, strategy, overrides = runs[name]
     resume = name in RESUMES
-    out = root / (RESUMES[name] if resume else f"run_{name}")
+    out = root / ((RESUMES[name] if resume else f"run_{name}") + (f"_{args.tag}" if args.tag else ""))
     total = args.steps + args.resume_steps if resume else args.steps
     cmd = [sys.executable, "-m", "vlm", "train", str(CONFIG), f"model.path={model}",
            f"data.train=[{data}]", f"output={out}", f"training.max_steps={total}",
            f"training.save_steps={args.steps}", "logging.tensorboard=false", "logging.progress=false",
-           "training.logging_steps=1", *(TINY_OVERRIDES if args.tiny else []), *overrides]
+           "training.logging_steps=1", *(TINY_OVERRIDES if args.tiny else []), *overrides, *args.extra]
     if args.tiny:   # the shipped config's 8-bit optimizer (train_e2e's tiny rows use adamw): ShardLocal under FSDP
         cmd.append("training.optimizer=adamw_8bit")
     if strategy:
@@ -115,7 +116,8 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    row = {"run": name, "gpus": nproc, "strategy": strategy or "single", "returncode": r.returncode,
+    row = {"run": name + (f"_{args.tag}" if args.tag else ""), "tag": args.tag, "gpus": nproc,
+           "strategy": strategy or "single", "returncode": r.returncode,
            "wall_seconds": round(wall, 1), "command": " ".join(cmd[1:]),
            "quant": "bf16" if "quant=bf16" in overrides else ("none" if args.tiny else "dynamic"),
            "per_gpu_batch": _per_gpu_batch(overrides, args.batching)}
@@ -157,7 +159,7 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
 
     def key(r):   # rows compare with the 1-GPU row of the same compile setting, quant and per-GPU batch
-        return r["compiled"], r["quant"], r["per_gpu_batch"]
+        return r["compiled"], r["quant"], r["per_gpu_batch"], r.get("tag", "")
 
     base = {key(r): r for r in rows
             if r["gpus"] == 1 and r.get("tokens_per_s_steady") and not r["run"].startswith("resume_")}
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="/tmp/vlm_multi_gpu")
     ap.add_argument("--tiny", action="store_true", help="the zoo's tiny Qwen2-VL and small images (CPU smoke run)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every row (e.g. kernels=false)")
+    ap.add_argument("--tag", default="", help="suffix for the row names of this invocation (rows with --extra)")
     args = ap.parse_args(argv)
     if args.tiny != (args.device == "cpu"):
         ap.error("--tiny goes with --device cpu (2 gloo processes stand for the 2 GPUs)")
