@@ -1,8 +1,9 @@
 """Qwen2-VL-7B on 1 GPU vs 2 GPUs (FSDP2 and DDP) through `vlm train`, on realistic data — issue 19.
 
     source benchmarks/device_install.sh        # on the device (carry .whl/bitsandbytes-*.whl)
-    python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2,1gpu,ddp2 --steps 10
-    python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2,fsdp2_compiled,resume_fsdp2_on_1gpu --steps 10
+    python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2,resume_fsdp2_on_1gpu,resume_1gpu_on_fsdp2 --steps 10
+    python benchmarks/multi_gpu.py --runs 1gpu,ddp2,ddp2_eager,fsdp2_compiled --steps 10
+    python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2 --steps 10
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
 
