@@ -5,6 +5,7 @@
     python benchmarks/multi_gpu.py --runs 1gpu,ddp2,ddp2_eager,fsdp2_compiled --steps 10
     python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2 --steps 10
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
+    python benchmarks/multi_gpu.py --model 2b --runs 1gpu,ddp2,fsdp2_compiled --steps 8   # fits one device call
     python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
 
 What runs: ``vlm train configs/qwen2_vl_7b_qlora.yaml`` unchanged (dynamic 4-bit policy, adamw_8bit,
@@ -58,7 +59,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-CONFIG = REPO / "configs" / "qwen2_vl_7b_qlora.yaml"
+# --model: the shipped config each size runs (7b: the QLoRA config; 2b: 16-bit LoRA, whose
+# rows fit one device call: the 7B checkpoint build + dynamic analysis + compile did not, session 5)
+CONFIGS = {"7b": REPO / "configs" / "qwen2_vl_7b_qlora.yaml", "2b": REPO / "configs" / "qwen2_vl_2b_lora.yaml"}
+CONFIG = CONFIGS["7b"]
 GiB = 2**30
 EAGER = ["training.compile=false"]
 LORA16 = ["quant=bf16", "training.compile=false"]
@@ -164,8 +168,8 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
 
     base = {key(r): r for r in rows
             if r["gpus"] == 1 and r.get("tokens_per_s_steady") and not r["run"].startswith("resume_")}
-    lines = [f"# Multi-GPU training, Qwen2-VL-7B shapes (random weights) — {env['gpu']}", "",
-             f"configs/qwen2_vl_7b_qlora.yaml, batching: {env['batching']}; data: {env['data']}; torch {env['torch']}, "
+    lines = [f"# Multi-GPU training, Qwen2-VL-{env.get('model', '7b').upper()} shapes (random weights) — {env['gpu']}", "",
+             f"configs/{env.get('config', 'qwen2_vl_7b_qlora.yaml')}, batching: {env['batching']}; data: {env['data']}; torch {env['torch']}, "
              f"transformers {env['transformers']}, accelerate {env['accelerate']}. "
              "Steady tokens/s: optimizer steps 3.. (compile excluded), all GPUs.", "",
              "| run | GPUs | per-GPU batch | quant | compiled | steady tokens/s | × 1 GPU | params / GPU (GiB) "
@@ -210,6 +214,8 @@ def _last_error(r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="7b", choices=sorted(CONFIGS),
+                    help="Qwen2-VL shapes and the shipped config they run (2b fits one device call)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--resume-steps", type=int, default=4)
     ap.add_argument("--samples", type=int, default=400)
@@ -240,15 +246,19 @@ def main(argv=None) -> int:
         return 2
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    model = build_checkpoint(root, "7b", args.tiny)
+    global CONFIG
+    CONFIG = CONFIGS[args.model]
+    model = build_checkpoint(root, args.model, args.tiny)
     data = prepare_data(root, argparse.Namespace(samples=min(args.samples, 48) if args.tiny else args.samples,
                                                  tiny=args.tiny))
     env = {"gpu": "tiny" if args.tiny else torch.cuda.get_device_name(0), "gpus_visible": n_gpu,
            "torch": torch.__version__, "transformers": transformers.__version__,
            "accelerate": accelerate.__version__, "python": platform.python_version(), "steps": args.steps,
            "batching": "packed rows of the config's token budget" if args.batching == "tokens" else "sample counts",
+           "model": args.model, "config": CONFIG.name,
            "data": f"synthetic_mixed, {args.samples if not args.tiny else min(args.samples, 48)} samples"}
-    stem = ("multi_gpu_packed_" if args.batching == "tokens" else "multi_gpu_") + env["gpu"].replace(" ", "_")
+    stem = (("multi_gpu_packed_" if args.batching == "tokens" else "multi_gpu_") + ("2b_" if args.model == "2b" else "")
+            + env["gpu"].replace(" ", "_"))
     results = root if args.tiny else REPO / "benchmarks" / "results"
     rows = []
     for name in args.runs.split(","):
