@@ -60,7 +60,7 @@ class VideoHeader:
 def _path(ref: ImageRef, root) -> str:
     if ref.kind != "path":
         raise DataError(f"video {ref.describe()} must be a file path", code=problems.WRONG_TYPE)
-    return str(resolve_image_path(ref.value, root))
+    return str(resolve_image_path(ref.value, root, what="video"))
 
 
 def _open(path: str):

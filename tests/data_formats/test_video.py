@@ -142,3 +142,32 @@ def test_broken_video_and_video_in_reply_are_named(clip_dir, tmp_path):
         (1, problems.CORRUPT_VIDEO), (2, problems.IMAGE_IN_REPLY)]
     with pytest.raises(DataError, match="'video' and 'videos'"):
         parse_record({**LAYOUTS["qwen2vl_finetune"], "videos": ["clip.mp4"]})
+
+
+def test_hostile_video_paths_are_named_as_videos(clip_dir, tmp_path):
+    """The hostile paths of the image side, given as videos: each one reject naming the file, the
+    record and the video (not "image"), counted under the skip policy while the good records stay."""
+    import json
+    import os
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "clip.mp4").write_bytes((clip_dir / "clip.mp4").read_bytes())
+    os.symlink("loop_b", root / "loop_a")
+    os.symlink("loop_a", root / "loop_b")
+    hostile = {"missing.mp4": "video file 'missing.mp4' not found",
+               "a\x00.mp4": "video path 'a\\x00.mp4' contains a NUL byte",
+               "x" * 5000 + ".mp4": "video path 'xxx",
+               "loop_a": "video path 'loop_a' cannot be looked up",
+               "/etc/hostname": "video path '/etc/hostname' escapes the image root",
+               "https://example.com/v.mp4": "videos are never downloaded",
+               7: "video[0] must be a video file path string, got int"}
+    good = LAYOUTS["qwen2vl_finetune"]
+    records = [good] + [{**good, "video": [v]} for v in hostile] + [good]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = check_data([str(data)], image_root=str(root))
+    assert report.files[str(data)]["valid"] == 2 and report.rejects.total == len(hostile)
+    for err, (index, expected) in zip(report.rejects.errors, enumerate(hostile.values(), start=1)):
+        assert err.index == index and f"{data}, record {index}" in str(err), str(err)
+        assert expected in str(err) and "image path" not in str(err) and "image file" not in str(err), str(err)
