@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from ._vllm_client import N, require_vllm, served_tokens
+from ._vllm_client import N, require_vllm, served_tokens, video_eval_file
 
 pytestmark = pytest.mark.serve
 
@@ -64,23 +64,6 @@ def test_eval_against_the_endpoint(server, tmp_path):
     assert row["caption"].startswith("a bright gradient with")  # the trained caption, through the server
 
 
-def _video_eval_file(folder):
-    """A Qwen2-VL-Finetune `video` record (a 3-second mp4, 6 frames sampled at 2 fps) and an image record."""
-    from tests.data_formats.test_video import write_clip
-    from vlm.export.verify import probe_image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    write_clip(folder / "clip.mp4")
-    probe_image().save(folder / "probe.png")
-    records = [{"id": "clip", "video": "clip.mp4", "conversations": [
-                   {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "a bar grows"}]},
-               {"id": "probe", "image": "probe.png", "conversations": [
-                   {"from": "human", "value": "<image>\nDescribe the image."},
-                   {"from": "gpt", "value": "a bright gradient with noise"}]}]
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder / "eval.jsonl"
-
-
 def test_served_video_matches_transformers(server, servable_base, tmp_path):
     """One video request, built by the eval client (frames as sampled locally, sampling facts in
     media_io_kwargs): vLLM expands it to the same number of prompt tokens and gives the same N greedy
@@ -92,7 +75,7 @@ def test_served_video_matches_transformers(server, servable_base, tmp_path):
     from vlm.eval.generation import GenerationSettings, item_chat_text, processor_inputs
     from vlm.load import load
 
-    item = read_eval_items(_video_eval_file(tmp_path))[0]
+    item = read_eval_items(video_eval_file(tmp_path))[0]
     assert item.media == "video" and item.video[0].shape[0] == 6
     settings = GenerationSettings(max_new_tokens=N, min_new_tokens=N)
     model, processor = load(servable_base, dtype="fp32", device="cpu")
@@ -117,7 +100,7 @@ def test_eval_endpoint_on_video_records(server, servable_base, tmp_path):
     from vlm.eval.generation import GenerationSettings, generate_captions
     from vlm.load import load
 
-    data = _video_eval_file(tmp_path / "data")
+    data = video_eval_file(tmp_path / "data")
     rc = main(["eval", "--data", str(data), "--endpoint", server.url, "--served-model", servable_base.name,
                "--max-new-tokens", "8", "--min-new-tokens", "8", "--no-meteor", "--out", str(tmp_path / "out")])
     assert rc == 0

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ._vllm_client import N, require_vllm, served_tokens
+from ._vllm_client import N, require_vllm, served_tokens, video_eval_file
 
 pytestmark = pytest.mark.serve
 
@@ -54,9 +54,7 @@ def test_merged_export_served_by_cli_matches_and_stops_cleanly(servable_base, tr
         # a video record against a server without --trust-request-mm-kwargs: named, with the remedy
         from vlm.cli.main import main
 
-        from .test_serve_vllm import _video_eval_file
-
-        data = _video_eval_file(tmp_path / "video")
+        data = video_eval_file(tmp_path / "video")
         assert main(["eval", "--data", str(data), "--endpoint", url, "--served-model", "merged",
                      "--api-key", "test-key", "--no-meteor", "--out", str(tmp_path / "eval")]) == 1
         err = capsys.readouterr().err
