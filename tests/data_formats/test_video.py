@@ -171,3 +171,23 @@ def test_hostile_video_paths_are_named_as_videos(clip_dir, tmp_path):
     for err, (index, expected) in zip(report.rejects.errors, enumerate(hostile.values(), start=1)):
         assert err.index == index and f"{data}, record {index}" in str(err), str(err)
         assert expected in str(err) and "image path" not in str(err) and "image file" not in str(err), str(err)
+
+
+def test_preview_counts_video_tokens_as_video(clip_dir, tmp_path, tiny_checkpoint, capsys):
+    """`vlm data preview` of a record with an image and a video: each kind counted and shown by name."""
+    import json
+
+    from PIL import Image
+
+    from vlm.cli.main import main
+
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
+    (tmp_path / "clip.mp4").write_bytes((clip_dir / "clip.mp4").read_bytes())
+    record = {"messages": [{"role": "user", "content": "<image>Compare with <video>"},
+                           {"role": "assistant", "content": "The clip is bluer."}],
+              "images": ["red.png"], "videos": ["clip.mp4"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    model = next(v for v in VARIANTS if _collator(tiny_checkpoint, v)[1].family.takes_video)
+    assert main(["data", "preview", str(tmp_path / "d.jsonl"), "--model", str(tiny_checkpoint(model))]) == 0
+    out = capsys.readouterr().out
+    assert "(4 image, 12 video, " in out and "<image × 4>" in out and "<video × 12>" in out, out
