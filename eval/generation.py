@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
+DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
 
 
 @dataclass
@@ -54,7 +55,9 @@ class GenerationResult:
 
 
 def prompt_for(item, settings: GenerationSettings) -> str:
-    return settings.prompt or getattr(item, "prompt", None) or DEFAULT_PROMPT
+    """The one prompt of ``settings``, else the record's own user text, else the default for its media."""
+    default = DEFAULT_VIDEO_PROMPT if getattr(item, "video", None) is not None else DEFAULT_PROMPT
+    return settings.prompt or getattr(item, "prompt", None) or default
 
 
 def item_media(item) -> str:

@@ -142,3 +142,27 @@ def test_bad_video_records_are_named(tmp_path):
     assert main(["eval", "--endpoint", "http://127.0.0.1:9", "--served-model", "m", "--data", str(data),
                  "--out", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_variants_refuse_video_before_exporting(tiny_checkpoint, video_families, tmp_path, capsys):
+    """llama.cpp's runtime takes images only here: a `gguf:` variant on a file with video records stops
+    before any export or model load, naming the first video record."""
+    data = write_video_eval(tmp_path / "data")
+    rc = main(["eval", "--model", str(tiny_checkpoint(video_families[0])), "--data", str(data),
+               "--compare", "bf16,gguf:f16", "--out", str(tmp_path / "out"), "--no-meteor", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and not (tmp_path / "out").exists()
+    assert f"{data}, record 2: the record holds a video" in err and "GGUF variant gguf:f16" in err, err
+    assert "loading" not in err and "exporting" not in err
+
+
+def test_video_item_without_user_text_gets_a_video_prompt(tmp_path):
+    from vlm.eval.generation import GenerationSettings, prompt_for
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_clip(folder / "clip.mp4")
+    (folder / "e.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>"}, {"from": "gpt", "value": "a bar grows"}]}) + "\n")
+    (item,) = read_eval_items(folder / "e.jsonl")
+    assert item.prompt is None and prompt_for(item, GenerationSettings()) == "Describe this video in one sentence."
