@@ -122,8 +122,8 @@ def test_frames_reach_the_model_and_batches_mix_images_with_videos(tiny_checkpoi
 
 
 def test_bad_video_records_are_named(tmp_path):
-    """A video that does not decode, and a record with an image and a video, are errors naming the
-    file and the record (before any model loads)."""
+    """A video that does not decode, and a record with an image and a video (or two images: one
+    reference cannot describe both), are errors naming the file and the record (before any model loads)."""
     folder = tmp_path / "d"
     data = write_video_eval(folder)
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
@@ -132,8 +132,11 @@ def test_bad_video_records_are_named(tmp_path):
     both = {"image": "0.png", "videos": ["grow.mp4"],
             "messages": [{"role": "user", "content": "<image><video>Compare."},
                          {"role": "assistant", "content": "the same colours"}]}
+    two_images = {"images": ["0.png", "1.png"], "messages": [{"role": "user", "content": "<image><image>Compare."},
+                                                           {"role": "assistant", "content": "two squares"}]}
     lines = data.read_text().splitlines()
-    for extra, code, index in ((broken, problems.CORRUPT_VIDEO, 5), (both, "several_media", 5)):
+    for extra, code, index in ((broken, problems.CORRUPT_VIDEO, 5), (both, "several_media", 5),
+                               (two_images, "several_media", 5)):
         data.write_text("\n".join(lines + [json.dumps(extra)]) + "\n")
         with pytest.raises(DataError) as e:
             read_eval_items(data)
