@@ -101,13 +101,6 @@ def apply_lora(model: nn.Module, family: Family, *, r: int = 16, alpha: float = 
                         modules_to_save=modules_to_save or None, use_rslora=use_rslora, bias="none",
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
-    if gradient_checkpointing and hasattr(model, "disable_input_require_grads"):
-        # PEFT calls enable_input_require_grads() on a 16-bit model, hooking every sub-model's input
-        # embeddings, the vision tower's patch embedding included (see above): take those hooks off
-        # again (ours on the text embeddings stays). Under the frozen tower's no_grad the hook still
-        # marks the patch embeddings as requiring grad, so a compiled first vision block would see
-        # both requires_grad values and recompile for each.
-        model.disable_input_require_grads()
     peft_model.vlm_family = family
     if frozen_vision_no_grad:
         no_grad_when_frozen(model, family)
