@@ -169,3 +169,24 @@ def test_video_item_without_user_text_gets_a_video_prompt(tmp_path):
         {"from": "human", "value": "<video>"}, {"from": "gpt", "value": "a bar grows"}]}) + "\n")
     (item,) = read_eval_items(folder / "e.jsonl")
     assert item.prompt is None and prompt_for(item, GenerationSettings()) == "Describe this video in one sentence."
+
+
+def test_clipscore_scores_the_image_items_and_says_it_left_videos_out(tmp_path):
+    """CLIPScore compares one image with a caption: on a mixed file it scores the image items (the
+    same value as scoring them alone) and a notice counts the videos it left out."""
+    from vlm.eval.clipscore import ClipScorer
+    from vlm.eval.generation import GenerationResult
+    from vlm.eval.harness import EvalConfig, _clipscore
+
+    torch.manual_seed(0)
+    scorer = ClipScorer("ViT-S-32", pretrained=None)   # the small open_clip ViT: random weights, saved
+    weights = tmp_path / "clip.pt"
+    torch.save(scorer.model.state_dict(), weights)
+    items = read_eval_items(write_video_eval(tmp_path / "data"))
+    captions = ["a red circle", "a blue square", "a bar grows", "a short clip", "a wide frame"]
+    generations = {"bf16": GenerationResult(captions, [3] * 5, 1.0, None, None, "n/a")}
+    results, notices = {"variants": [{"name": "bf16"}]}, []
+    _clipscore(EvalConfig(data="x", model="m", clip_model="ViT-S-32", clip_weights=str(weights), device="cpu"), items, results,
+               generations, notices)
+    assert results["variants"][0]["clipscore"] == pytest.approx(scorer([it.image for it in items[:2]], captions[:2]))
+    assert notices == ["CLIPScore covers the 2 image items only: it scores one image, so the 3 video items are left out"]
