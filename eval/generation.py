@@ -71,7 +71,7 @@ def chat_text(processor, prompt: str, media: str = "image") -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def item_chat_text(processor, item, settings: "GenerationSettings") -> str:
+def item_chat_text(processor, item, settings: GenerationSettings) -> str:
     return chat_text(processor, prompt_for(item, settings), item_media(item))
 
 

@@ -35,6 +35,7 @@ import torch
 
 from vlm.config.schema import parse_section
 from vlm.data_formats import problems
+from vlm.data_formats.video import DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling
 from vlm.errors import ConfigError, DataError, VlmError
 from vlm.eval.agreement import LogprobStore, compare_teacher_forced, exact_match_rate
 from vlm.eval.data import read_eval_items
@@ -72,8 +73,8 @@ class EvalConfig:
     endpoint_timeout: float = 120.0
     api_key: str | None = None          # bearer token for the endpoint (vlm serve --api-key)
     endpoint_concurrency: int = 1
-    video_fps: float = 2.0              # video items: frames sampled per second (as `vlm train` samples)
-    video_max_frames: int = 32          # video items: at most this many frames per video
+    video_fps: float = DEFAULT_VIDEO_FPS              # video items: frames per second, as `vlm train` samples
+    video_max_frames: int = DEFAULT_VIDEO_MAX_FRAMES  # video items: at most this many frames per video
 
     def validate(self, where: str = "eval") -> None:
         if not self.model and not self.endpoint:
@@ -169,8 +170,6 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config.validate()
     notices: list[str] = []
-    from vlm.data_formats.video import VideoSampling
-
     items = read_eval_items(config.data, image_root=config.image_root, limit=config.limit,
                             video_sampling=VideoSampling(config.video_fps, config.video_max_frames))
     refuse_video_where_not_taken(config, items)
