@@ -15,6 +15,11 @@ GGUF_STAMP := $(VENV)/.vlmtune-gguf-installed
 # gguf-py and the mtmd runtime), unpacked and built once into this cache, outside the repository.
 LLAMA_CPP_PYTHON := 0.3.36
 GGUF_CACHE ?= $(HOME)/.cache/vlmtune/gguf
+# A wheel (llama_cpp_python-0.3.36-*.whl) and/or the sdist (.tar.gz) already at hand, e.g. built on
+# another machine of the same kind: `make gguf-deps GGUF_WHEEL=PATH GGUF_SDIST=PATH` copies them into
+# the cache (the originals stay) and skips the download and the build.
+GGUF_WHEEL ?=
+GGUF_SDIST ?=
 export VLM_GGUF_CACHE := $(GGUF_CACHE)
 export OMP_NUM_THREADS ?= 1
 
@@ -66,6 +71,8 @@ gguf-deps: $(GGUF_STAMP)
 
 $(GGUF_STAMP): $(STAMP)
 	mkdir -p $(GGUF_CACHE)/wheels
+	@if [ -n "$(GGUF_WHEEL)" ]; then cp -n "$(GGUF_WHEEL)" $(GGUF_CACHE)/wheels/; fi
+	@if [ -n "$(GGUF_SDIST)" ]; then cp -n "$(GGUF_SDIST)" $(GGUF_CACHE)/; fi
 	@test -f $(GGUF_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz || $(PY) -m pip download -q --no-binary :all: \
 	  --no-deps -d $(GGUF_CACHE) llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	@test -d $(GGUF_CACHE)/llama_cpp_python-$(LLAMA_CPP_PYTHON) || tar -xzf \

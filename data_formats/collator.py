@@ -41,7 +41,7 @@ from vlm.data_formats.images import DEFAULT_MAX_IMAGE_PIXELS, image_size, open_i
 from vlm.data_formats.records import located
 from vlm.data_formats.resolution import Resolution, apply_resolution
 from vlm.data_formats.video import (DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling, patch_times,
-                                    read_video, video_header)
+                                    processor_video_kwargs, read_video, video_header)
 from vlm.errors import ConfigError, DataError, VlmError
 
 IGNORE_INDEX = -100
@@ -267,11 +267,10 @@ class VisionChatCollator:
 
     def _refuse_video_unless_taken(self, conv: Conversation) -> None:
         if conv.videos and self.video_token_id is None:
-            from vlm.families.registry import all_families
+            from vlm.families.registry import video_family_names
 
-            takers = sorted(f.name for f in all_families().values() if f.takes_video)
             raise DataError(f"the record holds {len(conv.videos)} video(s), but the {self.family.name} "
-                            f"family takes no video (families that do: {', '.join(takers)})",
+                            f"family takes no video (families that do: {', '.join(video_family_names())})",
                             code=problems.VIDEO_UNSUPPORTED)
 
     def _video_token_counts(self, conv: Conversation) -> list[int]:
@@ -343,14 +342,8 @@ class VisionChatCollator:
         if has_images:
             kwargs["images"] = images if self.family.images_per_sample else \
                 [img for per_sample in images for img in per_sample]
-        if videos:
-            kwargs["videos"] = [frames for frames, _ in videos]
-            kwargs["video_metadata"] = [meta for _, meta in videos]
-            kwargs["do_sample_frames"] = False   # sampled here, as planned
-            if hasattr(getattr(self.processor, "video_processor", None), "cap_pixels_per_frame"):
-                # the total-video pixel cap of transformers >= 5.19 is not in its own token counter
-                # (_get_num_multimodal_tokens), which plans our lengths: keep them in agreement
-                kwargs["cap_pixels_per_frame"] = False
+        if videos:   # sampled here, as planned; the processor's own pixel cap agrees with the plan
+            kwargs.update(processor_video_kwargs(self.processor, videos))
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:

@@ -9,14 +9,16 @@ from vlm.data_formats.conversation import ImageRef
 from vlm.errors import DataError
 
 
-def to_image_ref(value: Any, what: str = "image") -> ImageRef:
+def to_image_ref(value: Any, what: str = "image", kind: str = "image") -> ImageRef:
     """A path string, ``data:`` URL, encoded bytes, ``{"bytes"|"path"}`` dict (parquet / datasets
-    Image feature) or a PIL image -> :class:`ImageRef`. Anything else is a ``wrong_type`` error."""
+    Image feature) or a PIL image -> :class:`ImageRef`. Anything else is a ``wrong_type`` error.
+    ``kind="video"``: the same forms are parsed (validation then wants a file path), the errors
+    speak of videos."""
     if isinstance(value, str):
         if value.startswith("data:"):
             return ImageRef("data_url", value)
         if value.startswith(("http://", "https://")):
-            raise DataError(f"{what} {value!r} is a remote URL; images are never downloaded "
+            raise DataError(f"{what} {value!r} is a remote URL; {kind}s are never downloaded "
                             "(offline by design): store the file and give its path",
                             code=problems.MISSING_IMAGE)
         if value.startswith("file://"):
@@ -28,25 +30,25 @@ def to_image_ref(value: Any, what: str = "image") -> ImageRef:
         return ImageRef("bytes", bytes(value))
     if isinstance(value, dict):
         if value.get("bytes") is not None:
-            return to_image_ref(value["bytes"], what)
+            return to_image_ref(value["bytes"], what, kind)
         if value.get("path") is not None:
-            return to_image_ref(value["path"], what)
+            return to_image_ref(value["path"], what, kind)
         if value.get("url") is not None:
-            return to_image_ref(value["url"], what)
+            return to_image_ref(value["url"], what, kind)
         raise DataError(f"{what} is a dict without 'bytes', 'path' or 'url'", code=problems.WRONG_TYPE)
     if _is_pil(value):
         return ImageRef("pil", value)
-    raise DataError(f"{what} must be a path string, data URL, bytes or PIL image, "
-                    f"got {type(value).__name__}", code=problems.WRONG_TYPE)
+    accepted = "a video file path string" if kind == "video" else "a path string, data URL, bytes or PIL image"
+    raise DataError(f"{what} must be {accepted}, got {type(value).__name__}", code=problems.WRONG_TYPE)
 
 
-def image_list(value: Any, field: str) -> list[ImageRef]:
-    """A record's image field: absent/None -> [], a single image -> [it], a list -> each."""
+def image_list(value: Any, field: str, kind: str = "image") -> list[ImageRef]:
+    """A record's image (or video) field: absent/None -> [], a single one -> [it], a list -> each."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
-        return [to_image_ref(v, f"{field}[{i}]") for i, v in enumerate(value)]
-    return [to_image_ref(value, field)]
+        return [to_image_ref(v, f"{field}[{i}]", kind) for i, v in enumerate(value)]
+    return [to_image_ref(value, field, kind)]
 
 
 def _is_pil(value: Any) -> bool:

@@ -31,13 +31,14 @@ def _shown(path: str) -> str:
     return repr(path if len(path) <= MAX_SHOWN_PATH else path[:MAX_SHOWN_PATH] + f"...({len(path)} chars)")
 
 
-def resolve_image_path(path: str, image_root: str | os.PathLike | None) -> Path:
+def resolve_image_path(path: str, image_root: str | os.PathLike | None, what: str = "image") -> Path:
     """The real file a record's path names, refusing anything outside ``image_root``.
 
     Paths the operating system cannot even look up (a NUL byte, a name too long, a symlink loop)
-    are ``missing_image`` errors naming the path, never a raw exception."""
+    are ``missing_image`` errors naming the path, never a raw exception. ``what``: "image" or
+    "video", the word the errors use (video files live under the same root)."""
     if "\x00" in path:
-        raise DataError(f"image path {_shown(path)} contains a NUL byte", code=problems.MISSING_IMAGE)
+        raise DataError(f"{what} path {_shown(path)} contains a NUL byte", code=problems.MISSING_IMAGE)
     try:
         root = Path(image_root or ".").resolve()
         candidate = Path(path)
@@ -46,13 +47,13 @@ def resolve_image_path(path: str, image_root: str | os.PathLike | None) -> Path:
             how = ("absolute paths are allowed under the image root: set data.image_root (config) or "
                    "--image-root (vlm data) to a folder that holds them" if candidate.is_absolute() else
                    "set data.image_root / --image-root to a folder that holds it")
-            raise DataError(f"image path {_shown(path)} escapes the image root {str(root)!r}: {how}",
+            raise DataError(f"{what} path {_shown(path)} escapes the image root {str(root)!r}: {how}",
                             code=problems.PATH_ESCAPE)
         if not full.is_file():
-            raise DataError(f"image file {_shown(path)} not found (looked at {_shown(str(full))})",
+            raise DataError(f"{what} file {_shown(path)} not found (looked at {_shown(str(full))})",
                             code=problems.MISSING_IMAGE)
     except (OSError, RuntimeError, ValueError) as e:   # RuntimeError: symlink loop (Python < 3.13)
-        raise DataError(f"image path {_shown(path)} cannot be looked up: {type(e).__name__}: "
+        raise DataError(f"{what} path {_shown(path)} cannot be looked up: {type(e).__name__}: "
                         f"{str(e)[:MAX_SHOWN_PATH]}", code=problems.MISSING_IMAGE) from None
     return full
 

@@ -89,7 +89,7 @@ def _parts_of(content: Any, pool: _ImagePool, where: str, videos: _ImagePool) ->
             parts.append(ImageSlot(pool.inline(to_image_ref(url, f"{at}.image_url"))))
         elif kind == "video":
             value = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
-            slot = videos.next_listed(at) if value is None else videos.inline(to_image_ref(value, at))
+            slot = videos.next_listed(at) if value is None else videos.inline(to_image_ref(value, at, kind="video"))
             parts.append(VideoSlot(slot))
         else:
             raise DataError(f"{at} has unknown type {kind!r} (expected text, image, image_url or video)",

@@ -71,8 +71,11 @@ def render_preview(collator, conv) -> str:
             state = now
         segment.append(t)
     flush()
+    # plan.image_tokens counts image and video tokens; a video's all sit before any truncation point
+    n_video = sum(t == collator.video_token_id for t in ids) if collator.video_token_id is not None else 0
+    media = f"{plan.image_tokens - n_video} image, {n_video} video" if n_video else f"{plan.image_tokens} image"
     head = (f"record {conv.index}" + (f" (id={conv.record_id})" if conv.record_id else "")
-            + f" of {conv.source}: {plan.keep} tokens ({plan.image_tokens} image, "
+            + f" of {conv.source}: {plan.keep} tokens ({media}, "
             f"{plan.keep - plan.image_tokens if plan.keep == plan.length else plan.keep} other), "
             f"{plan.trainable_tokens} trained" + (" [truncated]" if plan.truncated else ""))
     return head + "\n" + "".join(out) + "\n(⟦...⟧ = tokens with labels; everything else is -100)"

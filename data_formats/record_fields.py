@@ -27,7 +27,7 @@ def record_images(record: dict[str, Any]) -> list[ImageRef]:
     if len(present) == 2:
         raise DataError("the record has both 'image' and 'images': keep one list of images "
                         "(which one is meant cannot be guessed)", code=problems.WRONG_TYPE)
-    return image_list(record.get(present[0]), present[0]) if present else []
+    return image_list(record.get(present[0]), present[0], kind="video") if present else []
 
 
 def record_system(record: dict[str, Any]) -> str | None:
@@ -47,4 +47,4 @@ def record_videos(record: dict[str, Any]) -> list[ImageRef]:
     if len(present) == 2:
         raise DataError("the record has both 'video' and 'videos': keep one list of videos",
                         code=problems.WRONG_TYPE)
-    return image_list(record.get(present[0]), present[0]) if present else []
+    return image_list(record.get(present[0]), present[0], kind="video") if present else []

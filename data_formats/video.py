@@ -70,7 +70,7 @@ def patch_times(indices: list[int], native_fps: float, frames_per_patch: int) ->
 def _path(ref: ImageRef, root) -> str:
     if ref.kind != "path":
         raise DataError(f"video {ref.describe()} must be a file path", code=problems.WRONG_TYPE)
-    return str(resolve_image_path(ref.value, root))
+    return str(resolve_image_path(ref.value, root, what="video"))
 
 
 def _open(path: str):
@@ -141,3 +141,16 @@ def read_video(ref: ImageRef, root=None, sampling: VideoSampling = VideoSampling
         last = got.get(i, last if last is not None else got[min(got)])
         frames.append(last)
     return np.stack(frames), header.metadata(sampling)
+
+
+def processor_video_kwargs(processor, clips) -> dict:
+    """The processor keyword arguments for already-sampled clips (``(frames, metadata)`` pairs from
+    :func:`read_video`), the same for training and evaluation so a model sees a video the same way in
+    both: frames are not sampled again (``do_sample_frames=False``), and where transformers (>= 5.19)
+    caps the pixels of a whole video, that cap is off, because its own token counter
+    (``_get_num_multimodal_tokens``, which plans sample lengths) does not apply it."""
+    kwargs = {"videos": [frames for frames, _ in clips], "video_metadata": [meta for _, meta in clips],
+              "do_sample_frames": False}
+    if hasattr(getattr(processor, "video_processor", None), "cap_pixels_per_frame"):
+        kwargs["cap_pixels_per_frame"] = False
+    return kwargs

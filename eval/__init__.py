@@ -9,5 +9,6 @@ Public API:
     vlm.eval.metrics.caption_metrics(hypotheses, references, meteor=True)
     vlm.eval.agreement.exact_match_rate / compare_teacher_forced / LogprobStore
     vlm.eval.clipscore.ClipScorer(model_name, pretrained)(images, captions)
-    vlm.eval.data.read_eval_items(path) -> [EvalItem(item_id, image, references, prompt)]
+    vlm.eval.data.read_eval_items(path) -> [EvalItem(item_id, image, references, prompt, ..., video)]
+        (one image or one video per item; video items caption on the families that take video)
 """

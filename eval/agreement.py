@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vlm.eval.generation import GenerationSettings, chat_text, model_device, processor_images, prompt_for
+from vlm.eval.generation import GenerationSettings, item_chat_text, model_device, processor_inputs
 
 
 def exact_match_rate(captions: Sequence[str], baseline: Sequence[str]) -> float:
@@ -73,11 +73,9 @@ def teacher_forced_logprobs(model, processor, items: Sequence, settings: Generat
     try:
         for start in range(0, len(items), settings.batch_size):
             batch = items[start:start + settings.batch_size]
-            prompts = [chat_text(processor, prompt_for(it, settings)) for it in batch]
-            images = processor_images(model, [it.image for it in batch])
-            full = processor(text=[p + it.references[0] for p, it in zip(prompts, batch)], images=images,
-                             return_tensors="pt", padding=True)
-            only = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+            prompts = [item_chat_text(processor, it, settings) for it in batch]
+            full = processor_inputs(model, processor, [p + it.references[0] for p, it in zip(prompts, batch)], batch)
+            only = processor_inputs(model, processor, prompts, batch)
             logits = model(**full.to(device)).logits
             out = []
             for i in range(len(batch)):

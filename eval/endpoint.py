@@ -1,8 +1,17 @@
 """Captions from an OpenAI-compatible chat-completions server (vLLM's, typically).
 
-Each image is sent as one request with the same content as the local path: a user message holding
-the image (``image_url`` with a ``data:image/png;base64,...`` URL of the decoded RGB pixels, PNG so
-nothing is lost) followed by the prompt text; greedy decoding via ``temperature: 0`` and
+Each image or video is sent as one request with the same content as the local path: a user message
+holding the image (``image_url`` with a ``data:image/png;base64,...`` URL of the decoded RGB pixels,
+PNG so nothing is lost) or the video, followed by the prompt text. A video goes as the frames the
+local path samples, not as the file: vLLM's frame-list form ``video_url`` =
+``data:video/jpeg;base64,<frame 1>,<frame 2>,...`` with the sampling facts (native fps, total frame
+count, the sampled frame indices; ``do_sample_frames: false``) in the request's ``media_io_kwargs``,
+so the server neither decodes nor resamples and its temporal positions (Qwen2.5-VL's seconds per
+temporal patch) come from the same numbers. vLLM opens each frame with PIL, which reads the format
+from the bytes, so the frames are PNG despite the media-type name: the served model sees the local
+model's pixels exactly. vLLM takes per-request ``media_io_kwargs`` only from a server started with
+``--trust-request-mm-kwargs`` (``vlm serve MODEL --vllm-args '--trust-request-mm-kwargs'``); without
+it a video item fails with an error that names its record and says so; greedy decoding via ``temperature: 0`` and
 ``max_tokens``; ``min_tokens`` (a vLLM extension) only when asked for. The server applies the model's
 own chat template, as the local path does.
 
@@ -26,7 +35,12 @@ from vlm.eval.generation import GenerationResult, GenerationSettings, prompt_for
 
 
 class EndpointError(VlmError):
-    """The endpoint could not be reached or answered something that is not a chat completion."""
+    """The endpoint could not be reached or answered something that is not a chat completion.
+    ``status``: the HTTP status when the server answered with an error (a refused request)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def chat_completions_url(url: str) -> str:
@@ -45,17 +59,43 @@ def image_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def build_request(served_model: str, image, prompt: str, settings: GenerationSettings) -> dict:
-    """The JSON body of one chat-completions request."""
+def video_frames_data_url(frames) -> str:
+    """``data:video/jpeg;base64,<png>,<png>,...``: vLLM's frame-list form (see the module docstring)."""
+    from PIL import Image
+
+    parts = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="PNG")
+        parts.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return "data:video/jpeg;base64," + ",".join(parts)
+
+
+def video_media_io_kwargs(metadata: dict) -> dict:
+    """vLLM's per-request video options for frames already sampled (:func:`read_video`'s metadata)."""
+    return {"num_frames": -1, "fps": float(metadata["fps"]), "total_num_frames": int(metadata["total_num_frames"]),
+            "frames_indices": [int(i) for i in metadata["frames_indices"]],
+            "duration": float(metadata["duration"]), "do_sample_frames": False}
+
+
+def build_request(served_model: str, item, prompt: str, settings: GenerationSettings) -> dict:
+    """The JSON body of one chat-completions request for an eval item (``.image`` or ``.video``;
+    a bare PIL image is taken as an image item)."""
+    video = getattr(item, "video", None)
+    image = item.image if hasattr(item, "image") else item
+    if video is not None:
+        frames, metadata = video
+        media = {"type": "video_url", "video_url": {"url": video_frames_data_url(frames)}}
+    else:
+        media = {"type": "image_url", "image_url": {"url": image_data_url(image)}}
     body = {
         "model": served_model,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_data_url(image)}},
-            {"type": "text", "text": prompt},
-        ]}],
+        "messages": [{"role": "user", "content": [media, {"type": "text", "text": prompt}]}],
         "temperature": 0,
         "max_tokens": settings.max_new_tokens,
     }
+    if video is not None:
+        body["media_io_kwargs"] = {"video": video_media_io_kwargs(metadata)}
     if settings.min_new_tokens:
         body["min_tokens"] = settings.min_new_tokens
     return body
@@ -96,7 +136,7 @@ class EndpointClient:
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:500]
             raise EndpointError(f"endpoint {self.url} answered HTTP {e.code}: {detail or e.reason} "
-                                f"(is {self.served_model!r} the served model name?)") from None
+                                f"(is {self.served_model!r} the served model name?)", status=e.code) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise EndpointError(f"cannot reach the endpoint {self.url}: {reason}. Is the server running "
@@ -106,12 +146,25 @@ class EndpointClient:
         except json.JSONDecodeError:
             raise EndpointError(f"endpoint {self.url} did not answer JSON: {raw[:200]!r}") from None
 
-    def caption(self, image, prompt: str, settings: GenerationSettings) -> tuple[str, int | None]:
-        return parse_response(self._post(build_request(self.served_model, image, prompt, settings)))
+    def caption(self, item, prompt: str, settings: GenerationSettings) -> tuple[str, int | None]:
+        """``item``: an eval item (image or video) or a PIL image."""
+        return parse_response(self._post(build_request(self.served_model, item, prompt, settings)))
 
     def generate(self, items: Sequence, settings: GenerationSettings) -> GenerationResult:
         def one(it):
-            return self.caption(it.image, prompt_for(it, settings), settings)
+            try:
+                return self.caption(it, prompt_for(it, settings), settings)
+            except EndpointError as e:   # say which record the server refused (e.g. a video)
+                where = getattr(it, "where", None)
+                if not where or e.status is None:   # unreachable / not JSON: not about this record
+                    raise
+                hint = ""
+                if it.media == "video" and "media_io_kwargs" in str(e):
+                    hint = (" — the server refuses the frames' timing (per-request media_io_kwargs), which "
+                            "vLLM accepts only when started with --trust-request-mm-kwargs: "
+                            "`vlm serve MODEL --vllm-args '--trust-request-mm-kwargs'` (for trusted clients)")
+                raise EndpointError(f"{where['file']}, record {where['index']} ({it.media}): {e}{hint}",
+                                    status=e.status) from None
 
         t0 = time.perf_counter()
         if self.concurrency == 1:

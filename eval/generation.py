@@ -1,6 +1,6 @@
 """Greedy captions from a local model, with the same decoding for every variant, plus memory/speed.
 
-Decoding is fixed: greedy (``do_sample=False, num_beams=1``), one prompt per image, ``max_new_tokens``
+Decoding is fixed: greedy (``do_sample=False, num_beams=1``), one prompt per image or video, ``max_new_tokens``
 (and optionally ``min_new_tokens``, to compare with a vLLM server's ``min_tokens``). Batches are
 left-padded and formed in the same order for every variant, so two loads of the same weights give
 the same tokens.
@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
+DEFAULT_VIDEO_PROMPT = "Describe this video in one sentence."
 
 
 @dataclass
@@ -54,13 +55,24 @@ class GenerationResult:
 
 
 def prompt_for(item, settings: GenerationSettings) -> str:
-    return settings.prompt or getattr(item, "prompt", None) or DEFAULT_PROMPT
+    """The one prompt of ``settings``, else the record's own user text, else the default for its media."""
+    default = DEFAULT_VIDEO_PROMPT if getattr(item, "video", None) is not None else DEFAULT_PROMPT
+    return settings.prompt or getattr(item, "prompt", None) or default
 
 
-def chat_text(processor, prompt: str) -> str:
-    """The family's chat template applied to one user turn (image first, then the prompt)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def item_media(item) -> str:
+    """``"video"`` for an item carrying a video, else ``"image"``."""
+    return "video" if getattr(item, "video", None) is not None else "image"
+
+
+def chat_text(processor, prompt: str, media: str = "image") -> str:
+    """The family's chat template applied to one user turn (the image or video first, then the prompt)."""
+    messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def item_chat_text(processor, item, settings: GenerationSettings) -> str:
+    return chat_text(processor, prompt_for(item, settings), item_media(item))
 
 
 def model_device(model) -> torch.device:
@@ -158,9 +170,27 @@ def processor_images(model, images: Sequence) -> list:
     return [[im] for im in images] if getattr(family, "images_per_sample", False) else list(images)
 
 
+def processor_inputs(model, processor, texts: list[str], items: Sequence):
+    """The processor's tensors for ``texts`` (one per item): image items' images and video items'
+    clips, each list in item order, which is the order their placeholders take in the batch text
+    (the processor fills placeholders in order). Video clips go in as sampled at read time,
+    with the same keyword arguments as training (:func:`~vlm.data_formats.video.processor_video_kwargs`)."""
+    from vlm.data_formats.video import processor_video_kwargs
+
+    kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+    images = [it.image for it in items if item_media(it) == "image"]
+    clips = [it.video for it in items if item_media(it) == "video"]
+    if images:
+        kwargs["images"] = processor_images(model, images)
+    if clips:
+        kwargs.update(processor_video_kwargs(processor, clips))
+    return processor(**kwargs)
+
+
 @torch.inference_mode()
 def generate_captions(model, processor, items: Sequence, settings: GenerationSettings) -> GenerationResult:
-    """Greedy captions for ``items`` (objects with ``.image`` and ``.prompt``), in order."""
+    """Greedy captions for ``items`` (objects with ``.image`` and ``.prompt``, and ``.video`` for a
+    video item: :class:`vlm.eval.data.EvalItem`), in order."""
     device = model_device(model)
     tok = processor.tokenizer
     old_side = tok.padding_side
@@ -174,9 +204,8 @@ def generate_captions(model, processor, items: Sequence, settings: GenerationSet
         with PeakMemory(device) as peak:
             for start in range(0, len(items), settings.batch_size):
                 batch = items[start:start + settings.batch_size]
-                texts = [chat_text(processor, prompt_for(it, settings)) for it in batch]
-                inputs = processor(text=texts, images=processor_images(model, [it.image for it in batch]),
-                                   return_tensors="pt", padding=True).to(device)
+                texts = [item_chat_text(processor, it, settings) for it in batch]
+                inputs = processor_inputs(model, processor, texts, batch).to(device)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """The evaluation recipe, top to bottom:
 
-1. read the eval file → images with prompts and reference captions (:mod:`vlm.eval.data`);
+1. read the eval file → images or videos with prompts and reference captions (:mod:`vlm.eval.data`);
+   video items are refused by name before any model loads when the model's family takes no video;
 2. for each variant (``bf16`` baseline first, then e.g. ``nf4``, ``dynamic``): load the model with
    ``vlm.load(..., quant=variant)``, put the PEFT adapter on it when one is given, generate greedy
    captions (:mod:`vlm.eval.generation`) and run the teacher-forced pass over the reference captions
@@ -33,7 +34,9 @@ from typing import Callable
 import torch
 
 from vlm.config.schema import parse_section
-from vlm.errors import ConfigError, VlmError
+from vlm.data_formats import problems
+from vlm.data_formats.video import DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_FRAMES, VideoSampling
+from vlm.errors import ConfigError, DataError, VlmError
 from vlm.eval.agreement import LogprobStore, compare_teacher_forced, exact_match_rate
 from vlm.eval.data import read_eval_items
 from vlm.eval.generation import GenerationResult, GenerationSettings, generate_captions
@@ -70,6 +73,8 @@ class EvalConfig:
     endpoint_timeout: float = 120.0
     api_key: str | None = None          # bearer token for the endpoint (vlm serve --api-key)
     endpoint_concurrency: int = 1
+    video_fps: float = DEFAULT_VIDEO_FPS              # video items: frames per second, as `vlm train` samples
+    video_max_frames: int = DEFAULT_VIDEO_MAX_FRAMES  # video items: at most this many frames per video
 
     def validate(self, where: str = "eval") -> None:
         if not self.model and not self.endpoint:
@@ -86,6 +91,9 @@ class EvalConfig:
             raise ConfigError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"{where}.limit must be >= 1, got {self.limit}")
+        if not self.video_fps > 0 or self.video_max_frames < 1:
+            raise ConfigError(f"{where}.video_fps must be > 0 and video_max_frames >= 1, got "
+                              f"{self.video_fps} and {self.video_max_frames}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalConfig":
@@ -162,11 +170,16 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config.validate()
     notices: list[str] = []
-    items = read_eval_items(config.data, image_root=config.image_root, limit=config.limit)
-    log(f"eval: {len(items)} images, {sum(len(i.references) for i in items)} reference captions from {config.data}")
+    items = read_eval_items(config.data, image_root=config.image_root, limit=config.limit,
+                            video_sampling=VideoSampling(config.video_fps, config.video_max_frames))
+    refuse_video_where_not_taken(config, items)
+    n_video = sum(it.media == "video" for it in items)
+    log(f"eval: {len(items) - n_video} images, {n_video} videos, {sum(len(i.references) for i in items)} "
+        f"reference captions from {config.data}")
     settings = config.settings()
 
-    results: dict = {"config": asdict(config), "num_items": len(items), "baseline": None, "variants": [],
+    results: dict = {"config": asdict(config), "num_items": len(items), "num_videos": n_video,
+                     "baseline": None, "variants": [],
                      "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                      "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
     generations: dict[str, GenerationResult] = {}
@@ -245,6 +258,31 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
     return results
 
 
+def refuse_video_where_not_taken(config: EvalConfig, items) -> None:
+    """Before any model loads: video items need a local model whose family takes video, and no GGUF
+    variant (llama.cpp's runtime here takes images only). The error names the first video record
+    and how many there are. An endpoint-only run is checked by the server (its error names the record)."""
+    videos = [it for it in items if it.media == "video"]
+    if not videos or not config.model:
+        return
+    from vlm.families import family_for_config
+    from vlm.families.registry import video_family_names
+    from vlm.load import load_config
+
+    family = family_for_config(load_config(config.model))
+    more = f" (and {len(videos) - 1} more video record(s))" if len(videos) > 1 else ""
+    if not family.takes_video:
+        raise DataError(f"the record holds a video{more}, but {config.model} is a {family.name} model, "
+                        f"which takes no video (families that do: {', '.join(video_family_names())}); "
+                        "evaluate video on one of those, or remove the video records",
+                        code=problems.VIDEO_UNSUPPORTED, **videos[0].where)
+    gguf = [s for s in config.compare if is_gguf(s.strip())]
+    if gguf:
+        raise DataError(f"the record holds a video{more}, but the GGUF variant {gguf[0]} runs in llama.cpp, "
+                        "which takes images only here: drop the gguf variants or the video records",
+                        code=problems.VIDEO_UNSUPPORTED, **videos[0].where)
+
+
 def _attribute_scores(vocab_name: str, captions: list[str], items) -> dict:
     """Per-attribute accuracy of synthetic-scene captions against each image's first reference
     (``vlm.data_formats.caption_attributes``: exact match, all attributes right, each attribute)."""
@@ -264,8 +302,17 @@ def _clipscore(config: EvalConfig, items, results: dict, generations: dict, noti
     from vlm.eval.clipscore import ClipScorer
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # CLIPScore compares one image with its caption: video items have no single image, so it is
+    # computed over the image items and the report says how many videos it leaves out
+    scored = [i for i, it in enumerate(items) if it.media == "image"]
+    if len(scored) < len(items):
+        notices.append(f"CLIPScore covers the {len(scored)} image items only: it scores one image, "
+                       f"so the {len(items) - len(scored)} video items are left out")
+    if not scored:
+        return
     scorer = ClipScorer(config.clip_model, config.clip_weights, device=device)
     results["clipscore"] = scorer.describe()
-    images = [it.image for it in items]
+    images = [items[i].image for i in scored]
     for rec in results["variants"]:
-        rec["clipscore"] = scorer(images, generations[rec["name"]].captions)
+        captions = generations[rec["name"]].captions
+        rec["clipscore"] = scorer(images, [captions[i] for i in scored])

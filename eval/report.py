@@ -54,7 +54,9 @@ def _cell(text: str) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = [f"# Caption evaluation ({results['num_items']} images)", ""]
+    n_videos = results.get("num_videos", 0)
+    counted = f"{results['num_items'] - n_videos} images, {n_videos} videos" if n_videos else f"{results['num_items']} images"
+    lines = [f"# Caption evaluation ({counted})", ""]
     lines += ["| variant | example caption | memory | metrics | agreement |", "|---|---|---|---|---|"]
     for v in results["variants"]:
         mem = v["memory"]
@@ -127,12 +129,13 @@ def chart_png(results: dict) -> bytes:
 
 
 def captions_jsonl(results: dict, items, captions: dict[str, Any]) -> str:
-    """One line per (variant, image), variants in table order."""
+    """One line per (variant, image or video), variants in table order."""
     lines = []
     for v in results["variants"]:
         gen = captions[v["name"]]
         for it, cap, n in zip(items, gen.captions, gen.num_tokens):
-            lines.append(json.dumps({"variant": v["name"], "item_id": it.item_id, "caption": cap,
+            lines.append(json.dumps({"variant": v["name"], "item_id": it.item_id,
+                                     "media": getattr(it, "media", "image"), "caption": cap,
                                      "num_tokens": n, "references": it.references}, ensure_ascii=False))
     return "\n".join(lines) + "\n"
 

@@ -95,9 +95,9 @@ def plan_segments(lengths: list[int], device) -> Segments | None:
 def _batched_attention_forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
     from vlm.train.varlen_attention import flash_applies, varlen_attention
 
-    seg, longest = self._vlm_segments, self._vlm_max_len
+    seg = self._vlm_segments
     n_tok = hidden_states.shape[0]
-    if position_embeddings is None or longest is None or cu_seqlens is None or (
+    if position_embeddings is None or not self._vlm_varlen or cu_seqlens is None or (
             seg is not None and n_tok != seg.patches):
         return self._vlm_hf_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
@@ -108,7 +108,9 @@ def _batched_attention_forward(self, hidden_states, cu_seqlens=None, position_em
     padded = seg is not None and seg.length is None
     if not uniform and (not padded or flash_applies(q)):
         # unequal segments: flash varlen on a GPU; one SDPA per segment past the padding bound elsewhere
-        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), longest, scale=self.scaling, causal=False)
+        # _vlm_max_len: a CPU tensor filled per forward (a changing int would be guarded on when compiled)
+        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), self._vlm_max_len, scale=self.scaling,
+                               causal=False)
         return self.proj(out.reshape(n_tok, -1))
     if uniform:
         def rows(t):   # (N, heads, d) -> (n, heads, L, d): a view
@@ -163,12 +165,15 @@ def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
             windows = window_lengths(rows, self.spatial_merge_size, side)
             marks[True] = plan_segments(windows, device), max(windows)
     for mod in self._vlm_uniform_modules:
-        mod._vlm_segments, mod._vlm_max_len = marks[mod._vlm_window]
+        mod._vlm_segments, longest = marks[mod._vlm_window]
+        mod._vlm_varlen = longest is not None
+        if longest is not None:
+            mod._vlm_max_len.fill_(longest)
     try:
         return self._vlm_tower_forward(hidden_states, grid_thw, *args, **kwargs)
     finally:
         for mod in self._vlm_uniform_modules:
-            mod._vlm_segments = mod._vlm_max_len = None
+            mod._vlm_segments, mod._vlm_varlen = None, False
 
 
 _ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
@@ -210,7 +215,8 @@ def batch_equal_images(model: nn.Module, family) -> int:
             continue
         for m, windowed in zip(mods, _windowed(tower, mods)):
             m._vlm_window = windowed
-            m._vlm_segments = m._vlm_max_len = None
+            m._vlm_segments, m._vlm_varlen = None, False
+            m._vlm_max_len = torch.zeros(1, dtype=torch.int32)
             m._vlm_hf_forward = m.forward
             m.forward = MethodType(_batched_attention_forward, m)
         tower._vlm_uniform_modules = mods

@@ -178,3 +178,52 @@ def test_broken_video_and_video_in_reply_are_named(clip_dir, tmp_path):
         (1, problems.CORRUPT_VIDEO), (2, problems.IMAGE_IN_REPLY)]
     with pytest.raises(DataError, match="'video' and 'videos'"):
         parse_record({**LAYOUTS["qwen2vl_finetune"], "videos": ["clip.mp4"]})
+
+
+def test_hostile_video_paths_are_named_as_videos(clip_dir, tmp_path):
+    """The hostile paths of the image side, given as videos: each one reject naming the file, the
+    record and the video (not "image"), counted under the skip policy while the good records stay."""
+    import json
+    import os
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "clip.mp4").write_bytes((clip_dir / "clip.mp4").read_bytes())
+    os.symlink("loop_b", root / "loop_a")
+    os.symlink("loop_a", root / "loop_b")
+    hostile = {"missing.mp4": "video file 'missing.mp4' not found",
+               "a\x00.mp4": "video path 'a\\x00.mp4' contains a NUL byte",
+               "x" * 5000 + ".mp4": "video path 'xxx",
+               "loop_a": "video path 'loop_a' cannot be looked up",
+               "/etc/hostname": "video path '/etc/hostname' escapes the image root",
+               "https://example.com/v.mp4": "videos are never downloaded",
+               7: "video[0] must be a video file path string, got int"}
+    good = LAYOUTS["qwen2vl_finetune"]
+    records = [good] + [{**good, "video": [v]} for v in hostile] + [good]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = check_data([str(data)], image_root=str(root))
+    assert report.files[str(data)]["valid"] == 2 and report.rejects.total == len(hostile)
+    for err, (index, expected) in zip(report.rejects.errors, enumerate(hostile.values(), start=1)):
+        assert err.index == index and f"{data}, record {index}" in str(err), str(err)
+        assert expected in str(err) and "image path" not in str(err) and "image file" not in str(err), str(err)
+
+
+def test_preview_counts_video_tokens_as_video(clip_dir, tmp_path, tiny_checkpoint, capsys):
+    """`vlm data preview` of a record with an image and a video: each kind counted and shown by name."""
+    import json
+
+    from PIL import Image
+
+    from vlm.cli.main import main
+
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
+    (tmp_path / "clip.mp4").write_bytes((clip_dir / "clip.mp4").read_bytes())
+    record = {"messages": [{"role": "user", "content": "<image>Compare with <video>"},
+                           {"role": "assistant", "content": "The clip is bluer."}],
+              "images": ["red.png"], "videos": ["clip.mp4"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    model = next(v for v in VARIANTS if _collator(tiny_checkpoint, v)[1].family.takes_video)
+    assert main(["data", "preview", str(tmp_path / "d.jsonl"), "--model", str(tiny_checkpoint(model))]) == 0
+    out = capsys.readouterr().out
+    assert "(4 image, 12 video, " in out and "<image × 4>" in out and "<video × 12>" in out, out

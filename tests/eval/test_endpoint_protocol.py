@@ -85,3 +85,34 @@ def test_url_forms():
     assert chat_completions_url("http://h:8000") == "http://h:8000/v1/chat/completions"
     assert chat_completions_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
     assert chat_completions_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+
+
+def test_video_request_sends_the_sampled_frames_losslessly(stub, tmp_path):
+    """A video item goes as vLLM's frame list: exactly the frames sampled locally (PNG, lossless), with
+    the sampling facts in media_io_kwargs so the server does not resample (the real server: the
+    serve-marked test_serve_vllm.py::test_served_video_matches_transformers)."""
+    from .test_video_eval import write_video_eval
+
+    items = [it for it in read_eval_items(write_video_eval(tmp_path)) if it.media == "video"]
+    result = EndpointClient(stub, "served-name").generate(items, GenerationSettings(max_new_tokens=3))
+    assert len(result.captions) == 3
+    for (_, body), item in zip(_Stub.received, items):
+        video_part, text_part = body["messages"][0]["content"]
+        assert video_part["type"] == "video_url" and text_part["text"] == item.prompt
+        head, payload = video_part["video_url"]["url"].split(",", 1)
+        assert head == "data:video/jpeg;base64"
+        sent = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(p))).convert("RGB"))
+                         for p in payload.split(",")])
+        frames, meta = item.video
+        assert np.array_equal(sent, frames)
+        kw = body["media_io_kwargs"]["video"]
+        assert kw["frames_indices"] == meta["frames_indices"] and kw["do_sample_frames"] is False
+        assert (kw["fps"], kw["total_num_frames"], kw["num_frames"]) == (meta["fps"], meta["total_num_frames"], -1)
+
+
+def test_refused_item_is_named(stub, tmp_path):
+    """An error answer names the record the request was for."""
+    data = write_eval_file(tmp_path)
+    items = read_eval_items(data)
+    with pytest.raises(EndpointError, match=rf"^{data}, record 0 \(image\): endpoint .* HTTP 404"):
+        EndpointClient(stub, "wrong-name").generate(items[:1], GenerationSettings())

@@ -132,6 +132,8 @@ def export_gguf(source: str | Path, out: str | Path, *, quant: str = "f16", base
     if out.exists() and not overwrite:
         raise GgufExportError(f"{out} already exists: choose another folder or pass --overwrite")
     is_adapter, _config_dir, family = preflight(source, quant, base)
+    if family.gguf.runtime_caveat:
+        log(f"gguf: warning: {family.gguf.runtime_caveat}")
     with tempfile.TemporaryDirectory(prefix="vlm-gguf-") as work_str, replacing_folder(out) as tmp:
         work = Path(work_str)
         model_dir = Path(source).expanduser()

@@ -9,9 +9,19 @@ with ``--clip-model-is-vision`` and the processor's mean/std. That script was wr
 transformers 4, whose ``CLIPVisionModel`` held the tower under ``.vision_model`` (it pops blocks from
 ``model.vision_model.encoder.layers`` and names tensors ``vision_model.*``); transformers 5's class
 is the tower itself. So it runs through this module's ``__main__``, which hands it a thin wrapper
-with that attribute in place of ``transformers.CLIPVisionModel`` (its text is not touched). The script drops the tower's last block
-and its post-layernorm, which is what ``vision_feature_layer=-2`` (LLaVA-1.5's) computes; other
-feature layers are passed in the tower config, as the script reads them.
+with that attribute in place of ``transformers.CLIPVisionModel`` (its text is not touched).
+
+Feature layer: the checkpoint's ``vision_feature_layer`` is always passed in the tower config, so the
+file states the block count and ``clip.vision.feature_layer`` (-2 of N blocks: N-1 blocks, no
+post-layernorm, as transformers computes it). Left implicit, the script keeps N-1 blocks and llama.cpp
+then runs one block fewer (measured on the zoo model: its image features equal transformers' after
+N-2 blocks).
+
+Known runtime defect, not in the file: llama.cpp's llava graph (0.3.36) appends the CLS embedding
+after the patches while it still adds position embeddings and picks output rows as if CLS came first
+(ggml-org/llama.cpp#25814). The file is laid out as transformers and the hub's LLaVA GGUFs are; the
+runtime feeds the language model the projected CLS and drops the first patch. No weight layout
+avoids that (the CLS slot's input carries no image content), so the export warns about it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,12 @@ def check_llava_config(config: dict, where: Path) -> None:
     if strategy != "default":
         raise VlmError(f"{where}: vision_feature_select_strategy={strategy!r}: llama.cpp's LLaVA projector "
                        "drops the CLS feature ('default') only")
+    layers = config.get("vision_feature_layer", -2)
+    n_blocks = config.get("vision_config", {}).get("num_hidden_layers", 0)
+    depth = [v if v >= 0 else n_blocks + 1 + v for v in (layers if isinstance(layers, list) else [layers])]
+    if depth != sorted(depth):
+        raise VlmError(f"{where}: vision_feature_layer={layers}: llama.cpp concatenates several feature layers "
+                       "in block order, transformers in the listed order; list them from shallow to deep")
     act = config.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise VlmError(f"{where}: projector_hidden_act={act!r}: llama.cpp's LLaVA MLP projector uses GELU")
@@ -69,9 +85,11 @@ def write_clip_mmproj(model_dir: Path, out_file: Path, work: Path) -> Path:
     config = json.loads((model_dir / "config.json").read_text())
     check_llava_config(config, model_dir / "config.json")
     vision = dict(config["vision_config"], architectures=["CLIPVisionModel"], model_type="clip_vision_model")
-    layer = config.get("vision_feature_layer", -2)
-    if layer != -2:
-        vision["vision_feature_layer"] = layer
+    # Always written, also for LLaVA-1.5's -2: the script then stores the block count and
+    # `clip.vision.feature_layer` explicitly. Without it the script keeps N-1 blocks and writes
+    # block_count N-1, and llama.cpp's llava graph stops one block before its block count again
+    # (it takes "the second-to-last layer" of what it was given): N-2 blocks run, not N-1.
+    vision["vision_feature_layer"] = config.get("vision_feature_layer", -2)
     proc = json.loads((model_dir / "processor_config.json").read_text()).get("image_processor", {}) \
         if (model_dir / "processor_config.json").is_file() else \
         json.loads((model_dir / "preprocessor_config.json").read_text())

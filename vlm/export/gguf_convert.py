@@ -2,8 +2,9 @@
 
 ``python -m vlm.export.gguf_convert MODEL_DIR OUT.gguf --outtype f16 [--mmproj] [--vocab-only]``,
 with ``PYTHONPATH`` from :func:`vlm.export.gguf_toolchain.converter_env` (the converter's folder and
-its ``gguf-py``). It does what the converter's ``main()`` does for a local folder, with one change,
-made by subclassing the converter's model class: the BPE pre-tokenizer.
+its ``gguf-py``). It does what the converter's ``main()`` does for a local folder, with two changes,
+made by subclassing the converter's model classes: the BPE pre-tokenizer (below), and, for the
+Pixtral projector, the ``[IMG_BREAK]`` embedding row (:func:`with_img_break_embedding`).
 
 The converter names a byte-level BPE's pre-tokenizer (``tokenizer.ggml.pre``, which selects
 llama.cpp's split regex) by hashing the token ids of a probe text, so only tokenizers with the exact
@@ -75,6 +76,28 @@ def with_regex_fallback(model_class: type) -> type:
     return WithRegexFallback
 
 
+def with_img_break_embedding(model_class: type) -> type:
+    """``model_class`` (a projector converter that writes Pixtral's ``[IMG_BREAK]`` embedding row)
+    that lets the language model's embedding table through its tensor filter.
+
+    The projector converter skips every tensor named ``language_model.*`` before its own code looks
+    for the embedding table it takes the ``[IMG_BREAK]`` row from; with transformers' names
+    (``language_model.model.embed_tokens.weight`` as saved) it never sees the table and writes a
+    projector without ``v.token_embd.img_break``, which mtmd refuses to load. Only that one tensor
+    is let through; its ``modify_tensors`` keeps the row and drops the rest of the table."""
+
+    class WithImgBreakEmbedding(model_class):  # type: ignore[misc, valid-type]
+        @classmethod
+        def filter_tensors(cls, item):
+            name = item[0]
+            if "language_model." in name and name.endswith("embed_tokens.weight"):
+                return item
+            return super().filter_tensors(item)
+
+    WithImgBreakEmbedding.__name__ = model_class.__name__
+    return WithImgBreakEmbedding
+
+
 def convert(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, vocab_only: bool = False) -> Path:
     import gguf  # the converter's own gguf-py (first on PYTHONPATH)
     import torch
@@ -86,9 +109,13 @@ def convert(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, v
     model_type = ModelType.MMPROJ if mmproj else ModelType.TEXT
     hparams = ModelBase.load_hparams(model_dir, False)
     arch = get_model_architecture(hparams, model_type)
-    cls = with_regex_fallback(get_model_class(arch, mmproj=mmproj))
+    cls = get_model_class(arch, mmproj=mmproj)
+    cls = with_img_break_embedding(cls) if mmproj and hasattr(cls, "img_break_tok_id") else with_regex_fallback(cls)
     with torch.inference_mode():
         model = cls(model_dir, ftypes[outtype], out, eager=False, dry_run=False)
+        inner = getattr(model, "impl", None)   # a dispatching class (Mistral3) hands the work to `impl`
+        if not mmproj and inner is not None and hasattr(inner, "get_vocab_base_pre"):
+            inner.__class__ = with_regex_fallback(type(inner))
         if vocab_only:
             model.write_vocab()
         else:

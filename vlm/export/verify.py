@@ -18,14 +18,16 @@ from vlm.errors import VlmError
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-def probe_image(size: int = 112, seed: int = 0):
-    """A deterministic RGB test image (random noise with a gradient)."""
+def probe_image(size: int = 112, seed: int = 0, height: int | None = None):
+    """A deterministic RGB test image (random noise with a gradient), ``size`` wide, ``height``
+    (default: ``size``) high."""
     import numpy as np
     from PIL import Image
 
+    height = height or size
     rng = np.random.default_rng(seed)
-    grad = np.linspace(0, 255, size)[None, :, None].repeat(size, 0).repeat(3, 2)
-    arr = (0.5 * grad + 0.5 * rng.integers(0, 256, (size, size, 3))).astype("uint8")
+    grad = np.linspace(0, 255, size)[None, :, None].repeat(height, 0).repeat(3, 2)
+    arr = (0.5 * grad + 0.5 * rng.integers(0, 256, (height, size, 3))).astype("uint8")
     return Image.fromarray(arr)
 
 

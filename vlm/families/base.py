@@ -116,6 +116,15 @@ class GgufSupport:
                                            # "clip_legacy": llama.cpp's CLIP + LLaVA-projector script
     ollama_template: str
     stop: tuple[str, ...]
+    # (width, height) of the image the GGUF check uses, where the family's two preprocessors (its
+    # transformers processor, llama.cpp's mtmd) would resize the default probe differently
+    probe_size: tuple[int, int] | None = None
+    # the token transformers writes between rows of image patches, whose embedding llama.cpp's
+    # projector puts inside the image (Pixtral's [IMG_BREAK])
+    image_break_token: str | None = None
+    # a defect of llama.cpp's runtime (the pinned version) that makes its output differ from
+    # transformers' for this family although the files are right: printed by the export
+    runtime_caveat: str | None = None
 
 
 @dataclass(frozen=True)

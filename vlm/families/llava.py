@@ -35,5 +35,12 @@ FAMILY = Family(
         ollama_template=(
             "{{- range .Messages }}{{ if eq .Role \"user\" }}USER: {{ .Content }} "
             "{{ else if eq .Role \"assistant\" }}ASSISTANT: {{ .Content }} {{ end }}{{ end }}ASSISTANT:"),
-        stop=("</s>", "USER:")),
+        stop=("</s>", "USER:"),
+        runtime_caveat=(
+            "llama.cpp's runtime (llama-cpp-python 0.3.36) runs the LLaVA-1.5 projector with the CLIP "
+            "[CLS] embedding after the patches while it adds position embeddings and picks output rows "
+            "as if it came first (ggml-org/llama.cpp#25814): the language model gets the projected [CLS] "
+            "in place of the first patch, so answers about images differ from transformers'. The files "
+            "are laid out as transformers and the hub's LLaVA GGUFs are and need no change once the "
+            "runtime is fixed; text-only prompts are unaffected.")),
 )

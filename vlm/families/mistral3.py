@@ -1,7 +1,7 @@
 """Mistral-Small-3.1 (Mistral3): Pixtral vision tower + projector (RMSNorm, 2x2 patch merger,
 2-layer GELU MLP) + Mistral decoder."""
 
-from vlm.families.base import Family, llava_style_components, llava_style_vllm_renames, VllmSupport
+from vlm.families.base import Family, GgufSupport, llava_style_components, llava_style_vllm_renames, VllmSupport
 
 FAMILY = Family(
     name="mistral3",
@@ -17,4 +17,17 @@ FAMILY = Family(
     vllm=VllmSupport(architecture="Mistral3ForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower")),
     vision_blocks=("model.vision_tower.transformer.layers",),
+    # llama.cpp's Pixtral projector with the patch merger (convert_hf_to_gguf.py --mmproj; the
+    # [IMG_BREAK] row let through its tensor filter, as for Pixtral)
+    gguf=GgufSupport(
+        mmproj="converter",
+        ollama_template=(
+            "{{- if .System }}[SYSTEM_PROMPT]{{ .System }}[/SYSTEM_PROMPT]{{ end }}"
+            "{{- range .Messages }}{{ if eq .Role \"user\" }}[INST]{{ .Content }}[/INST]"
+            "{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}"),
+        stop=("</s>", "[INST]"),
+        # 4x3 merged tokens of 2x2 14-px patches: under the zoo's longest edge (112) and inside
+        # llama.cpp's fixed budget of 8..1024 tokens, so neither side resizes
+        probe_size=(112, 84),
+        image_break_token="[IMG_BREAK]"),
 )

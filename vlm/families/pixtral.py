@@ -1,6 +1,6 @@
 """Pixtral in the HF LLaVA layout: Pixtral ViT (2-D RoPE, any resolution) + projector + Mistral."""
 
-from vlm.families.base import Family, llava_style_components, llava_style_vllm_renames, VllmSupport
+from vlm.families.base import Family, GgufSupport, llava_style_components, llava_style_vllm_renames, VllmSupport
 
 
 def _pixtral_vision(config) -> bool:
@@ -41,8 +41,17 @@ FAMILY = Family(
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower")),
     vision_blocks=("model.vision_tower.transformer.layers",),
-    # No GGUF export: llama.cpp's converter (0.3.36) writes a Pixtral projector without the
-    # [IMG_BREAK] embedding (v.token_embd.img_break) from a transformers-5 checkpoint, and mtmd then
-    # refuses to load it ("unable to find tensor v.token_embd.img_break"). Refused before work.
-    gguf=None,
+    # llama.cpp's pixtral projector (convert_hf_to_gguf.py --mmproj); the [IMG_BREAK] embedding row
+    # it needs is let through the converter's tensor filter (vlm/export/gguf_convert.py says why).
+    gguf=GgufSupport(
+        mmproj="converter",
+        ollama_template=(
+            "{{- range .Messages }}{{ if eq .Role \"user\" }}[INST]{{ .Content }}[/INST]"
+            "{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}"),
+        stop=("</s>", "[INST]"),
+        # 4x3 patches of 16 px: under the zoo's longest edge (64) and inside llama.cpp's fixed
+        # Pixtral budget of 8..1024 patches (it ignores the checkpoint's longest_edge), so
+        # neither side resizes; not square, so [IMG_BREAK] rows and columns are told apart.
+        probe_size=(64, 48),
+        image_break_token="[IMG_BREAK]"),
 )

@@ -6,7 +6,7 @@ blocks into embeddings added to the image positions of the first decoder layers,
 the projector (kept 16-bit with it) though they live inside the vision tower.
 """
 
-from vlm.families.base import Family, LanguageKernels, VideoFrameWrap, VllmSupport
+from vlm.families.base import Family, GgufSupport, LanguageKernels, VideoFrameWrap, VllmSupport
 
 FAMILY = Family(
     name="qwen3_vl",
@@ -37,4 +37,15 @@ FAMILY = Family(
     language_kernels=LanguageKernels(rope="mrope_interleaved"),
     needs_mm_token_type_ids=True,
     size_in_pixels=True,
+    # convert_hf_to_gguf.py --mmproj writes the ViT, merger and DeepStack mergers (llama.cpp's qwen3vl)
+    gguf=GgufSupport(
+        mmproj="converter",
+        ollama_template=(
+            "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+            "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+            "<|im_start|>assistant\n"),
+        stop=("<|im_end|>", "<|endoftext|>"),
+        # a multiple of 32 px (16-px patches, 2x2 merge) each way, inside the zoo's pixel limits:
+        # neither transformers nor llama.cpp resizes it
+        probe_size=(128, 96)),
 )

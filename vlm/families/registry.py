@@ -20,6 +20,11 @@ def all_families() -> dict[str, Family]:
     return fams
 
 
+def video_family_names() -> list[str]:
+    """Families whose models take video records (``Family.takes_video``), for error messages."""
+    return sorted(f.name for f in all_families().values() if f.takes_video)
+
+
 def get_family(name: str) -> Family:
     fams = all_families()
     if name not in fams:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 
@@ -36,3 +37,20 @@ def served_tokens(url: str, model: str, api_key: str = "none") -> list[int]:
                                                 {"type": "text", "text": "Describe the image."}]}],
         extra_body={"min_tokens": N, "return_token_ids": True, "skip_special_tokens": False})
     return list(r.choices[0].token_ids)
+
+
+def video_eval_file(folder):
+    """A Qwen2-VL-Finetune `video` record (a 3-second mp4, 6 frames sampled at 2 fps) and an image record."""
+    from tests.data_formats.test_video import write_clip
+    from vlm.export.verify import probe_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_clip(folder / "clip.mp4")
+    probe_image().save(folder / "probe.png")
+    records = [{"id": "clip", "video": "clip.mp4", "conversations": [
+                   {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "a bar grows"}]},
+               {"id": "probe", "image": "probe.png", "conversations": [
+                   {"from": "human", "value": "<image>\nDescribe the image."},
+                   {"from": "gpt", "value": "a bright gradient with noise"}]}]
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder / "eval.jsonl"

@@ -114,6 +114,32 @@ def train_adapter(base: Path, out: Path, *, steps: int = 40, targets=("language.
     return out
 
 
+def build_servable_qwen2_5_vl(out_dir: Path, seed: int = 0) -> Path:
+    """The zoo's tiny Qwen2.5-VL with the same vLLM-CPU-sized attention as :func:`build_servable_qwen2_vl`.
+    Its video positions depend on the frames' timing (``second_per_grid_ts`` × ``tokens_per_second``);
+    25 tokens per second (the real model: 2) makes a timing change move them far."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from vlm.zoo import common
+    from vlm.zoo import qwen2_vl as zq
+
+    text = zq.text_config_kwargs()
+    text.update(num_attention_heads=2, num_key_value_heads=1)
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[4, 6, 6])
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=1,
+                           out_hidden_size=common.TEXT_HIDDEN, in_channels=3, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], tokens_per_second=25, hidden_act="silu"),
+        tie_word_embeddings=True, **zq.token_id_kwargs())
+    model = common.build_model(Qwen2_5_VLForConditionalGeneration, config, seed)
+    processor = zq.build_processor(Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    return common.save_checkpoint(out_dir, model, processor, zq.generation_kwargs())
+
+
 @pytest.fixture(scope="session")
 def servable_base(tmp_path_factory) -> Path:
     return build_servable_qwen2_vl(tmp_path_factory.mktemp("serve") / "tiny-qwen2-vl")

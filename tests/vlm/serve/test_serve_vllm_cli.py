@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ._vllm_client import N, require_vllm, served_tokens
+from ._vllm_client import N, require_vllm, served_tokens, video_eval_file
 
 pytestmark = pytest.mark.serve
 
@@ -26,7 +26,7 @@ def _needs_vllm():
 
 
 def test_merged_export_served_by_cli_matches_and_stops_cleanly(servable_base, trained_adapter, hf_tokens,
-                                                               tmp_path):
+                                                               tmp_path, capsys):
     from vlm.export.merge import export_merged
     from vlm.serve.process import free_port
 
@@ -51,6 +51,14 @@ def test_merged_export_served_by_cli_matches_and_stops_cleanly(servable_base, tr
 
         with pytest.raises(AuthenticationError):  # --api-key reached vLLM
             OpenAI(base_url=url, api_key="wrong").models.list()
+        # a video record against a server without --trust-request-mm-kwargs: named, with the remedy
+        from vlm.cli.main import main
+
+        data = video_eval_file(tmp_path / "video")
+        assert main(["eval", "--data", str(data), "--endpoint", url, "--served-model", "merged",
+                     "--api-key", "test-key", "--no-meteor", "--out", str(tmp_path / "eval")]) == 1
+        err = capsys.readouterr().err
+        assert f"{data}, record 0 (video): endpoint" in err and "--trust-request-mm-kwargs" in err, err
         cli.send_signal(signal.SIGTERM)
         assert cli.wait(timeout=60) == 0
         with pytest.raises(ProcessLookupError):
