@@ -174,7 +174,14 @@ def load_projector(model, family, path: str | Path) -> int:
     if not p.is_file():
         raise VlmError(f"model.projector_init: {p} does not exist (give a {PROJECTOR_FILE} or the "
                        "folder method: projector wrote)")
-    tensors = load_file(str(p))
+    if quantized_counts(model).get("projector"):
+        raise VlmError(f"model.projector_init: this {family.name} model's projector was loaded in 4/8 bit "
+                       "by the quant policy; a 16-bit projector file cannot be copied into it (keep the "
+                       "projector 16-bit: the dynamic presets do, or quant: bf16)")
+    try:
+        tensors = load_file(str(p))
+    except Exception as e:   # not a safetensors file, truncated, ...
+        raise VlmError(f"model.projector_init: {p} is not a readable safetensors file: {e}") from None
     own = projector_state_dict(model, family)
     unknown = sorted(set(tensors) - set(own))
     if unknown:
@@ -193,6 +200,23 @@ def load_projector(model, family, path: str | Path) -> int:
         for name, t in tensors.items():
             base.get_parameter(name).copy_(t) if _is_param(base, name) else base.get_buffer(name).copy_(t)
     return len(tensors)
+
+
+def lora_modules_to_save(model, family, cfg) -> list[str]:
+    """``lora.modules_to_save`` for a LoRA run, plus the projector when it starts from
+    ``model.projector_init``: a PEFT adapter holds only what it trained, so without a full copy of the
+    stage-1 projector the adapter on the original base (PEFT, vLLM, ``vlm export --merged``) would
+    silently run the base's projector. As in LLaVA-1.5's stage 2, the projector then trains too.
+    A projector root that is a container (Qwen3-VL's DeepStack merger list) is named by its children:
+    PEFT wraps modules, not lists."""
+    names = list(cfg.lora.modules_to_save)
+    if not cfg.model.projector_init:
+        return names
+    for prefix, root in family.component_roots(model, "projector"):
+        parts = ([f"{prefix}.{child}" for child, _ in root.named_children()]
+                 if isinstance(root, (torch.nn.ModuleList, torch.nn.ModuleDict)) else [prefix])
+        names += [p for p in parts if p not in names]
+    return names
 
 
 def _is_param(model, name: str) -> bool:

@@ -114,7 +114,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     mode = None                    # method: full / projector (vlm.train.modes); lora below
     if cfg.model.projector_init:
         print(f"model.projector_init: {modes.load_projector(model, family, cfg.model.projector_init)} "
-              f"projector tensors from {cfg.model.projector_init}")
+              f"projector tensors from {cfg.model.projector_init}"
+              + (" (the projector trains and is saved in the adapter: lora.modules_to_save)"
+                 if cfg.method == "lora" else ""))
     if cfg.method != "lora":
         if strat == "fsdp":
             raise ConfigError(f"method: {cfg.method}: not supported under FSDP yet; use ddp")
@@ -124,7 +126,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         warnings.simplefilter("always")
         if mode is None:
             model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                               targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
+                               targets=cfg.lora.targets, modules_to_save=modes.lora_modules_to_save(model, family, cfg),
                                use_rslora=cfg.lora.use_rslora,
                                gradient_checkpointing=cfg.training.gradient_checkpointing)
     for caught_warning in caught:   # not `w`: that is the process world, used after training
@@ -319,7 +321,7 @@ def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resol
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         processor.save_pretrained(tmp)
         meta = {"base_model": cfg.model.path, "family": model.vlm_family.name,
-                "quant": quant_metadata(model),
+                "quant": quant_metadata(model), "projector_init": cfg.model.projector_init,
                 "lora": to_plain(cfg.lora)}
         write_json(tmp / "vlmtune.json", {"vlmtune": meta})
         save_resolution(tmp, resolution)
