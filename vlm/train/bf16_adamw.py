@@ -33,7 +33,8 @@ fp32 moments in the optimizer state and are written back to the bf16 weight by r
 exactness costs little memory).
 
 Memory per bf16 parameter (weights + grads + optimizer): stochastic with bf16 moments 2 + 2 + 4 =
-8 bytes; kahan 10; fp32 moments +4. transformers' Trainer with bf16 mixed precision keeps fp32
+8 bytes; kahan 10; fp32 moments +4; ``state_dtype="8bit"`` (bitsandbytes' blockwise 8-bit codes,
+decoded for the update and encoded after it) 2 + 2 + 2.03 = 6.03. transformers' Trainer with bf16 mixed precision keeps fp32
 weights, grads and moments: 16 bytes. Parameters that are not bf16/fp16 get the plain fp32 AdamW
 update above (this class is then torch's AdamW up to summation order).
 """

@@ -90,22 +90,51 @@ def set_trainable(model, family, components: tuple[str, ...]) -> dict[str, int]:
 
 
 def optimizer_for(model, cfg) -> tuple[tuple | None, str]:
-    """(Trainer's optimizer_cls_and_kwargs, a name for the summary)."""
+    """(Trainer's optimizer_cls_and_kwargs, a name for the summary).
+
+    16-bit weights get BF16AdamW: ``training.optimizer: adamw`` with bf16 moments,
+    ``adamw_8bit`` (``method: full``) with bitsandbytes' blockwise 8-bit moments (2 bytes per
+    parameter less; the weight update stays stochastic / Kahan, see vlm.train.bf16_adamw)."""
     from vlm.train.bf16_adamw import BF16AdamW
 
     low = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
     if not low:
         return None, cfg.training.optimizer          # fp32 weights: Trainer's own optimizer
-    if cfg.training.optimizer != "adamw":
+    wanted = cfg.training.optimizer
+    if wanted == "adamw_8bit" and cfg.method == "projector":
         raise ConfigError(
-            f"training.optimizer: {cfg.training.optimizer} updates 16-bit weights with round-to-nearest, "
+            "training.optimizer: adamw_8bit: method: projector keeps an fp32 master copy and fp32 "
+            "moments for the (small) projector, so 8-bit moments would save nothing; use adamw")
+    if wanted not in ("adamw", "adamw_8bit"):
+        raise ConfigError(
+            f"training.optimizer: {wanted} updates 16-bit weights with round-to-nearest, "
             "where small updates are lost (training stalls); method full/projector on 16-bit weights "
-            "uses adamw (BF16AdamW: stochastic rounding or training.bf16_update: kahan)")
+            "uses adamw (BF16AdamW: stochastic rounding or training.bf16_update: kahan) or, for "
+            "method: full, adamw_8bit (the same with 8-bit moments)")
+    eight_bit = wanted == "adamw_8bit"
     kwargs = dict(lr=cfg.training.lr, betas=(0.9, 0.999), eps=1e-8, rounding=cfg.training.bf16_update,
-                  fp32_master="all" if cfg.method == "projector" else "small", seed=cfg.training.seed)
+                  fp32_master="all" if cfg.method == "projector" else "small", seed=cfg.training.seed,
+                  **({"state_dtype": "8bit"} if eight_bit else {}))
     name = ("bf16_adamw (fp32 master)" if cfg.method == "projector"
-            else f"bf16_adamw ({cfg.training.bf16_update})")
+            else f"bf16_adamw ({cfg.training.bf16_update}{', 8-bit moments' if eight_bit else ''})")
     return (BF16AdamW, kwargs), name
+
+
+def bytes_per_parameter(model, optimizer) -> dict | None:
+    """What each trained parameter holds during a step, in bytes: its weight, its gradient (same
+    dtype as the weight while a step runs) and the optimizer's state (after the first step)."""
+    from vlm.train.bf16_adamw import optimizer_bytes_per_parameter
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in trained)
+    if not n or optimizer is None:
+        return None
+    weights = sum(p.numel() * p.element_size() for p in trained) / n
+    state = optimizer_bytes_per_parameter(optimizer)
+    if state != state:          # NaN: no optimizer state yet
+        return None
+    return {"weights": round(weights, 4), "grads": round(weights, 4), "optimizer": round(state, 4),
+            "total": round(2 * weights + state, 4)}
 
 
 def prepare(model, family, cfg) -> ModeSetup:

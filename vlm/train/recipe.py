@@ -213,6 +213,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
     steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
+    # per trained parameter: weight + grad + optimizer state (FSDP shards both sides: same ratio)
+    per_param = modes.bytes_per_parameter(model, trainer.optimizer) if strat != "fsdp" else None
     if w.is_main and mode is not None:
         adapter_dir = modes.save_output(model, processor, out, cfg=cfg, resolution=resolution)
     elif w.is_main:
@@ -264,6 +266,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "load_peak_memory_bytes_per_process": load_peak_per_process,  # before the first step
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
+        "bytes_per_trained_parameter": per_param,
         "final_loss": losses[-1] if losses else None,
         "train_loss": train_output.training_loss if trainer.state.global_step != resumed_step else None,
         "loss_history": [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h],
