@@ -233,8 +233,10 @@ class BF16AdamW(torch.optim.Optimizer):
             t = int(state["step"])                   # a host tensor: no device sync
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            rows.append((lr, lr / (1 - beta1 ** t), 1 - beta2 ** t))
-            keys.append(self._key(t, index))
+            # rows padded to 16 bytes: each tensor's row starts aligned, as compiled kernels want
+            # their inputs (a misaligned view would be copied first)
+            rows.append((lr, lr / (1 - beta1 ** t), 1 - beta2 ** t, 0.0))
+            keys.append((self._key(t, index), 0))
         scalars = torch.tensor(rows, dtype=torch.float32)
         keys_t = torch.tensor(keys, dtype=torch.int64)
         if device.type == "cuda":
@@ -272,7 +274,7 @@ class BF16AdamW(torch.optim.Optimizer):
             m = self._decode(state, "exp_avg", True) if eight_bit else state["exp_avg"]
             v = self._decode(state, "exp_avg_sq", False) if eight_bit else state["exp_avg_sq"]
             self._update_fn(p.device)(p, p.grad, m, v, state.get("master"), state.get("compensation"),
-                                      scalars[i], keys[i], beta1, beta2, group["eps"],
+                                      scalars[i], keys[i, 0], beta1, beta2, group["eps"],
                                       group["weight_decay"])
             if eight_bit:
                 self._encode(state, "exp_avg", m, True)
