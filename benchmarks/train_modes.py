@@ -16,6 +16,9 @@ checkpointing of the decoder layers and clip the gradient norm to 1.0; lr 1e-5.
              BF16AdamW (bf16 moments, stochastic rounding; fp32 master for norms/biases)
   full_ours_8bit  the same with training.optimizer: adamw_8bit (bitsandbytes' blockwise 8-bit
              moments; needs bitsandbytes on the device: carry .whl/, see device_install.sh)
+  full_ours_nogc  (only with --variants) full_ours without gradient checkpointing
+Each row also times one extra step split into forward / backward / clip / optimizer (synchronized
+between phases: "phases_s"); --profile adds torch.profiler's top ops of that step.
 
 Part "optim": the optimizer step alone on the trained parameters of part "full" (Qwen2-VL-2B, random
 gradients), median ms per step:
@@ -63,10 +66,10 @@ sys.path.insert(0, str(HERE))
 GiB = 2 ** 30
 PARTS = {"full": ("full_hf", "full_ours", "full_ours_8bit"), "projector": ("proj_hf", "proj_hf16", "proj_ours"),
          "optim": ("optim_torch", "optim_torch_fused", "optim_legacy", "optim_ours", "optim_ours_8bit")}
-EXTRA = {"projector": ("proj_ours_nogc",)}
+EXTRA = {"projector": ("proj_ours_nogc",), "full": ("full_ours_nogc",)}
 MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b", "optim": "qwen2_vl_2b"}
 TARGETS = {"full": {"memory": 0.55, "speed": 2.0}, "projector": {"memory": 0.5, "speed": 1.45}}
-OURS = {"full": ("full_ours", "full_ours_8bit"), "projector": ("proj_ours", "proj_ours_nogc"),
+OURS = {"full": ("full_ours", "full_ours_8bit", "full_ours_nogc"), "projector": ("proj_ours", "proj_ours_nogc"),
         "optim": ("optim_ours", "optim_ours_8bit")}   # the first one's ratios are named "ours/<base>"
 
 
@@ -313,7 +316,43 @@ def worker(args) -> dict:
            "tokens_per_s": tokens / med, "first_step_s": walls[0], "losses": losses}
     if cuda:
         row["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GiB
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def one_step(b):
+        t0 = sync()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        t1 = sync()
+        loss.backward()
+        t2 = sync()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t3 = sync()
+        opt.step()
+        t4 = sync()
+        opt.zero_grad(set_to_none=True)
+        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3}
+
+    # where one step's time goes (an extra step, synchronized between phases, after the timed ones)
+    row["phases_s"] = {k: round(v, 5) for k, v in one_step(batches[0]).items()}
+    if args.profile:
+        row["profile"] = profile_table(lambda: one_step(batches[0]), cuda)
     return row
+
+
+def profile_table(fn, cuda: bool, rows: int = 30) -> str:
+    """torch.profiler's table of one call of ``fn``: the ops that took the most device (or CPU) time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 # --------------------------------------------------------------------------- driver
@@ -383,6 +422,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
+    ap.add_argument("--profile", action="store_true",
+                    help="add torch.profiler's top ops of one step to each row (JSON 'profile', printed)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -411,8 +452,9 @@ def main(argv=None) -> int:
     failed = False
     for part in args.parts.split(","):
         ckpt = work / MODEL[part]
-        common = ["--device", args.device, "--ckpt", str(ckpt), "--part", part,
-                  "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+        common = (["--device", args.device, "--ckpt", str(ckpt), "--part", part,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+                  + (["--profile"] if args.profile else []))
         t = time.perf_counter()
         if not (ckpt / "config.json").is_file():          # part optim reuses part full's checkpoint
             b = run_sub(["--build", *common], args.timeout)
@@ -431,7 +473,11 @@ def main(argv=None) -> int:
                                f"{r['tokens_per_s'] or 0:,.0f} tok/s, {r['step_s_median'] * 1e3:.1f} ms/step, peak "
                                f"{r.get('peak_alloc_gib', 0):.2f} GiB, {r['bytes_per_param']:.2f} B/param"
                                + (f", loss {r['losses'][0]:.4f} → {r['losses'][-1]:.4f}" if "losses" in r
-                                  else "")), flush=True)
+                                  else "")
+                               + ("; phases ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["phases_s"].items())
+                                  if "phases_s" in r else "")), flush=True)
+            if r.get("profile"):
+                print(r["profile"], flush=True)
         data["parts"][part] = {"model": MODEL[part], "rows": rows, "ratios": ratios(part, rows)}
         for dst in {Path(args.out), Path(os.environ.get("OUT", args.out))}:
             dst.mkdir(parents=True, exist_ok=True)

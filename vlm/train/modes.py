@@ -10,9 +10,15 @@
 - ``projector``: LLaVA stage 1: only the family's projector (``Family.component_prefixes
   ["projector"]``) trains; tower and language model frozen. The projector keeps an fp32 master in
   the optimizer (it is small). Output: ``OUT/projector/projector.safetensors`` (full module names,
-  the load dtype) plus the processor, which ``model.projector_init`` loads as the start of stage 2
-  (``vlm train`` with any method) and plain transformers loads with
-  ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``.
+  the load dtype; the run's metadata in the safetensors header and ``vlmtune.json``) plus the
+  processor, which ``model.projector_init`` loads as the start of stage 2 (``vlm train`` with any
+  method; with LoRA the projector joins ``modules_to_save`` so the adapter carries it) and plain
+  transformers loads with ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``.
+- ``training.optimizer``: ``adamw`` (BF16AdamW, bf16 moments) or, for ``full``, ``adamw_8bit``
+  (BF16AdamW with bitsandbytes' blockwise 8-bit moments).
+- Not under FSDP yet (refused): BF16AdamW would have to step DTensor shards (as
+  vlm.train.sharded_optim does for bitsandbytes), and the full-model save and exact resume read
+  whole checkpoints, where FSDP writes sharded ones.
 """
 
 from __future__ import annotations
