@@ -448,9 +448,12 @@ def main(argv=None) -> int:
 
         data["device"] = torch.cuda.get_device_name()
     wanted = args.variants.split(",") if args.variants else None
-    stem = "train_modes" + ("_tiny" if args.tiny else "")
+    parts = args.parts.split(",")
+    # one part per invocation (a device call is limited in time) gets its own file: train_modes_full.json
+    stem = ("train_modes" + ("" if set(parts) == set(PARTS) else "_" + "_".join(parts))
+            + ("_tiny" if args.tiny else ""))
     failed = False
-    for part in args.parts.split(","):
+    for part in parts:
         ckpt = work / MODEL[part]
         common = (["--device", args.device, "--ckpt", str(ckpt), "--part", part,
                    "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
