@@ -15,6 +15,8 @@ for every row. Models: random-weight Qwen2-VL at the real 2B / 7B shapes (benchm
   what is measured;
 - ``vlmtune_warm``: the vlmtune row again, after it: startup with a warm compile cache (inductor's
   FX-graph and AOTAutograd caches, on by default, filled by the first run);
+- ``vlmtune_mask``: the vlmtune row with ``training.packed_attention=mask``: packed rows attend
+  through transformers' L×L block mask instead of the varlen kernels (an ablation of varlen);
 - ``vlmtune_padded``: the same with ``data.max_tokens_per_batch=null`` and the sample-count batch the
   configs shipped before (2B: 4 × 4, 7B: 2 × 8; length-grouped, padded): an ablation of packing;
 - ``hf``: transformers Trainer + PEFT as their docs set it up (benchmarks/train_e2e_hf.py):
@@ -45,7 +47,7 @@ GiB = 2**30
 MODELS = {"2b_lora": ("qwen2_vl_2b_lora.yaml", "2b", False), "7b_qlora": ("qwen2_vl_7b_qlora.yaml", "7b", True)}
 # the sample-count batches the configs shipped with before token budgets (vlmtune_padded row)
 PADDED_BATCH = {"2b_lora": (4, 4), "7b_qlora": (2, 8)}
-ROWS = ("hf", "vlmtune", "vlmtune_warm", "vlmtune_padded")
+ROWS = ("hf", "vlmtune", "vlmtune_warm", "vlmtune_mask", "vlmtune_padded")
 HF_BATCH = 4
 # --tiny: CPU-sized data and limits (the shipped config otherwise, so the smoke run takes its code paths)
 TINY_OVERRIDES = ["model.device=cpu", "model.dtype=fp32", "training.precision=fp32", "data.min_pixels=3136",
@@ -59,9 +61,11 @@ def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def steady(summary: dict, warmup: int) -> dict:
-    """Rates over the optimizer steps after ``warmup`` (from the per-step clock in summary.json)."""
-    steps = summary.get("step_times") or []
+def steady(summary: dict, warmup: int, drop_last: int = 0) -> dict:
+    """Rates over the optimizer steps after ``warmup`` (from the per-step clock in summary.json),
+    leaving out the last ``drop_last`` (profiled steps run slower)."""
+    steps = (summary.get("step_times") or [])
+    steps = steps[:len(steps) - drop_last]
     if len(steps) <= warmup + 1:
         return {"steady_tokens_per_s": None, "data_wait_share": None, "steady_steps": 0}
     (_, t0, k0, w0), (_, t1, k1, w1) = steps[warmup], steps[-1]
@@ -74,7 +78,8 @@ def steady(summary: dict, warmup: int) -> dict:
 def row_result(row: str, model: str, summary: dict, warmup: int, wall: float, extra: dict) -> dict:
     losses = [loss for _, loss in summary.get("loss_history", [])]
     startup = summary.get("startup_seconds") or {}
-    return {"row": row, "model": model, **steady(summary, warmup),
+    profiled = ((summary.get("config") or {}).get("logging") or {}).get("profile_steps")
+    return {"row": row, "model": model, **steady(summary, warmup, 2 if profiled else 0),
             "startup_s": startup.get("to_first_step_s"), "startup": startup,
             "padding_fraction": summary.get("padding_fraction"), "peak_mem_gib": round(summary["peak_memory_bytes"] / GiB, 2),
             "steps": summary.get("steps"), "final_loss": losses[-1] if losses else None,
@@ -91,6 +96,10 @@ def run_vlm(row: str, name: str, ckpt: Path, data: Path, root: Path, args) -> tu
            f"output={out}", f"training.max_steps={args.steps}", f"training.save_steps={args.steps + 1000}",
            "logging.tensorboard=false", "logging.progress=false", "training.logging_steps=1",
            *(TINY_OVERRIDES if args.tiny else []), *args.extra]
+    if args.profile and row == "vlmtune":   # the last two steps (left out of the steady rate)
+        cmd += [f"logging.profile_steps=[{args.steps - 1},{args.steps}]"]
+    if row == "vlmtune_mask":
+        cmd += ["training.packed_attention=mask"]
     if row == "vlmtune_padded":
         bs, accum = PADDED_BATCH[name]
         cmd += ["data.max_tokens_per_batch=null", f"training.batch_size={bs}", f"training.grad_accum={accum}"]
@@ -138,7 +147,10 @@ def _run(cmd: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    tail = [line for line in r.stdout.splitlines() if line.startswith(("startup:", "data:", "torch.compile", "warning"))]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)   # the whole output, kept
+    tail = [line for line in r.stdout.splitlines()
+            if line.startswith(("startup:", "data:", "torch.compile", "warning", "attention:"))]
     print("\n".join(tail), flush=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -225,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8, help="optimizer steps left out of the steady state")
     ap.add_argument("--samples", type=int, default=800)
     ap.add_argument("--hf-workers", type=int, default=4, help="DataLoader workers of the hf row (as vlm's auto)")
+    ap.add_argument("--profile", action="store_true",
+                    help="vlmtune row: torch.profiler table of two steady steps (OUT/<model>_vlmtune/profile.txt)")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for the vlmtune rows")
     args = ap.parse_args(argv)
     if args.tiny and args.device != "cpu":

@@ -10,7 +10,10 @@ case), the packed sequence is exactly n = N / L independent sequences of length 
 
     attn(x)[image i] = softmax(q_i k_iᵀ · d^-½) v_i      for i = 1..n
 
-is one batched SDPA over (n, heads, L, d) — the same numbers, one kernel. The tower's wrapper reads
+is one batched SDPA over (n, heads, L, d) — the same numbers, one kernel. Frames of different sizes
+(mixed image sizes, the realistic case) run as one non-causal varlen attention over the tower's own
+``cu_seqlens`` (``vlm.train.varlen_attention``: flash-attention varlen on a GPU, the same per-frame
+SDPA as HF elsewhere), sized by the largest frame read from ``grid_thw`` with the frame sizes. The tower's wrapper reads
 the frame sizes from ``grid_thw`` once per forward; each attention module uses the batched path only
 while that mark is set, and HF's own forward otherwise (unequal sizes, or a direct module call).
 
@@ -39,13 +42,20 @@ from torch import nn
 
 def _uniform_attention_forward(self, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
     seg = self._vlm_uniform_len
-    if seg is None or position_embeddings is None or hidden_states.shape[0] % seg:
+    uniform = seg is not None and hidden_states.shape[0] % seg == 0
+    if position_embeddings is None or not (uniform or (self._vlm_varlen and cu_seqlens is not None)):
         return self._vlm_hf_forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     n_tok = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(n_tok, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = rotary(q, k, cos, sin)
+    if not uniform:   # frames (or windows) of different sizes: one varlen call over cu_seqlens
+        from vlm.train.varlen_attention import varlen_attention
+        # _vlm_max_len: a CPU tensor filled per forward (a changing int would be guarded on when compiled)
+        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), self._vlm_max_len, scale=self.scaling,
+                               causal=False)
+        return self.proj(out.reshape(n_tok, -1))
     n = n_tok // seg
 
     def frames(t):   # (N, heads, d) -> (n, heads, L, d)
@@ -60,26 +70,44 @@ def _segment_lengths(tower, rows: list[list[int]]) -> tuple[int | None, int | No
     sizes = {h * w for _, h, w in rows}
     frame = next(iter(sizes)) if len(sizes) == 1 else None
     window = None
-    if hasattr(tower, "window_size") and rows:    # Qwen2.5-VL: windows of side w merged patches
-        merge = tower.spatial_merge_size
-        side = tower.window_size // merge // tower.patch_size
-        if side > 0 and all(h % merge == 0 and w % merge == 0 and (h // merge) % side == 0
-                            and (w // merge) % side == 0 for _, h, w in rows):
-            window = side * side * merge * merge
+    side = _window_side(tower)
+    if side and rows and all(h % tower.spatial_merge_size == 0 and w % tower.spatial_merge_size == 0
+                             and (h // tower.spatial_merge_size) % side == 0
+                             and (w // tower.spatial_merge_size) % side == 0 for _, h, w in rows):
+        window = side * side * tower.spatial_merge_size ** 2
     return frame, window
 
 
+def _window_side(tower) -> int:
+    """Qwen2.5-VL: windows of side w merged patches (0: the tower has no windows)."""
+    if not hasattr(tower, "window_size"):
+        return 0
+    return max(tower.window_size // tower.spatial_merge_size // tower.patch_size, 0)
+
+
+def _longest(tower, rows: list[list[int]]) -> tuple[int, int]:
+    """Upper bounds of a frame's and a window's patch count (the varlen kernels' grid size)."""
+    frame = max(h * w for _, h, w in rows)
+    side = _window_side(tower)
+    return frame, min(frame, side * side * tower.spatial_merge_size ** 2) if side else frame
+
+
 def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
-    frame = window = None
+    frame = window = longest = None
     if grid_thw is not None:   # one host read per forward, not per block
-        frame, window = _segment_lengths(self, grid_thw.tolist())
+        rows = grid_thw.tolist()
+        frame, window = _segment_lengths(self, rows)
+        longest = _longest(self, rows) if rows else None
     for mod in self._vlm_uniform_modules:
         mod._vlm_uniform_len = window if mod._vlm_window else frame
+        mod._vlm_varlen = longest is not None
+        if longest is not None:
+            mod._vlm_max_len.fill_(longest[1] if mod._vlm_window else longest[0])
     try:
         return self._vlm_tower_forward(hidden_states, grid_thw, *args, **kwargs)
     finally:
         for mod in self._vlm_uniform_modules:
-            mod._vlm_uniform_len = None
+            mod._vlm_uniform_len, mod._vlm_varlen = None, False
 
 
 _ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
@@ -116,7 +144,8 @@ def batch_equal_images(model: nn.Module, family) -> int:
             continue
         for m, windowed in zip(mods, _windowed(tower, mods)):
             m._vlm_window = windowed
-            m._vlm_uniform_len = None
+            m._vlm_uniform_len, m._vlm_varlen = None, False
+            m._vlm_max_len = torch.zeros(1, dtype=torch.int32)
             m._vlm_hf_forward = m.forward
             m.forward = MethodType(_uniform_attention_forward, m)
         tower._vlm_uniform_modules = mods

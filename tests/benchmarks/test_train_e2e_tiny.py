@@ -17,14 +17,16 @@ def test_tiny_rows_measure_and_learn_the_same_thing(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)   # CPU without the interpreter: vlm.kernels.patch steps aside
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_e2e.py"), "--tiny", "--device", "cpu",
-                        "--out", str(tmp_path), "--steps", "3", "--warmup", "1"],
+                        "--out", str(tmp_path), "--steps", "5", "--warmup", "1", "--profile"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads((tmp_path / "train_e2e_tiny.json").read_text())
     rows = {row["row"]: row for row in data["rows"]}
     assert set(rows) == {"hf", "vlmtune"}
     for row in rows.values():
-        assert row["steps"] == 3 and row["steady_steps"] == 1 and row["steady_tokens_per_s"] > 0
+        assert row["steps"] == 5 and row["steady_tokens_per_s"] > 0
+        # --profile: vlmtune's last two steps are profiled and left out of its steady rate
+        assert row["steady_steps"] == (1 if row["row"] == "vlmtune" else 3)
         assert 0 <= row["data_wait_share"] < 1 and row["peak_mem_gib"] > 0
         assert row["startup"]["load_s"] > 0 and row["startup_s"] >= row["startup"]["first_step_s"] > 0
     # packed rows compute (almost) no padding; per-batch dynamic padding of mixed lengths does
@@ -32,4 +34,5 @@ def test_tiny_rows_measure_and_learn_the_same_thing(tmp_path):
     assert "packed" in r.stdout and "startup: imports" in r.stdout
     # same data, same objective, same learning rate: the losses are close
     assert abs(rows["vlmtune"]["loss_last3"] - rows["hf"]["loss_last3"]) < 0.1
+    assert "Self CPU time total" in (tmp_path / "2b_lora_vlmtune" / "profile.txt").read_text()
     assert (tmp_path / "train_e2e_tiny.md").read_text().startswith("# `vlm train` end to end")

@@ -136,6 +136,9 @@ class Family:
     cross_attention_images: bool = False
     # The processor takes images as one list per sample (Mllama, Gemma 3), not one flat list.
     images_per_sample: bool = False
+    # Image tokens attend to each other both ways inside an image (Gemma 3's training mask), so the
+    # language attention is not purely causal: packed rows keep a block mask (no varlen kernel).
+    bidirectional_image_attention: bool = False
     # The forward needs the processor's ``mm_token_type_ids`` to place M-RoPE positions.
     needs_mm_token_type_ids: bool = False
     # The image processor's ``size`` holds pixel counts {shortest_edge: min_pixels,

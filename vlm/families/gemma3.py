@@ -21,5 +21,6 @@ FAMILY = Family(
     language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),
     # the processor replaces <start_of_image> by \n\n<start_of_image> + soft tokens + <end_of_image>\n\n
     images_per_sample=True,
+    bidirectional_image_attention=True,   # transformers' Gemma 3 mask: each image's tokens see the whole image
     image_wrap=ImageWrap(before="\n\n", token="<image_soft_token>", after="<end_of_image>\n\n"),
 )

@@ -128,6 +128,10 @@ class TrainingSection:
     # last batch records one more). Off by default: padding short samples to max_length costs compute
     # when lengths vary a lot. Needs compile (a GPU); ignored where compile is off.
     cuda_graphs: bool = False
+    # packed rows (data.packing): attention runs per sample over the samples' boundaries (varlen:
+    # flash-attention varlen kernels on a GPU, no mask; vlm.train.varlen_attention) or over the whole
+    # row with transformers' L x L block mask (mask: the slower reference, for comparison).
+    packed_attention: str = choices("varlen", "mask", default="varlen")
     optimizer: str = choices("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", default="adamw")
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -177,6 +181,15 @@ class LoggingSection:
     tensorboard: bool = True
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
+    # [first, last] optimizer steps (1-based) recorded by torch.profiler into OUTPUT/profile.txt
+    # (operators by device time) and profile_trace.json (vlm.train.profiling); null: no profiling
+    profile_steps: list[int] | None = None
+
+    def validate(self, where: str) -> None:
+        if self.profile_steps is not None and (len(self.profile_steps) != 2 or not
+                                               1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise ConfigError(f"{where}.profile_steps: [first, last] with 1 <= first <= last, "
+                              f"got {self.profile_steps}")
 
 
 @dataclass

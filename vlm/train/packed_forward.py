@@ -5,11 +5,13 @@ an ``attention_mask`` that only marks the padding tail. :func:`enable` hooks the
 (the module that owns the language model and, for Qwen2-VL, ``get_rope_index``) so that, for such a
 batch,
 
-- ``attention_mask`` becomes None and ``use_cache`` False: transformers then derives the sample of
-  every token from the position resets (``masking_utils.find_packed_sequence_indices``:
-  ``seq = cumsum(diff(position_ids) != 1)``) and builds the mask ``causal(q, k) ∧ seq[q] = seq[k]``
-  on every attention backend (eager, SDPA, flex; flash-attention takes the same resets as varlen
-  ``cu_seq_lens``). Nothing is built by hand here;
+- ``attention_mask`` becomes None and ``use_cache`` False, and the samples' boundaries (where the
+  positions restart) go to every attention call as ``cu_seq_lens_q/k``: attention runs per sample
+  without any mask (:mod:`vlm.train.varlen_attention`: flash-attention varlen on the GPU, one SDPA
+  per sample elsewhere). For a family whose language attention is not purely causal (Gemma 3:
+  images attend both ways), transformers derives the sample of every token from the same position
+  resets (``masking_utils.find_packed_sequence_indices``: ``seq = cumsum(diff(position_ids) != 1)``)
+  and builds the mask ``causal(q, k) ∧ seq[q] = seq[k]`` (plus its image blocks) instead;
 - for M-RoPE families (``family.language_kernels.rope`` "mrope"…: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the three rotary
   axes (temporal, height, width) are computed per sample by the model's own ``get_rope_index`` — one
   call over the samples stacked as rows, which consumes ``image_grid_thw`` / ``video_grid_thw`` in
@@ -67,15 +69,46 @@ def mrope_positions(mm_model, input_ids: torch.Tensor, text_positions: torch.Ten
     return out
 
 
-def enable(model, family):
+class PackedForward:
+    """The hooks :func:`enable` installed; ``.remove()`` puts the model back as it was."""
+
+    def __init__(self, handles, restore_attention, varlen_refusal):
+        self._handles, self._restore_attention = handles, restore_attention
+        self.varlen = restore_attention is not None
+        self.varlen_refusal = varlen_refusal   # why packed rows keep the block mask, or None
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        if self._restore_attention is not None:
+            self._restore_attention()
+        self._handles, self._restore_attention = [], None
+
+
+def max_segment_length(bounds: list[int], row_length: int) -> int:
+    """The longest segment rounded up to 256 tokens (at most the row): the varlen kernels size their
+    grid by it, and rounding keeps compiled layers on one value for most batches."""
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return min(row_length, -(-longest // 256) * 256)
+
+
+def enable(model, family, *, varlen: bool = True, cuda_graphs: bool = False) -> PackedForward:
     """Hook ``model`` so packed batches run with per-sample positions and attention; returns the
-    hook handle (``.remove()`` it after training). Raises :class:`ConfigError` for a family that
-    cannot pack (:func:`vlm.data_formats.packing.packing_refusal`)."""
+    hooks (``.remove()`` them after training). With ``varlen`` (and a family whose language
+    attention is purely causal: :func:`vlm.train.varlen_attention.refusal`) attention runs over the
+    samples' boundaries (:mod:`vlm.train.varlen_attention`) instead of an L×L block mask; the kernels
+    are sized by the longest sample, or by the row under ``cuda_graphs`` (a replayed graph takes no
+    CPU input). Raises
+    :class:`ConfigError` for a family that cannot pack (:func:`vlm.data_formats.packing.packing_refusal`)."""
+    from vlm.train import varlen_attention
+
     refusal = packing_refusal(family)
     if refusal is not None:
         raise ConfigError(f"packing: {refusal}")
     mm_model = multimodal_model(model, family)
     mrope = family.language_kernels.rope.startswith("mrope")
+    varlen_refusal = varlen_attention.refusal(family, model) if varlen else "varlen attention switched off"
+    restore_attention = varlen_attention.install(model, family) if varlen_refusal is None else None
 
     def packed_forward(module, args, kwargs):
         positions = kwargs.get("position_ids")
@@ -83,6 +116,14 @@ def enable(model, family):
             return None
         kwargs["attention_mask"] = None
         kwargs["use_cache"] = False
+        if restore_attention is not None:
+            bounds = varlen_attention.segment_boundaries(positions)
+            cu_seqlens = varlen_attention.padded_boundaries(bounds, positions.device)
+            longest = max_segment_length(bounds, positions.shape[-1])
+            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens)
+            if not cuda_graphs:
+                kwargs["vlm_max_seqlen"] = varlen_attention.max_length_tensor(longest)
+            varlen_attention.set_packed(True)
         if mrope:
             if kwargs.get("mm_token_type_ids") is None:
                 raise ValueError("packed M-RoPE batch without mm_token_type_ids (the collator adds them)")
@@ -92,4 +133,10 @@ def enable(model, family):
                                                      second_per_grid_ts=kwargs.get("second_per_grid_ts"))
         return args, kwargs
 
-    return mm_model.register_forward_pre_hook(packed_forward, with_kwargs=True)
+    def forward_done(module, args, kwargs, output):
+        varlen_attention.set_packed(False)
+
+    handles = [mm_model.register_forward_pre_hook(packed_forward, with_kwargs=True)]
+    if restore_attention is not None:
+        handles.append(mm_model.register_forward_hook(forward_done, with_kwargs=True, always_call=True))
+    return PackedForward(handles, restore_attention, varlen_refusal)

@@ -137,7 +137,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                    caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
-    packing_hook = packed_forward.enable(model, family) if budget is not None and budget.packed else None
+    packing_hook = (packed_forward.enable(model, family, varlen=cfg.training.packed_attention == "varlen",
+                                          cuda_graphs=plan.cuda_graphs)
+                    if budget is not None and budget.packed else None)
+    if packing_hook is not None and w.is_main:
+        print("attention: per sample over packed boundaries (varlen)" if packing_hook.varlen
+              else f"attention: block mask over packed rows ({packing_hook.varlen_refusal})")
     t_ready = time.perf_counter()
     workers = resolve_workers(cfg.data.num_workers, device)
 
@@ -182,6 +187,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                                                cfg.data.group_by_length and budget is None),
                          optimizer_cls_and_kwargs=(mode.optimizer_cls_and_kwargs if mode else None)
                          or dist.optimizer_cls_and_kwargs(args, strat))
+    if cfg.logging.profile_steps and w.is_main:
+        from vlm.train.profiling import StepProfiler
+        trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out))
     record = checkpoint_record(resume_from)  # read now: rotation may remove that folder later
     before, resumed_step = run_totals(record), record.get("step")
     trainer.checkpoint_record, trainer.run_before, trainer.segment_start = {"config": plain_cfg}, before, t_start

@@ -98,9 +98,11 @@ def _token_loss_sum_and_grads(model, batches):
     return total, grads
 
 
+@pytest.mark.parametrize("attention", ["varlen", "mask"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_packed_equals_unpacked(tiny_checkpoint, variant, tmp_path):
+def test_packed_equals_unpacked(tiny_checkpoint, variant, attention, tmp_path):
     from vlm.train.packed_forward import enable
+    from vlm.train.varlen_attention import refusal as varlen_refusal
 
     model, collator = _load(tiny_checkpoint, variant)
     family = model.vlm_family
@@ -117,16 +119,19 @@ def test_packed_equals_unpacked(tiny_checkpoint, variant, tmp_path):
     ref_loss, ref_grads = _token_loss_sum_and_grads(model, alone)
 
     packer = PackingCollator(collator, packed=True, max_tokens=1024, buckets=4, multiple=64)
-    packed = packer([samples])
+    packed = packer([samples[:-1], samples[-1:]])   # two rows: segments restart at a row boundary too
     lengths = [b["input_ids"].shape[1] for b in alone]
-    assert packed["input_ids"].shape == (1, bucket_length(sum(lengths), 1024, 4, 64))
-    assert packed["input_ids"].shape[1] > sum(lengths)   # a padding tail is part of the test
+    assert packed["input_ids"].shape == (2, bucket_length(sum(lengths[:-1]), 1024, 4, 64))
+    assert packed["input_ids"].shape[1] > sum(lengths[:-1])   # a padding tail is part of the test
     assert int(packed["attention_mask"].sum()) == sum(lengths)
-    handle = enable(model, family)
+    handle = enable(model, family, varlen=attention == "varlen")
+    # varlen wherever the family's language attention is purely causal; else the block mask, said why
+    assert handle.varlen == (attention == "varlen" and varlen_refusal(family, model) is None)
     try:
         loss, grads = _token_loss_sum_and_grads(model, [packed])
     finally:
         handle.remove()
+    assert model.config.get_text_config()._attn_implementation != "vlm_varlen"   # put back
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert grads.keys() == ref_grads.keys()
     for k in ref_grads:
@@ -170,7 +175,7 @@ def test_vlm_train_packs_by_tokens_and_reports_startup(tmp_path, tiny_checkpoint
     from vlm.data_formats.synthetic import generate
 
     data = generate(tmp_path / "data", n=40, seed=1)
-    s = _train(tmp_path, tiny_checkpoint("qwen2_vl"), data.sharegpt_json)
+    s = _train(tmp_path, tiny_checkpoint("qwen2_vl"), data.sharegpt_json, **{"logging.profile_steps": [2, 2]})
     budget = s["data"]["token_budget"]
     assert budget["packed"] and budget["samples_per_row"] > 3 and budget["padding_fraction"] < 0.05
     assert s["steps"] == 3 and len(s["step_times"]) == 3
@@ -182,6 +187,10 @@ def test_vlm_train_packs_by_tokens_and_reports_startup(tmp_path, tiny_checkpoint
     assert startup["to_first_step_s"] > startup["load_s"] + startup["first_step_s"]
     out = capsys.readouterr().out
     assert "startup: imports" in out and "packed" in out
+    assert "attention: per sample over packed boundaries (varlen)" in out
+    profile = (tmp_path / "out" / "profile.txt").read_text()   # logging.profile_steps: the step's operators
+    assert profile.startswith("optimizer steps 2–2") and "aten::" in profile and "Self CPU time total" in profile
+    assert (tmp_path / "out" / "profile_trace.json").stat().st_size > 0
 
 
 def test_vlm_train_mllama_falls_back_to_padded_rows_with_the_reason(tmp_path, tiny_checkpoint, capsys):
