@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from vlm.train.bf16_adamw import BF16AdamW, adamw_update, optimizer_bytes_per_parameter, stochastic_round
+from vlm.train.bf16_adamw import (BF16AdamW, adamw_update, adamw_update_chunked, optimizer_bytes_per_parameter,
+                                  stochastic_round)
 
 
 def test_stochastic_round_is_unbiased_and_lands_on_a_neighbour():
@@ -337,3 +338,32 @@ def test_8bit_moments_on_gpu_match_cpu():
     (wc, mc), (wg, mg) = out["cpu"], out["cuda"]
     assert ((wc - wg).abs() <= wc.abs() * 2.0 ** -7 + 1e-30).float().mean() > 0.999
     assert ((mc - mg).abs() / mc.abs().amax()).max() < 0.02
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan", "master", "fp32_state"])
+def test_chunked_update_equals_the_whole_tensor_update(kind):
+    """The eager update over flat blocks (CPU) is the whole-tensor update bit for bit: elementwise
+    math, random bits keyed by the element's index in the whole tensor (a last, partial block too)."""
+    g = torch.Generator().manual_seed(4)
+    shape = (61, 127)                                   # 7,747 elements: 7 blocks of 1,000 + 747
+    w = torch.randn(shape, generator=g).to(torch.bfloat16)
+    grad = torch.randn(shape, generator=g).to(torch.bfloat16)
+    state_dtype = torch.float32 if kind in ("master", "fp32_state") else torch.bfloat16
+    m = (torch.randn(shape, generator=g) * 0.1).to(state_dtype)
+    v = (torch.rand(shape, generator=g) * 0.01).to(state_dtype)
+    master = w.float() + torch.randn(shape, generator=g) * 1e-3 if kind == "master" else None
+    comp = (torch.randn(shape, generator=g) * 1e-3).to(torch.bfloat16) if kind == "kahan" else None
+    scalars = torch.tensor([1e-3, 1.2e-3, 0.05])
+    key = torch.tensor(1234, dtype=torch.int64)
+    runs = []
+    for chunk in (None, 1000):
+        ts = [t.clone() if t is not None else None for t in (w, grad, m, v, master, comp)]
+        if chunk is None:
+            adamw_update(*ts, scalars, key, 0.9, 0.999, 1e-8, 0.01)
+        else:
+            adamw_update_chunked(*ts, scalars, key, 0.9, 0.999, 1e-8, 0.01, chunk=chunk)
+        runs.append(ts)
+    for a, b in zip(*runs):
+        if a is not None:
+            assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], w)
