@@ -3,6 +3,8 @@
 - One torch thread: on 2 shared cores torch with 2 threads ran 10-200x slower (ENVIRONMENT.md).
 - Triton runs under its interpreter on CPU machines (TRITON_INTERPRET=1) unless CUDA is present.
 - Offline: nothing may reach a hub.
+- No dynamic-plan cache (vlm.quant.plan_cache): every test that loads a ``dynamic`` policy runs the
+  analysis it tests; tests/vlm/quant/test_plan_cache.py turns the cache on in a folder of its own.
 - ``tiny_checkpoint(variant)``: a zoo checkpoint built once per session (vlm.zoo.build_tiny).
 """
 
@@ -15,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("VLM_QUANT_PLAN_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -77,8 +77,6 @@ def apply_lora(model: nn.Module, family: Family, *, r: int = 16, alpha: float = 
     ``skip_cast_under_autocast``: under autocast, skip PEFT's bf16 -> fp32 input cast that autocast
     undoes (``skip_input_cast_under_autocast``); bit-identical results, fewer copies.
     """
-    from peft import LoraConfig, get_peft_model
-
     names = resolve_targets(model, family, list(targets))
     if warn:
         for w in vllm_serving_warnings(family, names, r, modules_to_save or []):
@@ -88,6 +86,28 @@ def apply_lora(model: nn.Module, family: Family, *, r: int = 16, alpha: float = 
     # are created in fp32 by PEFT and autocast handles the mixed matmuls.
     for p in model.parameters():
         p.requires_grad_(False)
+    # transformers' gradient_checkpointing_enable and PEFT (on a 16-bit model) both call
+    # enable_input_require_grads(), which hooks every sub-model's input embeddings, the vision tower's
+    # patch embedding included (see below); under the frozen tower's no_grad that hook still marks
+    # the patch embeddings as requiring grad, so a compiled first vision block sees both values and
+    # recompiles for each. Their calls are no-ops while LoRA is set up; our text-embedding hook stays.
+    model.enable_input_require_grads = lambda: None
+    try:
+        peft_model = _wrap(model, family, names, r=r, alpha=alpha, dropout=dropout,
+                           modules_to_save=modules_to_save, use_rslora=use_rslora,
+                           gradient_checkpointing=gradient_checkpointing)
+    finally:
+        del model.enable_input_require_grads   # the class method again
+    if frozen_vision_no_grad:
+        no_grad_when_frozen(model, family)
+    if skip_cast_under_autocast:
+        skip_input_cast_under_autocast(peft_model)
+    return peft_model
+
+
+def _wrap(model, family, names, *, r, alpha, dropout, modules_to_save, use_rslora, gradient_checkpointing):
+    from peft import LoraConfig, get_peft_model
+
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Non-reentrant checkpointing needs no input that requires grad. transformers'
@@ -102,10 +122,6 @@ def apply_lora(model: nn.Module, family: Family, *, r: int = 16, alpha: float = 
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     peft_model.vlm_family = family
-    if frozen_vision_no_grad:
-        no_grad_when_frozen(model, family)
-    if skip_cast_under_autocast:
-        skip_input_cast_under_autocast(peft_model)
     return peft_model
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from vlm.errors import VlmError
+from vlm.quant import plan_cache
 from vlm.quant.calibration import calibration_batches
 from vlm.quant.cpu_path import use_portable_cpu_path
 from vlm.quant.plan import QuantPlan, quantizable_linears, resolve_plan
@@ -180,7 +181,14 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device)
         attach_metadata(model, resolve_plan(policy, model, family))
         return model
-    if policy.sensitivity:
+    cache_key = plan_cache.key(source, policy, calibration, dtype) if policy.sensitivity else None
+    cached = plan_cache.read(cache_key)
+    if cached is not None:
+        plan = resolve_plan(policy, meta_model(config, dtype), family, protected=set(cached["protected"]),
+                            analysis=cached.get("analysis"))
+        print(f"quant: {policy.name} plan from the analysis cache ({len(cached['protected'])} layers kept "
+              f"16-bit; {plan_cache.cache_root() / cache_key}.json; VLM_QUANT_PLAN_CACHE=0 re-analyses)")
+    elif policy.sensitivity:
         model16 = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device)
         batches = calibration_batches(calibration, processor, n=policy.calibration_samples,
                                       seed=policy.seed)
@@ -189,6 +197,7 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        plan_cache.write(cache_key, plan)
     else:
         plan = resolve_plan(policy, meta_model(config, dtype), family)
     qconfig = bnb_config(plan, dtype, quant_storage)
