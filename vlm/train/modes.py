@@ -150,7 +150,16 @@ def prepare(model, family, cfg) -> ModeSetup:
     check_model(model, family, cfg)
     counts = set_trainable(model, family, trainable_components(family, cfg))
     if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers' gradient_checkpointing_enable calls enable_input_require_grads(), which hooks
+        # every input embedding, the vision tower's patch embedding included: its output would then
+        # require grad under the frozen tower's no_grad (a second variant of a compiled first vision
+        # block, as vlm.lora explains). Non-reentrant checkpointing needs no such hook: full trains the
+        # text embeddings, projector gets the text-embedding hook below.
+        model.enable_input_require_grads = lambda: None
+        try:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        finally:
+            del model.enable_input_require_grads   # the class method again
         if cfg.method == "projector":
             # the frozen language model's checkpointed layers get their grad path through the image
             # embeddings; text-only batches need the text embeddings to carry one (as in vlm.lora)

@@ -292,3 +292,34 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_checkpoint, me
     assert ref[-1][1] < ref[0][1] - 0.05, "the run learns"
     for (step, a), (_, b) in zip(got, ref):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"step {step}: resumed {a} vs uninterrupted {b}"
+
+
+@pytest.mark.parametrize("method", ["full", "projector"])
+def test_checkpointed_modes_keep_the_frozen_tower_out_of_autograd(tiny_checkpoint, method):
+    """With gradient checkpointing, transformers would hook the vision patch embedding so that its
+    output requires grad even inside the frozen tower's no_grad (a second variant of a compiled first
+    block); prepare leaves that hook off, and the trained parts still get gradients."""
+    import vlm
+    from vlm.train.config import parse_config
+    from vlm.train.modes import prepare
+
+    from .test_lora import _tiny_batch
+
+    model, _ = vlm.load(tiny_checkpoint("qwen2_vl"), dtype="fp32", device="cpu")
+    family = model.vlm_family
+    cfg = parse_config({"method": method, "model": {"path": "x", "dtype": "fp32"}, "data": {"train": ["d.json"]},
+                        "training": {"gradient_checkpointing": True, "lr": 1e-3}})
+    prepare(model, family, cfg)
+    model.train()
+    seen = {}
+    vis = family.component_roots(model, "vision")[0][1]
+    def record(mod, args):
+        seen.setdefault("block0", args[0].requires_grad)
+
+    hook = vis.blocks[0].register_forward_pre_hook(record)
+    model(**_tiny_batch(model, 0)).loss.backward()
+    hook.remove()
+    assert seen["block0"] is False
+    grads = {family.component_of(n.rsplit(".", 1)[0]) for n, p in model.named_parameters() if p.grad is not None}
+    assert "projector" in grads and "vision" not in grads
+    assert ("language" in grads) == (method == "full")
