@@ -253,8 +253,8 @@ def _env():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "projector"])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_checkpoint, method):
+@pytest.mark.parametrize("method, optimizer", [("full", "adamw"), ("projector", "adamw"), ("full", "adamw_8bit")])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_checkpoint, method, optimizer):
     """As tests/vlm/train/test_resume.py for LoRA: bf16 weights, BF16AdamW's stochastic rounding and
     fp32 masters come back from the checkpoint so the resumed loss curve equals the unbroken one."""
     from vlm.data_formats.synthetic import generate
@@ -262,7 +262,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_checkpoint, me
     ck = tiny_checkpoint("qwen2_vl")
     data = generate(tmp_path / "data", n=24, seed=5)
     steps = 10
-    extra = {"method": method, "model.dtype": "bf16", "training.precision": "bf16", "training.lr": 2e-3}
+    extra = {"method": method, "model.dtype": "bf16", "training.precision": "bf16", "training.lr": 2e-3,
+             "training.optimizer": optimizer}
     vlm = [sys.executable, "-m", "vlm", "train"]
 
     (tmp_path / "full").mkdir()
