@@ -255,8 +255,9 @@ def _env():
 @pytest.mark.slow
 @pytest.mark.parametrize("method, optimizer", [("full", "adamw"), ("projector", "adamw"), ("full", "adamw_8bit")])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_checkpoint, method, optimizer):
-    """As tests/vlm/train/test_resume.py for LoRA: bf16 weights, BF16AdamW's stochastic rounding and
-    fp32 masters come back from the checkpoint so the resumed loss curve equals the unbroken one."""
+    """As tests/vlm/train/test_resume.py for LoRA: bf16 weights, BF16AdamW's stochastic rounding, fp32
+    masters and 8-bit moments come back from the checkpoint so the resumed loss curve equals the
+    unbroken one."""
     from vlm.data_formats.synthetic import generate
 
     ck = tiny_checkpoint("qwen2_vl")
