@@ -171,7 +171,13 @@ def test_projector_pretraining_on_caption_pairs_then_stage2_start(tmp_path, tiny
     for k, t in tensors.items():
         assert torch.equal(merged[k], t), f"{k}: the adapter on the plain base lost the stage-1 projector"
 
+    from vlm.export.adapter import AdapterError, read_adapter
+
+    with pytest.raises(AdapterError, match="projector-only file .*model.projector_init"):
+        read_adapter(res.adapter_dir)                  # vlm export / serve on the stage-1 folder
     full = _run(tmp_path, ck, data.sharegpt_json, "full", steps=1, name="stage2_full", extra=tiny_lr)
+    with pytest.raises(AdapterError, match="whole model"):
+        read_adapter(full.adapter_dir)
     saved = _projector_of(_hf(full.adapter_dir), family)
     for k, t in tensors.items():
         assert torch.equal(saved[k], t), k
