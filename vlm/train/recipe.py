@@ -194,8 +194,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     before, resumed_step = run_totals(record), record.get("step")
     trainer.checkpoint_record, trainer.run_before, trainer.segment_start = {"config": plain_cfg}, before, t_start
     dist.check_engaged(trainer, strat)
+    if cfg.method == "projector":   # checkpoints hold the projector only (the rest is the frozen base)
+        trainer.save_weights = lambda folder: modes.save_projector_checkpoint(model, family, folder)
     if resume_from and mode is not None:
-        modes.load_checkpoint_weights(model, resume_from)   # Trainer's own load misses renamed keys
+        modes.resume_weights(model, family, resume_from)   # Trainer's own load misses renamed keys
     try:
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:

@@ -291,6 +291,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_checkpoint, me
     proc.wait()
     assert not (out / "summary.json").exists()
 
+    if method == "projector":   # its checkpoints hold the projector, not the whole model
+        assert (out / "checkpoint-6" / "projector.safetensors").is_file()
+        assert not list((out / "checkpoint-6").glob("model*.safetensors"))
     r = subprocess.run([*vlm, str(cfg), "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
