@@ -1,32 +1,47 @@
-"""Qwen2-VL-7B on 1 GPU vs 2 GPUs (FSDP2 and DDP) through `vlm train` — issue 19.
+"""Qwen2-VL-7B on 1 GPU vs 2 GPUs (FSDP2 and DDP) through `vlm train`, on realistic data — issue 19.
 
     source benchmarks/device_install.sh        # on the device (carry .whl/bitsandbytes-*.whl)
-    python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2,lora16_1gpu,lora16_fsdp2
-    python benchmarks/multi_gpu.py --runs 1gpu,ddp2,resume_fsdp2_on_1gpu
+    python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2,resume_fsdp2_on_1gpu,resume_1gpu_on_fsdp2 --steps 10
+    python benchmarks/multi_gpu.py --runs 1gpu,ddp2,ddp2_eager,fsdp2_compiled --steps 10
+    python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2 --steps 10
+    python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
+    python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
 
-What runs: ``vlm train configs/qwen2_vl_7b_qlora.yaml`` unchanged (dynamic 4-bit policy, adamw_8bit)
-except for the overrides below, on a random-weight model with Qwen2-VL-7B's full shapes (text 3584 ×
-28 layers, vocab 152,064; vision 32 blocks × 1280), built once on the GPU (seed 0, bf16). The
-processor is the zoo's tiny Qwen2-VL one (offline, no hub). Data: ``vlm.data_formats.synthetic``
-scenes at 448 × 448. Overrides: model.path, data.train, output, training.max_steps,
-training.save_steps, logging.
+What runs: ``vlm train configs/qwen2_vl_7b_qlora.yaml`` unchanged (dynamic 4-bit policy, adamw_8bit,
+packed token-budget batches) except for paths, steps, logging and the row's overrides below, on a
+random-weight model with Qwen2-VL-7B's full shapes (benchmarks/random_qwen2_vl.py; ``--tiny``: the
+zoo's tiny Qwen2-VL). Data: the end-to-end benchmark's (benchmarks/train_e2e.py:
+``vlm.data_formats.synthetic_mixed``, images 224² up to 1344 × 1008, 1–6 turns, answers 3–600 words).
+
+Batches (``--batching tokens``, the default): the config's token budget, packed rows of <= 8192
+tokens, 1 row per GPU micro-batch. 1 GPU: grad_accum 2 (the config's); 2 GPUs: grad_accum 1, so
+every row steps over the same 2 rows (~16k tokens) per optimizer step in the same order and the loss
+curves compare step for step. Each rank packs nothing itself: the rows are planned once (same seed
+on every rank) and accelerate hands rank r every other row. ``_r2`` rows: 2 rows per GPU
+micro-batch (1 GPU: 2 × accum 2; 2 GPUs: 2 × accum 1), more work per step for each GPU.
+``--batching samples``: the sample-count batches of the first measurement (2 samples per GPU, global
+16; ``_b8``: 8 per GPU), written to ``multi_gpu_<GPU>`` instead of ``multi_gpu_packed_<GPU>``.
 
 Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
   1gpu / 1gpu_eager     one process, compiled (the default) / ``training.compile=false``
-  fsdp2                 ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard, 4-bit weights
-                        stored in bf16 so FSDP can shard them, adamw_8bit on the shards; eager
-                        (compile is off under FSDP); checkpoint at the last step
-  ddp2                  ``--nproc 2 distributed.strategy=ddp``: a replica per GPU, compiled
+  ddp2 / ddp2_eager     ``--nproc 2 distributed.strategy=ddp``: a replica per GPU
+  fsdp2                 ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard (one unit per decoder
+                        layer / vision block, embeddings, lm_head), 4-bit weights stored in bf16 so
+                        FSDP can shard them, adamw_8bit on the shards; eager (compile auto is off
+                        under FSDP); checkpoint at the last step
+  fsdp2_compiled        the same with ``training.compile=true`` (compiled layers as FSDP units)
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
   resume_fsdp2_on_1gpu  resumes fsdp2's checkpoint in one process (2 → 1: grad_accum doubles to keep
                         the global batch) for ``--resume-steps`` more steps
-Same per-GPU batch everywhere (the config's 2); the 2-GPU rows halve grad_accum (8 → 4), so every
-row steps over the same global batch of 16 samples and the loss curves compare step for step.
+  resume_1gpu_on_fsdp2  resumes 1gpu_eager's checkpoint under FSDP2 on 2 GPUs (1 → 2), likewise
+                        (both continue in the resumed run's folder: run them after that run)
 "× 1 GPU" compares the steady-state tokens/s (optimizer steps 3.. of the run: compile and warm-up
-excluded, summed over processes) with the 1-GPU row of the same compile setting and quantization.
-Memory per GPU: the load peak (model load, data, setup: before the first step) and the training
-peak (from the first step on), both CUDA max allocated.
-Writes benchmarks/results/multi_gpu_<GPU>.json and .md.
+excluded, summed over processes) with the 1-GPU row of the same compile setting, quantization and
+per-GPU batch. Memory per GPU: the load peak (before the first step) and the training peak (from
+the first step on), CUDA max allocated; "params / GPU": the parameter bytes each process holds after
+wrapping (FSDP: its shards). "data wait": share of rank 0's steady step time spent blocked on the
+DataLoader (host-bound input when large).
+Writes benchmarks/results/multi_gpu_packed_<GPU>.json and .md (``--tiny``: under --root).
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -46,112 +62,134 @@ CONFIG = REPO / "configs" / "qwen2_vl_7b_qlora.yaml"
 GiB = 2**30
 EAGER = ["training.compile=false"]
 LORA16 = ["quant=bf16", "training.compile=false"]
-HALF_ACCUM = ["training.grad_accum=4"]
-# the sample-count batch these rows were measured with (the shipped config now batches by tokens)
-SAMPLE_BATCH = ["data.max_tokens_per_batch=null", "training.batch_size=2", "training.grad_accum=8"]
-# name -> (processes, strategy, overrides)
-RUNS = {
-    "1gpu": (1, None, []),
-    "1gpu_eager": (1, None, EAGER),
-    "fsdp2": (2, "fsdp", HALF_ACCUM),
-    "ddp2": (2, "ddp", HALF_ACCUM),
-    "lora16_1gpu": (1, None, LORA16),
-    "lora16_fsdp2": (2, "fsdp", LORA16 + HALF_ACCUM),
-    "resume_fsdp2_on_1gpu": (1, None, EAGER),
-}
-# the same rows at a per-GPU batch of 8 (global 16): enough work per forward for the GPU to be busy
-B8_ONE, B8_TWO = ["training.batch_size=8", "training.grad_accum=2"], ["training.batch_size=8", "training.grad_accum=1"]
-RUNS.update({f"{k}_b8": (n, st, [o for o in ov if o not in HALF_ACCUM] + (B8_TWO if n == 2 else B8_ONE))
-             for k, (n, st, ov) in list(RUNS.items()) if not k.startswith("resume_")})
 
 
-def build_model(root: Path) -> Path:
-    """Random bf16 weights at Qwen2-VL-7B's shapes + the tiny zoo processor; built once."""
-    from random_qwen2_vl import build
+def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
+    """name -> (processes, strategy, overrides) for ``--batching``."""
+    if batching == "tokens":   # the config's budget: 1 row per GPU micro-batch, 2 rows per optimizer step
+        one, two = ["training.batch_size=1", "training.grad_accum=2"], ["training.batch_size=1", "training.grad_accum=1"]
+        wide = ("_r2", ["training.batch_size=2", "training.grad_accum=2"], ["training.batch_size=2", "training.grad_accum=1"])
+    else:                      # the first measurement's sample batches: 2 per GPU, global 16
+        one = ["data.max_tokens_per_batch=null", "training.batch_size=2", "training.grad_accum=8"]
+        two = ["data.max_tokens_per_batch=null", "training.batch_size=2", "training.grad_accum=4"]
+        wide = ("_b8", one[:1] + ["training.batch_size=8", "training.grad_accum=2"],
+                two[:1] + ["training.batch_size=8", "training.grad_accum=1"])
+    runs = {
+        "1gpu": (1, None, one), "1gpu_eager": (1, None, one + EAGER),
+        "ddp2": (2, "ddp", two), "ddp2_eager": (2, "ddp", two + EAGER),
+        "fsdp2": (2, "fsdp", two), "fsdp2_compiled": (2, "fsdp", two + ["training.compile=true"]),
+        "lora16_1gpu": (1, None, one + LORA16), "lora16_fsdp2": (2, "fsdp", two + LORA16),
+    }
+    suffix, wide_one, wide_two = wide
+    runs.update({k + suffix: (n, st, [o for o in ov if o not in one + two] + (wide_two if n == 2 else wide_one))
+                 for k, (n, st, ov) in list(runs.items())})
+    runs["resume_fsdp2_on_1gpu"] = (1, None, one + EAGER)
+    runs["resume_1gpu_on_fsdp2"] = (2, "fsdp", two)
+    return runs
 
-    return build(root, "7b")
+
+RESUMES = {"resume_fsdp2_on_1gpu": "run_fsdp2", "resume_1gpu_on_fsdp2": "run_1gpu_eager"}   # row -> run it continues
 
 
-def run(name: str, model: Path, data: Path, root: Path, steps: int, resume_steps: int) -> dict:
-    nproc, strategy, overrides = RUNS[name]
-    resume = name.startswith("resume_")
-    out = root / ("run_fsdp2" if resume else f"run_{name}")
-    total = steps + resume_steps if resume else steps
+def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dict:
+    from train_e2e import TINY_OVERRIDES, steady
+
+    nproc, strategy, overrides = runs[name]
+    resume = name in RESUMES
+    out = root / ((RESUMES[name] if resume else f"run_{name}") + (f"_{args.tag}" if args.tag else ""))
+    total = args.steps + args.resume_steps if resume else args.steps
     cmd = [sys.executable, "-m", "vlm", "train", str(CONFIG), f"model.path={model}",
            f"data.train=[{data}]", f"output={out}", f"training.max_steps={total}",
-           f"training.save_steps={steps}", "logging.tensorboard=false", "logging.progress=false",
-           "training.logging_steps=1", *SAMPLE_BATCH, *overrides]
+           f"training.save_steps={args.steps}", "logging.tensorboard=false", "logging.progress=false",
+           "training.logging_steps=1", *(TINY_OVERRIDES if args.tiny else []), *overrides, *args.extra]
+    if args.tiny:   # the shipped config's 8-bit optimizer (train_e2e's tiny rows use adamw): ShardLocal under FSDP
+        cmd.append("training.optimizer=adamw_8bit")
     if strategy:
         cmd += [f"distributed.strategy={strategy}", "--nproc", str(nproc)]
     if resume:
         cmd += ["--resume"]
     elif out.exists():
-        import shutil
-
         shutil.rmtree(out)
+    env = dict(os.environ)
+    if args.tiny:
+        env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        env.pop("TRITON_INTERPRET", None)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    row = {"run": name, "gpus": nproc, "strategy": strategy or "single", "returncode": r.returncode,
+    row = {"run": name + (f"_{args.tag}" if args.tag else ""), "tag": args.tag, "gpus": nproc,
+           "strategy": strategy or "single", "returncode": r.returncode,
            "wall_seconds": round(wall, 1), "command": " ".join(cmd[1:]),
-           "quant": "bf16" if "quant=bf16" in overrides else "dynamic"}
+           "quant": "bf16" if "quant=bf16" in overrides else ("none" if args.tiny else "dynamic"),
+           "per_gpu_batch": _per_gpu_batch(overrides, args.batching)}
     if r.returncode != 0:
         row["error_tail"] = (r.stdout[-1500:] + "\n" + r.stderr[-3000:]).strip()
         return row
     s = json.loads((out / "summary.json").read_text())
     per = s.get("peak_memory_bytes_per_process") or [s["peak_memory_bytes"]]
     load = s.get("load_peak_memory_bytes_per_process") or []
+    params = s.get("parameter_bytes_per_process") or []
+    budget = (s.get("data") or {}).get("token_budget") or {}
     row.update(steps=s["steps"], tokens=s["tokens"], train_seconds=s["train_seconds"],
                tokens_per_s=s["tokens_per_s"], tokens_per_s_steady=s.get("tokens_per_s_steady"),
                peak_mem_gib_per_gpu=[round(b / GiB, 2) for b in per],
                load_peak_mem_gib_per_gpu=[round(b / GiB, 2) for b in load],
+               param_gib_per_gpu=[round(b / GiB, 2) for b in params], param_bytes_per_gpu=params,
+               fsdp_root_unit_gib=round((s.get("sharding") or {}).get("root_unit_bytes_whole", 0) / GiB, 3),
+               data_wait_share=steady(s, 2).get("data_wait_share"), padding_fraction=s.get("padding_fraction"),
+               packed=budget.get("packed"), startup_s=(s.get("startup_seconds") or {}).get("to_first_step_s"),
                final_loss=s["final_loss"], loss_history=s.get("loss_history"),
                resumed_from=s.get("resumed_from"), compiled=bool(s.get("compiled_layers")),
                optimizer=s["config"]["training"]["optimizer"],
-               global_batch=s["config"]["training"]["batch_size"]
-               * s["config"]["training"]["grad_accum"] * nproc)
+               global_batch=s["config"]["training"]["batch_size"] * s["config"]["training"]["grad_accum"] * nproc)
     return row
 
 
-def write(rows: list[dict], env: dict) -> Path:
+def _per_gpu_batch(overrides: list[str], batching: str) -> str:
+    n = next((o.split("=")[1] for o in overrides if o.startswith("training.batch_size=")), "1")
+    return f"{n} row(s)" if batching == "tokens" else f"{n} samples"
+
+
+def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
     """Merge ``rows`` into the results JSON (rows of other invocations kept) and write the table."""
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "multi_gpu_" + env["gpu"].replace(" ", "_")
-    path = out / f"{stem}.json"
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{stem}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     names = {r["run"] for r in rows}
     rows = [r for r in old if r["run"] not in names] + rows   # rows of other invocations kept
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+
     def key(r):   # rows compare with the 1-GPU row of the same compile setting, quant and per-GPU batch
-        return r["compiled"], r["quant"], _per_gpu_batch(r)
+        return r["compiled"], r["quant"], r["per_gpu_batch"], r.get("tag", "")
 
     base = {key(r): r for r in rows
             if r["gpus"] == 1 and r.get("tokens_per_s_steady") and not r["run"].startswith("resume_")}
     lines = [f"# Multi-GPU training, Qwen2-VL-7B shapes (random weights) — {env['gpu']}", "",
-             f"configs/qwen2_vl_7b_qlora.yaml, global batch 16 (per-GPU batch in the row); torch {env['torch']}, "
+             f"configs/qwen2_vl_7b_qlora.yaml, batching: {env['batching']}; data: {env['data']}; torch {env['torch']}, "
              f"transformers {env['transformers']}, accelerate {env['accelerate']}. "
              "Steady tokens/s: optimizer steps 3.. (compile excluded), all GPUs.", "",
-             "| run | GPUs | per-GPU batch | quant | compiled | optimizer | steady tokens/s | × 1 GPU | load peak / GPU (GiB) "
-             "| training peak / GPU (GiB) | × 1 GPU | steps | final loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | GPUs | per-GPU batch | quant | compiled | steady tokens/s | × 1 GPU | params / GPU (GiB) "
+             "| load peak / GPU (GiB) | training peak / GPU (GiB) | × 1 GPU | data wait | steps | final loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['run']} | {r['gpus']} | | | | | not run: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | | | not run: {r['skipped']} | | | | | | | | |")
             continue
         if r["returncode"] != 0:
-            lines.append(f"| {r['run']} | {r['gpus']} | | {r.get('quant', '')} | | | failed (rc {r['returncode']}): "
-                         f"{_last_error(r)} | | | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | {r.get('quant', '')} | | failed (rc {r['returncode']}): "
+                         f"{_last_error(r)} | | | | | | | | |")
             continue
         ref = base.get(key(r))
         speed = (f"{r['tokens_per_s_steady'] / ref['tokens_per_s_steady']:.2f}"
                  if ref and r.get("tokens_per_s_steady") and r is not ref else "")
         mem = f"{max(r['peak_mem_gib_per_gpu']) / max(ref['peak_mem_gib_per_gpu']):.2f}" if ref and r is not ref else ""
         steady = f"{r['tokens_per_s_steady']:.0f}" if r.get("tokens_per_s_steady") else "n/a"
-        lines.append(f"| {r['run']} | {r['gpus']} | {_per_gpu_batch(r)} | {r['quant']} | {'yes' if r['compiled'] else 'no'} | "
-                     f"{r['optimizer']} | {steady} | {speed} | "
+        wait = f"{r['data_wait_share']:.1%}" if r.get("data_wait_share") is not None else ""
+        lines.append(f"| {r['run']} | {r['gpus']} | {r['per_gpu_batch']} | {r['quant']} | "
+                     f"{'yes' if r['compiled'] else 'no'} | {steady} | {speed} | "
+                     f"{', '.join(map(str, r.get('param_gib_per_gpu') or []))} | "
                      f"{', '.join(map(str, r['load_peak_mem_gib_per_gpu']))} | "
-                     f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {mem} | {r['steps']} | "
+                     f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {mem} | {wait} | {r['steps']} | "
                      f"{r['final_loss']:.4f} |")
     curves = {r["run"]: dict(r["loss_history"]) for r in rows if r.get("loss_history")}
     if len(curves) > 1:
@@ -160,16 +198,9 @@ def write(rows: list[dict], env: dict) -> Path:
         for step in sorted({s for c in curves.values() for s in c}):
             lines.append(f"| {step} | " + " | ".join(f"{c[step]:.4f}" if step in c else "" for c in curves.values())
                          + " |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
-
-
-def _per_gpu_batch(r: dict) -> int:
-    for part in r["command"].split():
-        if part.startswith("training.batch_size="):
-            return int(part.split("=")[1])
-    return 2   # the config's
 
 
 def _last_error(r: dict) -> str:
@@ -181,44 +212,57 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--resume-steps", type=int, default=4)
-    ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--runs", default="1gpu_eager,fsdp2,lora16_1gpu,lora16_fsdp2")
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--runs", default="1gpu_eager,fsdp2,1gpu,ddp2")
+    ap.add_argument("--batching", default="tokens", choices=("tokens", "samples"))
     ap.add_argument("--root", default="/tmp/vlm_multi_gpu")
+    ap.add_argument("--tiny", action="store_true", help="the zoo's tiny Qwen2-VL and small images (CPU smoke run)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every row (e.g. kernels=false)")
+    ap.add_argument("--tag", default="", help="suffix for the row names of this invocation (rows with --extra)")
     args = ap.parse_args(argv)
+    if args.tiny != (args.device == "cpu"):
+        ap.error("--tiny goes with --device cpu (2 gloo processes stand for the 2 GPUs)")
+    runs = _runs(args.batching)
+    for name in args.runs.split(","):
+        if name not in runs:
+            ap.error(f"unknown run {name!r}; choose from {', '.join(runs)}")
 
     import accelerate
     import torch
     import transformers
 
-    from vlm.data_formats.synthetic import generate
+    from train_e2e import build_checkpoint, prepare_data
 
-    n_gpu = torch.cuda.device_count()
+    n_gpu = 2 if args.tiny else torch.cuda.device_count()
     if n_gpu < 1:
-        print("multi_gpu.py needs CUDA GPUs")
+        print("multi_gpu.py needs CUDA GPUs (or --tiny --device cpu)")
         return 2
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    model = build_model(root)
-    data_dir = root / "data"
-    data = data_dir / "sharegpt.json"
-    if not data.is_file():
-        data = Path(generate(data_dir, n=args.samples, seed=0, image_size=448).sharegpt_json)
-    env = {"gpu": torch.cuda.get_device_name(0), "gpus_visible": n_gpu, "torch": torch.__version__,
-           "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-           "python": platform.python_version(), "steps": args.steps}
+    model = build_checkpoint(root, "7b", args.tiny)
+    data = prepare_data(root, argparse.Namespace(samples=min(args.samples, 48) if args.tiny else args.samples,
+                                                 tiny=args.tiny))
+    env = {"gpu": "tiny" if args.tiny else torch.cuda.get_device_name(0), "gpus_visible": n_gpu,
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "accelerate": accelerate.__version__, "python": platform.python_version(), "steps": args.steps,
+           "batching": "packed rows of the config's token budget" if args.batching == "tokens" else "sample counts",
+           "data": f"synthetic_mixed, {args.samples if not args.tiny else min(args.samples, 48)} samples"}
+    stem = ("multi_gpu_packed_" if args.batching == "tokens" else "multi_gpu_") + env["gpu"].replace(" ", "_")
+    results = root if args.tiny else REPO / "benchmarks" / "results"
     rows = []
     for name in args.runs.split(","):
-        if RUNS[name][0] > n_gpu:
-            rows.append({"run": name, "gpus": RUNS[name][0], "returncode": None,
-                         "skipped": f"needs {RUNS[name][0]} GPUs, {n_gpu} visible"})
+        if runs[name][0] > n_gpu:
+            rows.append({"run": name, "gpus": runs[name][0], "returncode": None,
+                         "skipped": f"needs {runs[name][0]} GPUs, {n_gpu} visible"})
             print(f"{name}: skipped ({n_gpu} GPU)")
             continue
         print(f"{name}: running ...", flush=True)
-        rows.append(run(name, model, data, root, args.steps, args.resume_steps))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "error_tail"}), flush=True)
+        rows.append(run(name, runs, model, data, root, args))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("error_tail", "loss_history")}), flush=True)
         if rows[-1].get("error_tail"):
             print(rows[-1]["error_tail"])
-        write(rows, env)   # after every row: a run cut short by a time limit keeps what it measured
+        write(rows, env, results, stem)   # after every row: a run cut short by a time limit keeps what it measured
     return 0 if all(r.get("returncode") in (0, None) for r in rows) else 1
 
 

@@ -11,7 +11,9 @@ sampler's indices across processes, gradient averaging, checkpoint format. This 
 - chooses bitsandbytes' 4-bit storage dtype: under FSDP the compute dtype, because FSDP shards only
   floating tensors and wants one dtype per shard group (uint8 4-bit weights would stay unsharded);
 - sums per-process counters for the summary (tokens, memory per process);
-- reconciles a checkpoint written by N processes with a run on M (see ``reconcile_resume``).
+- reconciles a checkpoint written by N processes with a run on M (see ``reconcile_resume``; across
+  FSDP2 and one process / DDP the states are converted on load: ``vlm.train.cross_resume``);
+- runs FSDP2 on CPU processes too (``fsdp_on_cpu``: accelerate would silently run DDP there).
 
 Same samples per step on N or M processes: the sampler yields one global order (seed + epoch);
 accelerate cuts it into per-process batches of ``batch_size``, so one optimizer step consumes
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from vlm.errors import ConfigError, VlmError
+from vlm.errors import VlmError
+from vlm.train.cross_resume import check_readable, crosses, written_by_fsdp  # noqa: F401 (re-exported)
 
 META = "vlmtune_distributed.json"   # written into every checkpoint: world size and global batch
 
@@ -88,12 +91,8 @@ def training_arguments(cfg, strat: str, device: str) -> dict:
     d = cfg.distributed
     kw: dict = {"ddp_backend": d.backend or ("gloo" if device == "cpu" else "nccl"),
                 "ddp_find_unused_parameters": d.find_unused_parameters}
-    if strat == "fsdp" and device == "cpu":
-        # accelerate builds its FSDP plugin for GPU-like devices only; on CPU processes it would
-        # silently run DDP instead
-        raise ConfigError("distributed.strategy: fsdp needs GPUs (accelerate runs FSDP on accelerators "
-                          "only); on CPU use ddp")
     if strat == "fsdp" and not _env_true("ACCELERATE_USE_FSDP"):
+        # (on CPU processes accelerate would build the plugin and then run DDP: fsdp_on_cpu below)
         # (with `accelerate launch --use_fsdp` / an FSDP config file, accelerate's own settings rule)
         kw["fsdp"] = True
         kw["fsdp_config"] = {
@@ -114,9 +113,9 @@ def optimizer_cls_and_kwargs(args, strat: str):
     """For ``Trainer(optimizer_cls_and_kwargs=...)``: bitsandbytes' 8-bit optimizers made to step
     FSDP2's sharded parameters (``vlm.train.sharded_optim``); None (Trainer's own choice) otherwise.
 
-    Under FSDP2 the optimizer states are then 8-bit *and* split over the processes."""
-    if strat != "fsdp":
-        return None
+    Under FSDP2 the optimizer states are then 8-bit *and* split over the processes. In one process
+    or DDP the same class steps exactly as bitsandbytes' own and also loads the dense moments of an
+    FSDP2 checkpoint (``vlm.train.cross_resume``)."""
     from transformers import Trainer
 
     from vlm.train.sharded_optim import is_bitsandbytes_optimizer, shard_local
@@ -142,6 +141,28 @@ def one_device_per_process(args, strat: str, w: World) -> str | None:
             f"vlm train CONFIG --nproc {n} (DDP; distributed.strategy=fsdp to shard the model)")
 
 
+def fsdp_on_cpu(trainer) -> bool:
+    """Run FSDP2 on CPU processes (gloo), as accelerate does on GPUs.
+
+    accelerate picks FSDP only for accelerator process groups: on CPU it builds the FSDP plugin from
+    ``fsdp_config`` and then runs DDP. FSDP2 itself (``fully_shard``, DTensor, DCP checkpoints) works
+    on CPU with gloo, so for CPU processes the plugin is installed here (what accelerate's state
+    would hold on GPUs): tests and CPU-only machines then run the very code path of a GPU FSDP run.
+    Returns True when it did so."""
+    args = trainer.args
+    if args.fsdp_plugin_args is None or getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+    return True
+
+
 def check_engaged(trainer, strat: str) -> None:
     """FSDP asked for must be FSDP running (accelerate falls back to DDP without saying so)."""
     if strat == "fsdp" and not getattr(trainer, "is_fsdp_enabled", False):
@@ -160,12 +181,6 @@ def write_meta(checkpoint_dir: str | os.PathLike, args) -> None:
     (Path(checkpoint_dir) / META).write_text(json.dumps(meta) + "\n")
 
 
-def written_by_fsdp(checkpoint: Path) -> bool:
-    """FSDP checkpoints hold sharded model/optimizer folders (accelerate's ``*_fsdp_*`` / ``optimizer_0``)."""
-    return any(c.is_dir() and (c.name.startswith("pytorch_model_fsdp") or c.name.startswith("optimizer_"))
-               for c in Path(checkpoint).iterdir())
-
-
 def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None,
                      strat: str | None = None) -> str | None:
     """Resume a checkpoint from N processes on M: keep the global batch, or refuse.
@@ -178,11 +193,9 @@ def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None,
     if checkpoint is None:
         return None
     w = w or world()
-    if strat is not None and strat != "fsdp" and written_by_fsdp(checkpoint):
-        # transformers loads sharded (DCP) model/optimizer states only under FSDP
-        raise VlmError(f"{checkpoint} was written under FSDP (sharded states): resume it with FSDP, e.g. "
-                       f"`vlm train CONFIG --resume --nproc N distributed.strategy=fsdp` (N ≥ 2 GPUs; the "
-                       f"global batch is kept); this run is {strat}")
+    if strat is not None and crosses(checkpoint, strat == "fsdp"):
+        # FSDP2 (DCP folders) <-> one process / DDP (optimizer.pt): VlmTrainer converts on load
+        check_readable(Path(checkpoint))
     if not (Path(checkpoint) / META).is_file():
         return None
     meta = json.loads((Path(checkpoint) / META).read_text())
@@ -236,3 +249,4 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     if any("_fsdp_wrapped_module" in n or "_flat_param" in n for n in out):
         raise VlmError("distributed.fsdp_version 1 flattens parameters: use fsdp_version 2")
     return out
+

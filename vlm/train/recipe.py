@@ -223,8 +223,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
     steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
-    # per trained parameter: weight + grad + optimizer state (FSDP shards both sides: same ratio)
+    # per trained parameter: weight + grad + optimizer state (not under FSDP: DTensor sizes are whole)
     per_param = modes.bytes_per_parameter(model, trainer.optimizer) if strat != "fsdp" else None
+    from vlm.train.fsdp_units import sharding_report
+
+    sharding = sharding_report(model)   # FSDP2: this process's shards, the units, the root's share
+    param_bytes_per_process = dist.gather_per_process(trainer, sharding.pop("parameter_bytes_this_process"))
+    if w.is_main and strat == "fsdp":
+        print(f"fsdp: {sharding['fsdp_units']} units; parameter bytes per process "
+              f"{', '.join(f'{b / 2**20:.1f}' for b in param_bytes_per_process)} MiB of "
+              f"{sharding['parameter_bytes_whole'] / 2**20:.1f} MiB; the root unit keeps "
+              f"{sharding.get('root_unit_bytes_whole', 0) / 2**20:.1f} MiB whole through the step")
     if w.is_main and mode is not None:
         adapter_dir = modes.save_output(model, processor, out, cfg=cfg, resolution=resolution)
     elif w.is_main:
@@ -246,6 +255,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "compiled_layers": plan.compiled,
         "vision_attention_batched": fast.vision_attention_batched,
         "compiled_vision_blocks": fast.compiled_vision_blocks,
+        "dynamo_graphs": _dynamo_graphs(),     # graphs torch.compile built in this process
         "mlp_chunks": fast.mlp_chunks,
         "cuda_graphs": plan.cuda_graphs,
         "padded_to": plan.pad_to,
@@ -274,6 +284,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "peak_memory_bytes": trainer.peak_memory_bytes(),
         "peak_memory_bytes_per_process": peak_per_process,       # training (from the first step)
         "load_peak_memory_bytes_per_process": load_peak_per_process,  # before the first step
+        "parameter_bytes_per_process": param_bytes_per_process,     # FSDP: each process's shards
+        "sharding": sharding,    # whole parameter bytes; FSDP units and what the root unit holds whole
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
         "bytes_per_trained_parameter": per_param,
@@ -285,6 +297,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if w.is_main:
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
+
+
+def _dynamo_graphs() -> int:
+    """How many graphs dynamo compiled in this process (0 when nothing was compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:   # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def token_budget_line(budget) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -53,6 +54,28 @@ class VlmTrainer(Trainer):
         self.save_weights = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from vlm.train.distributed import fsdp_on_cpu
+
+        fsdp_on_cpu(self)   # FSDP2 on CPU processes too (accelerate would run DDP there)
+
+    # -- resume from a checkpoint written under another strategy (vlm.train.cross_resume) --------
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from vlm.train import cross_resume
+
+        if not cross_resume.crosses(resume_from_checkpoint, self.is_fsdp_enabled):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        cross_resume.load_adapter(self.model if model is None else model, Path(resume_from_checkpoint))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        from vlm.train import cross_resume
+
+        if checkpoint is None or not cross_resume.crosses(checkpoint, self.is_fsdp_enabled):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        cross_resume.load_optimizer(self.model, self.optimizer, Path(checkpoint))
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         return super().get_batch_samples(_TimedBatches(epoch_iterator, self), num_batches, device)

@@ -71,7 +71,7 @@ def test_shard_local_adamw8bit_equals_unsharded_and_checkpoints_portably(tmp_pat
 
 
 @pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit"])
-def test_fsdp_gets_the_shard_local_optimizer_and_other_strategies_trainers_own(tmp_path, optim):
+def test_bitsandbytes_optimizers_are_shard_local_under_every_strategy(tmp_path, optim):
     from transformers import TrainingArguments
 
     from vlm.train.distributed import optimizer_cls_and_kwargs
@@ -79,6 +79,36 @@ def test_fsdp_gets_the_shard_local_optimizer_and_other_strategies_trainers_own(t
     args = TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none")
     cls, kwargs = optimizer_cls_and_kwargs(args, "fsdp")
     assert cls.__name__.startswith("ShardLocal") and kwargs["lr"] == args.learning_rate
-    assert optimizer_cls_and_kwargs(args, "ddp") is None        # Trainer's own choice outside FSDP
+    # outside FSDP the same class (bitsandbytes' own step; loads an FSDP2 checkpoint's dense moments)
+    assert optimizer_cls_and_kwargs(args, "ddp")[0].__name__.startswith("ShardLocal")
     args = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch", use_cpu=True, report_to="none")
     assert optimizer_cls_and_kwargs(args, "fsdp") is None       # torch's AdamW takes DTensors
+
+
+def test_shard_local_steps_like_bitsandbytes_without_a_device_wait_per_parameter(monkeypatch):
+    """Same weights and moments as bitsandbytes' own AdamW8bit, bit for bit, on plain tensors; and
+    none of its per-parameter ``sync_gpu`` calls (one ``torch.cuda.synchronize`` per parameter on a
+    GPU), counted here through the function bitsandbytes' step calls."""
+    import bitsandbytes as bnb
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    from vlm.train.sharded_optim import _dense_moments, shard_local
+
+    waits = []
+    real = bnb_optimizer.sync_gpu
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: (waits.append(1), real(t)))
+    w = _worker_module()
+    results = []
+    for cls in (bnb.optim.AdamW8bit, shard_local(bnb.optim.AdamW8bit)):
+        model = w._model()
+        opt = cls(model.parameters(), lr=1e-2, min_8bit_size=0)
+        waits.clear()
+        w._steps(model, opt)
+        results.append(([p.detach().clone() for p in model.parameters()],
+                        [_dense_moments(opt.state[p]) for p in model.parameters()], len(waits)))
+    (ref_w, ref_m, ref_waits), (got_w, got_m, got_waits) = results
+    assert ref_waits == 3 * 2 and got_waits == 0        # 3 steps x 2 parameters
+    for a, b in zip(got_w, ref_w):
+        assert torch.equal(a, b)
+    for (gm, gv), (rm, rv) in zip(got_m, ref_m):
+        assert torch.equal(gm, rm) and torch.equal(gv, rv)
