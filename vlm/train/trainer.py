@@ -65,6 +65,8 @@ class VlmTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from vlm.train import cross_resume
 
+        if self.save_weights is not None:
+            return   # method: projector — the recipe put the checkpoint's weights in before train()
         if not cross_resume.crosses(resume_from_checkpoint, self.is_fsdp_enabled):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         cross_resume.load_adapter(self.model if model is None else model, Path(resume_from_checkpoint))
@@ -128,11 +130,6 @@ class VlmTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         if self.args.should_save:
             self.save_weights(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.save_weights is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # the recipe put the checkpoint's weights in before train(); nothing else to load here
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)
