@@ -1,8 +1,8 @@
 """Full fine-tuning and projector pretraining: vlmtune vs the Hugging Face setup, side by side (issue 21).
 
-    python benchmarks/train_modes.py                        # GPU: both parts (random weights, real shapes)
+    python benchmarks/train_modes.py                        # GPU: every part (random weights, real shapes)
     python benchmarks/train_modes.py --tiny --device cpu    # smoke test of every code path on CPU
-    python benchmarks/train_modes.py --parts full           # one part: full | projector
+    python benchmarks/train_modes.py --parts full           # one part: full | projector | optim
 
 Part "full": Qwen2-VL-2B shapes (random bf16 weights built on the device), workload W of
 train_step_workload.py (batch 8 × 512 tokens, one 448×448 image each, labels on the 254 text tokens).
@@ -14,6 +14,20 @@ checkpointing of the decoder layers and clip the gradient norm to 1.0; lr 1e-5.
   full_ours  what `vlm train` does with method: full (vlm.train.modes.prepare, vlm.train.fast_path:
              batched vision attention, kernels.patch, compiled layers): bf16 weights and grads,
              BF16AdamW (bf16 moments, stochastic rounding; fp32 master for norms/biases)
+  full_ours_8bit  the same with training.optimizer: adamw_8bit (bitsandbytes' blockwise 8-bit
+             moments; needs bitsandbytes on the device: carry .whl/, see device_install.sh)
+  full_ours_nogc  (only with --variants) full_ours without gradient checkpointing
+Each row also times one extra step split into forward / backward / clip / optimizer (synchronized
+between phases: "phases_s"); --profile adds torch.profiler's top ops of that step.
+
+Part "optim": the optimizer step alone on the trained parameters of part "full" (Qwen2-VL-2B, random
+gradients), median ms per step:
+  optim_torch        torch.optim.AdamW (foreach) on fp32 weights and grads: Trainer's adamw_torch
+  optim_torch_fused  the same with fused=True (Trainer's adamw_torch_fused)
+  optim_legacy       BF16AdamW's first step: per weight, two small device tensors built by blocking
+                     copies (a device sync per weight), kept here as the baseline of the change
+  optim_ours         BF16AdamW as `vlm train` runs it (host step numbers, one copy per step)
+  optim_ours_8bit    the same with 8-bit moments
 
 Part "projector": LLaVA-1.5-7B shapes (CLIP ViT-L/336 + Llama-2-7B, random bf16 weights), caption
 pairs as in LLaVA's stage 1: batch 16 × 616 tokens = 1 BOS, 576 <image> tokens, 1 newline, a
@@ -50,10 +64,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 GiB = 2 ** 30
-PARTS = {"full": ("full_hf", "full_ours"), "projector": ("proj_hf", "proj_hf16", "proj_ours")}
-EXTRA = {"projector": ("proj_ours_nogc",)}
-MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b"}
+PARTS = {"full": ("full_hf", "full_ours", "full_ours_8bit"), "projector": ("proj_hf", "proj_hf16", "proj_ours"),
+         "optim": ("optim_torch", "optim_torch_fused", "optim_legacy", "optim_ours", "optim_ours_8bit")}
+EXTRA = {"projector": ("proj_ours_nogc",), "full": ("full_ours_nogc",)}
+MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b", "optim": "qwen2_vl_2b"}
 TARGETS = {"full": {"memory": 0.55, "speed": 2.0}, "projector": {"memory": 0.5, "speed": 1.45}}
+OURS = {"full": ("full_ours", "full_ours_8bit", "full_ours_nogc"), "projector": ("proj_ours", "proj_ours_nogc"),
+        "optim": ("optim_ours", "optim_ours_8bit")}   # the first one's ratios are named "ours/<base>"
 
 
 def _importable_vlm() -> None:
@@ -113,12 +130,13 @@ def build(args) -> dict:
 
 # --------------------------------------------------------------------------- one variant (subprocess)
 
-def _cfg(method: str, gc: bool, lr: float):
+def _cfg(method: str, gc: bool, lr: float, optimizer: str = "adamw"):
     from vlm.train.config import parse_config
 
     return parse_config({"method": method, "model": {"path": "random", "dtype": "bf16"}, "kernels": True,
                          "data": {"train": ["unused.json"]},
-                         "training": {"lr": lr, "gradient_checkpointing": gc, "precision": "bf16"}})
+                         "training": {"lr": lr, "gradient_checkpointing": gc, "precision": "bf16",
+                                      "optimizer": optimizer}})
 
 
 def setup(variant: str, args, batches):
@@ -134,7 +152,8 @@ def setup(variant: str, args, batches):
     family = family_for_config(load_config(args.ckpt))
     info = {}
     if "_ours" in variant:
-        cfg = _cfg("full" if part == "full" else "projector", gc=not variant.endswith("_nogc"), lr=lr)
+        cfg = _cfg("full" if part == "full" else "projector", gc=not variant.endswith("_nogc"), lr=lr,
+                   optimizer="adamw_8bit" if variant.endswith("_8bit") else "adamw")
         model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16).to(args.device)
         model.vlm_family = family
         mode = modes.prepare(model, family, cfg)
@@ -177,10 +196,92 @@ def state_bytes(model, opt) -> dict:
             "weight_bytes_per_param": w / n, "grad_bytes_per_param": g / n, "optimizer_bytes_per_param": o / n}
 
 
+def legacy_bf16_adamw():
+    """BF16AdamW with its first ``step``: per weight, the step count read with ``.item()`` and two
+    small device tensors built from Python numbers (each a blocking host-to-device copy)."""
+    import torch
+
+    from vlm.train.bf16_adamw import BF16AdamW, adamw_update
+
+    class LegacyBF16AdamW(BF16AdamW):
+        @torch.no_grad()
+        def step(self, closure=None):
+            index = 0
+            for group in self.param_groups:
+                beta1, beta2 = group["betas"]
+                lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+                for p in group["params"]:
+                    index += 1
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if not state:
+                        self._init_state(p, state)
+                    state["step"] += 1
+                    t = int(state["step"].item())
+                    scalars = torch.tensor([lr, lr / (1 - beta1 ** t), 1 - beta2 ** t], dtype=torch.float32,
+                                           device=p.device)
+                    key = torch.tensor(self._key(t, index), dtype=torch.int64, device=p.device)
+                    self._update_fn(p.device)(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                              state.get("master"), state.get("compensation"), scalars, key,
+                                              beta1, beta2, eps, wd)
+
+    return LegacyBF16AdamW
+
+
+def optim_worker(args) -> dict:
+    """The optimizer step alone, on part full's trained parameters with fixed random gradients."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlm.families import family_for_config
+    from vlm.load import load_config
+    from vlm.train import modes
+
+    cuda = args.device.startswith("cuda")
+    v = args.worker
+    family = family_for_config(load_config(args.ckpt))
+    dtype = torch.float32 if v.startswith("optim_torch") else torch.bfloat16
+    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype).to(args.device)
+    cfg = _cfg("full", gc=True, lr=1e-5, optimizer="adamw_8bit" if v.endswith("_8bit") else "adamw")
+    modes.set_trainable(model, family, modes.trainable_components(family, cfg))
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator(device=args.device).manual_seed(0)
+    for p in params:
+        p.grad = (torch.randn(p.shape, device=args.device, generator=g) * 1e-3).to(p.dtype)
+    if v.startswith("optim_torch"):
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=v.endswith("_fused"),
+                                foreach=None if v.endswith("_fused") else True)
+        name = "torch.optim.AdamW (fp32" + (", fused)" if v.endswith("_fused") else ", foreach)")
+    else:
+        (cls, kw), name = modes.optimizer_for(model, cfg)
+        if v == "optim_legacy":
+            cls, name = legacy_bf16_adamw(), name + " first version"
+        opt = cls(params, weight_decay=0.0, **kw)
+    walls = []
+    for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+    med = statistics.median(walls[args.warmup:])
+    row = {"variant": v, "optimizer": name, **state_bytes(model, opt), "step_s_median": med,
+           "tokens_per_s": None, "first_step_s": walls[0]}
+    if cuda:
+        row["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GiB
+    return row
+
+
 def worker(args) -> dict:
     import torch
 
     from vlm.load import load_config
+
+    if args.worker.startswith("optim"):
+        return optim_worker(args)
 
     cuda = args.device.startswith("cuda")
     part = "full" if args.worker.startswith("full") else "projector"
@@ -215,7 +316,43 @@ def worker(args) -> dict:
            "tokens_per_s": tokens / med, "first_step_s": walls[0], "losses": losses}
     if cuda:
         row["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GiB
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def one_step(b):
+        t0 = sync()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        t1 = sync()
+        loss.backward()
+        t2 = sync()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t3 = sync()
+        opt.step()
+        t4 = sync()
+        opt.zero_grad(set_to_none=True)
+        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3}
+
+    # where one step's time goes (an extra step, synchronized between phases, after the timed ones)
+    row["phases_s"] = {k: round(v, 5) for k, v in one_step(batches[0]).items()}
+    if args.profile:
+        row["profile"] = profile_table(lambda: one_step(batches[0]), cuda)
     return row
+
+
+def profile_table(fn, cuda: bool, rows: int = 30) -> str:
+    """torch.profiler's table of one call of ``fn``: the ops that took the most device (or CPU) time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 # --------------------------------------------------------------------------- driver
@@ -232,23 +369,28 @@ def run_sub(argv: list[str], timeout: int) -> dict:
 
 
 def ratios(part: str, rows: dict) -> dict:
-    ours = rows.get("full_ours" if part == "full" else "proj_ours")
+    """ours/base for each of our variants against each baseline that ran: speed = base's step time /
+    ours (every variant of a part runs the same tokens per step), bytes per parameter, peak memory."""
     out = {}
-    for base in PARTS[part]:
-        if "_ours" in base or base not in rows or ours is None or "error" in rows[base] or "error" in ours:
+    for k, name in enumerate(OURS[part]):
+        ours = rows.get(name)
+        if ours is None or "error" in ours:
             continue
-        r = {"speed": ours["tokens_per_s"] / rows[base]["tokens_per_s"],
-             "bytes_per_param": ours["bytes_per_param"] / rows[base]["bytes_per_param"]}
-        if "peak_alloc_gib" in ours:
-            r["peak_memory"] = ours["peak_alloc_gib"] / rows[base]["peak_alloc_gib"]
-        out[f"ours/{base}"] = r
+        for base in PARTS[part]:
+            if base in OURS[part] or base not in rows or "error" in rows[base]:
+                continue
+            r = {"speed": rows[base]["step_s_median"] / ours["step_s_median"],
+                 "bytes_per_param": ours["bytes_per_param"] / rows[base]["bytes_per_param"]}
+            if "peak_alloc_gib" in ours:
+                r["peak_memory"] = ours["peak_alloc_gib"] / rows[base]["peak_alloc_gib"]
+            out[f"{'ours' if k == 0 else name}/{base}"] = r
     return out
 
 
 def markdown(data: dict) -> str:
     lines = [f"# Training modes: vlmtune vs Hugging Face ({data['device']})", ""]
     for part, res in data["parts"].items():
-        t = TARGETS[part]
+        t = TARGETS.get(part, {"speed": "-", "memory": "-"})
         lines += [f"## {part} ({res['model']}{', tiny' if data['tiny'] else ''})", "",
                   "| variant | optimizer | tokens/s | step ms | peak GiB | bytes/param (w+g+opt) |",
                   "|---|---|---:|---:|---:|---:|"]
@@ -256,7 +398,8 @@ def markdown(data: dict) -> str:
             if "error" in r:
                 lines.append(f"| {v} | error: {r['error']} | | | | |")
                 continue
-            lines.append(f"| {v} | {r.get('optimizer', '')} | {r['tokens_per_s']:,.0f} | "
+            tps = "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}"
+            lines.append(f"| {v} | {r.get('optimizer', '')} | {tps} | "
                          f"{r['step_s_median'] * 1e3:.1f} | {r.get('peak_alloc_gib', float('nan')):.2f} | "
                          f"{r['bytes_per_param']:.2f} |")
         lines.append("")
@@ -271,7 +414,7 @@ def markdown(data: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="full,projector")
+    ap.add_argument("--parts", default="full,projector,optim")
     ap.add_argument("--variants", default=None, help="comma list (default: every variant of the parts)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true")
@@ -279,6 +422,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
+    ap.add_argument("--profile", action="store_true",
+                    help="add torch.profiler's top ops of one step to each row (JSON 'profile', printed)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -303,19 +448,24 @@ def main(argv=None) -> int:
 
         data["device"] = torch.cuda.get_device_name()
     wanted = args.variants.split(",") if args.variants else None
-    stem = "train_modes" + ("_tiny" if args.tiny else "")
+    parts = args.parts.split(",")
+    # one part per invocation (a device call is limited in time) gets its own file: train_modes_full.json
+    stem = ("train_modes" + ("" if set(parts) == set(PARTS) else "_" + "_".join(parts))
+            + ("_tiny" if args.tiny else ""))
     failed = False
-    for part in args.parts.split(","):
+    for part in parts:
         ckpt = work / MODEL[part]
-        common = ["--device", args.device, "--ckpt", str(ckpt), "--part", part,
-                  "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+        common = (["--device", args.device, "--ckpt", str(ckpt), "--part", part,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+                  + (["--profile"] if args.profile else []))
         t = time.perf_counter()
-        b = run_sub(["--build", *common], args.timeout)
-        if "error" in b:
-            print(f"[{part}] build failed: {b}")
-            return 1
-        print(f"[{part}] built {MODEL[part]} ({b['parameters'] / 1e9:.2f} B parameters) in "
-              f"{time.perf_counter() - t:.0f} s", flush=True)
+        if not (ckpt / "config.json").is_file():          # part optim reuses part full's checkpoint
+            b = run_sub(["--build", *common], args.timeout)
+            if "error" in b:
+                print(f"[{part}] build failed: {b}")
+                return 1
+            print(f"[{part}] built {MODEL[part]} ({b['parameters'] / 1e9:.2f} B parameters) in "
+                  f"{time.perf_counter() - t:.0f} s", flush=True)
         rows = {}
         for v in PARTS[part] + EXTRA.get(part, ()):
             if (wanted and v not in wanted) or (not wanted and v not in PARTS[part]):
@@ -323,9 +473,14 @@ def main(argv=None) -> int:
             rows[v] = r = run_sub(["--worker", v, *common], args.timeout)
             failed |= "error" in r
             print(f"[{v}] " + (f"FAILED {r['error']}\n{r.get('tail', '')}" if "error" in r else
-                               f"{r['tokens_per_s']:,.0f} tok/s, {r['step_s_median'] * 1e3:.1f} ms/step, peak "
-                               f"{r.get('peak_alloc_gib', 0):.2f} GiB, {r['bytes_per_param']:.2f} B/param, "
-                               f"loss {r['losses'][0]:.4f} → {r['losses'][-1]:.4f}"), flush=True)
+                               f"{r['tokens_per_s'] or 0:,.0f} tok/s, {r['step_s_median'] * 1e3:.1f} ms/step, peak "
+                               f"{r.get('peak_alloc_gib', 0):.2f} GiB, {r['bytes_per_param']:.2f} B/param"
+                               + (f", loss {r['losses'][0]:.4f} → {r['losses'][-1]:.4f}" if "losses" in r
+                                  else "")
+                               + ("; phases ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["phases_s"].items())
+                                  if "phases_s" in r else "")), flush=True)
+            if r.get("profile"):
+                print(r["profile"], flush=True)
         data["parts"][part] = {"model": MODEL[part], "rows": rows, "ratios": ratios(part, rows)}
         for dst in {Path(args.out), Path(os.environ.get("OUT", args.out))}:
             dst.mkdir(parents=True, exist_ok=True)

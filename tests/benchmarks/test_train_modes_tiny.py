@@ -24,7 +24,10 @@ def test_tiny_run_both_parts(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     data = json.loads((tmp_path / "train_modes_tiny.json").read_text())
     full, proj = data["parts"]["full"]["rows"], data["parts"]["projector"]["rows"]
-    assert set(full) == {"full_hf", "full_ours"} and set(proj) == {"proj_hf", "proj_hf16", "proj_ours"}
+    assert set(full) == {"full_hf", "full_ours", "full_ours_8bit"}
+    assert set(proj) == {"proj_hf", "proj_hf16", "proj_ours"}
+    for rows in (full, proj):
+        assert not [v for v, r in rows.items() if "error" in r]
     assert full["full_ours"]["losses"][0] == pytest.approx(full["full_hf"]["losses"][0], rel=1e-3)
     assert proj["proj_ours"]["losses"][0] == pytest.approx(proj["proj_hf"]["losses"][0], rel=1e-3)
     assert full["full_hf"]["bytes_per_param"] == 16.0            # fp32 weights, grads, 2 moments
@@ -32,6 +35,20 @@ def test_tiny_run_both_parts(tmp_path):
     assert full["full_ours"]["optimizer"] == "bf16_adamw (stochastic)"
     assert full["full_ours"]["trained_parameters"] == full["full_hf"]["trained_parameters"]
     assert proj["proj_ours"]["trained_parameters"] == proj["proj_hf"]["trained_parameters"]
+    assert full["full_ours_8bit"]["optimizer"] == "bf16_adamw (stochastic, 8-bit moments)"
+    assert full["full_ours_8bit"]["losses"][0] == pytest.approx(full["full_hf"]["losses"][0], rel=1e-3)
+    assert 6.0 < full["full_ours_8bit"]["bytes_per_param"] < full["full_ours"]["bytes_per_param"] - 1.5
     ratios = data["parts"]["full"]["ratios"]["ours/full_hf"]
     assert ratios["bytes_per_param"] == pytest.approx(full["full_ours"]["bytes_per_param"] / 16.0)
+    assert ratios["speed"] == pytest.approx(full["full_hf"]["step_s_median"] / full["full_ours"]["step_s_median"])
+    assert "full_ours_8bit/full_hf" in data["parts"]["full"]["ratios"]
+    # the optimizer step alone: every variant on the same trained parameters
+    optim = data["parts"]["optim"]["rows"]
+    assert set(optim) == {"optim_torch", "optim_torch_fused", "optim_legacy", "optim_ours", "optim_ours_8bit"}
+    assert not [v for v, r in optim.items() if "error" in r]
+    n = {r["trained_parameters"] for r in optim.values()}
+    assert n == {full["full_ours"]["trained_parameters"]}
+    assert optim["optim_torch"]["bytes_per_param"] == 16.0 and optim["optim_ours"]["bytes_per_param"] < 8.1
+    assert {"ours/optim_torch", "ours/optim_legacy", "optim_ours_8bit/optim_torch"} <= set(
+        data["parts"]["optim"]["ratios"])
     assert (tmp_path / "train_modes_tiny.md").read_text().startswith("# Training modes")

@@ -75,6 +75,14 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     if not folder.is_dir():
         raise AdapterError(f"adapter path {folder} is not a folder (give the folder that holds {CONFIG})")
     cfg_path = folder / CONFIG
+    if not cfg_path.is_file() and (folder / "projector.safetensors").is_file():   # vlm.train.modes output
+        raise AdapterError(f"{folder} holds a projector-only file (method: projector, LLaVA stage 1), not "
+                           "a PEFT adapter: start stage 2 from it (model.projector_init: "
+                           f"{folder}) and export that run, or load it into the base in transformers with "
+                           "model.load_state_dict(safetensors.torch.load_file(...), strict=False)")
+    if not cfg_path.is_file() and (folder / "config.json").is_file():
+        raise AdapterError(f"{folder} holds a whole model (config.json; method: full writes one), not a "
+                           "PEFT adapter: it loads, serves and converts as it is (no merge needed)")
     if not cfg_path.is_file():
         raise AdapterError(f"{folder} has no {CONFIG}: not a PEFT adapter folder (a training run's adapter "
                            "is in its output folder or a checkpoint-N/ inside it)")

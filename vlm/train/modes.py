@@ -10,9 +10,15 @@
 - ``projector``: LLaVA stage 1: only the family's projector (``Family.component_prefixes
   ["projector"]``) trains; tower and language model frozen. The projector keeps an fp32 master in
   the optimizer (it is small). Output: ``OUT/projector/projector.safetensors`` (full module names,
-  the load dtype) plus the processor, which ``model.projector_init`` loads as the start of stage 2
-  (``vlm train`` with any method) and plain transformers loads with
-  ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``.
+  the load dtype; the run's metadata in the safetensors header and ``vlmtune.json``) plus the
+  processor, which ``model.projector_init`` loads as the start of stage 2 (``vlm train`` with any
+  method; with LoRA the projector joins ``modules_to_save`` so the adapter carries it) and plain
+  transformers loads with ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``.
+- ``training.optimizer``: ``adamw`` (BF16AdamW, bf16 moments) or, for ``full``, ``adamw_8bit``
+  (BF16AdamW with bitsandbytes' blockwise 8-bit moments).
+- Not under FSDP yet (refused): BF16AdamW would have to step DTensor shards (as
+  vlm.train.sharded_optim does for bitsandbytes), and the full-model save and exact resume read
+  whole checkpoints, where FSDP writes sharded ones.
 """
 
 from __future__ import annotations
@@ -90,22 +96,51 @@ def set_trainable(model, family, components: tuple[str, ...]) -> dict[str, int]:
 
 
 def optimizer_for(model, cfg) -> tuple[tuple | None, str]:
-    """(Trainer's optimizer_cls_and_kwargs, a name for the summary)."""
+    """(Trainer's optimizer_cls_and_kwargs, a name for the summary).
+
+    16-bit weights get BF16AdamW: ``training.optimizer: adamw`` with bf16 moments,
+    ``adamw_8bit`` (``method: full``) with bitsandbytes' blockwise 8-bit moments (2 bytes per
+    parameter less; the weight update stays stochastic / Kahan, see vlm.train.bf16_adamw)."""
     from vlm.train.bf16_adamw import BF16AdamW
 
     low = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
     if not low:
         return None, cfg.training.optimizer          # fp32 weights: Trainer's own optimizer
-    if cfg.training.optimizer != "adamw":
+    wanted = cfg.training.optimizer
+    if wanted == "adamw_8bit" and cfg.method == "projector":
         raise ConfigError(
-            f"training.optimizer: {cfg.training.optimizer} updates 16-bit weights with round-to-nearest, "
+            "training.optimizer: adamw_8bit: method: projector keeps an fp32 master copy and fp32 "
+            "moments for the (small) projector, so 8-bit moments would save nothing; use adamw")
+    if wanted not in ("adamw", "adamw_8bit"):
+        raise ConfigError(
+            f"training.optimizer: {wanted} updates 16-bit weights with round-to-nearest, "
             "where small updates are lost (training stalls); method full/projector on 16-bit weights "
-            "uses adamw (BF16AdamW: stochastic rounding or training.bf16_update: kahan)")
+            "uses adamw (BF16AdamW: stochastic rounding or training.bf16_update: kahan) or, for "
+            "method: full, adamw_8bit (the same with 8-bit moments)")
+    eight_bit = wanted == "adamw_8bit"
     kwargs = dict(lr=cfg.training.lr, betas=(0.9, 0.999), eps=1e-8, rounding=cfg.training.bf16_update,
-                  fp32_master="all" if cfg.method == "projector" else "small", seed=cfg.training.seed)
+                  fp32_master="all" if cfg.method == "projector" else "small", seed=cfg.training.seed,
+                  **({"state_dtype": "8bit"} if eight_bit else {}))
     name = ("bf16_adamw (fp32 master)" if cfg.method == "projector"
-            else f"bf16_adamw ({cfg.training.bf16_update})")
+            else f"bf16_adamw ({cfg.training.bf16_update}{', 8-bit moments' if eight_bit else ''})")
     return (BF16AdamW, kwargs), name
+
+
+def bytes_per_parameter(model, optimizer) -> dict | None:
+    """What each trained parameter holds during a step, in bytes: its weight, its gradient (same
+    dtype as the weight while a step runs) and the optimizer's state (after the first step)."""
+    from vlm.train.bf16_adamw import optimizer_bytes_per_parameter
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in trained)
+    if not n or optimizer is None:
+        return None
+    weights = sum(p.numel() * p.element_size() for p in trained) / n
+    state = optimizer_bytes_per_parameter(optimizer)
+    if state != state:          # NaN: no optimizer state yet
+        return None
+    return {"weights": round(weights, 4), "grads": round(weights, 4), "optimizer": round(state, 4),
+            "total": round(2 * weights + state, 4)}
 
 
 def prepare(model, family, cfg) -> ModeSetup:
@@ -115,7 +150,16 @@ def prepare(model, family, cfg) -> ModeSetup:
     check_model(model, family, cfg)
     counts = set_trainable(model, family, trainable_components(family, cfg))
     if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers' gradient_checkpointing_enable calls enable_input_require_grads(), which hooks
+        # every input embedding, the vision tower's patch embedding included: its output would then
+        # require grad under the frozen tower's no_grad (a second variant of a compiled first vision
+        # block, as vlm.lora explains). Non-reentrant checkpointing needs no such hook: full trains the
+        # text embeddings, projector gets the text-embedding hook below.
+        model.enable_input_require_grads = lambda: None
+        try:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        finally:
+            del model.enable_input_require_grads   # the class method again
         if cfg.method == "projector":
             # the frozen language model's checkpointed layers get their grad path through the image
             # embeddings; text-only batches need the text embeddings to carry one (as in vlm.lora)
@@ -151,6 +195,26 @@ def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
     return len(own)
 
 
+def resume_weights(model, family, checkpoint: str | Path) -> int:
+    """The trained weights of a ``full`` / ``projector`` checkpoint into ``model``: a projector
+    checkpoint holds ``projector.safetensors`` only (``save_projector_checkpoint``); a full one (or a
+    projector checkpoint written before that) the whole model."""
+    if (Path(checkpoint) / PROJECTOR_FILE).is_file():
+        return load_projector(model, family, Path(checkpoint) / PROJECTOR_FILE)
+    return load_checkpoint_weights(model, checkpoint)
+
+
+def save_projector_checkpoint(model, family, folder: str | Path) -> Path:
+    """A ``method: projector`` checkpoint's weights: the projector alone, in its training dtype (the
+    frozen tower and language model are the base's; the optimizer's fp32 master is in optimizer.pt).
+    At LLaVA-1.5-7B: 21 M parameters, ~40 MB, instead of the whole 14 GB model per checkpoint."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / PROJECTOR_FILE
+    save_file(projector_state_dict(model, family), str(path), metadata={"format": "pt"})
+    return path
+
+
 # ---- projector files ------------------------------------------------------------------------------
 
 def projector_state_dict(model, family) -> dict[str, torch.Tensor]:
@@ -174,7 +238,14 @@ def load_projector(model, family, path: str | Path) -> int:
     if not p.is_file():
         raise VlmError(f"model.projector_init: {p} does not exist (give a {PROJECTOR_FILE} or the "
                        "folder method: projector wrote)")
-    tensors = load_file(str(p))
+    if quantized_counts(model).get("projector"):
+        raise VlmError(f"model.projector_init: this {family.name} model's projector was loaded in 4/8 bit "
+                       "by the quant policy; a 16-bit projector file cannot be copied into it (keep the "
+                       "projector 16-bit: the dynamic presets do, or quant: bf16)")
+    try:
+        tensors = load_file(str(p))
+    except Exception as e:   # not a safetensors file, truncated, ...
+        raise VlmError(f"model.projector_init: {p} is not a readable safetensors file: {e}") from None
     own = projector_state_dict(model, family)
     unknown = sorted(set(tensors) - set(own))
     if unknown:
@@ -193,6 +264,23 @@ def load_projector(model, family, path: str | Path) -> int:
         for name, t in tensors.items():
             base.get_parameter(name).copy_(t) if _is_param(base, name) else base.get_buffer(name).copy_(t)
     return len(tensors)
+
+
+def lora_modules_to_save(model, family, cfg) -> list[str]:
+    """``lora.modules_to_save`` for a LoRA run, plus the projector when it starts from
+    ``model.projector_init``: a PEFT adapter holds only what it trained, so without a full copy of the
+    stage-1 projector the adapter on the original base (PEFT, vLLM, ``vlm export --merged``) would
+    silently run the base's projector. As in LLaVA-1.5's stage 2, the projector then trains too.
+    A projector root that is a container (Qwen3-VL's DeepStack merger list) is named by its children:
+    PEFT wraps modules, not lists."""
+    names = list(cfg.lora.modules_to_save)
+    if not cfg.model.projector_init:
+        return names
+    for prefix, root in family.component_roots(model, "projector"):
+        parts = ([f"{prefix}.{child}" for child, _ in root.named_children()]
+                 if isinstance(root, (torch.nn.ModuleList, torch.nn.ModuleDict)) else [prefix])
+        names += [p for p in parts if p not in names]
+    return names
 
 
 def _is_param(model, name: str) -> bool:

@@ -115,7 +115,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     mode = None                    # method: full / projector (vlm.train.modes); lora below
     if cfg.model.projector_init:
         print(f"model.projector_init: {modes.load_projector(model, family, cfg.model.projector_init)} "
-              f"projector tensors from {cfg.model.projector_init}")
+              f"projector tensors from {cfg.model.projector_init}"
+              + (" (the projector trains and is saved in the adapter: lora.modules_to_save)"
+                 if cfg.method == "lora" else ""))
     if cfg.method != "lora":
         if strat == "fsdp":
             raise ConfigError(f"method: {cfg.method}: not supported under FSDP yet; use ddp")
@@ -125,7 +127,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         warnings.simplefilter("always")
         if mode is None:
             model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                               targets=cfg.lora.targets, modules_to_save=cfg.lora.modules_to_save,
+                               targets=cfg.lora.targets, modules_to_save=modes.lora_modules_to_save(model, family, cfg),
                                use_rslora=cfg.lora.use_rslora,
                                gradient_checkpointing=cfg.training.gradient_checkpointing)
     for caught_warning in caught:   # not `w`: that is the process world, used after training
@@ -193,8 +195,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     before, resumed_step = run_totals(record), record.get("step")
     trainer.checkpoint_record, trainer.run_before, trainer.segment_start = {"config": plain_cfg}, before, t_start
     dist.check_engaged(trainer, strat)
+    if cfg.method == "projector":   # checkpoints hold the projector only (the rest is the frozen base)
+        trainer.save_weights = lambda folder: modes.save_projector_checkpoint(model, family, folder)
     if resume_from and mode is not None:
-        modes.load_checkpoint_weights(model, resume_from)   # Trainer's own load misses renamed keys
+        modes.resume_weights(model, family, resume_from)   # Trainer's own load misses renamed keys
     try:
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
@@ -220,6 +224,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
     steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
+    # per trained parameter: weight + grad + optimizer state (not under FSDP: DTensor sizes are whole)
+    per_param = modes.bytes_per_parameter(model, trainer.optimizer) if strat != "fsdp" else None
     from vlm.train.fsdp_units import sharding_report
 
     sharding = sharding_report(model)   # FSDP2: this process's shards, the units, the root's share
@@ -283,6 +289,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "sharding": sharding,    # whole parameter bytes; FSDP units and what the root unit holds whole
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
         "trainable_parameters": trainable,
+        "bytes_per_trained_parameter": per_param,
         "final_loss": losses[-1] if losses else None,
         "train_loss": train_output.training_loss if trainer.state.global_step != resumed_step else None,
         "loss_history": [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h],
@@ -349,7 +356,7 @@ def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resol
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         processor.save_pretrained(tmp)
         meta = {"base_model": cfg.model.path, "family": model.vlm_family.name,
-                "quant": quant_metadata(model),
+                "quant": quant_metadata(model), "projector_init": cfg.model.projector_init,
                 "lora": to_plain(cfg.lora)}
         write_json(tmp / "vlmtune.json", {"vlmtune": meta})
         save_resolution(tmp, resolution)

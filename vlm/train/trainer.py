@@ -49,6 +49,9 @@ class VlmTrainer(Trainer):
         self.load_peak_bytes = None   # peak memory before the first step (model load, data, setup)
         # set by the recipe: recorded in each checkpoint's completion marker (vlm.train.checkpoints)
         self.checkpoint_record: dict = {}
+        # set by the recipe for method: projector: writes a checkpoint's weights (the projector only)
+        # in place of the whole model; resume then restores them itself (vlm.train.modes.resume_weights)
+        self.save_weights = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
 
@@ -62,6 +65,8 @@ class VlmTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from vlm.train import cross_resume
 
+        if self.save_weights is not None:
+            return   # method: projector — the recipe put the checkpoint's weights in before train()
         if not cross_resume.crosses(resume_from_checkpoint, self.is_fsdp_enabled):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         cross_resume.load_adapter(self.model if model is None else model, Path(resume_from_checkpoint))
@@ -117,6 +122,14 @@ class VlmTrainer(Trainer):
         key = "mem_gib" if torch.cuda.is_available() else "rss_gib"
         logs[key] = round(self.peak_memory_bytes() / 2**30, 3)
         super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        if self.save_weights is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if self.args.should_save:
+            self.save_weights(output_dir)
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from vlm.train.bf16_adamw import BF16AdamW, optimizer_bytes_per_parameter, stochastic_round
+from vlm.train.bf16_adamw import (BF16AdamW, adamw_update, adamw_update_chunked, optimizer_bytes_per_parameter,
+                                  stochastic_round)
 
 
 def test_stochastic_round_is_unbiased_and_lands_on_a_neighbour():
@@ -150,7 +151,8 @@ def test_state_dict_round_trip_resumes_exactly():
 
 def test_bytes_per_parameter():
     w = torch.nn.Parameter(torch.zeros(128, 128, dtype=torch.bfloat16))
-    for kw, want in (({}, 4.0), ({"rounding": "kahan"}, 6.0), ({"state_dtype": torch.float32}, 8.0)):
+    for kw, want in (({}, 4.0), ({"rounding": "kahan"}, 6.0), ({"state_dtype": torch.float32}, 8.0),
+                     ({"state_dtype": "8bit"}, 2 + 2 * 4 / 256)):     # 2 codes + 2 absmax per 256
         opt = BF16AdamW([w], **kw)
         w.grad = torch.ones_like(w)
         opt.step()
@@ -179,3 +181,189 @@ def test_compiled_update_matches_eager_on_gpu(rounding):
     for a, b in zip(*runs):
         ulp = a.detach().float().abs() * 2.0 ** -7 + 1e-30
         assert ((a.float() - b.float()).abs() <= ulp).all()
+
+
+@torch.no_grad()
+def _reference_loop(opt, grads):
+    """The optimizer's first version, verbatim in effect: one tensor at a time, its scalars and
+    rounding key built as fresh device tensors (the per-weight device sync the step now avoids)."""
+    for step_grads in grads:
+        for group, gs in zip(opt.param_groups, step_grads):
+            for p, g in zip(group["params"], gs):
+                p.grad = g
+        index = 0
+        for group in opt.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                state = opt.state[p]
+                if not state:
+                    opt._init_state(p, state)
+                state["step"] += 1
+                t = int(state["step"].item())
+                lr = group["lr"]
+                scalars = torch.tensor([lr, lr / (1 - beta1 ** t), 1 - beta2 ** t], dtype=torch.float32)
+                key = torch.tensor(opt._key(t, index), dtype=torch.int64)
+                adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"),
+                             state.get("compensation"), scalars, key, beta1, beta2, group["eps"],
+                             group["weight_decay"])
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_step_equals_the_per_tensor_reference_loop(rounding):
+    """The batched step (host scalars, one copy) gives bit-identical weights and states to the
+    per-tensor loop: two groups with their own lr and decay, 2-d weights, fp32-master vectors, an fp32
+    tensor and a weight whose gradient is missing on some steps (its step count lags)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [[(48, 32), (32,), (7, 5, 3)], [(64, 16), (16,)]]
+    dtypes = [[torch.bfloat16, torch.bfloat16, torch.float32], [torch.bfloat16, torch.bfloat16]]
+    start = [[torch.randn(s, generator=g).to(d) for s, d in zip(ss, ds)] for ss, ds in zip(shapes, dtypes)]
+    grads = []
+    for step in range(6):
+        grads.append([[None if (gi, i, step % 3) == (1, 0, 1) else torch.randn(s, generator=g).to(d)
+                       for i, (s, d) in enumerate(zip(ss, ds))]
+                      for gi, (ss, ds) in enumerate(zip(shapes, dtypes))])
+    runs = []
+    for batched in (True, False):
+        params = [[torch.nn.Parameter(w.clone()) for w in ws] for ws in start]
+        opt = BF16AdamW([{"params": params[0], "lr": 3e-3, "weight_decay": 0.1},
+                         {"params": params[1], "lr": 1e-3}], rounding=rounding, seed=11)
+        if batched:
+            for step_grads in grads:
+                for ps, gs in zip(params, step_grads):
+                    for p, gr in zip(ps, gs):
+                        p.grad = gr
+                opt.step()
+        else:
+            _reference_loop(opt, grads)
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(sum(pa, []), sum(pb, [])):
+        assert torch.equal(a, b)
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    assert any(not torch.equal(p, w) for p, w in zip(sum(pa, []), sum(start, [])))
+
+
+def test_8bit_moments_follow_fp32_master_where_bitsandbytes_adamw8bit_stalls():
+    """8-bit moments with this optimizer's stochastic weight update track fp32-master AdamW;
+    bitsandbytes' AdamW8bit on the same bf16 weights rounds its updates away (same data)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    start = (torch.randn(256, 64) * 0.5 + 2.0).to(torch.bfloat16)    # spacing 2^-6 >> lr 1e-4
+    grads = [torch.randn(256, 64) * 0.01 + 0.003 for _ in range(200)]
+    master, _ = _steps(torch.optim.AdamW, start.float(), grads)
+    bnb8, _ = _steps(bnb.optim.AdamW8bit, start, grads)
+    ours, _ = _steps(BF16AdamW, start, grads, state_dtype="8bit")
+    start = start.float()
+    moved = (master - start).mean().item()
+    assert moved < -5e-3
+    assert (bnb8 - start).abs().mean() < 0.05 * abs(moved)           # stalled
+    assert (ours - start).mean().item() == pytest.approx(moved, rel=0.1)
+    assert (ours - master).abs().mean() < 2 * 2.0 ** -6
+
+
+def test_8bit_moments_decode_close_to_fp32_moments_and_resume_exactly():
+    torch.manual_seed(3)
+    shape = (96, 80)                                 # 7,680 elements: 30 blocks, the last one partial
+    w0 = torch.randn(shape).to(torch.bfloat16)
+    grads = [torch.randn(shape).to(torch.bfloat16) * (1 + i) for i in range(6)]
+    w8, w32 = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    o8 = BF16AdamW([w8], lr=1e-3, state_dtype="8bit", seed=5)
+    o32 = BF16AdamW([w32], lr=1e-3, state_dtype=torch.float32, seed=5)
+    for gr in grads[:3]:
+        w8.grad, w32.grad = gr.clone(), gr.clone()
+        o8.step()
+        o32.step()
+    s8, s32 = o8.state[w8], o32.state[w32]
+    assert s8["exp_avg"].dtype == torch.uint8 and s8["exp_avg_absmax"].numel() == 30
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        got, want = o8._decode(s8, name, signed), s32[name]
+        scale = want.abs().amax()
+        assert ((got - want).abs() / scale).max() < 0.02, name    # dynamic 8-bit map, blockwise absmax
+        assert ((got - want).abs() / scale).max() > 0, name       # and really 8-bit
+    saved = copy.deepcopy(o8.state_dict())
+    w_resumed = torch.nn.Parameter(w8.detach().clone())
+    o_resumed = BF16AdamW([w_resumed], lr=1e-3, state_dtype="8bit", seed=5)
+    o_resumed.load_state_dict(saved)
+    for gr in grads[3:]:
+        w8.grad, w_resumed.grad = gr.clone(), gr.clone()
+        o8.step()
+        o_resumed.step()
+    assert torch.equal(w8, w_resumed)
+
+
+@pytest.mark.gpu
+def test_compiled_step_is_a_few_graphs_not_one_per_weight():
+    """Each weight's scalars are a row of one per-step tensor: the compiled update must not recompile
+    per row offset or per shape (dynamic shapes): a handful of graphs (master / plain / Kahan) for
+    many weights of many shapes, none added after the first step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    shapes = [(64 * (1 + i % 5), 32 + i) for i in range(24)] + [(32 + i,) for i in range(8)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(torch.bfloat16)) for s in shapes]
+    opt = BF16AdamW(params, lr=1e-3, compile=True)
+    graphs = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] <= 4 and graphs[-1] == graphs[0], graphs
+
+
+@pytest.mark.gpu
+def test_8bit_moments_on_gpu_match_cpu():
+    """bitsandbytes' CUDA blockwise codes and its CPU path give the same moments (within one code
+    step) and the compiled weight update stays within a bf16 rounding of the eager CPU one."""
+    torch.manual_seed(0)
+    w0 = torch.randn(300, 100).to(torch.bfloat16)
+    grads = [torch.randn(300, 100).to(torch.bfloat16) for _ in range(4)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        w = torch.nn.Parameter(w0.to(device))
+        opt = BF16AdamW([w], lr=1e-3, state_dtype="8bit", seed=2)
+        for g in grads:
+            w.grad = g.to(device)
+            opt.step()
+        out[device] = (w.detach().float().cpu(), opt._decode(opt.state[w], "exp_avg", True).cpu())
+    (wc, mc), (wg, mg) = out["cpu"], out["cuda"]
+    assert ((wc - wg).abs() <= wc.abs() * 2.0 ** -7 + 1e-30).float().mean() > 0.999
+    assert ((mc - mg).abs() / mc.abs().amax()).max() < 0.02
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan", "master", "fp32_state"])
+def test_chunked_update_equals_the_whole_tensor_update(kind):
+    """The eager update over flat blocks (CPU) is the whole-tensor update bit for bit: elementwise
+    math, random bits keyed by the element's index in the whole tensor (a last, partial block too)."""
+    g = torch.Generator().manual_seed(4)
+    shape = (61, 127)                                   # 7,747 elements: 7 blocks of 1,000 + 747
+    w = torch.randn(shape, generator=g).to(torch.bfloat16)
+    grad = torch.randn(shape, generator=g).to(torch.bfloat16)
+    state_dtype = torch.float32 if kind in ("master", "fp32_state") else torch.bfloat16
+    m = (torch.randn(shape, generator=g) * 0.1).to(state_dtype)
+    v = (torch.rand(shape, generator=g) * 0.01).to(state_dtype)
+    master = w.float() + torch.randn(shape, generator=g) * 1e-3 if kind == "master" else None
+    comp = (torch.randn(shape, generator=g) * 1e-3).to(torch.bfloat16) if kind == "kahan" else None
+    scalars = torch.tensor([1e-3, 1.2e-3, 0.05])
+    key = torch.tensor(1234, dtype=torch.int64)
+    runs = []
+    for chunk in (None, 1000):
+        ts = [t.clone() if t is not None else None for t in (w, grad, m, v, master, comp)]
+        if chunk is None:
+            adamw_update(*ts, scalars, key, 0.9, 0.999, 1e-8, 0.01)
+        else:
+            adamw_update_chunked(*ts, scalars, key, 0.9, 0.999, 1e-8, 0.01, chunk=chunk)
+        runs.append(ts)
+    for a, b in zip(*runs):
+        if a is not None:
+            assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], w)
