@@ -154,16 +154,26 @@ def _window_side(tower) -> int:
 
 
 def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
+    from vlm.train.varlen_attention import flash_applies
+
     marks = {False: (None, None), True: (None, None)}   # windowed? -> (segments, longest)
     rows = grid_thw.tolist() if grid_thw is not None else []   # one host read per forward, not per block
     if rows:
         device = hidden_states.device
+        # where the flash varlen kernel runs (GPU, 16-bit), unequal segments take it directly: no
+        # padded layout to build on the device and no segment object for compiled blocks to guard on
+        first = self._vlm_uniform_modules[0]
+        flash = flash_applies(hidden_states.new_empty(0, first.qkv.out_features // 3 // first.num_heads))
+
+        def layout(lengths):
+            return None if flash and len(set(lengths)) > 1 else plan_segments(lengths, device)
+
         frames = frame_lengths(rows)
-        marks[False] = plan_segments(frames, device), max(frames)
+        marks[False] = layout(frames), max(frames)
         side = _window_side(self)
         if side:   # Qwen2.5-VL
             windows = window_lengths(rows, self.spatial_merge_size, side)
-            marks[True] = plan_segments(windows, device), max(windows)
+            marks[True] = layout(windows), max(windows)
     for mod in self._vlm_uniform_modules:
         mod._vlm_segments, longest = marks[mod._vlm_window]
         mod._vlm_varlen = longest is not None
