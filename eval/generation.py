@@ -173,11 +173,15 @@ def processor_images(model, images: Sequence) -> list:
 def processor_inputs(model, processor, texts: list[str], items: Sequence):
     """The processor's tensors for ``texts`` (one per item): image items' images and video items'
     clips, each list in item order, which is the order their placeholders take in the batch text
-    (the processor fills placeholders in order). Video clips go in as sampled at read time,
+    (the processor fills placeholders in order). No BOS is added to a text whose template wrote one.
+    Video clips go in as sampled at read time,
     with the same keyword arguments as training (:func:`~vlm.data_formats.video.processor_video_kwargs`)."""
+    from vlm.data_formats.chat_render import adds_bos
     from vlm.data_formats.video import processor_video_kwargs
 
-    kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+    # one BOS: none added where the template wrote it (the collator's and vLLM's rule)
+    kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True,
+                                  add_special_tokens=all(adds_bos(processor.tokenizer, t) for t in texts))
     images = [it.image for it in items if item_media(it) == "image"]
     clips = [it.video for it in items if item_media(it) == "video"]
     if images:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vlm.data_formats.chat_render import adds_bos
 from vlm.eval.agreement import AgreementAccumulator, CaptionLogprobs, LogprobStore, _common_prefix
 from vlm.eval.generation import GenerationResult, GenerationSettings, chat_text, prompt_for
 
@@ -70,8 +71,10 @@ def run_gguf_variant(spec: str, model_path: str, adapter: str | None, items, set
             base_rows = [c for batch in baseline for c in batch] if baseline is not None else [None] * len(items)
             for it, base in zip(items, base_rows):
                 prompt = chat_text(processor, prompt_for(it, settings))
-                full = processor(text=[prompt + it.references[0]], images=[it.image], return_tensors="pt")
-                only = processor(text=[prompt], images=[it.image], return_tensors="pt")
+                special = adds_bos(processor.tokenizer, prompt)   # one BOS, as in training
+                full = processor(text=[prompt + it.references[0]], images=[it.image], return_tensors="pt",
+                                 add_special_tokens=special)
+                only = processor(text=[prompt], images=[it.image], return_tensors="pt", add_special_tokens=special)
                 full_ids, prompt_ids = full["input_ids"][0].tolist(), only["input_ids"][0].tolist()
                 b = max(_common_prefix(full_ids, prompt_ids), 1)
                 layout, _ = gg.prompt(prompt.replace(family.image_placeholder, gg.marker), [it.image], image_token_id,

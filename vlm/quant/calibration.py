@@ -52,8 +52,12 @@ def _messages(question: str, answer: str) -> list[dict]:
 
 def render(processor, messages: list[dict], images: list) -> dict:
     """One processor batch (batch size 1) from chat messages and their PIL images."""
+    from vlm.data_formats.chat_render import adds_bos
+
     text = processor.apply_chat_template(messages, tokenize=False)
-    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+    # one BOS, as in training: none added where the template wrote it
+    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt",
+                              "add_special_tokens": adds_bos(processor.tokenizer, text)}
     if images:
         kwargs["images"] = [images]
     return dict(processor(**kwargs))

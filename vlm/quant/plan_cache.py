@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2   # 2: calibration prompts carry one BOS (templates that write it get none added)
 
 
 def cache_root() -> Path:
