@@ -51,7 +51,7 @@ def _checkpoint_identity(source: str) -> list | None:
     if not config.is_file():
         return None    # a hub id or anything else we cannot fingerprint: not cached
     weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
-    return [config.read_text(), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]]
+    return [config.read_text(), [[p.name, *_file_identity(p)[1:]] for p in weights]]
 
 
 def _calibration_identity(calibration: Any) -> Any:

@@ -36,21 +36,18 @@ def multimodal_model(model, family):
     return base.get_submodule(language.rsplit(".", 1)[0]) if "." in language else base
 
 
-def segments(text_positions: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of every sample of one packed row: a new sample wherever the position does not
-    follow the previous one by 1 (the same rule transformers' mask uses)."""
-    starts = [0] + [int(i) for i in (torch.diff(text_positions) != 1).nonzero().flatten() + 1]
-    ends = starts[1:] + [int(text_positions.numel())]
-    return list(zip(starts, ends))
+def row_spans(bounds: list[int], row_length: int) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sample, from the flattened boundaries of
+    :func:`vlm.train.varlen_attention.segment_boundaries` (a segment never crosses a row)."""
+    return [(a // row_length, a % row_length, a % row_length + (b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def mrope_positions(mm_model, input_ids: torch.Tensor, text_positions: torch.Tensor,
+def mrope_positions(mm_model, input_ids: torch.Tensor, text_positions: torch.Tensor, spans,
                     mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                     **video) -> torch.Tensor:
-    """(4, B, L): text positions, then the model's M-RoPE (t, h, w) positions of each sample.
-    ``video``: ``video_grid_thw`` (and Qwen2.5-VL's ``second_per_grid_ts``), consumed in token order
+    """(4, B, L): text positions, then the model's M-RoPE (t, h, w) positions of each sample
+    (``spans``: :func:`row_spans`). ``video``: ``video_grid_thw`` (and Qwen2.5-VL's ``second_per_grid_ts``), consumed in token order
     like the image grids."""
-    spans = [(b, s, e) for b in range(input_ids.shape[0]) for s, e in segments(text_positions[b])]
     width = max(e - s for _, s, e in spans)
     ids = input_ids.new_zeros((len(spans), width))
     types = mm_token_type_ids.new_zeros((len(spans), width))
@@ -116,8 +113,8 @@ def enable(model, family, *, varlen: bool = True, cuda_graphs: bool = False) -> 
             return None
         kwargs["attention_mask"] = None
         kwargs["use_cache"] = False
+        bounds = varlen_attention.segment_boundaries(positions)   # one host read of the positions
         if restore_attention is not None:
-            bounds = varlen_attention.segment_boundaries(positions)
             cu_seqlens = varlen_attention.padded_boundaries(bounds, positions.device)
             longest = max_segment_length(bounds, positions.shape[-1])
             kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens)
@@ -128,6 +125,7 @@ def enable(model, family, *, varlen: bool = True, cuda_graphs: bool = False) -> 
             if kwargs.get("mm_token_type_ids") is None:
                 raise ValueError("packed M-RoPE batch without mm_token_type_ids (the collator adds them)")
             kwargs["position_ids"] = mrope_positions(module, kwargs["input_ids"], positions,
+                                                     row_spans(bounds, positions.shape[-1]),
                                                      kwargs["mm_token_type_ids"], kwargs.get("image_grid_thw"),
                                                      video_grid_thw=kwargs.get("video_grid_thw"),
                                                      second_per_grid_ts=kwargs.get("second_per_grid_ts"))

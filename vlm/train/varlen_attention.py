@@ -218,8 +218,7 @@ def refusal(family, model) -> str | None:
 
 
 def language_config(model, family):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_submodule(family.component_prefixes["language"][0]).config
+    return family.component_roots(model, "language")[0][1].config
 
 
 def set_packed(active: bool) -> None:
