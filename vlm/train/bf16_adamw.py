@@ -37,6 +37,20 @@ Memory per bf16 parameter (weights + grads + optimizer): stochastic with bf16 mo
 decoded for the update and encoded after it) 2 + 2 + 2.03 = 6.03. transformers' Trainer with bf16 mixed precision keeps fp32
 weights, grads and moments: 16 bytes. Parameters that are not bf16/fp16 get the plain fp32 AdamW
 update above (this class is then torch's AdamW up to summation order).
+
+FSDP2 (every parameter a ``DTensor``: this process's rows, ``Shard(0)``): AdamW is elementwise, so
+each process updates its *local* rows with their local gradient (``p._local_tensor``, the same
+storage, no copy) and keeps every state (moments, Kahan compensation, fp32 master, 8-bit blocks of
+256 local elements) for those rows only: the optimizer's memory is divided by the process count.
+The random bits of the stochastic rounding are keyed by the element's index in the *whole* tensor
+(the shard's row offset), so a sharded step writes exactly what one process would for the same
+gradient. Checkpoints: under FSDP2 ``state_dict`` hands out each state as a DTensor placed like its
+parameter, which torch.distributed.checkpoint reshards from N to M processes and
+``vlm.train.cross_resume`` reads whole. 8-bit moments go out as their codes plus each element's
+block absmax (the blocks are cut per local shard, so a per-block absmax could not be resharded):
+``load_state_dict`` copies codes and absmax when the new shard's blocks are the saved ones (the
+same process count: bit-exact) and otherwise decodes and re-encodes them into the new blocks
+(within the 8-bit resolution). It takes whole tensors too, and keeps what one process saved as it is.
 """
 
 from __future__ import annotations
@@ -117,23 +131,60 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
 
 
 def adamw_update_chunked(p, grad, m_store, v_store, master, comp, scalars, key, beta1: float,
-                         beta2: float, eps: float, weight_decay: float, chunk: int) -> None:
+                         beta2: float, eps: float, weight_decay: float, chunk: int, offset: int = 0) -> None:
     """``adamw_update`` over flat blocks of ``chunk`` elements: the same numbers, bit for bit (the
     update is elementwise and the random bits are keyed by the element's index in the whole tensor).
 
     Why (eager, on CPU): the update of one tensor allocates ~30 fp32/int64 temporaries of its size; for
     a 150k-vocab embedding that is hundreds of MB each, fresh pages every time. Blocks of 64k elements
     reuse a few cached MB instead (measured on this project's CPU, one thread: 10 M bf16 parameters
-    10.4 s whole, 2.1 s in 64k blocks; 16k blocks were faster again at 4 M)."""
+    10.4 s whole, 2.1 s in 64k blocks; 16k blocks were faster again at 4 M).
+
+    ``offset``: the tensors are the flat elements [offset, offset + n) of a larger one (an FSDP shard)."""
     tensors = (p, grad, m_store, v_store, master, comp)
     n = p.numel()
     if n <= chunk or not all(t is None or t.is_contiguous() for t in tensors):
-        adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1, beta2, eps, weight_decay)
+        adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1, beta2, eps, weight_decay,
+                     offset=offset)
         return
     flat = [None if t is None else t.view(-1) for t in tensors]
     for start in range(0, n, chunk):
         part = [None if t is None else t[start:start + chunk] for t in flat]
-        adamw_update(*part, scalars, key, beta1, beta2, eps, weight_decay, offset=start)
+        adamw_update(*part, scalars, key, beta1, beta2, eps, weight_decay, offset=offset + start)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t`` (an FSDP2 DTensor's local shard: the same storage), else ``t``."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def shard_offset(p: torch.Tensor) -> int:
+    """Flat index, in the whole tensor, of the first element of this process's shard of ``p``
+    (0 for a plain tensor). FSDP2 shards rows (``Shard(0)``), so the local shard is one contiguous
+    run of the whole tensor's elements: offset = first row × elements per row."""
+    if not _is_dtensor(p):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if any(offset[1:]) or tuple(local_shape[1:]) != tuple(p.shape[1:]):
+        raise NotImplementedError(f"BF16AdamW steps row shards (FSDP2's Shard(0)); this parameter is placed "
+                                  f"{p.placements} on a {tuple(p.shape)} tensor")
+    return int(offset[0]) * math.prod(p.shape[1:]) if p.dim() else 0
+
+
+def _placed_like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``local`` (a state of ``p``'s local shard, same shape) as a DTensor placed like ``p``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
 
 
 EAGER_CHUNK = 16384    # elements per block of the eager (CPU) update
@@ -206,15 +257,18 @@ class BF16AdamW(torch.optim.Optimizer):
         return self.fp32_master == "all" or p.dim() < 2
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        """Fresh state for ``p``; under FSDP2 for its local shard (shapes of ``p._local_tensor``; the
+        choice of 8-bit moments by the whole tensor's size, so every process makes the same one)."""
+        local = _local(p)
         state["step"] = torch.zeros((), dtype=torch.float32)     # on the host: read without a sync
         low = p.dtype in (torch.bfloat16, torch.float16)
         if low and self._keeps_master(p):
-            state["master"] = p.detach().float().clone()
+            state["master"] = local.detach().float().clone()
             moments = torch.float32
         elif low:
             moments = self.state_dtype or p.dtype
             if self.rounding == "kahan":
-                state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["compensation"] = torch.zeros_like(local, memory_format=torch.preserve_format)
         else:
             moments = p.dtype
         if moments == EIGHT_BIT and p.numel() < MIN_8BIT_SIZE:
@@ -222,13 +276,13 @@ class BF16AdamW(torch.optim.Optimizer):
         if moments == EIGHT_BIT:
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 # every element the code of 0.0 in its map: zero moments decode to exactly 0
-                zero = int(self._code(signed, p.device).abs().argmin())
-                state[name] = torch.full(p.shape, zero, dtype=torch.uint8, device=p.device)
-                state[name + "_absmax"] = torch.zeros(-(-p.numel() // BLOCK), dtype=torch.float32,
-                                                      device=p.device)
+                zero = int(self._code(signed, local.device).abs().argmin())
+                state[name] = torch.full(local.shape, zero, dtype=torch.uint8, device=local.device)
+                state[name + "_absmax"] = torch.zeros(-(-local.numel() // BLOCK), dtype=torch.float32,
+                                                      device=local.device)
             return
-        state["exp_avg"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(local, dtype=moments, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(local, dtype=moments, memory_format=torch.preserve_format)
 
     def _code(self, signed: bool, device: torch.device) -> torch.Tensor:
         """bitsandbytes' dynamic quantization map (256 values in [-1, 1], or [0, 1] unsigned)."""
@@ -243,12 +297,16 @@ class BF16AdamW(torch.optim.Optimizer):
         from bitsandbytes.functional import dequantize_blockwise
 
         q = state[name]
+        if q.numel() == 0:        # an empty shard (a small tensor's rows all on other processes)
+            return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         return dequantize_blockwise(q, absmax=state[name + "_absmax"], code=self._code(signed, q.device),
                                     blocksize=BLOCK).float().view(q.shape)
 
     def _encode(self, state: dict, name: str, x: torch.Tensor, signed: bool) -> None:
         from bitsandbytes.functional import quantize_blockwise
 
+        if x.numel() == 0:
+            return
         q, qstate = quantize_blockwise(x.contiguous(), code=self._code(signed, x.device), blocksize=BLOCK)
         state[name].copy_(q.view(state[name].shape))
         state[name + "_absmax"].copy_(qstate.absmax)
@@ -294,40 +352,152 @@ class BF16AdamW(torch.optim.Optimizer):
                 todo.append((p, state, index, group))
         numbers = {}
         for i, (p, state, index, group) in enumerate(todo):
+            local = _local(p)                    # FSDP2: this process's rows (module docstring)
             if p.device not in numbers:
                 numbers[p.device] = self._step_numbers(todo, p.device)
+            if local.numel() == 0:
+                continue
             scalars, keys = numbers[p.device]
             beta1, beta2 = group["betas"]
             eight_bit = state["exp_avg"].dtype == torch.uint8
             m = self._decode(state, "exp_avg", True) if eight_bit else state["exp_avg"]
             v = self._decode(state, "exp_avg_sq", False) if eight_bit else state["exp_avg_sq"]
-            self._update_fn(p.device)(p, p.grad, m, v, state.get("master"), state.get("compensation"),
-                                      scalars[i], keys[i, 0], beta1, beta2, group["eps"],
-                                      group["weight_decay"])
+            self._update_fn(p.device)(local, _local(p.grad), m, v, state.get("master"),
+                                      state.get("compensation"), scalars[i], keys[i, 0], beta1, beta2,
+                                      group["eps"], group["weight_decay"], offset=shard_offset(p))
             if eight_bit:
                 self._encode(state, "exp_avg", m, True)
                 self._encode(state, "exp_avg_sq", v, False)
         return loss
 
+    def state_dict(self) -> dict:
+        """torch's form; under FSDP2 (any DTensor parameter) every state placed like its parameter, so
+        DCP can reshard it: 8-bit moments as their codes plus each element's block absmax (4 bytes per
+        element, where 8-bit blocks cut per local shard could not be resharded as they are)."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not any(_is_dtensor(p) for p in params):
+            return sd
+        state = {}
+        for i, p in enumerate(params):           # torch numbers the parameters in this order
+            st = self.state.get(p)
+            if not st:
+                continue
+            entry = {}
+            for k, v in st.items():
+                if k.endswith("_absmax"):    # per element, so that it reshards like the codes
+                    v = v.repeat_interleave(BLOCK)[:_local(p).numel()].view(_local(p).shape)
+                entry[k] = _placed_like(v, p) if isinstance(v, torch.Tensor) and v.dim() and _is_dtensor(p) else v
+            state[i] = entry
+        return {**sd, "state": state}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch's loader casts every floating state tensor to its weight's dtype; our fp32 masters and
-        # moments must come back as saved (fp32), or a resumed run would differ from an unbroken one.
-        # So the groups load through torch (checks, hooks) and the per-tensor state as saved; step
-        # counts stay on the host (a resume that mapped them to the GPU would sync on every read).
+        """Either form of ``state_dict`` (this process's 8-bit codes, or dense states: DTensors placed
+        like the parameter, or whole tensors), into states of this process's shard.
+
+        torch's own loader would cast every floating state tensor to its weight's dtype; our fp32
+        masters and moments must come back as saved (fp32), or a resumed run would differ from an
+        unbroken one. So the groups load through torch (checks, hooks) and each parameter's state is
+        built fresh (``_init_state``: the dtypes and shapes this run uses) and filled from the saved
+        one; step counts stay on the host (a resume that mapped them to the GPU would sync on every
+        read). Dense moments into 8-bit state are encoded into the local shard's blocks (within the
+        8-bit resolution); 8-bit codes of the same shape are copied as they are (bit-exact)."""
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
-            if i in saved:
-                self.state[p] = {k: (v.detach().to("cpu", copy=True) if k == "step"
-                                     else v.to(p.device, copy=True))
-                                 if isinstance(v, torch.Tensor) else v for k, v in saved[i].items()}
+            if i in saved and saved[i]:
+                self.state[p] = self._restore(p, saved[i])
+
+    def _restore(self, p: torch.Tensor, entry: dict) -> dict:
+        local = _local(p)
+        state: dict = {}
+        self._init_state(p, state)
+        entry = dict(entry)
+        for name in ("exp_avg", "exp_avg_sq"):       # saved 8-bit codes
+            codes, absmax = entry.get(name), entry.pop(name + "_absmax", None)
+            if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8):
+                continue
+            codes, absmax = _local(codes), _local(absmax)
+            blocks = _block_absmax(absmax, codes)
+            if state[name].dtype == torch.uint8 and blocks is not None and codes.shape == state[name].shape:
+                state[name].copy_(codes)                 # the same blocks: bit-exact
+                state[name + "_absmax"].copy_(blocks)
+                del entry[name]
+            else:                                        # other blocks: decode, re-encode below
+                entry[name] = decode_8bit(codes, absmax, signed=name == "exp_avg")
+        for k, v in entry.items():
+            if k == "step":
+                state[k] = (v.detach().to("cpu", torch.float32, copy=True) if isinstance(v, torch.Tensor)
+                            else torch.tensor(float(v)))
+            elif k not in state or not isinstance(v, torch.Tensor):
+                continue                               # a state this run does not keep (other settings)
+            else:
+                v = _shard_of(v, p, local).to(local.device)
+                if state[k].dtype == torch.uint8:
+                    self._encode(state, k, v.float().contiguous(), k == "exp_avg")
+                else:
+                    state[k].copy_(v)
+        return state
+
+
+def _shard_of(v: torch.Tensor, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The part of a saved state ``v`` that belongs to this process's shard of ``p``: a DTensor's
+    local tensor, or a whole tensor's rows; shaped like the local shard."""
+    if _is_dtensor(v):
+        v = v.to_local()
+    elif v.numel() == p.numel() != local.numel():
+        start = shard_offset(p)
+        v = v.reshape(-1)[start:start + local.numel()]
+    if v.numel() != local.numel():
+        raise ValueError(f"optimizer state of {tuple(v.shape)} for a parameter shard of {tuple(local.shape)}")
+    return v.reshape(local.shape)
+
+
+def _block_absmax(absmax: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+    """Per-block absmax (one per 256 codes) from a saved one: as it is, or from the per-element form
+    of an FSDP2 checkpoint when its values are constant over this shard's blocks; None when not
+    (the checkpoint's blocks were cut elsewhere)."""
+    n = codes.numel()
+    if absmax.dim() == 1 and absmax.numel() == -(-n // BLOCK) and absmax.shape != codes.shape:
+        return absmax
+    flat = absmax.reshape(-1)
+    if flat.numel() != n:
+        return None
+    blocks = flat[::BLOCK]
+    return blocks if torch.equal(blocks.repeat_interleave(BLOCK)[:n], flat) else None
+
+
+def decode_8bit(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool) -> torch.Tensor:
+    """fp32 moments from BF16AdamW's 8-bit codes (bitsandbytes' dynamic map): code[q] · absmax, with
+    ``absmax`` one per block of 256 (one process's state) or one per element (an FSDP2 checkpoint)."""
+    from bitsandbytes.functional import create_dynamic_map
+
+    code = create_dynamic_map(signed=signed).to(codes.device)
+    if codes.numel() == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+    absmax = absmax.to(codes.device, torch.float32).reshape(-1)
+    if absmax.numel() != codes.numel():
+        absmax = absmax.repeat_interleave(BLOCK)[:codes.numel()]
+    return (code[codes.reshape(-1).long()] * absmax).view(codes.shape)
+
+
+def dense_entry(entry: dict) -> dict:
+    """A BF16AdamW state entry with 8-bit moments as fp32 moments (others unchanged): the portable
+    form ``vlm.train.cross_resume`` places on another strategy's shards."""
+    if "exp_avg_absmax" not in entry:
+        return entry
+    out = {k: v for k, v in entry.items() if not k.endswith("_absmax")}
+    for name in ("exp_avg", "exp_avg_sq"):
+        out[name] = decode_8bit(entry[name], entry[name + "_absmax"], signed=name == "exp_avg")
+    return out
 
 
 def optimizer_bytes_per_parameter(optimizer: torch.optim.Optimizer) -> float:
-    """Bytes of optimizer state per trained parameter (after at least one step)."""
-    n = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p in optimizer.state)
+    """Bytes of optimizer state per trained parameter (after at least one step); under FSDP2 per
+    element of this process's shards (the states are per shard)."""
+    n = sum(_local(p).numel() for g in optimizer.param_groups for p in g["params"] if p in optimizer.state)
     total = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor) and t.dim() > 0)
     return total / n if n else math.nan
