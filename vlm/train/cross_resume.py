@@ -46,9 +46,17 @@ def crosses(checkpoint: str | os.PathLike, fsdp_now: bool) -> bool:
     return written_by_fsdp(checkpoint) != bool(fsdp_now)
 
 
-def check_readable(checkpoint: Path) -> None:
-    """The files a cross-strategy resume reads, or a VlmError naming what is missing."""
-    if written_by_fsdp(checkpoint):
+def check_readable(checkpoint: Path, method: str = "lora") -> None:
+    """The files a cross-strategy resume reads, or a VlmError naming what is missing. ``method``:
+    ``lora`` (the adapter), ``full`` (the whole model: DCP folder or safetensors) or ``projector``
+    (its checkpoints hold ``projector.safetensors`` under every strategy)."""
+    fsdp = written_by_fsdp(checkpoint)
+    if method == "projector":
+        need = ["projector.safetensors", FSDP_OPTIMIZER if fsdp else OPTIMIZER]
+    elif method == "full" and not fsdp:
+        weights = [n for n in ("model.safetensors", "model.safetensors.index.json") if (checkpoint / n).is_file()]
+        need = [weights[0] if weights else "model.safetensors", OPTIMIZER]
+    elif fsdp:
         need = [FSDP_MODEL, FSDP_OPTIMIZER]
         if (checkpoint / "pytorch_model_fsdp.bin").is_file():
             raise VlmError(f"{checkpoint} was written under FSDP with distributed.fsdp_state_dict: full; "
@@ -62,7 +70,7 @@ def check_readable(checkpoint: Path) -> None:
 
 
 # -- reading: whole tensors keyed by name --------------------------------------------------------
-def _read_dcp(folder: Path, prefix: str) -> dict:
+def read_dcp(folder: Path, prefix: str) -> dict:
     """Every entry of a DCP folder under ``prefix`` (``model`` / ``optimizer``), whole, on CPU.
 
     Reads without a process group (``no_dist``): each process reads the files on its own."""
@@ -95,7 +103,7 @@ def _read_dcp(folder: Path, prefix: str) -> dict:
 def read_adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
     """PEFT key → whole tensor, from either layout."""
     if written_by_fsdp(checkpoint):
-        return _read_dcp(checkpoint / FSDP_MODEL, "model")
+        return read_dcp(checkpoint / FSDP_MODEL, "model")
     from safetensors.torch import load_file
 
     return load_file(str(checkpoint / ADAPTER), device="cpu")
@@ -104,7 +112,7 @@ def read_adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
 def read_optimizer(checkpoint: Path, optimizer, model) -> dict:
     """``{"state": {name: {...}}, "param_groups": [{..., "params": [names]}]}`` with whole tensors."""
     if written_by_fsdp(checkpoint):
-        sd = _read_dcp(checkpoint / FSDP_OPTIMIZER, "optimizer")
+        sd = read_dcp(checkpoint / FSDP_OPTIMIZER, "optimizer")
         groups = sd["param_groups"]
         groups = [groups[k] for k in sorted(groups, key=int)] if isinstance(groups, dict) else list(groups)
         return {"state": sd.get("state", {}), "param_groups": groups}
@@ -131,7 +139,9 @@ def _dense_entry(entry: dict) -> dict:
     if isinstance(wrapped, dict):
         entry.update(wrapped)
     if "state1" not in entry:
-        return entry
+        from vlm.train.bf16_adamw import dense_entry
+
+        return dense_entry(entry)     # BF16AdamW's 8-bit codes as dense moments; others unchanged
     from vlm.train.sharded_optim import _dense_moments
 
     m, v = _dense_moments(entry)

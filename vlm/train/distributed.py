@@ -195,7 +195,7 @@ def reconcile_resume(checkpoint: Path | None, cfg, w: World | None = None,
     w = w or world()
     if strat is not None and crosses(checkpoint, strat == "fsdp"):
         # FSDP2 (DCP folders) <-> one process / DDP (optimizer.pt): VlmTrainer converts on load
-        check_readable(Path(checkpoint))
+        check_readable(Path(checkpoint), cfg.method)
     if not (Path(checkpoint) / META).is_file():
         return None
     meta = json.loads((Path(checkpoint) / META).read_text())

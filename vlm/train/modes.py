@@ -16,9 +16,15 @@
   transformers loads with ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``.
 - ``training.optimizer``: ``adamw`` (BF16AdamW, bf16 moments) or, for ``full``, ``adamw_8bit``
   (BF16AdamW with bitsandbytes' blockwise 8-bit moments).
-- Not under FSDP yet (refused): BF16AdamW would have to step DTensor shards (as
-  vlm.train.sharded_optim does for bitsandbytes), and the full-model save and exact resume read
-  whole checkpoints, where FSDP writes sharded ones.
+- Under FSDP2 (``distributed.strategy=fsdp``): BF16AdamW steps each process's row shards and keeps
+  their states only (vlm.train.bf16_adamw). Checkpoints are torch.distributed.checkpoint folders
+  (``full``: the sharded model and optimizer; ``projector``: ``projector.safetensors``, gathered,
+  plus the sharded optimizer), resumed by FSDP2 on any process count, or by one process / DDP
+  through vlm.train.cross_resume (and the other way round). The outputs are gathered: ``OUT/model``
+  the same standard checkpoint one process writes, ``OUT/projector`` the same file. FSDP1
+  (``distributed.fsdp_version: 1``) is refused: it flattens parameters into 1-D FlatParameters, so
+  the optimizer could not tell a norm weight (fp32 master) from a matrix, nor key its rounding by
+  the element's place in the weight.
 """
 
 from __future__ import annotations
@@ -128,10 +134,13 @@ def optimizer_for(model, cfg) -> tuple[tuple | None, str]:
 
 def bytes_per_parameter(model, optimizer) -> dict | None:
     """What each trained parameter holds during a step, in bytes: its weight, its gradient (same
-    dtype as the weight while a step runs) and the optimizer's state (after the first step)."""
+    dtype as the weight while a step runs) and the optimizer's state (after the first step); under
+    FSDP2 per element of this process's shards (weights, grads and states are all sharded)."""
     from vlm.train.bf16_adamw import optimizer_bytes_per_parameter
 
-    trained = [p for p in model.parameters() if p.requires_grad]
+    from vlm.train.bf16_adamw import _local
+
+    trained = [_local(p) for p in model.parameters() if p.requires_grad]   # FSDP2: this process's shards
     n = sum(p.numel() for p in trained)
     if not n or optimizer is None:
         return None
@@ -172,7 +181,9 @@ def prepare(model, family, cfg) -> ModeSetup:
 
 
 def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
-    """Put a Trainer checkpoint's weights into ``model`` (resume of ``full`` / ``projector``).
+    """Put a Trainer checkpoint's weights into ``model`` (resume of ``full`` / ``projector``), before
+    any FSDP sharding: from the safetensors one process / DDP wrote, or (``_from_dcp``) the sharded
+    folder FSDP2 wrote, read whole.
 
     Why not Trainer's own resume: save_pretrained writes the checkpoint under the original (legacy)
     names (``model.layers.0...`` for Qwen2-VL's ``model.language_model.layers.0...``), and Trainer
@@ -181,6 +192,10 @@ def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
     through ``from_pretrained`` applies transformers' name conversion; every tensor must land."""
     import torch
 
+    from vlm.train.cross_resume import FSDP_MODEL
+
+    if (Path(checkpoint) / FSDP_MODEL).is_dir():
+        return _from_dcp(model, Path(checkpoint))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved = type(base).from_pretrained(str(checkpoint), dtype=base.dtype, device_map="cpu")
     state = saved.state_dict()
@@ -195,6 +210,25 @@ def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
     return len(own)
 
 
+def _from_dcp(model, checkpoint: Path) -> int:
+    """An FSDP2 checkpoint's model folder (tensors under the live model's own names) into ``model``."""
+    from vlm.train.cross_resume import FSDP_MODEL, read_dcp
+
+    saved = read_dcp(checkpoint / FSDP_MODEL, "model")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(saved))
+    if missing:
+        raise VlmError(f"--resume: {checkpoint / FSDP_MODEL} lacks weights of this model: {', '.join(missing[:5])}")
+    bad = [k for k in own if tuple(saved[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise VlmError(f"--resume: {checkpoint / FSDP_MODEL}: {bad[0]} is {tuple(saved[bad[0]].shape)} there, "
+                       f"{tuple(own[bad[0]].shape)} here: not this model")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(saved[name])
+    return len(own)
+
+
 def resume_weights(model, family, checkpoint: str | Path) -> int:
     """The trained weights of a ``full`` / ``projector`` checkpoint into ``model``: a projector
     checkpoint holds ``projector.safetensors`` only (``save_projector_checkpoint``); a full one (or a
@@ -204,27 +238,55 @@ def resume_weights(model, family, checkpoint: str | Path) -> int:
     return load_checkpoint_weights(model, checkpoint)
 
 
-def save_projector_checkpoint(model, family, folder: str | Path) -> Path:
+def save_projector_checkpoint(model, family, folder: str | Path, *, write: bool = True) -> Path:
     """A ``method: projector`` checkpoint's weights: the projector alone, in its training dtype (the
     frozen tower and language model are the base's; the optimizer's fp32 master is in optimizer.pt).
-    At LLaVA-1.5-7B: 21 M parameters, ~40 MB, instead of the whole 14 GB model per checkpoint."""
+    At LLaVA-1.5-7B: 21 M parameters, ~40 MB, instead of the whole 14 GB model per checkpoint.
+    Under FSDP2 every process calls it (the projector is gathered) and ``write`` says who writes."""
     from safetensors.torch import save_file
 
     path = Path(folder) / PROJECTOR_FILE
-    save_file(projector_state_dict(model, family), str(path), metadata={"format": "pt"})
+    tensors = projector_state_dict(model, family)
+    if write:
+        save_file(tensors, str(path), metadata={"format": "pt"})
     return path
 
 
 # ---- projector files ------------------------------------------------------------------------------
 
 def projector_state_dict(model, family) -> dict[str, torch.Tensor]:
-    """The projector's tensors under their full names in the *ForConditionalGeneration model."""
+    """The projector's tensors under their full names in the *ForConditionalGeneration model, whole
+    (under FSDP2 gathered from the shards: a collective, every process calls it)."""
+    from torch.distributed.tensor import DTensor
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = {}
     for name, t in base.state_dict().items():
         if family.component_of(name.rsplit(".", 1)[0]) == "projector":
+            t = t.full_tensor() if isinstance(t, DTensor) else t
             out[name] = t.detach().cpu().contiguous()
     return out
+
+
+def gathered_output_state(model, family, cfg) -> dict[str, torch.Tensor] | None:
+    """What ``save_output`` writes, whole, from an FSDP2-sharded model (a collective: every process
+    calls it): ``full``: the model's state dict on the main process's CPU only (one weight at a time
+    is gathered, so no GPU holds the whole model); ``projector``: the projector's tensors."""
+    if cfg.method == "projector":
+        return projector_state_dict(model, family)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight (lm_head = embed_tokens) comes back as two gathered copies; as one tensor under both
+    # names save_pretrained drops the tied name, as it does for one process's model (the same files)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        kept = [n for n in group if n in state]
+        for n in kept[1:]:
+            state[n] = state[kept[0]]
+    return state
 
 
 def load_projector(model, family, path: str | Path) -> int:
@@ -291,9 +353,10 @@ def _is_param(model, name: str) -> bool:
         return False
 
 
-def save_output(model, processor, out: Path, *, cfg, resolution) -> Path:
+def save_output(model, processor, out: Path, *, cfg, resolution, state_dict: dict | None = None) -> Path:
     """``full``: OUT/model (standard checkpoint); ``projector``: OUT/projector (projector-only
-    safetensors). Both with the processor and ``vlmtune.json``; written atomically."""
+    safetensors). Both with the processor and ``vlmtune.json``; written atomically.
+    ``state_dict``: ``gathered_output_state``'s whole tensors when the model is sharded (FSDP2)."""
     from safetensors.torch import save_file
 
     from vlm.atomic import replacing_folder, write_json
@@ -307,9 +370,10 @@ def save_output(model, processor, out: Path, *, cfg, resolution) -> Path:
                         "training": to_plain(cfg.training)}}
     with replacing_folder(target) as tmp:
         if cfg.method == "full":
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({} if state_dict is None else {"state_dict": state_dict}))
         else:
-            tensors = projector_state_dict(model, family)
+            tensors = projector_state_dict(model, family) if state_dict is None else state_dict
             dtype = model.dtype
             save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                       str(tmp / PROJECTOR_FILE),

@@ -87,6 +87,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     device = dist.device_for(cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu"), w)
     plan = fast_path.resolve(cfg, device, strat)
     precision = _precision_flags(cfg.training.precision, device)
+    autocast_dtype = None
+    if strat == "fsdp" and cfg.method != "lora" and cfg.training.precision != "fp32":
+        # accelerate's FSDP2 mixed precision upcasts every trainable weight to an fp32 master (16 bytes
+        # per parameter: what method full/projector exist to avoid). The weights are already 16-bit:
+        # FSDP2 without accelerate's mixed precision keeps them so, and the forward runs under the
+        # same autocast as one process (VlmTrainer.autocast_dtype): the same numerics.
+        if cfg.training.precision == "fp16":
+            raise ConfigError(f"method: {cfg.method} under FSDP: training.precision fp16 needs accelerate's "
+                              "loss scaling, whose FSDP2 path keeps fp32 master weights; use precision bf16")
+        precision, autocast_dtype = {"bf16": False, "fp16": False}, torch.bfloat16
 
     # the data section's image root and bad-record policy hold for calibration records too
     calibration = ({"path": cfg.data.train[0].path, "image_root": cfg.data.image_root,
@@ -119,8 +129,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
               + (" (the projector trains and is saved in the adapter: lora.modules_to_save)"
                  if cfg.method == "lora" else ""))
     if cfg.method != "lora":
-        if strat == "fsdp":
-            raise ConfigError(f"method: {cfg.method}: not supported under FSDP yet; use ddp")
+        if strat == "fsdp" and cfg.distributed.fsdp_version != 2:
+            raise ConfigError(
+                f"method: {cfg.method} under FSDP needs distributed.fsdp_version: 2 (FSDP1 flattens the "
+                "parameters into 1-D FlatParameters: BF16AdamW could not tell norm weights, which keep an "
+                "fp32 master, from matrices, nor key its rounding by an element's place in its weight)")
         mode = modes.prepare(model, family, cfg)
         print(modes.describe(mode, cfg))
     with warnings.catch_warnings(record=True) as caught:
@@ -191,14 +204,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     if cfg.logging.profile_steps and w.is_main:
         from vlm.train.profiling import StepProfiler
         trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out))
+    trainer.autocast_dtype = autocast_dtype
     record = checkpoint_record(resume_from)  # read now: rotation may remove that folder later
     before, resumed_step = run_totals(record), record.get("step")
     trainer.checkpoint_record, trainer.run_before, trainer.segment_start = {"config": plain_cfg}, before, t_start
     dist.check_engaged(trainer, strat)
     if cfg.method == "projector":   # checkpoints hold the projector only (the rest is the frozen base)
-        trainer.save_weights = lambda folder: modes.save_projector_checkpoint(model, family, folder)
-    if resume_from and mode is not None:
-        modes.resume_weights(model, family, resume_from)   # Trainer's own load misses renamed keys
+        trainer.save_weights = lambda folder: modes.save_projector_checkpoint(model, family, folder,
+                                                                              write=w.is_main)
+    if resume_from and mode is not None and not (strat == "fsdp" and cfg.method == "full"
+                                                 and dist.written_by_fsdp(resume_from)):
+        # before sharding; Trainer's own load misses renamed keys (and cannot cross strategies).
+        # An FSDP2 full checkpoint under FSDP2: Trainer's DCP load reads each process's shards only
+        modes.resume_weights(model, family, resume_from)
+        trainer.weights_resumed = True
     try:
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
@@ -217,15 +236,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
 
     adapter_dir = out / ADAPTER_DIR
     # collectives first (every process), then only the main process writes
-    adapter_state = dist.adapter_state_dict(model) if strat == "fsdp" else None
+    adapter_state = dist.adapter_state_dict(model) if strat == "fsdp" and mode is None else None
+    output_state = modes.gathered_output_state(model, family, cfg) if strat == "fsdp" and mode else None
     tokens = dist.sum_over_processes(trainer, trainer.tokens_seen)
     label_tokens = dist.sum_over_processes(trainer, trainer.label_tokens_seen)
     computed = dist.sum_over_processes(trainer, trainer.computed_tokens)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
     steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
-    # per trained parameter: weight + grad + optimizer state (not under FSDP: DTensor sizes are whole)
-    per_param = modes.bytes_per_parameter(model, trainer.optimizer) if strat != "fsdp" else None
+    # per trained parameter: weight + grad + optimizer state (under FSDP2: per element of the shards)
+    per_param = modes.bytes_per_parameter(model, trainer.optimizer)
     from vlm.train.fsdp_units import sharding_report
 
     sharding = sharding_report(model)   # FSDP2: this process's shards, the units, the root's share
@@ -236,7 +256,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
               f"{sharding['parameter_bytes_whole'] / 2**20:.1f} MiB; the root unit keeps "
               f"{sharding.get('root_unit_bytes_whole', 0) / 2**20:.1f} MiB whole through the step")
     if w.is_main and mode is not None:
-        adapter_dir = modes.save_output(model, processor, out, cfg=cfg, resolution=resolution)
+        adapter_dir = modes.save_output(model, processor, out, cfg=cfg, resolution=resolution,
+                                        state_dict=output_state)
     elif w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
     history = trainer.state.log_history

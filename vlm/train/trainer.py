@@ -52,6 +52,12 @@ class VlmTrainer(Trainer):
         # set by the recipe for method: projector: writes a checkpoint's weights (the projector only)
         # in place of the whole model; resume then restores them itself (vlm.train.modes.resume_weights)
         self.save_weights = None
+        # set by the recipe when it put a checkpoint's weights into the model before training
+        # (method full / projector: vlm.train.modes.resume_weights); Trainer's own load is skipped
+        self.weights_resumed = False
+        # set by the recipe for method full/projector under FSDP2 (vlm.train.recipe: why): the
+        # forward's autocast dtype, in place of accelerate's mixed precision
+        self.autocast_dtype = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
 
@@ -65,8 +71,8 @@ class VlmTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from vlm.train import cross_resume
 
-        if self.save_weights is not None:
-            return   # method: projector — the recipe put the checkpoint's weights in before train()
+        if self.weights_resumed:
+            return   # method full / projector: the recipe put the checkpoint's weights in before train()
         if not cross_resume.crosses(resume_from_checkpoint, self.is_fsdp_enabled):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         cross_resume.load_adapter(self.model if model is None else model, Path(resume_from_checkpoint))
@@ -104,6 +110,10 @@ class VlmTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is not None:
             self.label_tokens_seen += int((labels[:, 1:] != -100).sum())
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type=self.args.device.type, dtype=self.autocast_dtype):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -122,6 +132,26 @@ class VlmTrainer(Trainer):
         key = "mem_gib" if torch.cuda.is_available() else "rss_gib"
         logs[key] = round(self.peak_memory_bytes() / 2**30, 3)
         super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if self.save_weights is None or not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        # method: projector under FSDP2: every process gathers the projector, the main one writes it
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.save_weights(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self.save_weights is None or not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # method: projector under FSDP2: Trainer would also write the frozen model's shards (the
+        # whole base, every checkpoint); the projector is in projector.safetensors (save_model)
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _save(self, output_dir=None, state_dict=None):
         if self.save_weights is None:
