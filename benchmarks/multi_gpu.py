@@ -7,6 +7,7 @@
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,ddp2,fsdp2_compiled --steps 8   # fits one device call
     python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
+    python benchmarks/multi_gpu.py --model 2b --runs full_1gpu,full_fsdp2,full8_1gpu,full8_fsdp2 --steps 8
 
 What runs: ``vlm train configs/qwen2_vl_7b_qlora.yaml`` unchanged (dynamic 4-bit policy, adamw_8bit,
 packed token-budget batches) except for paths, steps, logging and the row's overrides below, on a
@@ -32,6 +33,11 @@ Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
                         under FSDP); checkpoint at the last step
   fsdp2_compiled        the same with ``training.compile=true`` (compiled layers as FSDP units)
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
+  full_1gpu / full_fsdp2       ``configs/qwen2_vl_2b_full.yaml`` (method full: bf16 weights, BF16AdamW,
+                        gradient checkpointing) in the same packed rows (``data.max_tokens_per_batch=
+                        8192``), eager, one process / FSDP2 on 2 GPUs: each GPU holds half the weights,
+                        grads and optimizer states (and the row reports bytes per trained parameter)
+  full8_1gpu / full8_fsdp2     the same with ``training.optimizer=adamw_8bit`` (8-bit moments)
   resume_fsdp2_on_1gpu  resumes fsdp2's checkpoint in one process (2 → 1: grad_accum doubles to keep
                         the global batch) for ``--resume-steps`` more steps
   resume_1gpu_on_fsdp2  resumes 1gpu_eager's checkpoint under FSDP2 on 2 GPUs (1 → 2), likewise
@@ -66,6 +72,12 @@ CONFIG = CONFIGS["7b"]
 GiB = 2**30
 EAGER = ["training.compile=false"]
 LORA16 = ["quant=bf16", "training.compile=false"]
+# method full rows: their own shipped config, the LoRA rows' packed-row batching, eager on 1 and 2 GPUs
+FULL_CONFIG = REPO / "configs" / "qwen2_vl_2b_full.yaml"
+FULL = ["quant=bf16", "data.max_tokens_per_batch=8192", "training.compile=false"]
+FULL8 = FULL + ["training.optimizer=adamw_8bit"]
+# --tiny: bf16 weights and precision (TINY_OVERRIDES make the LoRA rows fp32), the tiny budget
+TINY_FULL = ["model.dtype=bf16", "training.precision=bf16", "data.max_tokens_per_batch=1024"]
 
 
 def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
@@ -87,6 +99,8 @@ def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
     suffix, wide_one, wide_two = wide
     runs.update({k + suffix: (n, st, [o for o in ov if o not in one + two] + (wide_two if n == 2 else wide_one))
                  for k, (n, st, ov) in list(runs.items())})
+    runs.update({"full_1gpu": (1, None, one + FULL), "full_fsdp2": (2, "fsdp", two + FULL),
+                 "full8_1gpu": (1, None, one + FULL8), "full8_fsdp2": (2, "fsdp", two + FULL8)})
     runs["resume_fsdp2_on_1gpu"] = (1, None, one + EAGER)
     runs["resume_1gpu_on_fsdp2"] = (2, "fsdp", two)
     return runs
@@ -102,11 +116,14 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
     resume = name in RESUMES
     out = root / ((RESUMES[name] if resume else f"run_{name}") + (f"_{args.tag}" if args.tag else ""))
     total = args.steps + args.resume_steps if resume else args.steps
-    cmd = [sys.executable, "-m", "vlm", "train", str(CONFIG), f"model.path={model}",
+    full = name.startswith("full")
+    cmd = [sys.executable, "-m", "vlm", "train", str(FULL_CONFIG if full else CONFIG), f"model.path={model}",
            f"data.train=[{data}]", f"output={out}", f"training.max_steps={total}",
            f"training.save_steps={args.steps}", "logging.tensorboard=false", "logging.progress=false",
            "training.logging_steps=1", *(TINY_OVERRIDES if args.tiny else []), *overrides, *args.extra]
-    if args.tiny:   # the shipped config's 8-bit optimizer (train_e2e's tiny rows use adamw): ShardLocal under FSDP
+    if args.tiny and full:
+        cmd += TINY_FULL
+    elif args.tiny:   # the shipped config's 8-bit optimizer (train_e2e's tiny rows use adamw): ShardLocal under FSDP
         cmd.append("training.optimizer=adamw_8bit")
     if strategy:
         cmd += [f"distributed.strategy={strategy}", "--nproc", str(nproc)]
@@ -125,6 +142,7 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
            "strategy": strategy or "single", "returncode": r.returncode,
            "wall_seconds": round(wall, 1), "command": " ".join(cmd[1:]),
            "quant": "bf16" if "quant=bf16" in overrides else ("none" if args.tiny else "dynamic"),
+           "method": "full" if full else "lora",
            "per_gpu_batch": _per_gpu_batch(overrides, args.batching)}
     if r.returncode != 0:
         row["error_tail"] = (r.stdout[-1500:] + "\n" + r.stderr[-3000:]).strip()
@@ -145,6 +163,7 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
                final_loss=s["final_loss"], loss_history=s.get("loss_history"),
                resumed_from=s.get("resumed_from"), compiled=bool(s.get("compiled_layers")),
                optimizer=s["config"]["training"]["optimizer"],
+               bytes_per_trained_parameter=(s.get("bytes_per_trained_parameter") or {}).get("total"),
                global_batch=s["config"]["training"]["batch_size"] * s["config"]["training"]["grad_accum"] * nproc)
     return row
 
@@ -164,24 +183,28 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
 
     def key(r):   # rows compare with the 1-GPU row of the same compile setting, quant and per-GPU batch
-        return r["compiled"], r["quant"], r["per_gpu_batch"], r.get("tag", "")
+        return (r["compiled"], r["quant"], r["per_gpu_batch"], r.get("tag", ""), r.get("method", "lora"),
+                r.get("optimizer"))
 
     base = {key(r): r for r in rows
             if r["gpus"] == 1 and r.get("tokens_per_s_steady") and not r["run"].startswith("resume_")}
     lines = [f"# Multi-GPU training, Qwen2-VL-{env.get('model', '7b').upper()} shapes (random weights) — {env['gpu']}", "",
              f"configs/{env.get('config', 'qwen2_vl_7b_qlora.yaml')}, batching: {env['batching']}; data: {env['data']}; torch {env['torch']}, "
              f"transformers {env['transformers']}, accelerate {env['accelerate']}. "
-             "Steady tokens/s: optimizer steps 3.. (compile excluded), all GPUs.", "",
+             "Steady tokens/s: optimizer steps 3.. (compile excluded), all GPUs. full* rows: "
+             f"configs/{FULL_CONFIG.name} (method full, bf16 weights + BF16AdamW); bytes / trained param: "
+             "weight + grad + optimizer state per element of each GPU's shards.", "",
              "| run | GPUs | per-GPU batch | quant | compiled | steady tokens/s | × 1 GPU | params / GPU (GiB) "
-             "| load peak / GPU (GiB) | training peak / GPU (GiB) | × 1 GPU | data wait | steps | final loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| load peak / GPU (GiB) | training peak / GPU (GiB) | × 1 GPU | data wait | steps | final loss "
+             "| bytes / trained param |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['run']} | {r['gpus']} | | | | not run: {r['skipped']} | | | | | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | | | not run: {r['skipped']} | | | | | | | | | |")
             continue
         if r["returncode"] != 0:
             lines.append(f"| {r['run']} | {r['gpus']} | | {r.get('quant', '')} | | failed (rc {r['returncode']}): "
-                         f"{_last_error(r)} | | | | | | | | |")
+                         f"{_last_error(r)} | | | | | | | | | |")
             continue
         ref = base.get(key(r))
         speed = (f"{r['tokens_per_s_steady'] / ref['tokens_per_s_steady']:.2f}"
@@ -194,7 +217,7 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
                      f"{', '.join(map(str, r.get('param_gib_per_gpu') or []))} | "
                      f"{', '.join(map(str, r['load_peak_mem_gib_per_gpu']))} | "
                      f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {mem} | {wait} | {r['steps']} | "
-                     f"{r['final_loss']:.4f} |")
+                     f"{r['final_loss']:.4f} | {r.get('bytes_per_trained_parameter') or ''} |")
     curves = {r["run"]: dict(r["loss_history"]) for r in rows if r.get("loss_history")}
     if len(curves) > 1:
         lines += ["", "Loss per optimizer step (same global batch, same data order):", "",

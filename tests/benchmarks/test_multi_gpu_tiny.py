@@ -38,3 +38,26 @@ def test_tiny_rows_run_and_agree(tmp_path):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), f"step {step}: FSDP2 {a} vs 1 process {b}"
     assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["steps"] == 5
     assert "| fsdp2 | 2 | 1 row(s) |" in (tmp_path / "multi_gpu_packed_tiny.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_full_finetuning_rows_run_and_agree(tmp_path):
+    """The method-full rows (configs/qwen2_vl_2b_full.yaml, bf16 weights + BF16AdamW) on 1 and 2 processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--tiny", "--device", "cpu",
+                        "--root", str(tmp_path), "--runs", "full_1gpu,full_fsdp2", "--steps", "3"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["run"]: row for row in json.loads((tmp_path / "multi_gpu_packed_tiny.json").read_text())["rows"]}
+    one, fsdp = rows["full_1gpu"], rows["full_fsdp2"]
+    assert "qwen2_vl_2b_full.yaml" in one["command"] and one["method"] == fsdp["method"] == "full"
+    assert one["optimizer"] == fsdp["optimizer"] == "adamw" and fsdp["strategy"] == "fsdp"
+    assert one["tokens"] == fsdp["tokens"] and fsdp["param_bytes_per_gpu"] == [one["param_bytes_per_gpu"][0] // 2] * 2
+    # bf16 weight + bf16 grad + bf16 moments (+ fp32 masters of the small tensors), per shard element
+    assert fsdp["bytes_per_trained_parameter"] == one["bytes_per_trained_parameter"] < 8.5
+    for (step, a), (_, b) in zip(fsdp["loss_history"], one["loss_history"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), f"step {step}: FSDP2 {a} vs 1 process {b}"
+    assert "| full_fsdp2 | 2 | 1 row(s) | bf16 |" in (tmp_path / "multi_gpu_packed_tiny.md").read_text()
