@@ -134,6 +134,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 f"method: {cfg.method} under FSDP needs distributed.fsdp_version: 2 (FSDP1 flattens the "
                 "parameters into 1-D FlatParameters: BF16AdamW could not tell norm weights, which keep an "
                 "fp32 master, from matrices, nor key its rounding by an element's place in its weight)")
+        if strat == "fsdp" and cfg.distributed.fsdp_state_dict == "full":
+            raise ConfigError(
+                f"method: {cfg.method} under FSDP needs distributed.fsdp_state_dict: sharded. With full, "
+                "transformers' Trainer writes each checkpoint by save_pretrained on the main process over the "
+                "sharded model, which gathers weights there alone: a collective the other processes do not "
+                "join (seen: gloo aborts with a size mismatch). Sharded checkpoints resume on any process "
+                "count and strategy, and OUT/model is a gathered standard checkpoint either way")
         mode = modes.prepare(model, family, cfg)
         print(modes.describe(mode, cfg))
     with warnings.catch_warnings(record=True) as caught:

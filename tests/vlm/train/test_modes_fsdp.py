@@ -165,8 +165,8 @@ def test_projector_under_fsdp2_matches_one_process_writes_the_same_file_and_resu
     _close(_resumed(tmp_path, "fsdp_on_one", ckpt, two, fsdp=False), got, (3, 4), "FSDP2 ckpt on 1")
 
 
-def test_fsdp1_is_refused_for_full_and_projector_with_the_reason(tmp_path, tiny_checkpoint, data, monkeypatch):
-    """Checked before any process group exists: a launched process of 2 with fsdp_version 1."""
+def test_what_cannot_work_under_fsdp_is_refused_with_the_reason(tmp_path, tiny_checkpoint, data, monkeypatch):
+    """Checked before any process group exists (a launched process of 2): FSDP1, full state dicts."""
     from vlm.errors import ConfigError
     from vlm.train.config import load_config
     from vlm.train.recipe import train
@@ -178,3 +178,6 @@ def test_fsdp1_is_refused_for_full_and_projector_with_the_reason(tmp_path, tiny_
         cfg = _cfg(tmp_path / method, tiny_checkpoint("qwen2_vl"), data, method, 2)
         with pytest.raises(ConfigError, match="fsdp_version: 2 .*FlatParameters"):
             train(load_config(cfg, ["distributed.strategy=fsdp", "distributed.fsdp_version=1"]), progress=False)
+        with pytest.raises(ConfigError, match="fsdp_state_dict: sharded.*a collective"):
+            train(load_config(cfg, ["distributed.strategy=fsdp", "distributed.fsdp_state_dict=full"]),
+                  progress=False)
