@@ -18,6 +18,12 @@ process's shard (``distribute_tensor`` with ``src_data_rank=None``: every proces
 file, so each slices its own rows, no communication); otherwise it is loaded as it is.
 bitsandbytes' 8-bit states are dequantized to dense moments on the way and re-quantized into the
 new shard's blocks by ``ShardLocalMixin.load_state_dict`` (within the 8-bit state's resolution).
+
+``method: full`` / ``projector`` (BF16AdamW): the optimizer goes through the same path (BF16AdamW's
+8-bit codes are decoded by ``vlm.train.bf16_adamw.dense_entry`` and re-encoded into the new shard's
+blocks by its ``load_state_dict``); the weights are put in by the recipe before sharding
+(``vlm.train.modes.resume_weights``: the whole model from ``pytorch_model_fsdp_0`` via ``read_dcp``
+or from safetensors; a projector checkpoint's ``projector.safetensors`` under every strategy).
 """
 
 from __future__ import annotations
