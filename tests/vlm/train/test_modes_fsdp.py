@@ -35,8 +35,13 @@ def _cfg(root, ck, data, method, batch_size, optimizer="adamw"):
 
 
 def _vlm(config, *extra, fsdp=True, resume=False):
-    cmd = [sys.executable, "-m", "vlm", "train", str(config), *extra]
-    cmd += ["distributed.strategy=fsdp", "--nproc", "2"] if fsdp else []
+    """``vlm train`` on 2 processes under FSDP2, or (fsdp=False) one process, in this interpreter."""
+    if not fsdp:
+        from vlm.train.config import load_config
+        from vlm.train.recipe import train
+
+        return train(load_config(config, list(extra)), resume=resume, progress=False)
+    cmd = [sys.executable, "-m", "vlm", "train", str(config), *extra, "distributed.strategy=fsdp", "--nproc", "2"]
     r = subprocess.run(cmd + (["--resume"] if resume else []), env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
