@@ -209,8 +209,9 @@ def _train(tmp_path, checkpoint, data_json, workers):
 
 def test_vlm_train_on_packed_rows_with_and_without_workers(tmp_path, tiny_checkpoint, monkeypatch):
     """``vlm train`` on packed M-RoPE rows: the same losses whether the collator (and the CPU rope
-    index) runs in the main process or in 2 workers; the model's own get_rope_index never runs in
-    the training process's steps (the workers' weightless instances run it)."""
+    index) runs in the main process or in 2 workers; the shipped values survive the Trainer's
+    batch handling: the model's own get_rope_index never runs on the model (the collator's
+    weightless instance runs it) and the hook never reads the positions back."""
     import vlm
     from vlm.data_formats.synthetic import generate
     from vlm.train.packed_forward import multimodal_model
@@ -228,11 +229,15 @@ def test_vlm_train_on_packed_rows_with_and_without_workers(tmp_path, tiny_checkp
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(mm_class, "get_rope_index", counting)
+    from vlm.train import packed_forward
+
+    host_reads = _CountCalls(packed_forward.segment_boundaries)   # the hook's fallback (not the collator's)
+    monkeypatch.setattr(packed_forward, "segment_boundaries", host_reads)
     data = generate(tmp_path / "data", n=40, seed=1)
     losses = {}
     for workers in (0, 2):
         s = _train(tmp_path, tiny_checkpoint(variant), data.sharegpt_json, workers)
         assert s["steps"] == 3 and s["data"]["token_budget"]["packed"]
         losses[workers] = s["loss_history"]
-    assert calls_on_weights == []
+    assert calls_on_weights == [] and host_reads.calls == 0
     assert losses[0] and losses[0] == losses[2]
