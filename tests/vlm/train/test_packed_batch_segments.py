@@ -66,11 +66,13 @@ def _rows(family, tmp_path):
     return [first, [tall, two, text]]
 
 
-def _packer(model, collator, shipped_positions=True):
+def _packer(model, collator):
+    """The packing collator as `vlm train` builds it: it ships the boundaries, and the M-RoPE
+    positions by the model's rule."""
     from vlm.train.packed_forward import collator_positions
 
-    rule = collator_positions(model, model.vlm_family) if shipped_positions else None
-    return PackingCollator(collator, packed=True, max_tokens=1024, buckets=4, multiple=64, mrope_positions=rule)
+    return PackingCollator(collator, packed=True, max_tokens=1024, buckets=4, multiple=64,
+                           mrope_positions=collator_positions(model, model.vlm_family))
 
 
 def _without_shipped(batch):
