@@ -17,6 +17,8 @@ mp4 for the families that take video, a padding tail, two rows):
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -88,8 +90,12 @@ def test_collator_mrope_positions_equal_the_models_get_rope_index(tiny_checkpoin
     family = model.vlm_family
     mm_model = multimodal_model(model, family)
     groups = _rows(family, tmp_path)
-    batch = _packer(model, collator)(groups)
+    packer = _packer(model, collator)
+    batch = packer(groups)
     shipped = batch[MROPE_POSITIONS]
+    # as DataLoader workers get it under any start method: pickled, without the model
+    in_worker = pickle.loads(pickle.dumps(packer))
+    assert torch.equal(in_worker(groups)[MROPE_POSITIONS], shipped)
     rows, length = batch["input_ids"].shape
     assert shipped.shape == (4, rows, length) and shipped.dtype == torch.long and shipped.device.type == "cpu"
     if family.takes_video:
