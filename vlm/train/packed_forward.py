@@ -76,7 +76,9 @@ def enable(model, family, *, varlen: bool = True, cuda_graphs: bool = False) -> 
     attention is purely causal: :func:`vlm.train.varlen_attention.refusal`) attention runs over the
     samples' boundaries (:mod:`vlm.train.varlen_attention`) instead of an L×L block mask; the kernels
     are sized by the longest sample, or by the row under ``cuda_graphs`` (a replayed graph takes no
-    CPU input). Raises
+    CPU input). The boundaries and M-RoPE positions a batch ships
+    (:data:`vlm.data_formats.packing.SEGMENT_KEYS`) are used and popped; a packed batch without them
+    gets them computed here. Raises
     :class:`ConfigError` for a family that cannot pack (:func:`vlm.data_formats.packing.packing_refusal`)."""
     from vlm.train import varlen_attention
 
