@@ -106,7 +106,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     train_set, data_report = prepare_train_set(cfg, collator, out)
     data_collator, budget = collator, None
     if cfg.data.max_tokens_per_batch:
-        budget = token_budget_groups(cfg, train_set, collator, family, cuda_graphs=plan.cuda_graphs)
+        budget = token_budget_groups(cfg, train_set, collator, family, cuda_graphs=plan.cuda_graphs,
+                                     mrope_positions=packed_forward.collator_positions(model, family))
         data_collator = budget.collator
         data_report["token_budget"] = budget.report()
         print(token_budget_line(budget))
