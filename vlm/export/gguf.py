@@ -73,11 +73,15 @@ def _family(config_dir: Path):
     return family
 
 
-def _run_converter(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, vocab_only: bool = False) -> None:
+def _run_converter(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, vocab_only: bool = False,
+                   renames: tuple[tuple[str, str], ...] = (), layer_types_pattern: bool = False) -> None:
     from vlm.export.gguf_convert import EXIT_ARCH, EXIT_TOKENIZER
 
     cmd = [sys.executable, "-m", "vlm.export.gguf_convert", str(model_dir), str(out), "--outtype", outtype]
     cmd += ["--mmproj"] * mmproj + ["--vocab-only"] * vocab_only
+    for old, new in renames:
+        cmd += ["--rename-prefix", old, new]
+    cmd += ["--layer-types-pattern"] * layer_types_pattern
     done = subprocess.run(cmd, env=converter_env(), capture_output=True, text=True)
     if done.returncode == 0:
         return
@@ -143,15 +147,16 @@ def export_gguf(source: str | Path, out: str | Path, *, quant: str = "f16", base
             log(f"gguf: merging {source} into its base")
             model_dir = export_merged(source, work / "merged", base=base)
         log(f"gguf: language model ({quant})")
+        pattern = family.gguf.layer_types_pattern
         if quant == "q4_k_m":
-            _run_converter(model_dir, work / "model-f16.gguf", "f16")
+            _run_converter(model_dir, work / "model-f16.gguf", "f16", layer_types_pattern=pattern)
             quantize(work / "model-f16.gguf", tmp / model_file(quant), quant)
         else:
-            _run_converter(model_dir, tmp / model_file(quant), quant)
+            _run_converter(model_dir, tmp / model_file(quant), quant, layer_types_pattern=pattern)
         log("gguf: vision projector (f16)")
         if family.gguf.mmproj == "clip_legacy":
             write_clip_mmproj(model_dir, tmp / MMPROJ_FILE, work)
         else:
-            _run_converter(model_dir, tmp / MMPROJ_FILE, "f16", mmproj=True)
+            _run_converter(model_dir, tmp / MMPROJ_FILE, "f16", mmproj=True, renames=family.gguf.mmproj_renames)
         (tmp / "Modelfile").write_text(modelfile_text(family, model_file(quant), MMPROJ_FILE))
     return out

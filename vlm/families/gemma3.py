@@ -1,8 +1,19 @@
 """Gemma 3: SigLIP vision tower + multi-modal projector (average pool to a fixed number of soft
 tokens, RMSNorm, linear) + Gemma 3 decoder (GeGLU MLP, ``(1 + w)`` RMSNorm, sliding/full layers)."""
 
-from vlm.families.base import (Family, ImageWrap, LanguageKernels, VllmSupport, llava_style_components,
-                               llava_style_vllm_renames)
+from vlm.families.base import (Family, GgufSupport, ImageWrap, LanguageKernels, VllmSupport,
+                               llava_style_components, llava_style_vllm_renames)
+
+# Ollama's Go template for Gemma 3's chat format (the Jinja template in the checkpoint, which Ollama
+# does not run): a system prompt is folded into the first user turn, the assistant is "model".
+OLLAMA_TEMPLATE = (
+    "{{- $system := .System }}"
+    "{{- range .Messages }}"
+    "{{- if eq .Role \"system\" }}{{ $system = .Content }}"
+    "{{- else if eq .Role \"user\" }}<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n{{ end }}"
+    "{{- $system = \"\" }}{{ .Content }}<end_of_turn>\n"
+    "{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
+    "{{- end }}{{- end }}<start_of_turn>model\n")
 
 FAMILY = Family(
     name="gemma3",
@@ -28,4 +39,10 @@ FAMILY = Family(
     images_per_sample=True,
     bidirectional_image_attention=True,   # transformers' Gemma 3 mask: each image's tokens see the whole image
     image_wrap=ImageWrap(before="\n\n", token="<image_soft_token>", after="<end_of_image>\n\n"),
+    gguf=GgufSupport(mmproj="converter", ollama_template=OLLAMA_TEMPLATE, stop=("<end_of_turn>", "<eos>"),
+                     # transformers 5.19 saves the SigLIP tower without the hub's `vision_model.` level
+                     mmproj_renames=(("vision_tower.", "vision_tower.vision_model."),),
+                     # mtmd writes <start_of_image> image <end_of_image>; the processor adds \n\n around
+                     marker_context=("\n\n", "\n\n"),
+                     layer_types_pattern=True),
 )
