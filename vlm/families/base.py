@@ -135,6 +135,9 @@ class GgufSupport:
     # the converter should write which layers are sliding-window ones from the config's layer_types
     # (it leaves llama.cpp to assume the real checkpoints' pattern: see gguf_convert)
     layer_types_pattern: bool = False
+    # the converter reads this family's vocabulary from the SentencePiece model (tokenizer.model)
+    # the hub's checkpoints ship; without it the export is refused by name
+    needs_sentencepiece_model: bool = False
 
 
 @dataclass(frozen=True)

@@ -44,5 +44,7 @@ FAMILY = Family(
                      mmproj_renames=(("vision_tower.", "vision_tower.vision_model."),),
                      # mtmd writes <start_of_image> image <end_of_image>; the processor adds \n\n around
                      marker_context=("\n\n", "\n\n"),
-                     layer_types_pattern=True),
+                     layer_types_pattern=True,
+                     # without tokenizer.model the converter probes Gemma's BPE and cannot name it
+                     needs_sentencepiece_model=True),
 )
