@@ -7,13 +7,14 @@ from vlm.families.base import (Family, GgufSupport, ImageWrap, LanguageKernels, 
 # Ollama's Go template for Gemma 3's chat format (the Jinja template in the checkpoint, which Ollama
 # does not run): a system prompt is folded into the first user turn, the assistant is "model".
 OLLAMA_TEMPLATE = (
-    "{{- $system := .System }}"
-    "{{- range .Messages }}"
-    "{{- if eq .Role \"system\" }}{{ $system = .Content }}"
-    "{{- else if eq .Role \"user\" }}<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n{{ end }}"
-    "{{- $system = \"\" }}{{ .Content }}<end_of_turn>\n"
-    "{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
-    "{{- end }}{{- end }}<start_of_turn>model\n")
+    # no {{- trims: each one would eat the newline that ends the turn before it
+    "{{ $system := .System }}"
+    "{{ range .Messages }}"
+    "{{ if eq .Role \"system\" }}{{ $system = .Content }}"
+    "{{ else if eq .Role \"user\" }}<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n{{ end }}"
+    "{{ $system = \"\" }}{{ .Content }}<end_of_turn>\n"
+    "{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
+    "{{ end }}{{ end }}<start_of_turn>model\n")
 
 FAMILY = Family(
     name="gemma3",

@@ -5,7 +5,9 @@ vision tower's block table (``visual.merger.mlp.{bid}``, ``multi_modal_projector
 are named like block tensors), so ``mlp.2`` / ``linear_2`` exist only when the tower has at least 3
 blocks; the zoo's towers have 2 ("Can not map tensor 'visual.merger.mlp.2.bias'"). This rebuilds
 each variant from its own config with one more vision block (same seed, same tokenizer, processor
-and chat template files); Qwen2.5-VL's full-attention block moves to the new last block.
+and chat template files); Qwen2.5-VL's full-attention block moves to the new last block. The zoo
+builder's draws that transformers' initialisation would zero are made again (Gemma 3's projector
+input projection: left at zero, every image embedding is zero and the image goes unchecked).
 """
 
 from __future__ import annotations
