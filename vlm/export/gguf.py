@@ -109,9 +109,14 @@ def sentencepiece_model(tok_dir: Path, config_dir: Path, family) -> Path | None:
             f"{tok_dir}: no {SENTENCEPIECE_MODEL}: llama.cpp's converter reads {family.description}'s vocabulary "
             f"from the SentencePiece model the hub's checkpoints ship beside tokenizer.json (without it, it cannot "
             f"identify the tokenizer); copy {SENTENCEPIECE_MODEL} from the base checkpoint into {tok_dir}")
+    if not (tok_dir / "tokenizer.json").is_file():
+        return found          # the converter reads tokenizer.model alone
     import sentencepiece
 
-    spm = sentencepiece.SentencePieceProcessor(model_file=str(found))
+    try:
+        spm = sentencepiece.SentencePieceProcessor(model_file=str(found))
+    except (OSError, RuntimeError) as e:
+        raise GgufExportError(f"{found} is not a SentencePiece model sentencepiece can read ({e})") from e
     vocab = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
     moved = [(i, spm.id_to_piece(i), vocab.get(spm.id_to_piece(i))) for i in range(spm.get_piece_size())
              if vocab.get(spm.id_to_piece(i)) != i]

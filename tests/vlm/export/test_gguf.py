@@ -46,7 +46,7 @@ SPM_VARIANTS = [v for f in all_families().values() if f.gguf and f.gguf.needs_se
 def test_missing_or_foreign_sentencepiece_model_is_refused_first(variant, tmp_path, monkeypatch):
     """Gemma 3: the converter reads tokenizer.model; a checkpoint without it (transformers 5 saves
     tokenizer.json only) is refused naming the file, before the toolchain is even looked for; one
-    whose pieces sit at other ids than tokenizer.json's is refused too."""
+    whose pieces sit at other ids than tokenizer.json's, or that is no SentencePiece model, too."""
     from sentencepiece import sentencepiece_model_pb2
 
     from vlm.export.gguf import GgufExportError, export_gguf
@@ -64,6 +64,9 @@ def test_missing_or_foreign_sentencepiece_model_is_refused_first(variant, tmp_pa
     proto.pieces[300].piece, proto.pieces[301].piece = b, a
     (src / "tokenizer.model").write_bytes(proto.SerializeToString())
     with pytest.raises(GgufExportError, match=f"does not match .*tokenizer.json: piece {b!r} is id 300"):
+        export_gguf(src, tmp_path / "out")
+    (src / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(GgufExportError, match="tokenizer.model is not a SentencePiece model"):
         export_gguf(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
