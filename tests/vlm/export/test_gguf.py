@@ -314,11 +314,13 @@ def test_eval_gguf_variant_in_the_same_table(tmp_path):
 
 
 @gguf
-def test_trained_adapter_exports_and_runs_in_llama_cpp(tmp_path, capsys):
+@pytest.mark.parametrize("variant", list(dict.fromkeys(GGUF_VARIANTS[:1] + SPM_VARIANTS)))
+def test_trained_adapter_exports_and_runs_in_llama_cpp(variant, tmp_path, capsys):
     """The user's path: `vlm train` LoRA on the tiny model's dynamic-4-bit base (the demo's recipe,
     a few steps), `vlm export ADAPTER --gguf OUT`; llama.cpp's output equals transformers' on the
     merged checkpoint (`vlm export ADAPTER --merged`), and that checkpoint is far from the base, so
-    an export that dropped or mis-scaled the adapter would fail."""
+    an export that dropped or mis-scaled the adapter would fail. Also for a family whose converter
+    reads tokenizer.model (Gemma 3), which the adapter's saved tokenizer lacks: the base's is used."""
     import numpy as np
 
     from vlm.cli.main import main
@@ -330,7 +332,6 @@ def test_trained_adapter_exports_and_runs_in_llama_cpp(tmp_path, capsys):
     from ..train._tiny_run import write_config
 
     _toolchain_or_fail()
-    variant = GGUF_VARIANTS[0]
     base = build_gguf_zoo(variant, tmp_path / "base")
     data = generate(tmp_path / "data", n=8, seed=5)
     cfg = write_config(tmp_path, base, data.sharegpt_json, max_steps=4, save_steps=4, batch_size=2,
