@@ -1,8 +1,8 @@
 """Gemma 3: SigLIP vision tower + multi-modal projector (average pool to a fixed number of soft
 tokens, RMSNorm, linear) + Gemma 3 decoder (GeGLU MLP, ``(1 + w)`` RMSNorm, sliding/full layers)."""
 
-from vlm.families.base import (Family, ImageWrap, LanguageKernels, VllmSupport, llava_style_components,
-                               llava_style_vllm_renames)
+from vlm.families.base import (Family, ImageWrap, KeyRename, LanguageKernels, VllmSupport,
+                               llava_style_components, llava_style_vllm_renames)
 
 FAMILY = Family(
     name="gemma3",
@@ -16,12 +16,10 @@ FAMILY = Family(
                      "<image_soft_token> (256 real), <end_of_image>\\n\\n",
     zoo_variants=("gemma3",),
     vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
-                     module_renames=llava_style_vllm_renames("vision_tower"),
-                     serving_gap=(
-                         "checkpoints saved by transformers 5.19 (a merged export, the zoo's): their SigLIP "
-                         "tower is vision_tower.embeddings/encoder.*, vLLM 0.32 loads only the hub's "
-                         "vision_tower.vision_model.* ('no module or parameter named "
-                         "vision_tower.embeddings')")),
+                     module_renames=llava_style_vllm_renames("vision_tower")),
+    # transformers 5 saves the SigLIP tower as vision_tower.embeddings/encoder/...; the hub's
+    # checkpoints (what vLLM and transformers 4 load) nest it under vision_tower.vision_model
+    hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),
     # the processor replaces <start_of_image> by \n\n<start_of_image> + soft tokens + <end_of_image>\n\n

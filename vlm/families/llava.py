@@ -1,6 +1,7 @@
 """LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
 
-from vlm.families.base import Family, GgufSupport, llava_style_components, llava_style_vllm_renames, VllmSupport
+from vlm.families.base import (Family, GgufSupport, KeyRename, llava_style_components,
+                               llava_style_vllm_renames, VllmSupport)
 
 
 def _clip_vision(config) -> bool:
@@ -21,12 +22,10 @@ FAMILY = Family(
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
-                     module_renames=llava_style_vllm_renames("vision_tower"),
-                     serving_gap=(
-                         "checkpoints saved by transformers 5.19 (a merged export, the zoo's): their CLIP "
-                         "tower is vision_tower.embeddings/encoder.*, vLLM 0.32 loads only the hub's "
-                         "vision_tower.vision_model.* ('no module or parameter named "
-                         "vision_tower.embeddings')")),
+                     module_renames=llava_style_vllm_renames("vision_tower")),
+    # transformers 5 saves the CLIP tower as vision_tower.embeddings/encoder/...; the hub's
+    # checkpoints (what vLLM and transformers 4 load) nest it under vision_tower.vision_model
+    hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     # convert_hf_to_gguf.py's mmproj path reads Pixtral towers only; CLIP + MLP projector goes
     # through llama.cpp's CLIP encoder script (the llava-1.5 route of its docs)
