@@ -100,14 +100,30 @@ def _adapter(base, out, family):
     return out
 
 
+def _base(tiny_checkpoint, variant, layout, folder):
+    """The zoo checkpoint as the hub lays it out, or as transformers 5 writes a model it built (a
+    checkpoint a user saved with plain ``save_pretrained``)."""
+    import shutil
+
+    zoo = tiny_checkpoint(variant)
+    if layout == "hub":
+        return zoo
+    _native_save(zoo, folder)
+    for f in zoo.iterdir():
+        if f.is_file() and not f.name.startswith("model") and not (folder / f.name).exists():
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
 @pytest.mark.parametrize("variant", ZOO_VARIANTS)
-def test_merged_export_has_hub_names_and_loads_with_every_weight(tiny_checkpoint, variant, tmp_path):
+def test_merged_export_has_hub_names_and_loads_with_every_weight(tiny_checkpoint, variant, layout, tmp_path):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlm.export.merge import export_merged
     from vlm.export.verify import compare_merged
 
-    base = tiny_checkpoint(variant)
+    base = _base(tiny_checkpoint, variant, layout, tmp_path / "base")
     family = family_for_config(AutoConfig.from_pretrained(base))
     adapter = _adapter(base, tmp_path / "adapter", family)
     merged = export_merged(adapter, tmp_path / "merged", dtype="fp32")
@@ -115,7 +131,7 @@ def test_merged_export_has_hub_names_and_loads_with_every_weight(tiny_checkpoint
     native = sorted(_tensors(_native_save(merged, tmp_path / "native")))
     assert names == _transformers_hub_names(merged)              # the hub's names ...
     assert names == sorted(family.hub_key(k) for k in native)   # ... = transformers', renamed by the family only
-    assert names == sorted(_tensors(base))                       # the base's (the zoo's) layout
+    assert names == sorted(_tensors(tiny_checkpoint(variant)))   # the zoo's layout, whatever the base's
     model, info = AutoModelForImageTextToText.from_pretrained(merged, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
     result = compare_merged(adapter, merged)   # base + adapter (PEFT) vs the merged folder, same probe
