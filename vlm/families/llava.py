@@ -22,7 +22,14 @@ FAMILY = Family(
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
-                     module_renames=llava_style_vllm_renames("vision_tower")),
+                     module_renames=llava_style_vllm_renames("vision_tower"),
+                     serving_gap=(
+                         "a chat request to vLLM 0.32 reads no BOS: its chat API tokenizes the rendered "
+                         "prompt without special tokens and LLaVA-1.5's template writes none, while "
+                         "transformers' apply_chat_template(tokenize=True), our training and vlm eval put "
+                         "<s> first, so served answers differ from transformers'. The weights load (hub "
+                         "tensor names, Family.hub_layout) and the same prompt ids give transformers' "
+                         "tokens (vLLM's offline generate)")),
     # transformers 5 saves the CLIP tower as vision_tower.embeddings/encoder/...; the hub's
     # checkpoints (what vLLM and transformers 4 load) nest it under vision_tower.vision_model
     hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),
