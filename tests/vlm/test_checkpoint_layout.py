@@ -205,3 +205,26 @@ def test_hub_layout_is_idempotent(tiny_checkpoint):
         stamp = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in path.glob("*.safetensors")}
         assert to_hub_layout(path, family) == 0    # the zoo's files are already in the hub's names
         assert stamp == {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in path.glob("*.safetensors")}
+
+
+@pytest.mark.parametrize("variant", ZOO_VARIANTS)
+def test_vllm_names_of_the_tower_are_the_hub_names(tiny_checkpoint, variant):
+    """vLLM's module names of a nested tower are the hub checkpoint's (its mapper leaves
+    ``vision_tower.vision_model.*`` as is): the names ``vlm.quant.vllm_names`` gives vLLM for layers
+    kept in 16 bit (bitsandbytes skip list) must be those, not transformers 5's flattened ones."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlm.quant.vllm_names import vllm_skip_names
+
+    zoo = tiny_checkpoint(variant)
+    family = family_for_config(AutoConfig.from_pretrained(zoo))
+    if not family.hub_layout or family.vllm is None:
+        pytest.skip(f"{family.name}: transformers 5 writes the hub's names (no hub_layout rule)")
+    model = AutoModelForImageTextToText.from_pretrained(zoo)
+    fused = {leaf for group, _ in family.vllm.fused_linears for leaf in group}
+    tower = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and family.component_of(n) == "vision" and n.rsplit(".", 1)[-1] not in fused]
+    names, _ = vllm_skip_names(family, tower)
+    assert len(names) == len(tower) > 0
+    hub = set(_tensors(zoo))
+    assert [n for n in names if n + ".weight" not in hub] == []

@@ -33,8 +33,10 @@ def llava_style_components() -> dict[str, tuple[str, ...]]:
 
 # The checkpoint -> vLLM module renaming of the families whose vLLM class nests the text model as
 # ``language_model.model`` (vLLM's ``hf_to_vllm_mapper``, transformers-5 checkpoint layout).
-def llava_style_vllm_renames(vision: str) -> tuple[tuple[str, str], ...]:
-    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vision}."),
+# ``vllm_vision``: vLLM's module path of the tower where it differs from ``vision`` (a CLIP/SigLIP
+# tower that vLLM, like the hub's checkpoints, nests as ``vision_tower.vision_model``).
+def llava_style_vllm_renames(vision: str, vllm_vision: str | None = None) -> tuple[tuple[str, str], ...]:
+    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vllm_vision or vision}."),
             ("model.multi_modal_projector.", "multi_modal_projector."),
             ("lm_head", "language_model.lm_head"))
 

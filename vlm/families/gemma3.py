@@ -16,7 +16,7 @@ FAMILY = Family(
                      "<image_soft_token> (256 real), <end_of_image>\\n\\n",
     zoo_variants=("gemma3",),
     vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
-                     module_renames=llava_style_vllm_renames("vision_tower")),
+                     module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model")),
     # transformers 5 saves the SigLIP tower as vision_tower.embeddings/encoder/...; the hub's
     # checkpoints (what vLLM and transformers 4 load) nest it under vision_tower.vision_model
     hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),

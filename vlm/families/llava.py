@@ -22,7 +22,7 @@ FAMILY = Family(
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
-                     module_renames=llava_style_vllm_renames("vision_tower"),
+                     module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model"),
                      serving_gap=(
                          "a chat request to vLLM 0.32 reads no BOS: its chat API tokenizes the rendered "
                          "prompt without special tokens and LLaVA-1.5's template writes none, while "
