@@ -18,7 +18,7 @@ FAMILY = Family(
     vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model")),
     # transformers 5 saves the SigLIP tower as vision_tower.embeddings/encoder/...; the hub's
-    # checkpoints (what vLLM and transformers 4 load) nest it under vision_tower.vision_model
+    # checkpoints (the names vLLM loads) nest it under vision_tower.vision_model
     hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),

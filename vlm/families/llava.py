@@ -22,16 +22,11 @@ FAMILY = Family(
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
-                     module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model"),
-                     serving_gap=(
-                         "a chat request to vLLM 0.32 reads no BOS: its chat API tokenizes the rendered "
-                         "prompt without special tokens and LLaVA-1.5's template writes none, while "
-                         "transformers' apply_chat_template(tokenize=True), our training and vlm eval put "
-                         "<s> first, so served answers differ from transformers'. The weights load (hub "
-                         "tensor names, Family.hub_layout) and the same prompt ids give transformers' "
-                         "tokens (vLLM's offline generate)")),
+                     # A chat request needs "add_special_tokens": true to read the BOS transformers
+                     # and training put first: vLLM's chat API adds none and this template writes none.
+                     module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model")),
     # transformers 5 saves the CLIP tower as vision_tower.embeddings/encoder/...; the hub's
-    # checkpoints (what vLLM and transformers 4 load) nest it under vision_tower.vision_model
+    # checkpoints (the names vLLM loads) nest it under vision_tower.vision_model
     hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     # convert_hf_to_gguf.py's mmproj path reads Pixtral towers only; CLIP + MLP projector goes
