@@ -114,6 +114,9 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
         cmd += ["--resume"]
     elif out.exists():
         shutil.rmtree(out)
+    if args.spy:   # host-side sampling of every process of the row (py-spy, carried as a wheel)
+        cmd = ["py-spy", "record", "--subprocesses", "--nonblocking", "--rate", "50", "--format", "raw",
+               "--output", str(root / f"{out.name}.spy.txt"), "--", *cmd]
     env = dict(os.environ)
     if args.tiny:
         env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -226,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every row (e.g. kernels=false)")
     ap.add_argument("--tag", default="", help="suffix for the row names of this invocation (rows with --extra)")
+    ap.add_argument("--spy", action="store_true",
+                    help="sample every process's Python stacks with py-spy into ROOT/<run>.spy.txt (host-bound rows)")
     args = ap.parse_args(argv)
     if args.tiny != (args.device == "cpu"):
         ap.error("--tiny goes with --device cpu (2 gloo processes stand for the 2 GPUs)")

@@ -66,6 +66,8 @@ def steady(summary: dict, warmup: int, drop_last: int = 0) -> dict:
     leaving out the last ``drop_last`` (profiled steps run slower)."""
     steps = (summary.get("step_times") or [])
     steps = steps[:len(steps) - drop_last]
+    # vlm train's own window start (after its last compile, vlm.train.trainer), when later than ours
+    warmup = max(warmup, (summary.get("steady_after_step") or 0) - 1)
     if len(steps) <= warmup + 1:
         return {"steady_tokens_per_s": None, "data_wait_share": None, "steady_steps": 0}
     (_, t0, k0, w0), (_, t1, k1, w1) = steps[warmup], steps[-1]

@@ -16,6 +16,15 @@ Two ways to fill a micro-batch of at most ``max_tokens`` tokens:
 :class:`~vlm.data_formats.collator.VisionChatCollator` once on all of them (one processor call: the
 image tensors stay in the order their tokens appear) and then laying each group's rows end to end.
 
+The collator also ships what the model side would otherwise work out from the positions on the GPU
+(a device→host read, and for M-RoPE families the model's rope index: many small kernels and more
+reads): the samples' boundaries as the varlen kernels take them (``packed_cu_seqlens``, int32 CPU
+tensor; ``packed_max_seqlen``, a plain int so that no device placement moves it to the GPU: the
+kernels read it on the host) and, given the model's rule (``mrope_positions``), the (4, B, L)
+M-RoPE positions (``packed_mrope_position_ids``). All are computed on CPU, in the DataLoader workers
+when there are any, by the one boundary rule of :mod:`vlm.data_formats.segments`;
+:mod:`vlm.train.packed_forward` pops them before the model's forward.
+
 Loss equivalence: labels are shifted inside the model (the token at ``t`` predicts the label at
 ``t+1``), so the first label of every packed sample is set to -100: the last token of sample ``i``
 must not be trained to predict the first token of sample ``i+1``. Unpacked, that first label is never
@@ -29,12 +38,18 @@ from typing import Any, Sequence
 
 import torch
 
+from vlm.data_formats.segments import max_segment_length, padded_boundaries, segment_boundaries
 from vlm.errors import ConfigError
 
 IGNORE_INDEX = -100
 # per-token keys laid end to end when packing (value: fill of the tail that rounds a row up)
 PACKED_KEYS = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0,
                "token_type_ids": 0}
+# what a packed batch carries besides the model's inputs (vlm.train.packed_forward pops them)
+CU_SEQLENS = "packed_cu_seqlens"            # (2^k,) int32: cumulative sample boundaries, end repeated
+MAX_SEQLEN = "packed_max_seqlen"            # int: longest sample rounded up (segments.max_segment_length)
+MROPE_POSITIONS = "packed_mrope_position_ids"   # (4, B, L): text positions, then M-RoPE t/h/w per sample
+SEGMENT_KEYS = (CU_SEQLENS, MAX_SEQLEN, MROPE_POSITIONS)
 WINDOW = 1000   # samples per first-fit window: rows fill well, order stays random beyond a window
 
 
@@ -124,14 +139,19 @@ class PackingCollator:
     the row up to its bucket counted as one more sample (label -100, ``attention_mask`` 0). The
     ``attention_mask`` marks real tokens for counting; :mod:`vlm.train.packed_forward` drops it in
     the model so that transformers derives the block-diagonal mask from the position resets.
+    They also carry the :data:`SEGMENT_KEYS`: the boundaries, and with ``mrope_positions`` (a
+    callable ``(batch, bounds) -> (4, B, L)``, the model's rule:
+    :func:`vlm.train.packed_forward.collator_positions`) the M-RoPE positions.
     """
 
-    def __init__(self, collator, *, packed: bool, max_tokens: int, buckets: int = 16, multiple: int = 64):
+    def __init__(self, collator, *, packed: bool, max_tokens: int, buckets: int = 16, multiple: int = 64,
+                 mrope_positions=None):
         self.collator = collator
         self.packed = packed
         self.max_tokens = int(max_tokens)
         self.buckets = int(buckets)
         self.multiple = int(multiple)
+        self.mrope_positions = mrope_positions
 
     def __getattr__(self, name: str) -> Any:   # plan(), sample_length() ... of the wrapped collator
         if name == "collator":
@@ -182,4 +202,13 @@ class PackingCollator:
                 extra = torch.arange(tail) if key == "position_ids" else torch.full((tail,), fill, dtype=t.dtype)
                 padded.append(torch.cat([t, extra.to(t.dtype)]))
             out[key] = torch.stack(padded)
-        return out
+        return self.add_segments(out)
+
+    def add_segments(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with the :data:`SEGMENT_KEYS` its ``position_ids`` imply."""
+        bounds = segment_boundaries(batch["position_ids"])   # a CPU tensor here: no device sync
+        batch[CU_SEQLENS] = padded_boundaries(bounds, "cpu")
+        batch[MAX_SEQLEN] = max_segment_length(bounds, batch["position_ids"].shape[-1])
+        if self.mrope_positions is not None:
+            batch[MROPE_POSITIONS] = self.mrope_positions(batch, bounds)
+        return batch

@@ -138,10 +138,13 @@ class TokenBudget:
                 "length_buckets": self.collator.buckets if self.packed else None}
 
 
-def token_budget_groups(cfg, train_set: ConversationDataset, collator, family, *, cuda_graphs: bool) -> TokenBudget:
+def token_budget_groups(cfg, train_set: ConversationDataset, collator, family, *, cuda_graphs: bool,
+                        mrope_positions=None) -> TokenBudget:
     """Rows of at most ``data.max_tokens_per_batch`` tokens: packed where the family can (and
     ``data.packing`` allows), else length-grouped padded rows. With CUDA graphs every packed row is
-    padded to the full budget (one recorded shape); otherwise to ``data.length_buckets`` lengths."""
+    padded to the full budget (one recorded shape); otherwise to ``data.length_buckets`` lengths.
+    ``mrope_positions``: the model's M-RoPE rule for packed rows
+    (:func:`vlm.train.packed_forward.collator_positions`), computed with each batch on CPU."""
     from vlm.data_formats.packing import (PackingCollator, bucket_length, packing_refusal, plan_packs,
                                           plan_padded_batches)
 
@@ -161,7 +164,8 @@ def token_budget_groups(cfg, train_set: ConversationDataset, collator, family, *
         rows = [sum(lengths[i] for i in g) for g in groups]
         computed = sum(bucket_length(n, budget, buckets, multiple) for n in rows)
         collator.pad_to_multiple_of = 1   # the packer pads the row, not each sample
-        wrapped = PackingCollator(collator, packed=True, max_tokens=budget, buckets=buckets, multiple=multiple)
+        wrapped = PackingCollator(collator, packed=True, max_tokens=budget, buckets=buckets, multiple=multiple,
+                                  mrope_positions=mrope_positions)
     else:
         groups = plan_padded_batches(lengths, budget, seed=seed)
         multiple = collator.pad_to_multiple_of

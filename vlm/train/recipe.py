@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.quant.loading import quant_metadata
     from vlm.train import packed_forward
     from vlm.train.dataset import prepare_train_set, resolve_workers, sampler_factory, token_budget_groups
-    from vlm.train.trainer import VlmTrainer
+    from vlm.train.trainer import STEADY_AFTER, VlmTrainer, dynamo_graphs, steady_rate
 
     t_start = time.perf_counter()
     w = dist.world()
@@ -106,7 +106,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     train_set, data_report = prepare_train_set(cfg, collator, out)
     data_collator, budget = collator, None
     if cfg.data.max_tokens_per_batch:
-        budget = token_budget_groups(cfg, train_set, collator, family, cuda_graphs=plan.cuda_graphs)
+        budget = token_budget_groups(cfg, train_set, collator, family, cuda_graphs=plan.cuda_graphs,
+                                     mrope_positions=packed_forward.collator_positions(model, family))
         data_collator = budget.collator
         data_report["token_budget"] = budget.report()
         print(token_budget_line(budget))
@@ -223,7 +224,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     computed = dist.sum_over_processes(trainer, trainer.computed_tokens)
     peak_per_process = dist.gather_per_process(trainer, trainer.peak_memory_bytes())
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
-    steady = dist.sum_over_processes(trainer, trainer.steady_tokens_per_s or 0.0)
+    # steady window: after STEADY_AFTER and after the last step that compiled in ANY process (a rank
+    # recompiling for a new shape stalls the others in the next collective)
+    segment_start = trainer.step_times[0][0] - 1 if trainer.step_times else 0   # > 0 after --resume
+    steady_after = max([segment_start + STEADY_AFTER,
+                        *dist.gather_per_process(trainer, max(trainer.compile_steps, default=0))])
+    steady = dist.sum_over_processes(trainer, steady_rate(trainer.step_times, steady_after) or 0.0)
     # per trained parameter: weight + grad + optimizer state (not under FSDP: DTensor sizes are whole)
     per_param = modes.bytes_per_parameter(model, trainer.optimizer) if strat != "fsdp" else None
     from vlm.train.fsdp_units import sharding_report
@@ -256,7 +262,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "compiled_layers": plan.compiled,
         "vision_attention_batched": fast.vision_attention_batched,
         "compiled_vision_blocks": fast.compiled_vision_blocks,
-        "dynamo_graphs": _dynamo_graphs(),     # graphs torch.compile built in this process
+        "dynamo_graphs": dynamo_graphs(),      # graphs torch.compile built in this process
+        "compile_steps": trainer.compile_steps,   # optimizer steps that compiled (this process)
+        "steady_after_step": steady_after,
         "mlp_chunks": fast.mlp_chunks,
         "cuda_graphs": plan.cuda_graphs,
         "padded_to": plan.pad_to,
@@ -278,7 +286,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "tokens_per_s": round(whole["tokens"] / whole["train_seconds"], 1) if whole["train_seconds"] else None,
         "computed_tokens": int(computed),   # this segment's, padding included
         "padding_fraction": round(1 - tokens / computed, 4) if computed else None,
-        # this segment's, from optimizer step STEADY_AFTER + 1 on (compile excluded), summed over processes
+        # this segment's, after step steady_after (warm-up and every compile excluded), summed over
+        # processes; None when the run ended less than two steps after its last compile
         "tokens_per_s_steady": round(steady, 1) if steady else None,
         "segments": int(before["segments"]) + 1,
         "this_segment": segment,            # what this invocation (after a resume: since it) did
@@ -299,14 +308,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         write_json(out / "summary.json", summary)
     return TrainResult(out, adapter_dir, summary)
 
-
-def _dynamo_graphs() -> int:
-    """How many graphs dynamo compiled in this process (0 when nothing was compiled)."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:   # pragma: no cover - torch without dynamo
-        return 0
-    return int(counters["stats"]["unique_graphs"])
 
 
 def token_budget_line(budget) -> str:

@@ -4,7 +4,8 @@
   (``vlm.train.distributed``: resume on another number of processes), their config and the run's
   totals so far (tokens, seconds, segments),
 - tokens counted per step (non-padding tokens) for tokens/s, over the whole run and in steady state
-  (from the start of optimizer step ``STEADY_AFTER + 1``: compile and warm-up excluded),
+  (after optimizer step ``STEADY_AFTER`` and after the last step in which torch.compile built a graph
+  in any process: ``compile_steps``; a late recompile — a new shape — restarts the window),
 - peak memory split into loading (everything before the first step) and training,
 - an optional sampler supplied by the data pipeline (length-grouped, seeded: resume-exact),
 - loss computed by the model (so fused-CE kernels patched into the model apply),
@@ -29,6 +30,26 @@ from vlm.train.checkpoints import begin_save, mark_complete
 STEADY_AFTER = 2   # optimizer steps left out of the steady-state rate (compile, allocator warm-up)
 
 
+def dynamo_graphs() -> int:
+    """How many graphs dynamo compiled in this process so far (0 when nothing was compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:   # pragma: no cover - torch without dynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def steady_rate(step_times: list, after_step: int) -> float | None:
+    """Non-padding tokens per second over the optimizer steps after ``after_step``, from the step
+    clock (``(step, seconds, tokens, data wait)`` per step); None when fewer than two steps follow
+    it (a steady rate needs a window, not one step)."""
+    start = [e for e in step_times if e[0] <= after_step]
+    end = step_times[-1] if step_times else None
+    if not start or end is None or end[0] - start[-1][0] < 2 or end[1] <= start[-1][1]:
+        return None
+    return (end[2] - start[-1][2]) / (end[1] - start[-1][1])
+
+
 class VlmTrainer(Trainer):
     def __init__(self, *args, train_sampler_factory=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -46,6 +67,8 @@ class VlmTrainer(Trainer):
         self.add_callback(_StepClock(self))
         self._steady0 = None          # (time, tokens) when optimizer step STEADY_AFTER + 1 began
         self.steady_tokens_per_s = None
+        self.compile_steps: list[int] = []   # optimizer steps in which this process compiled a graph
+        self._graphs_seen = dynamo_graphs()
         self.load_peak_bytes = None   # peak memory before the first step (model load, data, setup)
         # set by the recipe: recorded in each checkpoint's completion marker (vlm.train.checkpoints)
         self.checkpoint_record: dict = {}
@@ -204,3 +227,9 @@ class _StepClock(TrainerCallback):
         if tr._t0 is not None:
             tr.step_times.append((state.global_step, round(now - tr._t0, 4), tr.tokens_seen - tr._tokens0,
                                   round(tr.data_wait_seconds, 4)))
+        graphs = dynamo_graphs()
+        if graphs != tr._graphs_seen:   # compiled in this step: the live steady window starts again
+            tr._graphs_seen = graphs
+            tr.compile_steps.append(state.global_step)
+            if state.global_step >= STEADY_AFTER:
+                tr._steady0 = None

@@ -34,28 +34,15 @@ import threading
 import torch
 import torch.nn.functional as F
 
+# the boundary rule (where a segment starts; cu_seqlens as the kernels take them) lives on the data
+# side, where the packing collator applies it to each batch
+from vlm.data_formats.segments import padded_boundaries, segment_boundaries  # noqa: F401
+
 NAME = "vlm_varlen"
 _state = threading.local()   # .packed: the current forward carries segment boundaries (no mask needed)
 
 
 # --- the math ----------------------------------------------------------------------------------
-
-def segment_boundaries(text_positions: torch.Tensor) -> list[int]:
-    """Cumulative boundaries over the flattened (B, L) positions: a segment starts at every row
-    start and wherever a position does not follow its predecessor by 1 (where packing restarts it)."""
-    flat = text_positions.detach().reshape(-1).cpu()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] - flat[:-1] != 1
-    starts[::text_positions.shape[-1]] = True
-    return starts.nonzero().flatten().tolist() + [int(flat.numel())]
-
-
-def padded_boundaries(bounds: list[int], device) -> torch.Tensor:
-    """``bounds`` as int32 on ``device``, padded by repeating the end (empty segments) to a power of
-    two entries, so that compiled layers see few distinct lengths (one dynamic recompile at most)."""
-    size = 1 << max(len(bounds) - 1, 1).bit_length()
-    return torch.tensor(bounds + [bounds[-1]] * (size - len(bounds)), dtype=torch.int32, device=device)
-
 
 def reference_varlen(q, k, v, cu_seqlens, *, scale: float, window: int | None = None,
                      causal: bool = True) -> torch.Tensor:

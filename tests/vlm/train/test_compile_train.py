@@ -45,6 +45,9 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, tiny_checkpoint):
     got = json.loads((tmp_path / "compiled" / "out" / "summary.json").read_text())
     assert got["compiled_layers"] is True and got["resumed_from"].endswith("checkpoint-2")
     assert got["compiled_vision_blocks"] > 0   # the frozen, batched Qwen2-VL tower compiles too
+    # the resumed process compiles its graphs again in its first step: the steady window starts after it
+    assert got["compile_steps"][0] == 3 and got["steady_after_step"] >= max(got["compile_steps"])
+    assert ref["compile_steps"] == [] and ref["steady_after_step"] == 2
     assert [s for s, _ in got["loss_history"]] == [s for s, _ in ref["loss_history"]] == [1, 2, 3, 4]
     for (step, a), (_, b) in zip(got["loss_history"], ref["loss_history"]):
         assert a == pytest.approx(b, rel=1e-4), f"step {step}: compiled {a} vs eager {b}"

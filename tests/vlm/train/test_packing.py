@@ -101,7 +101,7 @@ def _token_loss_sum_and_grads(model, batches):
 @pytest.mark.parametrize("attention", ["varlen", "mask"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_packed_equals_unpacked(tiny_checkpoint, variant, attention, tmp_path):
-    from vlm.train.packed_forward import enable
+    from vlm.train.packed_forward import collator_positions, enable
     from vlm.train.varlen_attention import refusal as varlen_refusal
 
     model, collator = _load(tiny_checkpoint, variant)
@@ -118,7 +118,9 @@ def test_packed_equals_unpacked(tiny_checkpoint, variant, attention, tmp_path):
     assert all(b["attention_mask"].all() for b in alone)   # unpadded: each sample as it is alone
     ref_loss, ref_grads = _token_loss_sum_and_grads(model, alone)
 
-    packer = PackingCollator(collator, packed=True, max_tokens=1024, buckets=4, multiple=64)
+    # the batch ships its boundaries and (M-RoPE) positions, computed on CPU as in `vlm train`
+    packer = PackingCollator(collator, packed=True, max_tokens=1024, buckets=4, multiple=64,
+                             mrope_positions=collator_positions(model, family))
     packed = packer([samples[:-1], samples[-1:]])   # two rows: segments restart at a row boundary too
     lengths = [b["input_ids"].shape[1] for b in alone]
     assert packed["input_ids"].shape == (2, bucket_length(sum(lengths[:-1]), 1024, 4, 64))
