@@ -147,6 +147,19 @@ class GgufSupport:
     # a defect of llama.cpp's runtime (the pinned version) that makes its output differ from
     # transformers' for this family although the files are right: printed by the export
     runtime_caveat: str | None = None
+    # (old, new) tensor-name prefixes the projector converter should read renamed: where transformers
+    # saves a tower under other names than the hub checkpoints the converter's tensor map knows
+    mmproj_renames: tuple[tuple[str, str], ...] = ()
+    # (before, after): text the family's processor writes around each image that llama.cpp's mtmd
+    # does not (mtmd writes only the image's begin/end tokens): put around the media marker so
+    # llama.cpp sees the prompt transformers was trained on (Gemma 3: "\n\n" on both sides)
+    marker_context: tuple[str, str] = ("", "")
+    # the converter should write which layers are sliding-window ones from the config's layer_types
+    # (it leaves llama.cpp to assume the real checkpoints' pattern: see gguf_convert)
+    layer_types_pattern: bool = False
+    # the converter reads this family's vocabulary from the SentencePiece model (tokenizer.model)
+    # the hub's checkpoints ship; without it the export is refused by name
+    needs_sentencepiece_model: bool = False
 
 
 @dataclass(frozen=True)
