@@ -33,10 +33,32 @@ def llava_style_components() -> dict[str, tuple[str, ...]]:
 
 # The checkpoint -> vLLM module renaming of the families whose vLLM class nests the text model as
 # ``language_model.model`` (vLLM's ``hf_to_vllm_mapper``, transformers-5 checkpoint layout).
-def llava_style_vllm_renames(vision: str) -> tuple[tuple[str, str], ...]:
-    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vision}."),
+# ``vllm_vision``: vLLM's module path of the tower where it differs from ``vision`` (a CLIP/SigLIP
+# tower that vLLM, like the hub's checkpoints, nests as ``vision_tower.vision_model``).
+def llava_style_vllm_renames(vision: str, vllm_vision: str | None = None) -> tuple[tuple[str, str], ...]:
+    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vllm_vision or vision}."),
             ("model.multi_modal_projector.", "multi_modal_projector."),
             ("lm_head", "language_model.lm_head"))
+
+
+@dataclass(frozen=True)
+class KeyRename:
+    """One rule of the hub checkpoint layout: a saved tensor name that starts with ``saved`` (and not
+    already with ``hub``) is written as ``hub`` + the rest of the name.
+
+    Why: transformers 5 flattens some towers (``CLIPVisionModel``/``SiglipVisionModel`` lost their
+    ``vision_model`` level) and on save writes the flattened names; the hub's checkpoints, vLLM and
+    transformers 4 know only the nested ones, and transformers 5 loads both (its checkpoint
+    conversion mapping). The ``hub``-prefix guard makes the rule idempotent: a model loaded from a
+    hub checkpoint is already written back in the hub's names."""
+
+    saved: str
+    hub: str
+
+    def apply(self, key: str) -> str:
+        if key.startswith(self.saved) and not key.startswith(self.hub):
+            return self.hub + key[len(self.saved):]
+        return key
 
 
 @dataclass(frozen=True)
@@ -168,6 +190,10 @@ class Family:
     gguf: GgufSupport | None = None        # None: llama.cpp cannot run the family (export refuses)
     # extra predicate on the config (e.g. LLaVA layout with a Pixtral vision tower)
     config_matches: Callable[[Any], bool] | None = None
+    # How this project's saved checkpoints (merged exports, full fine-tunes, the zoo) are renamed
+    # into the hub's layout after transformers writes them (first matching rule wins); empty: the
+    # names transformers writes are the hub's (vlm.checkpoint_layout applies the rules).
+    hub_layout: tuple[KeyRename, ...] = ()
     # Full names of the ModuleLists of vision transformer blocks (compiled one by one when frozen);
     # alternatives where transformers versions nest the tower differently (those present are used).
     vision_blocks: tuple[str, ...] = ()
@@ -224,6 +250,14 @@ class Family:
             except AttributeError:
                 continue
         return found
+
+    def hub_key(self, key: str) -> str:
+        """The hub checkpoint's name for a tensor name as transformers saves it (``hub_layout``)."""
+        for rule in self.hub_layout:
+            renamed = rule.apply(key)
+            if renamed != key:
+                return renamed
+        return key
 
     @property
     def lora_language_targets(self) -> tuple[str, ...]:

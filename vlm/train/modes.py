@@ -297,6 +297,7 @@ def save_output(model, processor, out: Path, *, cfg, resolution) -> Path:
     from safetensors.torch import save_file
 
     from vlm.atomic import replacing_folder, write_json
+    from vlm.checkpoint_layout import save_model
     from vlm.data_formats.resolution import save_resolution
     from vlm.train.config import to_plain
 
@@ -307,7 +308,7 @@ def save_output(model, processor, out: Path, *, cfg, resolution) -> Path:
                         "training": to_plain(cfg.training)}}
     with replacing_folder(target) as tmp:
         if cfg.method == "full":
-            model.save_pretrained(tmp, safe_serialization=True)
+            save_model(model, tmp, family, safe_serialization=True)   # hub names: vLLM serves it
         else:
             tensors = projector_state_dict(model, family)
             dtype = model.dtype
