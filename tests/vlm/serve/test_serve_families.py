@@ -39,17 +39,12 @@ def _needs_vllm():
 
 
 def chat_needs_bos(checkpoint) -> bool:
-    """Whether transformers puts a BOS before this checkpoint's rendered chat prompt that its
-    template does not write (the one-BOS rule, ``adds_bos``): vLLM's chat API then reads none unless
-    the request asks for ``add_special_tokens``."""
+    """The endpoint eval's rule (``template_omits_bos``) for this checkpoint's processor."""
     from transformers import AutoProcessor
 
-    from vlm.data_formats.chat_render import adds_bos
-    from vlm.export.verify import probe_messages
+    from vlm.eval.endpoint import template_omits_bos
 
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    rendered = processor.apply_chat_template(probe_messages(), add_generation_prompt=True)
-    return processor.tokenizer.bos_token is not None and adds_bos(processor.tokenizer, rendered)
+    return template_omits_bos(AutoProcessor.from_pretrained(checkpoint))
 
 
 @pytest.fixture(scope="module")
