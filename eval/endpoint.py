@@ -78,9 +78,23 @@ def video_media_io_kwargs(metadata: dict) -> dict:
             "duration": float(metadata["duration"]), "do_sample_frames": False}
 
 
-def build_request(served_model: str, item, prompt: str, settings: GenerationSettings) -> dict:
+def template_omits_bos(processor) -> bool:
+    """Whether transformers (and our training and local eval: the one-BOS rule, ``adds_bos``) puts
+    a BOS before this processor's rendered chat prompt that its chat template does not write
+    (LLaVA-1.5). vLLM's chat API adds no special tokens by default, so such a model served by it
+    reads no BOS unless the request sets ``add_special_tokens``."""
+    from vlm.data_formats.chat_render import adds_bos
+    from vlm.export.verify import probe_messages
+
+    rendered = processor.apply_chat_template(probe_messages(), add_generation_prompt=True)
+    return processor.tokenizer.bos_token is not None and adds_bos(processor.tokenizer, rendered)
+
+
+def build_request(served_model: str, item, prompt: str, settings: GenerationSettings,
+                  add_special_tokens: bool = False) -> dict:
     """The JSON body of one chat-completions request for an eval item (``.image`` or ``.video``;
-    a bare PIL image is taken as an image item)."""
+    a bare PIL image is taken as an image item). ``add_special_tokens``: vLLM's request field that
+    makes the server add the tokenizer's BOS (:func:`template_omits_bos`)."""
     video = getattr(item, "video", None)
     image = item.image if hasattr(item, "image") else item
     if video is not None:
@@ -98,6 +112,8 @@ def build_request(served_model: str, item, prompt: str, settings: GenerationSett
         body["media_io_kwargs"] = {"video": video_media_io_kwargs(metadata)}
     if settings.min_new_tokens:
         body["min_tokens"] = settings.min_new_tokens
+    if add_special_tokens:
+        body["add_special_tokens"] = True
     return body
 
 
@@ -115,7 +131,7 @@ class EndpointClient:
     """``EndpointClient(url, served_model).generate(items, settings) -> GenerationResult``."""
 
     def __init__(self, url: str, served_model: str, *, timeout: float = 120.0, api_key: str | None = None,
-                 concurrency: int = 1):
+                 concurrency: int = 1, add_special_tokens: bool = False):
         if not served_model:
             raise EndpointError("--served-model is required with --endpoint: the name the server serves "
                                 "the model (or LoRA adapter) under, as listed by GET /v1/models")
@@ -124,6 +140,7 @@ class EndpointClient:
         self.timeout = timeout
         self.api_key = api_key
         self.concurrency = max(1, int(concurrency))
+        self.add_special_tokens = add_special_tokens   # ask the server for the BOS its template omits
 
     def _post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -148,7 +165,8 @@ class EndpointClient:
 
     def caption(self, item, prompt: str, settings: GenerationSettings) -> tuple[str, int | None]:
         """``item``: an eval item (image or video) or a PIL image."""
-        return parse_response(self._post(build_request(self.served_model, item, prompt, settings)))
+        return parse_response(self._post(build_request(self.served_model, item, prompt, settings,
+                                                       add_special_tokens=self.add_special_tokens)))
 
     def generate(self, items: Sequence, settings: GenerationSettings) -> GenerationResult:
         def one(it):

@@ -33,7 +33,7 @@ def run_gguf_variant(spec: str, model_path: str, adapter: str | None, items, set
 
     from vlm.export.gguf import export_gguf
     from vlm.export.gguf_runtime import GgufModel
-    from vlm.export.gguf_verify import image_token_ids
+    from vlm.export.gguf_verify import gguf_prompt_text, image_token_ids
     from vlm.families.registry import family_for_config
 
     quant = spec.partition(":")[2] or "f16"
@@ -52,7 +52,7 @@ def run_gguf_variant(spec: str, model_path: str, adapter: str | None, items, set
         try:
             captions, counts, t0 = [], [], time.perf_counter()
             for it in items:
-                text = chat_text(processor, prompt_for(it, settings)).replace(family.image_placeholder, gg.marker)
+                text = gguf_prompt_text(chat_text(processor, prompt_for(it, settings)), family, gg.marker)
                 _layout, logits = gg.prompt(text, [it.image], image_token_id, break_id)
                 ids: list[int] = []
                 while len(ids) < settings.max_new_tokens:
@@ -77,13 +77,13 @@ def run_gguf_variant(spec: str, model_path: str, adapter: str | None, items, set
                 only = processor(text=[prompt], images=[it.image], return_tensors="pt", add_special_tokens=special)
                 full_ids, prompt_ids = full["input_ids"][0].tolist(), only["input_ids"][0].tolist()
                 b = max(_common_prefix(full_ids, prompt_ids), 1)
-                layout, _ = gg.prompt(prompt.replace(family.image_placeholder, gg.marker), [it.image], image_token_id,
+                layout, _ = gg.prompt(gguf_prompt_text(prompt, family, gg.marker), [it.image], image_token_id,
                                       break_id)
                 if layout[:b] != full_ids[:b] or len(layout) != len(prompt_ids):
                     raise RuntimeError(f"{spec}: llama.cpp laid out the prompt of item {it!r:.60} differently "
                                        "from transformers' processor")
                 targets = full_ids[b:]
-                rows = gg.teacher_forced(prompt.replace(family.image_placeholder, gg.marker), [it.image],
+                rows = gg.teacher_forced(gguf_prompt_text(prompt, family, gg.marker), [it.image],
                                          image_token_id, targets, break_id) if b == len(prompt_ids) else None
                 if rows is None:
                     raise RuntimeError(f"{spec}: the reference caption merges with the prompt's last token")

@@ -217,8 +217,18 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] | None = None) -> di
 
             name = f"endpoint:{config.served_model}"
             log(f"eval: {name}: {config.endpoint}")
+            add_bos = False
+            if config.model:   # the local checkpoint says whether its template writes the BOS
+                from transformers import AutoProcessor
+
+                from vlm.eval.endpoint import template_omits_bos
+
+                add_bos = template_omits_bos(AutoProcessor.from_pretrained(config.model))
+                if add_bos:
+                    log(f"eval: {name}: the chat template writes no BOS and the local model reads one: "
+                        "requests set add_special_tokens (vLLM's chat API adds none by default)")
             client = EndpointClient(config.endpoint, config.served_model, timeout=config.endpoint_timeout,
-                                    concurrency=config.endpoint_concurrency,
+                                    concurrency=config.endpoint_concurrency, add_special_tokens=add_bos,
                                     api_key=config.api_key or os.environ.get("VLM_API_KEY"))
             gen = client.generate(items, settings)
             results["variants"].append(_variant_record(name, config.served_model, "endpoint", gen, config))

@@ -61,3 +61,25 @@ def test_tiny_full_finetuning_rows_run_and_agree(tmp_path):
     for (step, a), (_, b) in zip(fsdp["loss_history"], one["loss_history"], strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), f"step {step}: FSDP2 {a} vs 1 process {b}"
     assert "| full_fsdp2 | 2 | 1 row(s) | bf16 |" in (tmp_path / "multi_gpu_packed_tiny.md").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_reduces_in_fp32_and_keeps_the_loss(tmp_path):
+    """bf16 training under FSDP2: accelerate's own policy (param, reduce and output dtype bf16) cast
+    the loss to bf16 and averaged gradients in bf16 (seen on 2 × H200: FSDP2 losses were bf16 values).
+    The units must run with the recipe's policy — compute in bf16, reduce in fp32, outputs uncast — and
+    the loss curve must be the one-process curve."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--tiny", "--device", "cpu",
+                        "--root", str(tmp_path), "--runs", "1gpu_eager,fsdp2", "--steps", "3",
+                        "--extra", "model.dtype=bf16", "training.precision=bf16"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["run"]: row for row in json.loads((tmp_path / "multi_gpu_packed_tiny.json").read_text())["rows"]}
+    one, fsdp = [loss for _, loss in rows["1gpu_eager"]["loss_history"]], [loss for _, loss in rows["fsdp2"]["loss_history"]]
+    assert fsdp == pytest.approx(one, rel=2e-3)
+    sharding = json.loads((tmp_path / "run_fsdp2" / "summary.json").read_text())["sharding"]
+    assert sharding["mixed_precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32", "output_dtype": None}

@@ -51,9 +51,9 @@ EXPECTED["qwen3_vl"] = QWEN[11:]   # no default system prompt; 64px -> 4x4 patch
 # it; the assistant is "model".
 EXPECTED["gemma3"] = ([("<bos>", N), ("<start_of_turn>", N), ("user", N), ("\n\n\n", N),
                        ("<start_of_image>", N)] + [("<image_soft_token>", N)] * 4
-                      + [("<end_of_image>", N), ("\n\n", N), ("Describe", N), ("▁the", N), ("▁image.", N),
-                         ("<end_of_turn>", N), ("\n", N), ("<start_of_turn>", N), ("m", N), ("o", N),
-                         ("de", N), ("l", N), ("\n", N), ("a", Y), ("▁red", Y), ("▁circle", Y),
+                      + [("<end_of_image>", N), ("\n\n", N), ("Describe", N), ("▁the", N), ("▁image", N),
+                         (".", N), ("<end_of_turn>", N), ("\n", N), ("<start_of_turn>", N), ("m", N), ("o", N),
+                         ("del", N), ("\n", N), ("a", Y), ("▁red", Y), ("▁circle", Y),
                          ("<end_of_turn>", Y), ("\n", N)])
 # Mistral-Small-3.1: the default system prompt (SYSTEM below: its tokens, none trained); 64px is
 # resized up to 84 px (a multiple of patch 14 x merge 2) -> 6x6 patches -> 3 rows of 3 merged

@@ -116,3 +116,44 @@ def test_refused_item_is_named(stub, tmp_path):
     items = read_eval_items(data)
     with pytest.raises(EndpointError, match=rf"^{data}, record 0 \(image\): endpoint .* HTTP 404"):
         EndpointClient(stub, "wrong-name").generate(items[:1], GenerationSettings())
+
+
+def _zoo_variants():
+    from vlm.zoo import VARIANTS
+
+    return sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", _zoo_variants())
+def test_template_omits_bos_matches_what_transformers_feeds(variant, tiny_checkpoint):
+    """The rule that decides ``add_special_tokens`` for an endpoint: transformers' own tokenized chat
+    prompt starts with a BOS that the rendered template text does not hold."""
+    from transformers import AutoProcessor
+
+    from vlm.eval.endpoint import template_omits_bos
+    from vlm.export.verify import probe_messages
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint(variant))
+    tok = processor.tokenizer
+    rendered = processor.apply_chat_template(probe_messages(), add_generation_prompt=True)
+    with_image = [{**m, "content": [{**c, "image": Image.new("RGB", (56, 56), (120, 30, 200))}
+                                    if c.get("type") == "image" else c for c in m["content"]]}
+                  if isinstance(m["content"], list) else m for m in probe_messages()]
+    out = processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True, return_tensors="pt")
+    first = int(out["input_ids"][0, 0])
+    fed_bos = tok.bos_token_id is not None and first == tok.bos_token_id
+    assert template_omits_bos(processor) == (fed_bos and not rendered.startswith(tok.bos_token))
+
+
+@pytest.mark.parametrize("variant,expected", [("llava", True), ("qwen2_vl", False)])
+def test_endpoint_eval_asks_for_the_bos_the_template_omits(variant, expected, stub, tmp_path, tiny_checkpoint):
+    """`vlm eval --model M --endpoint URL`: LLaVA-1.5's template writes no BOS but the model is trained
+    and evaluated locally with one, so requests ask vLLM to add it; Qwen2-VL has no BOS."""
+    from vlm.eval.harness import EvalConfig, run_eval
+
+    config = EvalConfig(data=str(write_eval_file(tmp_path / "data")), model=str(tiny_checkpoint(variant)),
+                        endpoint=stub, served_model="served-name", out=str(tmp_path / "out"),
+                        max_new_tokens=3, meteor=False, spice=False, device="cpu")
+    run_eval(config, log=lambda msg: None)
+    assert _Stub.received and all(body.get("add_special_tokens", False) is expected for _, body in _Stub.received)

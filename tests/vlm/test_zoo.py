@@ -88,3 +88,30 @@ def test_same_seed_same_bytes(tiny_checkpoint, tmp_path, variant):
 def test_unknown_variant_names_the_known_ones(tmp_path):
     with pytest.raises(VlmError, match=", ".join(VARIANTS)):
         build_tiny("gpt2", tmp_path)
+
+
+HOSTILE_TEXTS = ["Hello  world\t tab  ", "émoji 🤖 ünïcödé 日本語", "a\n\n\n\n\nb\n\n\n c", "12345 67.8",
+                 "   leading", "trailing   ", "<0x41> <mask>x", "<start_of_turn>user\nDescribe<end_of_turn>\n",
+                 "x<start_of_image>y<end_of_image>z", "a small red circle in the top left corner"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sentencepiece_model_and_tokenizer_json_agree(tiny_checkpoint, variant):
+    """Where a zoo checkpoint ships tokenizer.model (Gemma 3, as the hub's; llama.cpp's converter
+    reads it), transformers' tokenizer (tokenizer.json) gives the same ids for the same text: the
+    corpus and text with runs of spaces/newlines, tabs, unknown characters, digits, markers."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from vlm.zoo.corpus import corpus_lines
+
+    path = tiny_checkpoint(variant)
+    if not (path / "tokenizer.model").is_file():
+        pytest.skip(f"{variant}: its real checkpoints ship tokenizer.json only")
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(path)
+    assert spm.get_piece_size() <= len(tok)
+    assert [spm.id_to_piece(i) for i in range(spm.get_piece_size())] == tok.convert_ids_to_tokens(
+        list(range(spm.get_piece_size())))
+    for text in list(corpus_lines()) + HOSTILE_TEXTS:
+        assert spm.encode(text) == tok.encode(text, add_special_tokens=False), text

@@ -6,7 +6,8 @@ projector, the file llama.cpp's multimodal runtime ``mtmd`` loads beside it) and
 is dequantized under its recorded plan, then W = W0 + s·B·A) or a 16-bit checkpoint folder.
 
 Order: everything that can refuse is asked before any weight is touched — the family (llama.cpp
-runs it?), the toolchain (converter sources; the runtime for q4_k_m), and the tokenizer (the
+runs it?), its SentencePiece model where the converter reads one (Gemma 3's ``tokenizer.model``,
+taken from the base checkpoint for an adapter), the toolchain (converter sources; the runtime for q4_k_m), and the tokenizer (the
 converter's own ``--vocab-only`` pass on it). Then merge, convert, quantize, write atomically.
 
 Quantization: the converter writes f16 and q8_0 itself; q4_k_m is llama.cpp's quantizer
@@ -73,11 +74,15 @@ def _family(config_dir: Path):
     return family
 
 
-def _run_converter(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, vocab_only: bool = False) -> None:
+def _run_converter(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = False, vocab_only: bool = False,
+                   renames: tuple[tuple[str, str], ...] = (), layer_types_pattern: bool = False) -> None:
     from vlm.export.gguf_convert import EXIT_ARCH, EXIT_TOKENIZER
 
     cmd = [sys.executable, "-m", "vlm.export.gguf_convert", str(model_dir), str(out), "--outtype", outtype]
     cmd += ["--mmproj"] * mmproj + ["--vocab-only"] * vocab_only
+    for old, new in renames:
+        cmd += ["--rename-prefix", old, new]
+    cmd += ["--layer-types-pattern"] * layer_types_pattern
     done = subprocess.run(cmd, env=converter_env(), capture_output=True, text=True)
     if done.returncode == 0:
         return
@@ -88,24 +93,61 @@ def _run_converter(model_dir: Path, out: Path, outtype: str, *, mmproj: bool = F
                           + ":\n" + "\n".join(lines[-8:]))
 
 
+SENTENCEPIECE_MODEL = "tokenizer.model"
+
+
+def sentencepiece_model(tok_dir: Path, config_dir: Path, family) -> Path | None:
+    """The SentencePiece model the converter reads for ``family`` (``GgufSupport.needs_sentencepiece_model``):
+    ``tokenizer.model`` beside the tokenizer being exported, else in the base checkpoint (transformers 5
+    saves tokenizer.json only, so an adapter's or a merged folder's tokenizer comes without it).
+    Refused by name when missing, or when its pieces do not sit at the ids tokenizer.json gives them."""
+    if not family.gguf.needs_sentencepiece_model:
+        return None
+    found = next((d / SENTENCEPIECE_MODEL for d in (tok_dir, config_dir) if (d / SENTENCEPIECE_MODEL).is_file()), None)
+    if found is None:
+        raise GgufExportError(
+            f"{tok_dir}: no {SENTENCEPIECE_MODEL}: llama.cpp's converter reads {family.description}'s vocabulary "
+            f"from the SentencePiece model the hub's checkpoints ship beside tokenizer.json (without it, it cannot "
+            f"identify the tokenizer); copy {SENTENCEPIECE_MODEL} from the base checkpoint into {tok_dir}")
+    if not (tok_dir / "tokenizer.json").is_file():
+        return found          # the converter reads tokenizer.model alone
+    import sentencepiece
+
+    try:
+        spm = sentencepiece.SentencePieceProcessor(model_file=str(found))
+    except (OSError, RuntimeError) as e:
+        raise GgufExportError(f"{found} is not a SentencePiece model sentencepiece can read ({e})") from e
+    vocab = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    moved = [(i, spm.id_to_piece(i), vocab.get(spm.id_to_piece(i))) for i in range(spm.get_piece_size())
+             if vocab.get(spm.id_to_piece(i)) != i]
+    if moved:
+        i, piece, other = moved[0]
+        raise GgufExportError(f"{found} does not match {tok_dir / 'tokenizer.json'}: piece {piece!r} is id {i} in the "
+                              f"SentencePiece model, {other} in tokenizer.json ({len(moved)} pieces differ); export "
+                              "with the tokenizer.model this tokenizer was converted from")
+    return found
+
+
 def preflight(source: str | Path, quant: str, base: str | None = None):
-    """Every refusal, before work: returns (is_adapter, config folder, family)."""
+    """Every refusal, before work: returns (is_adapter, config folder, family, SentencePiece model or None)."""
     if quant not in QUANTS:
         raise GgufExportError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
     source = Path(source).expanduser()
     is_adapter, config_dir = _source_folders(source, base)
     family = _family(config_dir)
+    tok_dir = source if is_adapter and (source / "tokenizer_config.json").is_file() else config_dir
+    spm_model = sentencepiece_model(tok_dir, config_dir, family)
     llama_cpp_source()
     if quant == "q4_k_m":
         require_runtime("--quant q4_k_m (llama.cpp's k-quant quantizer)")
-    tok_dir = source if is_adapter and (source / "tokenizer_config.json").is_file() else config_dir
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe"
         probe.mkdir()
-        for f in list(tok_dir.glob("tokenizer*")) + [config_dir / "config.json"]:
+        for f in list(tok_dir.glob("tokenizer*")) + [config_dir / "config.json"] + ([spm_model] if spm_model else []):
             (probe / f.name).write_bytes(f.read_bytes())
-        _run_converter(probe, Path(tmp) / "vocab.gguf", "f16", vocab_only=True)
-    return is_adapter, config_dir, family
+        _run_converter(probe, Path(tmp) / "vocab.gguf", "f16", vocab_only=True,
+                       layer_types_pattern=family.gguf.layer_types_pattern)
+    return is_adapter, config_dir, family, spm_model
 
 
 def quantize(src: Path, dst: Path, quant: str) -> None:
@@ -131,7 +173,7 @@ def export_gguf(source: str | Path, out: str | Path, *, quant: str = "f16", base
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise GgufExportError(f"{out} already exists: choose another folder or pass --overwrite")
-    is_adapter, _config_dir, family = preflight(source, quant, base)
+    is_adapter, _config_dir, family, spm_model = preflight(source, quant, base)
     if family.gguf.runtime_caveat:
         log(f"gguf: warning: {family.gguf.runtime_caveat}")
     with tempfile.TemporaryDirectory(prefix="vlm-gguf-") as work_str, replacing_folder(out) as tmp:
@@ -142,16 +184,19 @@ def export_gguf(source: str | Path, out: str | Path, *, quant: str = "f16", base
 
             log(f"gguf: merging {source} into its base")
             model_dir = export_merged(source, work / "merged", base=base)
+            if spm_model is not None and not (model_dir / SENTENCEPIECE_MODEL).is_file():
+                (model_dir / SENTENCEPIECE_MODEL).write_bytes(spm_model.read_bytes())   # our work folder
         log(f"gguf: language model ({quant})")
+        pattern = family.gguf.layer_types_pattern
         if quant == "q4_k_m":
-            _run_converter(model_dir, work / "model-f16.gguf", "f16")
+            _run_converter(model_dir, work / "model-f16.gguf", "f16", layer_types_pattern=pattern)
             quantize(work / "model-f16.gguf", tmp / model_file(quant), quant)
         else:
-            _run_converter(model_dir, tmp / model_file(quant), quant)
+            _run_converter(model_dir, tmp / model_file(quant), quant, layer_types_pattern=pattern)
         log("gguf: vision projector (f16)")
         if family.gguf.mmproj == "clip_legacy":
             write_clip_mmproj(model_dir, tmp / MMPROJ_FILE, work)
         else:
-            _run_converter(model_dir, tmp / MMPROJ_FILE, "f16", mmproj=True)
+            _run_converter(model_dir, tmp / MMPROJ_FILE, "f16", mmproj=True, renames=family.gguf.mmproj_renames)
         (tmp / "Modelfile").write_text(modelfile_text(family, model_file(quant), MMPROJ_FILE))
     return out

@@ -34,6 +34,14 @@ def probe_image_for(processor, family=None):
     return probe_image(size)
 
 
+def gguf_prompt_text(prompt: str, family, marker: str) -> str:
+    """The chat prompt as llama.cpp takes it: each image placeholder becomes mtmd's media marker,
+    with the text the family's processor writes around an image that mtmd does not
+    (``GgufSupport.marker_context``)."""
+    before, after = family.gguf.marker_context if family.gguf is not None else ("", "")
+    return prompt.replace(family.image_placeholder, before + marker + after)
+
+
 def image_token_ids(config, tokenizer, family) -> tuple[int, int | None]:
     """(image token id, row-break token id or None) of the checkpoint, for ``GgufModel.prompt``."""
     image_token_id = getattr(config, "image_token_id", None) or config.image_token_index
@@ -91,7 +99,7 @@ def compare_with_transformers(gguf_dir: str | Path, hf_dir: str | Path, *, n_tok
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     gg = GgufModel(gguf_dir)
     image_token_id, break_id = image_token_ids(model.config, processor.tokenizer, family)
-    gg_text = prompt.replace(family.image_placeholder, gg.marker)
+    gg_text = gguf_prompt_text(prompt, family, gg.marker)
     layout, _ = gg.prompt(gg_text, [image], image_token_id, break_id)
     hf_ids = inputs["input_ids"][0].tolist()
     diff = [] if layout == hf_ids else _extra_tokens(layout, hf_ids)

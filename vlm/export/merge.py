@@ -3,8 +3,9 @@
 Steps: load the base in 16 bit (if it is stored in 4/8 bit — a pre-quantized checkpoint, or the
 adapter's metadata says training quantized it — dequantize every bitsandbytes layer first, so the
 merged weights are exactly the weights the adapter was trained against: W = dequant(Q) + s·B·A);
-apply the adapter with PEFT; ``merge_and_unload``; save safetensors with the model's class as
-``architectures`` (what vLLM dispatches on); copy every processor, tokenizer and chat-template file
+apply the adapter with PEFT; ``merge_and_unload``; save safetensors under the hub's tensor names
+(``vlm.checkpoint_layout``: vLLM loads no other) with the model's class as ``architectures`` (what
+vLLM dispatches on); copy every processor, tokenizer and chat-template file
 verbatim; record our metadata (pixel limits, policy, provenance) under ``config.json["vlmtune"]``.
 
 Atomic: everything is written to a hidden temp folder beside OUT, fsynced, then renamed to OUT; a
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from vlm.atomic import replacing_folder
+from vlm.checkpoint_layout import save_model
 from vlm.errors import VlmError
 from vlm.export.adapter import read_adapter
 from vlm.export.metadata import CONFIG_KEY, policy_from_record, read_metadata
@@ -139,7 +141,7 @@ def export_merged(adapter: str | Path, out: str | Path, *, base: str | None = No
     family = model.vlm_family
     src_proc = Path(d["adapter"]) if _processor_files(Path(d["adapter"])) else Path(d["base"])
     with replacing_folder(out) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp, family)   # the hub's tensor names (Family.hub_layout): what vLLM loads
         for f in _processor_files(src_proc):
             dest = tmp / f.relative_to(src_proc)
             dest.parent.mkdir(parents=True, exist_ok=True)

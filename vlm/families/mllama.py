@@ -21,9 +21,11 @@ FAMILY = Family(
     zoo_variants=("mllama",),
     vllm=VllmSupport(architecture="MllamaForConditionalGeneration", lora=True, bnb_4bit=True,
                      module_renames=llava_style_vllm_renames("vision_model"),
-                     serving_gap=("any checkpoint with transformers 5.19: vLLM 0.32's Mllama input "
-                                  "processing calls MllamaProcessor._get_num_multimodal_tokens, which "
-                                  "transformers 5.19 does not have (the server exits at start-up)")),
+                     serving_gap=("any checkpoint with transformers 5.19 (not a tensor-name problem): vLLM "
+                                  "0.32 has no Mllama model of its own (removed in 0.10.2) and falls back "
+                                  "to its Transformers backend, whose input processing calls "
+                                  "MllamaProcessor._get_num_multimodal_tokens, which transformers 5.19 "
+                                  "does not have (the server exits at start-up)")),
     vision_blocks=("model.vision_model.transformer.layers", "model.vision_model.global_transformer.layers"),
     cross_attention_images=True,
     images_per_sample=True,

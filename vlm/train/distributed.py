@@ -158,8 +158,34 @@ def fsdp_on_cpu(trainer) -> bool:
     if state.distributed_type != DistributedType.MULTI_CPU:
         return False
     state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    if state.mixed_precision != "no":   # what accelerate's state does for a GPU FSDP plugin
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
+    return True
+
+
+def fsdp2_precision(trainer) -> bool:
+    """FSDP2's mixed-precision policy for our runs: compute in the training dtype, gradients reduced
+    across processes in fp32, the model's outputs left in the dtype it returns them. Returns True when
+    it set the policy.
+
+    accelerate derives the policy from the mixed precision alone — param, reduce *and output* dtype
+    bf16 — so the loss came back rounded to bf16 (2 × H200, Qwen2-VL-2B: 12.2500 where one process
+    logs 12.2256, `benchmarks/results/multi_gpu_packed_2b_NVIDIA_H200.md`) and the trainable weights'
+    gradients were averaged in bf16, where DDP averages LoRA's fp32 gradients in fp32. Reducing in
+    fp32 costs bytes only for what trains (LoRA: a few MB per step); FSDP2 casts each reduced shard
+    back to its parameter's dtype."""
+    state = trainer.accelerator.state
+    plugin = getattr(state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+        return False
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(state.mixed_precision))
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
+                                                         output_dtype=None)
     return True
 
 

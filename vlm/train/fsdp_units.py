@@ -25,8 +25,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def sharding_report(model) -> dict:
     """This process's parameter bytes (its shards) and the whole model's, and the FSDP2 units: how
-    many, and what the root unit holds whole through forward and backward (bytes, and the modules
-    by size)."""
+    many, what the root unit holds whole through forward and backward (bytes, and the modules by
+    size), and the mixed-precision policy they run with (``vlm.train.distributed.fsdp2_precision``)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -45,4 +45,8 @@ def sharding_report(model) -> dict:
                 root[module] = root.get(module, 0) + _nbytes(p)
         report["root_unit_bytes_whole"] = sum(root.values())
         report["root_unit_modules"] = sorted(root, key=lambda k: -root[k])[:8]
+        mp = getattr(model._get_fsdp_state(), "_mp_policy", None)   # what the units were built with
+        if mp is not None:
+            report["mixed_precision"] = {k: None if getattr(mp, k) is None else str(getattr(mp, k)).replace("torch.", "")
+                                         for k in ("param_dtype", "reduce_dtype", "output_dtype")}
     return report

@@ -360,6 +360,7 @@ def save_output(model, processor, out: Path, *, cfg, resolution, state_dict: dic
     from safetensors.torch import save_file
 
     from vlm.atomic import replacing_folder, write_json
+    from vlm.checkpoint_layout import save_model
     from vlm.data_formats.resolution import save_resolution
     from vlm.train.config import to_plain
 
@@ -370,8 +371,8 @@ def save_output(model, processor, out: Path, *, cfg, resolution, state_dict: dic
                         "training": to_plain(cfg.training)}}
     with replacing_folder(target) as tmp:
         if cfg.method == "full":
-            model.save_pretrained(tmp, safe_serialization=True,
-                                  **({} if state_dict is None else {"state_dict": state_dict}))
+            save_model(model, tmp, family, safe_serialization=True,   # hub names: vLLM serves it
+                       **({} if state_dict is None else {"state_dict": state_dict}))
         else:
             tensors = projector_state_dict(model, family) if state_dict is None else state_dict
             dtype = model.dtype

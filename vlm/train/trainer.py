@@ -86,9 +86,10 @@ class VlmTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        from vlm.train.distributed import fsdp_on_cpu
+        from vlm.train.distributed import fsdp2_precision, fsdp_on_cpu
 
-        fsdp_on_cpu(self)   # FSDP2 on CPU processes too (accelerate would run DDP there)
+        fsdp_on_cpu(self)      # FSDP2 on CPU processes too (accelerate would run DDP there)
+        fsdp2_precision(self)  # reduce in fp32, the loss as the model computes it (not bf16)
 
     # -- resume from a checkpoint written under another strategy (vlm.train.cross_resume) --------
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -46,12 +46,14 @@ def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, processor: Any,
     """Write model, processor (tokenizer, image processor, chat template) and generation config."""
     from transformers import GenerationConfig
 
+    from vlm.checkpoint_layout import save_model
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VlmError(f"zoo output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(**generation)
-    model.save_pretrained(out)
+    save_model(model, out)   # the hub's tensor names (Family.hub_layout), as real checkpoints have
     processor.save_pretrained(out)
     weights = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     if weights > MAX_BYTES:

@@ -9,11 +9,14 @@ sliding-window and full attention layers (here one of each, real 5:1), two RoPE 
 The projector's input projection is drawn at random (transformers zero-initialises it, see
 ``init_projection``).
 
-Tokenizer: SentencePiece-style BPE like Gemma's (spaces become ``▁``, no prefix space, byte
-fallback), with ``<pad> <eos> <bos> <unk> <mask> [multimodal]`` at their real ids 0..5, then the
-turn markers ``<start_of_turn>`` / ``<end_of_turn>`` (real: 105/106) and the byte tokens; the image
-tokens ``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>`` close the vocabulary as
-they do in the real one (255999, 256000, 262144).
+Tokenizer: as a real Gemma 3 checkpoint, a SentencePiece BPE model ``tokenizer.model`` (trained
+here by the ``sentencepiece`` library with Gemma's settings: spaces become ``▁``, no prefix space,
+byte fallback) and ``tokenizer.json``, transformers' own conversion of it (so both give the same ids
+for the same text; llama.cpp's converter reads the former). ``<pad> <eos> <bos> <unk>`` sit at their
+real ids 0..3, then ``<mask> [multimodal]``, the turn markers ``<start_of_turn>`` /
+``<end_of_turn>`` (real: 105/106) and the newline runs (user-defined pieces: always whole), then the
+byte pieces; ``<start_of_image>`` and ``<end_of_image>`` close the SentencePiece model and
+``<image_soft_token>`` is an added token past it, as in the real one (255999, 256000, 262144).
 
 Images: the processor replaces each ``<start_of_image>`` in the text by
 ``\\n\\n<start_of_image>`` + 4 x ``<image_soft_token>`` + ``<end_of_image>\\n\\n``.
@@ -23,8 +26,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlm.atomic import write_bytes
 from vlm.zoo import common
-from vlm.zoo.tokenizer import check_special_ids, train_bpe
+from vlm.zoo.tokenizer import check_special_ids, train_sentencepiece_bpe
 
 VOCAB_SIZE = 896
 HEAD_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<start_of_turn>",
@@ -34,6 +38,7 @@ HEAD_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "
 # "\n" ×1..4 up by text when it writes the image block. Here ×1..4, after the turn markers.
 NEWLINE_RUNS = tuple("\n" * k for k in range(1, 5))
 TAIL_SPECIALS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+SENTENCEPIECE_FILE = "tokenizer.model"
 BASE_VOCAB = VOCAB_SIZE - len(TAIL_SPECIALS)
 IDS = {t: i for i, t in enumerate(HEAD_SPECIALS)} | {t: BASE_VOCAB + i for i, t in enumerate(TAIL_SPECIALS)}
 IMAGE_SIZE = 56
@@ -86,15 +91,39 @@ CHAT_TEMPLATE = r"""{{ bos_token }}
 """
 
 
-def build_tokenizer():
-    """GemmaTokenizer (BPE with byte fallback) with the image tokens named as Gemma 3's are."""
-    from transformers import AddedToken, GemmaTokenizer
+def sentencepiece_model() -> bytes:
+    """The serialized ``tokenizer.model``: the trained BPE, then ``<start_of_image>`` and
+    ``<end_of_image>`` as user-defined pieces at the end (the real model's last pieces are its image
+    markers and reserved tokens; ``<image_soft_token>`` lies past it)."""
+    from sentencepiece import sentencepiece_model_pb2
 
-    vocab, merges = train_bpe("gemma", BASE_VOCAB, HEAD_SPECIALS + NEWLINE_RUNS)
-    tok = GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=131072, padding_side="left",
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(train_sentencepiece_bpe(BASE_VOCAB, HEAD_SPECIALS[:4], HEAD_SPECIALS[4:] + NEWLINE_RUNS))
+    for name in TAIL_SPECIALS[:-1]:
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = name, 0.0, proto.SentencePiece.Type.USER_DEFINED
+    return proto.SerializeToString()
+
+
+def build_tokenizer():
+    """GemmaTokenizer converted from ``sentencepiece_model()`` by transformers' own extractor (vocab
+    in piece order, merges from the pieces, ranked by id: the order SentencePiece's scores give),
+    with the image tokens named as Gemma 3's are."""
+    import tempfile
+
+    from tokenizers.models import BPE
+    from transformers import AddedToken, GemmaTokenizer
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    with tempfile.TemporaryDirectory() as spm_dir:
+        path = Path(spm_dir) / SENTENCEPIECE_FILE
+        path.write_bytes(sentencepiece_model())
+        spec = SentencePieceExtractor(str(path)).extract(BPE)
+    tok = GemmaTokenizer(vocab=spec["vocab"], merges=spec["merges"], model_max_length=131072, padding_side="left",
                          add_bos_token=True, add_eos_token=False,
                          boi_token="<start_of_image>", eoi_token="<end_of_image>",
                          image_token="<image_soft_token>")
+    # the user-defined pieces are added tokens: matched whole in text, as SentencePiece does
     tok.add_special_tokens({"additional_special_tokens": [
         AddedToken(t, special=True, normalized=False) for t in HEAD_SPECIALS[5:] + TAIL_SPECIALS]})
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NEWLINE_RUNS])
@@ -152,4 +181,7 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
                                 chat_template=CHAT_TEMPLATE, image_seq_length=MM_TOKENS_PER_IMAGE)
     generation = dict(bos_token_id=IDS["<bos>"], pad_token_id=IDS["<pad>"],
                       eos_token_id=[IDS["<eos>"], IDS["<end_of_turn>"]], do_sample=False)
-    return common.save_checkpoint(out_dir, model, processor, generation)
+    out = common.save_checkpoint(out_dir, model, processor, generation)
+    # transformers' GemmaTokenizer saves tokenizer.json only; the hub's checkpoints carry the model too
+    write_bytes(out / SENTENCEPIECE_FILE, sentencepiece_model())
+    return out

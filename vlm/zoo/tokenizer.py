@@ -7,12 +7,15 @@ Every family's real tokenizer is a BPE; they differ in how text is split before 
 - ``tekken``: byte-level BPE after Mistral's Tekken regex (Pixtral).
 - ``spm``: SentencePiece-style BPE (LLaVA-1.5's Llama 2 tokenizer): ``▁`` marks word starts,
   unknown characters fall back to byte tokens ``<0x00>``..``<0xFF>`` (ids 3..258, as in Llama 2).
-- ``gemma``: the same with no ``▁`` prepended to the text (Gemma's tokenizer only replaces spaces
-  by ``▁``); the byte tokens follow the head specials.
 
 ``train_bpe`` returns ``(vocab, merges)``; the builders hand them to the family's own transformers
 tokenizer class, so the saved tokenizer is what that class would load for a real checkpoint.
 Training is deterministic (fixed corpus, one thread) and takes a few milliseconds.
+
+Gemma's real checkpoints ship a SentencePiece model (``tokenizer.model``) beside ``tokenizer.json``
+(transformers' conversion of it), and llama.cpp's converter reads the former: for Gemma 3
+``train_sentencepiece_bpe`` trains one with the ``sentencepiece`` library itself, and the
+transformers tokenizer is converted from it as for a hub checkpoint (``vlm.zoo.gemma3``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ TEKKEN_REGEX = (r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{
                 r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
                 r"""|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _REGEXES = {"qwen2": QWEN2_REGEX, "llama3": LLAMA3_REGEX, "tekken": TEKKEN_REGEX}
-STYLES = ("qwen2", "llama3", "tekken", "spm", "gemma")
+STYLES = ("qwen2", "llama3", "tekken", "spm")
 SPM_BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 
 
@@ -50,12 +53,12 @@ def _byte_level_tokenizer(style: str):
     return tok
 
 
-def _spm_tokenizer(prepend_scheme: str = "always"):
+def _spm_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     # split=True while training keeps merges inside words, as SentencePiece does.
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     return tok
 
 
@@ -66,8 +69,8 @@ def _train(style: str, vocab_size: int, head_specials: tuple[str, ...]) -> str:
     if style not in STYLES:
         raise VlmError(f"tokenizer style {style!r} is not one of {', '.join(STYLES)}")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    if style in ("spm", "gemma"):
-        tok = _spm_tokenizer("always" if style == "spm" else "never")
+    if style == "spm":
+        tok = _spm_tokenizer()
         specials = list(head_specials) + list(SPM_BYTE_TOKENS)
         alphabet: list[str] = []
     else:
@@ -95,6 +98,34 @@ def train_bpe(style: str, vocab_size: int, head_specials: tuple[str, ...] = ()
                        f"choose a vocab size <= {len(vocab)}")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["merges"]]
     return vocab, merges
+
+
+@functools.lru_cache(maxsize=None)
+def train_sentencepiece_bpe(vocab_size: int, meta: tuple[str, str, str, str],
+                            user_defined: tuple[str, ...]) -> bytes:
+    """A SentencePiece BPE model (the serialized ``ModelProto`` of a ``tokenizer.model``) of
+    ``vocab_size`` pieces, trained by the ``sentencepiece`` library on the built-in corpus with
+    Gemma's settings: no normalization and no dummy prefix (spaces only become ``▁``), whitespace
+    runs may be pieces, digits split one by one, unknown characters fall back to byte pieces.
+
+    Ids: ``meta`` = (pad, eos, bos, unk) at 0..3 (Gemma's order), then ``user_defined`` (pieces
+    matched whole wherever they appear in text, as added tokens are in transformers), then the 256
+    byte pieces ``<0x00>``..``<0xFF>``, then the merges in the order SentencePiece learned them
+    (score −rank: the encoder applies the highest score first), then the corpus' characters."""
+    import io
+
+    import sentencepiece as spm
+
+    pad, eos, bos, unk = meta
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines()), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=pad, eos_piece=eos, bos_piece=bos, unk_piece=unk,
+        user_defined_symbols=list(user_defined), byte_fallback=True, add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, hard_vocab_limit=True, num_threads=1,
+        minloglevel=2)
+    return model.getvalue()
 
 
 def check_special_ids(tokenizer, expected: dict[str, int], length: int) -> None:

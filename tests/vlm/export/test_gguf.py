@@ -38,6 +38,55 @@ def test_family_llama_cpp_cannot_run_is_refused_first(variant, tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+SPM_VARIANTS = [v for f in all_families().values() if f.gguf and f.gguf.needs_sentencepiece_model
+                for v in f.zoo_variants]
+
+
+@pytest.mark.parametrize("variant", SPM_VARIANTS)
+def test_missing_or_foreign_sentencepiece_model_is_refused_first(variant, tmp_path, monkeypatch):
+    """Gemma 3: the converter reads tokenizer.model; a checkpoint without it (transformers 5 saves
+    tokenizer.json only) is refused naming the file, before the toolchain is even looked for; one
+    whose pieces sit at other ids than tokenizer.json's, or that is no SentencePiece model, too."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from vlm.export.gguf import GgufExportError, export_gguf
+
+    monkeypatch.setenv("VLM_GGUF_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("VLM_LLAMA_CPP_SRC", raising=False)
+    src = build_tiny(variant, tmp_path / variant)
+    spm_bytes = (src / "tokenizer.model").read_bytes()
+    (src / "tokenizer.model").unlink()
+    with pytest.raises(GgufExportError, match=f"{src}: no tokenizer.model.*copy tokenizer.model from the base"):
+        export_gguf(src, tmp_path / "out")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm_bytes)
+    a, b = proto.pieces[300].piece, proto.pieces[301].piece
+    proto.pieces[300].piece, proto.pieces[301].piece = b, a
+    (src / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(GgufExportError, match=f"does not match .*tokenizer.json: piece {b!r} is id 300"):
+        export_gguf(src, tmp_path / "out")
+    (src / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(GgufExportError, match="tokenizer.model is not a SentencePiece model"):
+        export_gguf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("variant", SPM_VARIANTS)
+def test_adapter_takes_the_base_sentencepiece_model(variant, tmp_path):
+    """An adapter's saved tokenizer has no tokenizer.model (transformers 5): the base's is used."""
+    from vlm.export.gguf import sentencepiece_model
+    from vlm.families.registry import family_for_config
+    from vlm.load import load_config
+
+    base = build_tiny(variant, tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for f in base.glob("tokenizer*.json"):
+        (adapter / f.name).write_bytes(f.read_bytes())
+    family = family_for_config(load_config(base))
+    assert sentencepiece_model(adapter, base, family) == base / "tokenizer.model"
+
+
 def test_missing_toolchain_is_named(tmp_path, monkeypatch):
     from vlm.export.gguf import export_gguf
     from vlm.export.gguf_toolchain import GgufToolchainMissing
@@ -265,11 +314,13 @@ def test_eval_gguf_variant_in_the_same_table(tmp_path):
 
 
 @gguf
-def test_trained_adapter_exports_and_runs_in_llama_cpp(tmp_path, capsys):
+@pytest.mark.parametrize("variant", list(dict.fromkeys(GGUF_VARIANTS[:1] + SPM_VARIANTS)))
+def test_trained_adapter_exports_and_runs_in_llama_cpp(variant, tmp_path, capsys):
     """The user's path: `vlm train` LoRA on the tiny model's dynamic-4-bit base (the demo's recipe,
     a few steps), `vlm export ADAPTER --gguf OUT`; llama.cpp's output equals transformers' on the
     merged checkpoint (`vlm export ADAPTER --merged`), and that checkpoint is far from the base, so
-    an export that dropped or mis-scaled the adapter would fail."""
+    an export that dropped or mis-scaled the adapter would fail. Also for a family whose converter
+    reads tokenizer.model (Gemma 3), which the adapter's saved tokenizer lacks: the base's is used."""
     import numpy as np
 
     from vlm.cli.main import main
@@ -281,7 +332,6 @@ def test_trained_adapter_exports_and_runs_in_llama_cpp(tmp_path, capsys):
     from ..train._tiny_run import write_config
 
     _toolchain_or_fail()
-    variant = GGUF_VARIANTS[0]
     base = build_gguf_zoo(variant, tmp_path / "base")
     data = generate(tmp_path / "data", n=8, seed=5)
     cfg = write_config(tmp_path, base, data.sharegpt_json, max_steps=4, save_steps=4, batch_size=2,

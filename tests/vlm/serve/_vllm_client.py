@@ -27,7 +27,10 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def served_tokens(url: str, model: str, api_key: str = "none") -> list[int]:
+def served_tokens(url: str, model: str, api_key: str = "none", *, add_bos: bool = False) -> list[int]:
+    """Greedy tokens of the probe chat request. ``add_bos``: ask vLLM to tokenize the rendered prompt
+    with the tokenizer's special tokens (its chat API adds none by default), for a checkpoint whose
+    template writes no BOS while transformers' ``apply_chat_template(tokenize=True)`` adds one."""
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key=api_key, timeout=300)
@@ -35,7 +38,8 @@ def served_tokens(url: str, model: str, api_key: str = "none") -> list[int]:
         model=model, temperature=0, max_tokens=N,
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}},
                                                 {"type": "text", "text": "Describe the image."}]}],
-        extra_body={"min_tokens": N, "return_token_ids": True, "skip_special_tokens": False})
+        extra_body={"min_tokens": N, "return_token_ids": True, "skip_special_tokens": False,
+                    **({"add_special_tokens": True} if add_bos else {})})
     return list(r.choices[0].token_ids)
 
 

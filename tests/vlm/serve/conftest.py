@@ -52,6 +52,7 @@ def build_servable(variant: str, out_dir: Path, seed: int = 0) -> Path:
 
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from vlm.checkpoint_layout import save_model
     from vlm.zoo import build_tiny, common
 
     zoo = build_tiny(variant, out_dir.parent / f"{out_dir.name}-zoo", seed=seed)
@@ -67,7 +68,7 @@ def build_servable(variant: str, out_dir: Path, seed: int = 0) -> Path:
         assert sum(text.rope_parameters["mrope_section"]) == 16, text.rope_parameters
     with common.seeded(seed):
         model = AutoModelForImageTextToText.from_config(config).to(torch.float32).eval()
-    model.save_pretrained(out_dir)
+    save_model(model, out_dir)   # the hub's tensor names, as the zoo writes them
     AutoProcessor.from_pretrained(zoo).save_pretrained(out_dir)
     shutil.copy(zoo / "generation_config.json", out_dir / "generation_config.json")
     return out_dir
