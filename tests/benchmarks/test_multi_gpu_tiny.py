@@ -17,17 +17,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-def test_tiny_rows_run_and_agree(tmp_path):
+def _rows(tmp_path, *args, timeout=900) -> dict:
+    """Run ``benchmarks/multi_gpu.py --tiny --device cpu --root tmp_path ARGS`` (a clean launcher
+    environment) and return its rows by name."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--tiny", "--device", "cpu",
-                        "--root", str(tmp_path), "--runs", "1gpu_eager,fsdp2,resume_fsdp2_on_1gpu",
-                        "--steps", "4", "--resume-steps", "1"], env=env, capture_output=True, text=True, timeout=900)
+                        "--root", str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = {row["run"]: row for row in json.loads((tmp_path / "multi_gpu_packed_tiny.json").read_text())["rows"]}
+    return {row["run"]: row for row in json.loads((tmp_path / "multi_gpu_packed_tiny.json").read_text())["rows"]}
+
+
+@pytest.mark.slow
+def test_tiny_rows_run_and_agree(tmp_path):
+    rows = _rows(tmp_path, "--runs", "1gpu_eager,fsdp2,resume_fsdp2_on_1gpu", "--steps", "4", "--resume-steps", "1")
     one, fsdp, resumed = rows["1gpu_eager"], rows["fsdp2"], rows["resume_fsdp2_on_1gpu"]
     for row in rows.values():
         assert row["returncode"] == 0 and row["packed"] and row["padding_fraction"] < 0.05
@@ -43,15 +48,7 @@ def test_tiny_rows_run_and_agree(tmp_path):
 @pytest.mark.slow
 def test_tiny_full_finetuning_rows_run_and_agree(tmp_path):
     """The method-full rows (configs/qwen2_vl_2b_full.yaml, bf16 weights + BF16AdamW) on 1 and 2 processes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--tiny", "--device", "cpu",
-                        "--root", str(tmp_path), "--runs", "full_1gpu,full_fsdp2", "--steps", "3"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = {row["run"]: row for row in json.loads((tmp_path / "multi_gpu_packed_tiny.json").read_text())["rows"]}
+    rows = _rows(tmp_path, "--runs", "full_1gpu,full_fsdp2", "--steps", "3", timeout=600)
     one, fsdp = rows["full_1gpu"], rows["full_fsdp2"]
     assert "qwen2_vl_2b_full.yaml" in one["command"] and one["method"] == fsdp["method"] == "full"
     assert one["optimizer"] == fsdp["optimizer"] == "adamw" and fsdp["strategy"] == "fsdp"
@@ -69,16 +66,8 @@ def test_fsdp2_bf16_reduces_in_fp32_and_keeps_the_loss(tmp_path):
     the loss to bf16 and averaged gradients in bf16 (seen on 2 × H200: FSDP2 losses were bf16 values).
     The units must run with the recipe's policy — compute in bf16, reduce in fp32, outputs uncast — and
     the loss curve must be the one-process curve."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--tiny", "--device", "cpu",
-                        "--root", str(tmp_path), "--runs", "1gpu_eager,fsdp2", "--steps", "3",
-                        "--extra", "model.dtype=bf16", "training.precision=bf16"],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = {row["run"]: row for row in json.loads((tmp_path / "multi_gpu_packed_tiny.json").read_text())["rows"]}
+    rows = _rows(tmp_path, "--runs", "1gpu_eager,fsdp2", "--steps", "3",
+                 "--extra", "model.dtype=bf16", "training.precision=bf16")
     one, fsdp = [loss for _, loss in rows["1gpu_eager"]["loss_history"]], [loss for _, loss in rows["fsdp2"]["loss_history"]]
     assert fsdp == pytest.approx(one, rel=2e-3)
     sharding = json.loads((tmp_path / "run_fsdp2" / "summary.json").read_text())["sharding"]
