@@ -1,9 +1,15 @@
 """``logging.profile_steps: [first, last]``: a torch.profiler record of those optimizer steps.
 
 Writes into the run's output folder ``profile.txt`` (operators sorted by their own CUDA time on a
-GPU, then by their own CPU time — where the device's and the host's share of a step go) and
-``profile_trace.json`` (a Chrome/Perfetto trace of the same steps). Main process only; profiling
-slows the profiled steps, so the step clock's steady-state rate should exclude them.
+GPU, then by their own CPU time — where the device's and the host's share of a step go — then the
+host reads of device values with the Python stack that asked for each) and ``profile_trace.json``
+(a Chrome/Perfetto trace of the same steps). Main process only; profiling slows the profiled steps,
+so the step clock's steady-state rate should exclude them.
+
+Host reads: a scalar read (``.item()``, ``int(t)``, ``bool(t)``: ``aten::_local_scalar_dense``), a
+stream sync, or a blocking copy makes the host wait until the GPU has run everything queued before
+it, so the host cannot queue the next kernels while the GPU works; a host-bound step is made of
+such waits. On CPU the same reads cost nothing, but their stacks show where a GPU run would wait.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ class StepProfiler(TrainerCallback):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
+            # with_stack alone records no frames on ops in torch 2.13; verbose makes it attach them
+            self.profiler = torch.profiler.profile(activities=activities, record_shapes=False, with_stack=True,
+                                                   experimental_config=torch.profiler._ExperimentalConfig(verbose=True))
             self.profiler.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -48,6 +56,23 @@ class StepProfiler(TrainerCallback):
         text = "".join(f"optimizer steps {self.first}–{self.last}, sorted by {sort}\n\n"
                        f"{averages.table(sort_by=sort, row_limit=50, max_name_column_width=90)}\n\n"
                        for sort in sorts)
+        text += host_reads(profiler, f"optimizer steps {self.first}–{self.last}")
         write_text(self.out / "profile.txt", text)
         profiler.export_chrome_trace(str(self.out / "profile_trace.json"))
         print(f"profile: steps {self.first}–{self.last} -> {self.out / 'profile.txt'}")
+
+
+# what makes the host wait for the device (see the module docstring)
+HOST_READS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+              "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def host_reads(profiler, title: str, stack_depth: int = 8, limit: int = 25) -> str:
+    """The profiled host reads grouped by the Python stack that made them, most frequent first."""
+    rows = [e for e in profiler.key_averages(group_by_stack_n=stack_depth) if e.key in HOST_READS]
+    rows.sort(key=lambda e: -e.count)
+    lines = [f"{title}: host reads of device values by Python stack ({len(rows)} places; count, op, stack)", ""]
+    for e in rows[:limit]:
+        lines.append(f"{e.count:6d}  {e.key}")
+        lines += [f"          {frame}" for frame in (e.stack or ["(no Python frame)"])]
+    return "\n".join(lines) + "\n"

@@ -192,6 +192,9 @@ def test_vlm_train_packs_by_tokens_and_reports_startup(tmp_path, tiny_checkpoint
     assert "attention: per sample over packed boundaries (varlen)" in out
     profile = (tmp_path / "out" / "profile.txt").read_text()   # logging.profile_steps: the step's operators
     assert profile.startswith("optimizer steps 2–2") and "aten::" in profile and "Self CPU time total" in profile
+    # host reads with the stack that made them: the step's token counts read a scalar in compute_loss
+    reads = profile[profile.index("host reads of device values by Python stack"):]
+    assert "aten::_local_scalar_dense" in reads and "vlm/train/trainer.py" in reads
     assert (tmp_path / "out" / "profile_trace.json").stat().st_size > 0
 
 
