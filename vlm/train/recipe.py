@@ -197,6 +197,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         disable_tqdm=not (cfg.logging.progress if progress is None else progress),
         use_cpu=device == "cpu",
         gradient_checkpointing=False,  # set up by apply_lora (non-reentrant) before PEFT wraps
+        # the Trainer's NaN/inf filter reads every micro-batch's loss on the host (a GPU wait each);
+        # off, a non-finite loss shows in the log as it is instead of being replaced by the mean
+        logging_nan_inf_filter=False,
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
     )

@@ -54,8 +54,11 @@ class VlmTrainer(Trainer):
     def __init__(self, *args, train_sampler_factory=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._train_sampler_factory = train_sampler_factory
-        self.tokens_seen = 0          # non-padding tokens through forward (this process)
-        self.label_tokens_seen = 0    # tokens that carried a loss
+        self._tokens_seen = 0         # non-padding tokens through forward (this process)
+        self._label_tokens_seen = 0   # tokens that carried a loss
+        # this step's counts so far, on the batch's device: read once at step end (the step clock has
+        # synchronized by then), not per micro-batch — a scalar read makes the host wait for the GPU
+        self._pending_counts: torch.Tensor | None = None
         self.computed_tokens = 0      # tokens through forward, padding included
         self.train_seconds = 0.0      # wall time from the first step's start to the last log
         self._t0 = None
@@ -83,6 +86,23 @@ class VlmTrainer(Trainer):
         self.autocast_dtype = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
+
+    def _read_counts(self) -> None:
+        if self._pending_counts is not None:
+            tokens, label_tokens = self._pending_counts.tolist()
+            self._tokens_seen += tokens
+            self._label_tokens_seen += label_tokens
+            self._pending_counts = None
+
+    @property
+    def tokens_seen(self) -> int:
+        self._read_counts()
+        return self._tokens_seen
+
+    @property
+    def label_tokens_seen(self) -> int:
+        self._read_counts()
+        return self._label_tokens_seen
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -128,12 +148,13 @@ class VlmTrainer(Trainer):
         ids = inputs.get("input_ids")
         if ids is not None:
             self.computed_tokens += ids.numel()
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            self.tokens_seen += int(mask.sum())
-        labels = inputs.get("labels")
-        if labels is not None:
-            self.label_tokens_seen += int((labels[:, 1:] != -100).sum())
+        mask, labels = inputs.get("attention_mask"), inputs.get("labels")
+        if mask is not None or labels is not None:
+            ref = mask if mask is not None else labels
+            zero = ref.new_zeros((), dtype=torch.int64)
+            counts = torch.stack([mask.sum() if mask is not None else zero,
+                                  (labels[:, 1:] != -100).sum() if labels is not None else zero])
+            self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=self.args.device.type, dtype=self.autocast_dtype):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
