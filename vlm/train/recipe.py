@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.quant.loading import quant_metadata
     from vlm.train import packed_forward
     from vlm.train.dataset import prepare_train_set, resolve_workers, sampler_factory, token_budget_groups
-    from vlm.train.trainer import STEADY_AFTER, VlmTrainer, dynamo_graphs, steady_rate
+    from vlm.train.trainer import VlmTrainer, dynamo_graphs, steady_rate
 
     t_start = time.perf_counter()
     w = dist.world()
@@ -256,9 +256,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     load_peak_per_process = dist.gather_per_process(trainer, trainer.load_peak_bytes or 0)
     # steady window: after STEADY_AFTER and after the last step that compiled in ANY process (a rank
     # recompiling for a new shape stalls the others in the next collective)
-    segment_start = trainer.step_times[0][0] - 1 if trainer.step_times else 0   # > 0 after --resume
-    steady_after = max([segment_start + STEADY_AFTER,
-                        *dist.gather_per_process(trainer, max(trainer.compile_steps, default=0))])
+    steady_after = max(dist.gather_per_process(trainer, trainer.steady_after()))
     steady = dist.sum_over_processes(trainer, steady_rate(trainer.step_times, steady_after) or 0.0)
     # per trained parameter: weight + grad + optimizer state (under FSDP2: per element of the shards)
     per_param = modes.bytes_per_parameter(model, trainer.optimizer)

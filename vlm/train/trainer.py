@@ -68,8 +68,6 @@ class VlmTrainer(Trainer):
         self.step_times: list[tuple[int, float, int, float]] = []
         self.data_wait_seconds = 0.0
         self.add_callback(_StepClock(self))
-        self._steady0 = None          # (time, tokens) when optimizer step STEADY_AFTER + 1 began
-        self.steady_tokens_per_s = None
         self.compile_steps: list[int] = []   # optimizer steps in which this process compiled a graph
         self._graphs_seen = dynamo_graphs()
         self.load_peak_bytes = None   # peak memory before the first step (model load, data, setup)
@@ -86,6 +84,12 @@ class VlmTrainer(Trainer):
         self.autocast_dtype = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
+
+    def steady_after(self) -> int:
+        """This process's steady window starts after this optimizer step: ``STEADY_AFTER`` steps into
+        this segment (a resumed run starts past 0), or the last step that compiled, if later."""
+        segment_start = self.step_times[0][0] - 1 if self.step_times else 0
+        return max(segment_start + STEADY_AFTER, max(self.compile_steps, default=0))
 
     def _read_counts(self) -> None:
         if self._pending_counts is not None:
@@ -143,8 +147,6 @@ class VlmTrainer(Trainer):
             self.load_peak_bytes = self.peak_memory_bytes()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()   # from here on: the training peak
-        if self._steady0 is None and self.state.global_step >= STEADY_AFTER:
-            self._steady0 = (time.perf_counter(), self.tokens_seen)
         ids = inputs.get("input_ids")
         if ids is not None:
             self.computed_tokens += ids.numel()
@@ -169,11 +171,9 @@ class VlmTrainer(Trainer):
             self.train_seconds = time.perf_counter() - self._t0
             if self.train_seconds > 0:
                 logs["tokens_per_s"] = round((self.tokens_seen - self._tokens0) / self.train_seconds, 1)
-        if self._steady0 is not None:
-            t, n = self._steady0
-            if time.perf_counter() > t and self.tokens_seen > n:
-                self.steady_tokens_per_s = round((self.tokens_seen - n) / (time.perf_counter() - t), 1)
-                logs["tokens_per_s_steady"] = self.steady_tokens_per_s
+        steady = steady_rate(self.step_times, self.steady_after())
+        if steady:
+            logs["tokens_per_s_steady"] = round(steady, 1)
         key = "mem_gib" if torch.cuda.is_available() else "rss_gib"
         logs[key] = round(self.peak_memory_bytes() / 2**30, 3)
         super().log(logs, *args, **kwargs)
@@ -280,8 +280,6 @@ class _StepClock(TrainerCallback):
             tr.step_times.append((state.global_step, round(now - tr._t0, 4), tr.tokens_seen - tr._tokens0,
                                   round(tr.data_wait_seconds, 4)))
         graphs = dynamo_graphs()
-        if graphs != tr._graphs_seen:   # compiled in this step: the live steady window starts again
+        if graphs != tr._graphs_seen:   # compiled in this step: the steady window starts after it
             tr._graphs_seen = graphs
             tr.compile_steps.append(state.global_step)
-            if state.global_step >= STEADY_AFTER:
-                tr._steady0 = None
