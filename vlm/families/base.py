@@ -61,6 +61,11 @@ class KeyRename:
         return key
 
 
+# CLIP / SigLIP towers under ``vision_tower``: transformers 5 saves vision_tower.embeddings/encoder/...,
+# the hub's checkpoints (the names vLLM and llama.cpp's converter know) nest them in vision_model
+NESTED_VISION_TOWER = KeyRename(saved="vision_tower.", hub="vision_tower.vision_model.")
+
+
 @dataclass(frozen=True)
 class VllmSupport:
     """What vLLM can serve for this family."""

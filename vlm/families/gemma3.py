@@ -1,7 +1,7 @@
 """Gemma 3: SigLIP vision tower + multi-modal projector (average pool to a fixed number of soft
 tokens, RMSNorm, linear) + Gemma 3 decoder (GeGLU MLP, ``(1 + w)`` RMSNorm, sliding/full layers)."""
 
-from vlm.families.base import (Family, GgufSupport, ImageWrap, KeyRename, LanguageKernels, VllmSupport,
+from vlm.families.base import (NESTED_VISION_TOWER, Family, GgufSupport, ImageWrap, LanguageKernels, VllmSupport,
                                llava_style_components, llava_style_vllm_renames)
 
 # Ollama's Go template for Gemma 3's chat format (the Jinja template in the checkpoint, which Ollama
@@ -15,10 +15,6 @@ OLLAMA_TEMPLATE = (
     "{{ $system = \"\" }}{{ .Content }}<end_of_turn>\n"
     "{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n"
     "{{ end }}{{ end }}<start_of_turn>model\n")
-
-# transformers 5 saves the SigLIP tower as vision_tower.embeddings/encoder/...; the hub's
-# checkpoints (the names vLLM and llama.cpp's converter know) nest it under vision_tower.vision_model
-HUB_TOWER = KeyRename(saved="vision_tower.", hub="vision_tower.vision_model.")
 
 FAMILY = Family(
     name="gemma3",
@@ -37,7 +33,7 @@ FAMILY = Family(
     # 0.32 crashed on the first image request with an adapter (punica CPU path: tower token counts).
     vllm=VllmSupport(architecture="Gemma3ForConditionalGeneration",
                      module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model")),
-    hub_layout=(HUB_TOWER,),   # what our checkpoints are written in
+    hub_layout=(NESTED_VISION_TOWER,),   # what our checkpoints are written in
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     language_kernels=LanguageKernels(rms_norm_weight_offset=1.0, mlp_activation="gelu_tanh"),
     # the processor replaces <start_of_image> by \n\n<start_of_image> + soft tokens + <end_of_image>\n\n
@@ -46,7 +42,7 @@ FAMILY = Family(
     image_wrap=ImageWrap(before="\n\n", token="<image_soft_token>", after="<end_of_image>\n\n"),
     gguf=GgufSupport(mmproj="converter", ollama_template=OLLAMA_TEMPLATE, stop=("<end_of_turn>", "<eos>"),
                      # a checkpoint transformers 5 saved elsewhere (ours are in the hub's names)
-                     mmproj_renames=((HUB_TOWER.saved, HUB_TOWER.hub),),
+                     mmproj_renames=((NESTED_VISION_TOWER.saved, NESTED_VISION_TOWER.hub),),
                      # mtmd writes <start_of_image> image <end_of_image>; the processor adds \n\n around
                      marker_context=("\n\n", "\n\n"),
                      layer_types_pattern=True,

@@ -1,6 +1,6 @@
 """LLaVA-1.5: CLIP ViT-L/336 vision tower + 2-layer MLP projector + Llama decoder."""
 
-from vlm.families.base import (Family, GgufSupport, KeyRename, llava_style_components,
+from vlm.families.base import (NESTED_VISION_TOWER, Family, GgufSupport, llava_style_components,
                                llava_style_vllm_renames, VllmSupport)
 
 
@@ -31,7 +31,7 @@ FAMILY = Family(
                      module_renames=llava_style_vllm_renames("vision_tower", "vision_tower.vision_model")),
     # transformers 5 saves the CLIP tower as vision_tower.embeddings/encoder/...; the hub's
     # checkpoints (the names vLLM loads) nest it under vision_tower.vision_model
-    hub_layout=(KeyRename(saved="vision_tower.", hub="vision_tower.vision_model."),),
+    hub_layout=(NESTED_VISION_TOWER,),
     vision_blocks=("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
     # convert_hf_to_gguf.py's mmproj path reads Pixtral towers only; CLIP + MLP projector goes
     # through llama.cpp's CLIP encoder script (the llava-1.5 route of its docs)

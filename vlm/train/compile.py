@@ -140,10 +140,10 @@ def _keep_ddp_reducer() -> None:
     meant for a whole model compiled as one graph: it re-splits the graph at DDP's bucket boundaries
     so the all-reduce of one bucket can overlap the backward of the next. Our graphs are one decoder
     layer (or vision block) each and DDP's C++ reducer already overlaps at layer granularity, so the
-    split only costs: on 2 × H200 (Qwen2-VL-2B LoRA, packed rows) the compiled DDP run stepped at
-    0.87× one GPU while the eager DDP run reached 1.91× (benchmarks/results/multi_gpu_packed_2b_*).
-    ``optimize_ddp = False`` is dynamo's "no_optimization" mode: graphs compile unsplit, the reducer
-    does the overlap. In one process nothing changes."""
+    split can only add graphs and launches. ``optimize_ddp = False`` is dynamo's "no_optimization"
+    mode: graphs compile unsplit, the reducer does the overlap. In one process nothing changes.
+    (Not what held compiled DDP back on 2 × H200 — 0.87× one GPU before, 0.95× after; that was
+    ranks recompiling at different steps inside the timing window: benchmarks/NOTES.md.)"""
     torch._dynamo.config.optimize_ddp = False
 
 

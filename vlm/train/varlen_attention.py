@@ -34,10 +34,6 @@ import threading
 import torch
 import torch.nn.functional as F
 
-# the boundary rule (where a segment starts; cu_seqlens as the kernels take them) lives on the data
-# side, where the packing collator applies it to each batch
-from vlm.data_formats.segments import padded_boundaries, segment_boundaries  # noqa: F401
-
 NAME = "vlm_varlen"
 _state = threading.local()   # .packed: the current forward carries segment boundaries (no mask needed)
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm.train.packed_forward import max_segment_length
-from vlm.train.varlen_attention import (padded_boundaries, reference_varlen, segment_boundaries,
-                                        varlen_attention)
+from vlm.data_formats.segments import max_segment_length, padded_boundaries, segment_boundaries
+from vlm.train.varlen_attention import reference_varlen, varlen_attention
 
 
 def _dense(q, k, v, bounds, scale, window=None, causal=True):
