@@ -58,6 +58,16 @@ def _optimizer_name(name: str) -> str:
             "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd"}[name]
 
 
+def batch_transfer_arguments(device: str) -> dict[str, Any]:
+    """TrainingArguments for how batches reach the device. accelerate copies every tensor of every
+    batch with non_blocking=False by default: a copy plus a stream sync each (~10 per micro-batch, the
+    host waiting for the GPU at every one). From the DataLoader's pinned memory
+    (``dataloader_pin_memory``, on by default; transformers turns it off on CPU) they are queued."""
+    if str(device).startswith("cpu"):
+        return {}   # nothing to copy; transformers would warn that nothing is pinned
+    return {"accelerator_config": {"non_blocking": True}, "dataloader_pin_memory": True}
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
     """Run the recipe; returns where everything was written and the summary."""
     from transformers import TrainingArguments, set_seed
@@ -200,6 +210,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         # the Trainer's NaN/inf filter reads every micro-batch's loss on the host (a GPU wait each);
         # off, a non-finite loss shows in the log as it is instead of being replaced by the mean
         logging_nan_inf_filter=False,
+        **batch_transfer_arguments(device),
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
     )

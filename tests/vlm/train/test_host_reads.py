@@ -170,3 +170,18 @@ def test_packed_batches_ship_host_copies(tiny_checkpoint, tmp_path):
     assert host["packed_cu_seqlens"] == batch["packed_cu_seqlens"].tolist()
     assert host["video_grid_thw"] == batch["video_grid_thw"].tolist()
     assert all(isinstance(v, list) for v in host.values())
+
+
+def test_vlm_train_queues_batch_copies_on_a_gpu():
+    """On a GPU, ``vlm train`` moves batches with non-blocking copies from pinned memory
+    (accelerate's default, a blocking copy per tensor, makes the host wait for the GPU at each)."""
+    from transformers import TrainingArguments
+
+    from vlm.train.recipe import batch_transfer_arguments
+
+    args = batch_transfer_arguments("cuda:0")
+    assert args["accelerator_config"]["non_blocking"] and args["dataloader_pin_memory"]
+    assert batch_transfer_arguments("cpu") == {}
+    # transformers takes them as given (use_cpu only because this machine has no GPU)
+    built = TrainingArguments(output_dir="unused", use_cpu=True, **args)
+    assert built.accelerator_config.non_blocking
