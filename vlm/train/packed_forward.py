@@ -22,7 +22,8 @@ CPU (:data:`vlm.data_formats.packing.SEGMENT_KEYS`; :func:`collator_positions` g
 rope rule): the hook then only moves them into place — no read of GPU memory back to the host, no
 rope-index kernels in the step. The batch's host copies of image grids and sizes replace the device
 tensors where transformers reads them element by element (:func:`_host_copies_wanted`), and
-``get_placeholder_mask`` runs without its feature-count check (:func:`placeholder_mask_without_check`).
+``get_placeholder_mask`` runs without its feature-count check (:func:`placeholder_mask_without_check`),
+Qwen3-VL's DeepStack sum without a boolean index (:func:`deepstack_without_read`).
 A packed batch without them (built elsewhere) gets the same values
 computed here, from the positions, with one host read (``segment_boundaries``) and the rope index
 run on the model's device.
@@ -63,9 +64,9 @@ def collator_positions(model, family):
 class PackedForward:
     """The hooks :func:`enable` installed; ``.remove()`` puts the model back as it was."""
 
-    def __init__(self, handles, restore_attention, varlen_refusal, prepare, restore_placeholder=None):
+    def __init__(self, handles, restore_attention, varlen_refusal, prepare, restores=()):
         self._handles, self._restore_attention = handles, restore_attention
-        self._restore_placeholder = restore_placeholder
+        self._restores = [r for r in restores if r is not None]
         self.prepare = prepare   # the pre-hook itself: (module, args, kwargs) -> (args, kwargs) or None
         self.varlen = restore_attention is not None
         self.varlen_refusal = varlen_refusal   # why packed rows keep the block mask, or None
@@ -73,10 +74,10 @@ class PackedForward:
     def remove(self):
         for handle in self._handles:
             handle.remove()
-        for restore in (self._restore_attention, self._restore_placeholder):
+        for restore in [self._restore_attention, *self._restores]:
             if restore is not None:
                 restore()
-        self._handles, self._restore_attention, self._restore_placeholder = [], None, None
+        self._handles, self._restore_attention, self._restores = [], None, []
 
 
 def placeholder_mask_without_check(mm_model):
@@ -106,6 +107,29 @@ def placeholder_mask_without_check(mm_model):
 
     mm_model.get_placeholder_mask = get_placeholder_mask
     return lambda: mm_model.__dict__.pop("get_placeholder_mask", None)
+
+
+def deepstack_without_read(model, family):
+    """Qwen3-VL adds its DeepStack features to the visual tokens' hidden states in the first decoder
+    layers: ``h[mask] = h[mask] + e`` (``_deepstack_process``), a boolean index whose size the GPU
+    must report to the host (a ``nonzero``), forward and backward, per DeepStack layer. The same
+    sum as ``h.view(-1, d).index_add(0, i, e)`` with ``i = nonzero_static(mask, size=len(e))``: the
+    count of visual tokens is the features' row count, a shape the host knows, so nothing waits
+    (gradients: identity for h, ``grad[i]`` for e, as before). Put on the language model instance;
+    returns the function that takes it off (None where the model has no DeepStack)."""
+    language = family.component_roots(model, "language")[0][1]
+    if not hasattr(language, "_deepstack_process"):
+        return None
+
+    def _deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+        index = torch.nonzero_static(visual_pos_masks.to(hidden_states.device).reshape(-1),
+                                     size=visual_embeds.shape[0]).squeeze(-1)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        summed = flat.index_add(0, index, visual_embeds.to(hidden_states.device, hidden_states.dtype))
+        return summed.view_as(hidden_states)
+
+    language._deepstack_process = _deepstack_process
+    return lambda: language.__dict__.pop("_deepstack_process", None)
 
 
 def _host_copies_wanted(model, family) -> set[str]:
@@ -189,4 +213,4 @@ def enable(model, family, *, varlen: bool = True, cuda_graphs: bool = False) -> 
     handles = [mm_model.register_forward_pre_hook(packed_forward, with_kwargs=True)]
     handles.append(mm_model.register_forward_hook(forward_done, with_kwargs=True, always_call=True))
     return PackedForward(handles, restore_attention, varlen_refusal, packed_forward,
-                         placeholder_mask_without_check(mm_model))
+                         (placeholder_mask_without_check(mm_model), deepstack_without_read(model, family)))

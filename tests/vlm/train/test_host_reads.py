@@ -47,20 +47,15 @@ ALLOWED: dict[str, dict[tuple[str, str, str], int]] = {
                   "transformers/models/mistral3/modeling_mistral3.py get_image_features"): 1,
                  ("device→host copy", "tolist",
                   "transformers/models/mistral3/modeling_mistral3.py get_image_features"): 1},
-    # Qwen3-VL adds the DeepStack features to the visual tokens' hidden states by boolean indexing
-    # (hidden[visual_pos_masks, :] in _deepstack_process, and the joint image+video layout in the
-    # model's forward): each a nonzero on the device, forward and backward
+    # Qwen3-VL, a batch with images AND videos: the model's forward lays the DeepStack features of
+    # both out by boolean indexing (image_mask[visual_pos_masks], new_zeros(visual_pos_masks.sum()),
+    # embed_joint[mask] = ...), per DeepStack layer (2 here). A batch of one modality takes the
+    # branch without them; the DeepStack sum itself reads nothing (deepstack_without_read)
     "qwen3_vl": {("size from data", "index with a boolean mask",
                   "transformers/models/qwen3_vl/modeling_qwen3_vl.py forward"): 2,
                  ("scalar read", "_local_scalar_dense", "transformers/models/qwen3_vl/modeling_qwen3_vl.py forward"): 2,
                  ("size from data", "index_put_ with a boolean mask",
-                  "transformers/models/qwen3_vl/modeling_qwen3_vl.py forward"): 4,
-                 ("size from data", "index with a boolean mask",
-                  "transformers/models/qwen3_vl/modeling_qwen3_vl.py _deepstack_process"): 2,
-                 ("size from data", "index_put_ with a boolean mask",
-                  "transformers/models/qwen3_vl/modeling_qwen3_vl.py _deepstack_process"): 2,
-                 ("size from data", "index with a boolean mask", "backward"): 2,
-                 ("size from data", "index_put with a boolean mask", "backward"): 4},
+                  "transformers/models/qwen3_vl/modeling_qwen3_vl.py forward"): 4},
     # Mllama cannot pack (cross-attention): padded rows take transformers' SDPA mask, whose builder
     # reads whether the padding mask is all ones to skip the mask (_ignore_causal_mask_sdpa)
     "mllama": {("scalar read", "_local_scalar_dense",
@@ -185,3 +180,37 @@ def test_vlm_train_queues_batch_copies_on_a_gpu():
     # transformers takes them as given (use_cpu only because this machine has no GPU)
     built = TrainingArguments(output_dir="unused", use_cpu=True, **args)
     assert built.accelerator_config.non_blocking
+
+
+def test_qwen3_vl_deepstack_reads_nothing_without_videos(tiny_checkpoint, tmp_path):
+    """Qwen3-VL on image-only packed rows (the common case): no read at all — the DeepStack sum
+    (index_add at nonzero_static positions) included; loss and gradients as transformers' own
+    boolean-index sum computes them."""
+    from vlm.train import varlen_attention
+    from vlm.train.packed_forward import enable
+
+    torch.manual_seed(0)
+    model, collator, family = _training_model(tiny_checkpoint, "qwen3_vl")
+    groups = [[c for c in g if not c.videos] for g in _rows(family, tmp_path)]
+    batch = _packer(model, collator)(groups)
+    handle = enable(model, family)
+    try:
+        probe, loss, grads = _probed_step(model, batch)
+        language = family.component_roots(model, "language")[0][1]
+        assert "_deepstack_process" in language.__dict__
+    finally:
+        handle.remove()
+        varlen_attention.set_packed(False)
+    assert "_deepstack_process" not in language.__dict__   # transformers' own method again
+    assert probe.count == 0, probe.report()
+    # the same hook without the DeepStack swap: transformers' boolean-index sum, same numbers
+    reference = enable(model, family)
+    reference._restores[-1]()
+    try:
+        ref_loss, ref_grads = _step(model, batch)
+    finally:
+        reference.remove()
+        varlen_attention.set_packed(False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
