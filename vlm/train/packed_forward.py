@@ -5,14 +5,15 @@ an ``attention_mask`` that only marks the padding tail. :func:`enable` hooks the
 (the module that owns the language model and, for Qwen2-VL, ``get_rope_index``) so that, for such a
 batch,
 
-- ``use_cache`` becomes False, and the samples' boundaries (where the
-  positions restart) go to every attention call as ``cu_seq_lens_q/k``: attention runs per sample
-  without any mask (the 2-D padding mask stays only so that transformers' mask creation skips its
-  packed-sequence detection, a host read; no mask is built from it) (:mod:`vlm.train.varlen_attention`: flash-attention varlen on the GPU, one SDPA
-  per sample elsewhere). For a family whose language attention is not purely causal (Gemma 3:
+- ``use_cache`` becomes False, and the samples' boundaries (where the positions restart) go to
+  every attention call as ``cu_seq_lens_q/k``: attention runs per sample without any mask
+  (:mod:`vlm.train.varlen_attention`: flash-attention varlen on the GPU, one SDPA per sample
+  elsewhere; the 2-D padding mask stays only so that transformers' mask creation skips its
+  packed-sequence detection, a host read: no mask is built from it). For a family whose language attention is not purely causal (Gemma 3:
   images attend both ways), transformers derives the sample of every token from the same position
   resets (``masking_utils.find_packed_sequence_indices``: ``seq = cumsum(diff(position_ids) != 1)``;
-  ``attention_mask`` becomes None for that) and builds the mask ``causal(q, k) ∧ seq[q] = seq[k]`` (plus its image blocks) instead;
+  ``attention_mask`` becomes None for that) and builds the mask ``causal(q, k) ∧ seq[q] = seq[k]``
+  (plus its image blocks) instead;
 - for M-RoPE families (``family.language_kernels.rope`` "mrope"…: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the three rotary
   axes (temporal, height, width) of each sample are the model's own ``get_rope_index``'s, laid out
   (4, B, L) with the 1-D text positions in front (:mod:`vlm.train.mrope_positions`).
@@ -23,10 +24,9 @@ rope rule): the hook then only moves them into place — no read of GPU memory b
 rope-index kernels in the step. The batch's host copies of image grids and sizes replace the device
 tensors where transformers reads them element by element (:func:`_host_copies_wanted`), and
 ``get_placeholder_mask`` runs without its feature-count check (:func:`placeholder_mask_without_check`),
-Qwen3-VL's DeepStack sum without a boolean index (:func:`deepstack_without_read`).
-A packed batch without them (built elsewhere) gets the same values
-computed here, from the positions, with one host read (``segment_boundaries``) and the rope index
-run on the model's device.
+Qwen3-VL's DeepStack sum without a boolean index (:func:`deepstack_without_read`). A packed batch
+without them (built elsewhere) gets the same values computed here, from the positions, with one host
+read (``segment_boundaries``) and the rope index run on the model's device.
 
 A forward with a KV cache (generation) or without 2-D ``position_ids`` passes through untouched.
 """
