@@ -39,12 +39,14 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def steady_rate(step_times: list, after_step: int) -> float | None:
-    """Non-padding tokens per second over the optimizer steps after ``after_step``, from the step
-    clock (``(step, seconds, tokens, data wait)`` per step); None when fewer than two steps follow
-    it (a steady rate needs a window, not one step)."""
+def steady_rate(step_times: list, after_step: int, until_step: int | None = None) -> float | None:
+    """Non-padding tokens per second over the optimizer steps after ``after_step`` (up to
+    ``until_step`` when given: profiled steps run slower and are left out), from the step clock
+    (``(step, seconds, tokens, data wait)`` per step); None when fewer than two steps follow it (a
+    steady rate needs a window, not one step)."""
     start = [e for e in step_times if e[0] <= after_step]
-    end = step_times[-1] if step_times else None
+    kept = [e for e in step_times if until_step is None or e[0] <= until_step]
+    end = kept[-1] if kept else None
     if not start or end is None or end[0] - start[-1][0] < 2 or end[1] <= start[-1][1]:
         return None
     return (end[2] - start[-1][2]) / (end[1] - start[-1][1])
