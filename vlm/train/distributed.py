@@ -115,7 +115,8 @@ def training_arguments(cfg, strat: str, device: str, wrap_classes: list[str] | N
 
 def optimizer_cls_and_kwargs(args, strat: str):
     """For ``Trainer(optimizer_cls_and_kwargs=...)``: bitsandbytes' 8-bit optimizers made to step
-    FSDP2's sharded parameters (``vlm.train.sharded_optim``); None (Trainer's own choice) otherwise.
+    FSDP2's sharded parameters (``vlm.train.sharded_optim``); under FSDP2 torch's AdamW stepping the
+    local shards (``vlm.train.local_step``); None (Trainer's own choice) otherwise.
 
     Under FSDP2 the optimizer states are then 8-bit *and* split over the processes. In one process
     or DDP the same class steps exactly as bitsandbytes' own and also loads the dense moments of an
@@ -125,6 +126,12 @@ def optimizer_cls_and_kwargs(args, strat: str):
     from vlm.train.sharded_optim import is_bitsandbytes_optimizer, shard_local
 
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if strat == "fsdp":   # torch's AdamW: the same step on the local shards, no DTensor dispatch
+        from vlm.train.local_step import local_shard_step
+
+        local = local_shard_step(cls)
+        if local is not None:
+            return local, kwargs
     if not is_bitsandbytes_optimizer(cls):
         return None
     return shard_local(cls), kwargs
