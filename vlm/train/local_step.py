@@ -79,3 +79,43 @@ def local_shard_step(optimizer_cls: type) -> type | None:
     if not (isinstance(optimizer_cls, type) and optimizer_cls in ELEMENTWISE):
         return None
     return type(f"LocalShard{optimizer_cls.__name__}", (LocalShardStepMixin, optimizer_cls), {})
+
+
+def clip_grad_norm_local(parameters, max_norm: float, norm_type: float = 2.0, fallback=None):
+    """``torch.nn.utils.clip_grad_norm_`` for FSDP2's row-sharded gradients, on the local shards.
+
+    ‖g‖₂ over all gradients = √(Σ_ranks Σ_local g²): each process sums its shards' squares, one
+    all-reduce adds them, and every gradient is scaled by min(1, max_norm / (‖g‖ + 1e-6)) in place —
+    torch's formula, with one collective and no DTensor dispatch (on DTensors torch's version runs
+    each foreach op through sharding propagation: 30 vs 6 ms per step for 392 LoRA tensors on CPU).
+    Plain (replicated) gradients count once. Anything else (another norm, gradients on several
+    meshes, non-row placements) goes to ``fallback`` (accelerate's own clip). Returns the norm."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    DTensor = _dtensor()
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    meshes = {id(g.device_mesh) for g in sharded}
+    rows = all(len(g.placements) == 1 and isinstance(g.placements[0], Shard) for g in sharded)
+    if norm_type != 2.0 or len(meshes) > 1 or not rows or not sharded:
+        return fallback(params, max_norm, norm_type=norm_type)
+    local = [g._local_tensor for g in sharded]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    device = local[0].device
+
+    def squares(ts):
+        ts = [t for t in ts if t.numel()]
+        if not ts:
+            return torch.zeros((), device=device, dtype=torch.float32)
+        return torch.stack([n.float() for n in torch._foreach_norm(ts)]).square().sum()
+
+    total_sq = squares(local)
+    dist.all_reduce(total_sq, group=sharded[0].device_mesh.get_group())
+    total = (total_sq + squares(plain).to(device)).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for ts in (local, plain):
+        if ts:
+            torch._foreach_mul_(ts, coef.to(ts[0].device))
+    return total

@@ -117,6 +117,17 @@ class VlmTrainer(Trainer):
         fsdp_on_cpu(self)      # FSDP2 on CPU processes too (accelerate would run DDP there)
         fsdp2_precision(self)  # reduce in fp32, the loss as the model computes it (not bf16)
 
+    def _clip_grad_norm(self, model):
+        # FSDP2: the norm from the local shards and one all-reduce (vlm.train.local_step), not
+        # torch's clip over DTensors (host-side sharding propagation for every foreach op)
+        if (getattr(self.accelerator, "is_fsdp2", False) and self.accelerator.scaler is None
+                and not self._has_mixed_mesh_grads(model)):
+            from vlm.train.local_step import clip_grad_norm_local
+
+            return clip_grad_norm_local(model.parameters(), self.args.max_grad_norm,
+                                        fallback=self.accelerator.clip_grad_norm_)
+        return super()._clip_grad_norm(model)
+
     # -- resume from a checkpoint written under another strategy (vlm.train.cross_resume) --------
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from vlm.train import cross_resume

@@ -51,6 +51,28 @@ class _CountDTensorOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _clip_both(x):
+    """Gradients clipped by torch's clip_grad_norm_ on the DTensors and by clip_grad_norm_local, from
+    the same backward: (norm, whole gradients, DTensor ops) for each."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vlm.train.local_step import clip_grad_norm_local
+
+    out = {}
+    for name in ("torch", "local"):
+        model = _model()
+        fully_shard(model)
+        _forward(model, x * 30).backward()     # large enough that the clip scales
+        trained = [p for p in model.parameters() if p.requires_grad]
+        with _CountDTensorOps() as count:
+            if name == "torch":
+                norm = torch.nn.utils.clip_grad_norm_(trained, 0.5, foreach=True).full_tensor()
+            else:
+                norm = clip_grad_norm_local(trained, 0.5)
+        out[name] = (float(norm), [p.grad.full_tensor() for p in trained], count.n)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,6 +117,7 @@ def _worker(rank, port, out):
             _forward(model, x).backward()
             fresh.step()
             result[name]["weights"] = [p.full_tensor() for p in model.parameters()]
+        result["clip"] = _clip_both(x)
         if rank == 0:
             torch.save(result, out)
     finally:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_local_step_worker.py")
@@ -35,3 +36,10 @@ def test_local_shard_adamw_matches_torch_on_dtensors_without_dtensor_dispatch(tm
     assert local["state_kinds"] == ref["state_kinds"] == ["DTensor"]
     assert min(ref["dtensor_ops_per_step"]) > 0, "the DTensor path this replaces"
     assert local["dtensor_ops_per_step"] == [0, 0, 0], local["dtensor_ops_per_step"]
+
+    # gradient clipping: the same norm and clipped gradients as torch's on the DTensors, no DTensor op
+    (norm_ref, grads_ref, ops_ref), (norm, grads, ops) = got["clip"]["torch"], got["clip"]["local"]
+    assert norm == pytest.approx(norm_ref, rel=1e-6) and norm_ref > 0.5, (norm, norm_ref)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert ops_ref > 0 and ops == 0, (ops_ref, ops)
