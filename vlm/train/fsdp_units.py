@@ -95,11 +95,11 @@ def unit_classes(model, family) -> list[str] | None:
         layers = language_layers(model, family)
     except ValueError:
         return None
-    names = [type(layers[0]).__name__]
+    names = list(dict.fromkeys(type(layer).__name__ for layer in layers))   # Mllama: two layer kinds
     blocks = {type(b).__name__ for b in vision_blocks(model, family)} if family.vision_blocks else set()
     for _, tower in family.component_roots(model, "vision"):
         frozen = not any(p.requires_grad for p in tower.parameters())
-        if any(isinstance(m, type(layers[0])) for m in tower.modules()):
+        if any(type(m).__name__ in names[:1] for m in tower.modules()):
             continue   # a "tower" that holds the decoder: leave it to the layers' units
         for name in ([type(tower).__name__] if frozen else
                      sorted({type(m).__name__ for m in tower.modules()} & blocks)):
