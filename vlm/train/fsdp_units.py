@@ -14,20 +14,22 @@ GPU waits for adds to the step):
 - one unit per decoder layer: the unit a layer's backward needs, and the most weight one unit holds
   whole (Qwen2-VL-7B: 233 M parameters, 466 MB in bf16, plus one prefetched: the memory case keeps
   1/N of everything else);
-- one unit per vision tower (``family.component_roots(model, "vision")``: blocks, patch embedding
-  and merger together) instead of one per vision block: the frozen tower runs once per micro-batch
+- one unit per vision tower when nothing in it trains (``family.component_roots(model, "vision")``:
+  blocks, patch embedding and merger together) instead of one per vision block (still the cut when
+  the tower trains: method full / projector, vision LoRA): the frozen tower runs once per micro-batch
   under no_grad, so 32 units' hooks and 32 all-gathers become one (Qwen2-VL's tower: 675 M
   parameters, 1.35 GB whole for the tower's forward only, before any decoder activation exists, so
   the step's peak — the decoder's backward — does not grow);
-- the input embeddings and lm_head (with the final norm): accelerate's "tail" unit, kept gathered
-  from forward to backward; the root holds what is left (LLaVA's projector, for one);
+- the input embeddings a unit of their own (reshard after forward), lm_head with the final norm
+  accelerate's "tail" unit, kept gathered from forward to backward (tied embeddings, Qwen2-VL-2B:
+  the embeddings join the tail); the root holds what is left (LLaVA's projector, for one);
 - forward prefetch (``configure_prefetch``): the vision tower's unit and each decoder layer's issue
   the all-gather of the next decoder layer as they start, so it runs on FSDP's all-gather stream
   beside the current layer's kernels instead of in front of the next layer's (FSDP2 prefetches
   nothing in forward by default). Backward: each layer prefetches the one before it (FSDP2's own
   default, set explicitly). Cost: one more layer whole at a time (7B: 466 MB);
-- ``distributed.fsdp_reshard_after_forward`` (default true): false keeps every decoder layer
-  gathered from its forward to its backward: no backward all-gathers, but the whole 16-bit model on
+- ``distributed.fsdp_reshard_after_forward`` (default true): false keeps every unit gathered from
+  its forward to its backward: no backward all-gathers, but the whole 16-bit model on
   every GPU during the step (7B: ~15 GB, the memory FSDP saves for LoRA);
 - gradient accumulation: Trainer runs every micro-batch but the last under accelerate's
   ``no_sync``, which for FSDP2 is ``set_requires_gradient_sync(False)``: gradients accumulate
@@ -154,7 +156,8 @@ def layout_callback(family, reshard_after_forward: bool, say=print):
                 **prefetch,
                 "reshard_after_forward": ("decoder layers and vision towers freed after forward, gathered "
                                           "again for backward" if reshard_after_forward else
-                                          "false: decoder layers kept gathered from forward to backward"),
+                                          "false: every unit kept gathered from its forward to its "
+                                          "backward (the whole model on each process during the step)"),
                 "gradient_sync": "reduce-scatter on the last micro-batch of each optimizer step only "
                                  "(no_sync: set_requires_gradient_sync(False) before it); trainable "
                                  "parameters only",
