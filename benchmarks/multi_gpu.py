@@ -171,7 +171,7 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
                load_peak_mem_gib_per_gpu=[round(b / GiB, 2) for b in load],
                param_gib_per_gpu=[round(b / GiB, 2) for b in params], param_bytes_per_gpu=params,
                fsdp_root_unit_gib=round((s.get("sharding") or {}).get("root_unit_bytes_whole", 0) / GiB, 3),
-               data_wait_share=steady(s, 2).get("data_wait_share"), padding_fraction=s.get("padding_fraction"),
+               data_wait_share=steady(s, 2, 2 if args.profile else 0).get("data_wait_share"), padding_fraction=s.get("padding_fraction"),
                packed=budget.get("packed"), startup_s=(s.get("startup_seconds") or {}).get("to_first_step_s"),
                final_loss=s["final_loss"], loss_history=s.get("loss_history"),
                resumed_from=s.get("resumed_from"), compiled=bool(s.get("compiled_layers")),
