@@ -11,12 +11,12 @@ L_1..L_n, and attention never crosses a segment:
 
     attn(x)[segment i] = softmax(q_i k_iᵀ · d^-½) v_i      for i = 1..n
 
-- equal lengths L (fixed-resolution training, the common case): the packed (N, heads, d) tensors
-  are exactly (n, heads, L, d), one batched SDPA, no copy;
-- unequal lengths (mixed image sizes) on a GPU in 16-bit: one non-causal flash-attention varlen
+- on a GPU in 16-bit, equal lengths or not: one non-causal flash-attention varlen
   call over the tower's own ``cu_seqlens`` (``vlm.train.varlen_attention``: Σ L_i² work, an opaque
   op inside compiled blocks), sized by the longest segment read from ``grid_thw``;
-- unequal lengths elsewhere (CPU, fp32): each segment is gathered into a row of an (n, L_max) grid,
+- equal lengths L elsewhere (CPU, fp32): the packed (N, heads, d) tensors are exactly
+  (n, heads, L, d), one batched SDPA, no copy;
+- unequal lengths elsewhere: each segment is gathered into a row of an (n, L_max) grid,
   the L_max − L_i padding keys of row i masked out (weight exp(−∞) = 0, so each real query's softmax
   runs over its own segment's keys only: the same function), one batched SDPA, and the real rows
   gathered back to packed order. It costs n·L_max² score entries instead of Σ L_i², so the padded
@@ -222,13 +222,15 @@ def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
     rows = grid_thw.tolist() if grid_thw is not None else []   # a device grid: one host read per forward
     if rows:
         device = hidden_states.device
-        # where the flash varlen kernel runs (GPU, 16-bit), unequal segments take it directly: no
-        # padded layout to build on the device and no segment object for compiled blocks to guard on
+        # where the flash varlen kernel runs (GPU, 16-bit), every layout takes it, equal segments too:
+        # no padded layout to build on the device, and no segment object (its image count and length
+        # are Python ints) for compiled blocks to guard on — a batch of equal images of a new size
+        # would recompile every block, at a step that differs between processes (vlm.train.compile)
         first = self._vlm_uniform_modules[0]
         flash = flash_applies(hidden_states.new_empty(0, first.qkv.out_features // 3 // first.num_heads))
 
         def layout(lengths):
-            return None if flash and len(set(lengths)) > 1 else plan_segments(lengths, device)
+            return None if flash else plan_segments(lengths, device)
 
         frames = frame_lengths(rows)
         marks[False] = layout(frames), max(frames), _bounds(frames)
