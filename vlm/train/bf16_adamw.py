@@ -63,34 +63,62 @@ import torch
 
 _LOW16 = 0xFFFF
 _HIGH16 = -65536          # 0xFFFF0000 as a signed 32-bit integer
+_PHI = 0x61C88647         # 2³²/φ: consecutive indices land far apart before mixing
+_MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D   # the finaliser's multipliers (both < 2³¹: int32 scalars)
+_INT32_SPAN = 2 ** 31
+
+
+def index_base(like: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """(i·φ) mod 2³² as int32 bits, i = ``offset`` + the element's flat index in ``like``.
+
+    int32 arithmetic wraps modulo 2³², so the low 32 bits are exact at half the bytes of int64 (the
+    eager CPU update is bound by this integer work). An index past 2³¹ − 1 takes int64 and folds back."""
+    n = like.numel()
+    if offset + n <= _INT32_SPAN:
+        i = torch.arange(offset, offset + n, device=like.device, dtype=torch.int32)
+        return (i * _PHI).view(like.shape)
+    i = torch.arange(offset, offset + n, device=like.device, dtype=torch.int64)
+    x = (i * _PHI) & 0xFFFFFFFF
+    return (x - ((x >> 31) << 32)).to(torch.int32).view(like.shape)     # the same 32 bits, signed
+
+
+def hash32(base: torch.Tensor, key: torch.Tensor | int, salt: int = 0) -> torch.Tensor:
+    """murmur3's 32-bit finaliser of (base + key + salt) mod 2³², on int32 bits (wrapping multiplies;
+    a logical right shift is the arithmetic one with the sign-extended bits masked off). A bijection
+    of its input: distinct (key, element) pairs give distinct, well-mixed words."""
+    k = key.to(torch.int32) if isinstance(key, torch.Tensor) else key    # keys are < 2³¹ (BF16AdamW._key)
+    x = base + k
+    if salt:
+        x = x + salt
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MIX1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MIX2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def random_bits16(like: torch.Tensor, key: torch.Tensor | int, offset: int = 0) -> torch.Tensor:
-    """16 pseudo-random bits per element of ``like`` (int32 in [0, 65536)), a pure function of
-    (``key``, element index): murmur3's 32-bit finaliser over index·φ + key. Stateless, so a resumed run
-    draws the same bits, and plain tensor arithmetic, so torch.compile fuses it into the update.
-    (Every product stays below 2⁶³: int64 never overflows.)"""
-    i = torch.arange(offset, offset + like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    x = (i * 0x61C88647 + key) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    return (x & _LOW16).to(torch.int32)
+    """16 pseudo-random bits per element of ``like`` (int32 in [0, 65536)): the low half of
+    ``hash32(index_base(like, offset), key)``. Stateless, so a resumed run draws the same bits, and
+    plain tensor arithmetic, so torch.compile fuses it into the update."""
+    return hash32(index_base(like, offset), key) & _LOW16
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | int,
-                     offset: int = 0) -> torch.Tensor:
+                     offset: int = 0, bits: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (fp32) rounded to ``dtype`` (bf16) up or down at random, unbiased: E[result] = x.
 
-    Adds 16 random bits to the fp32 bit pattern and clears the low 16: the carry into bit 16 (the
-    bf16 ulp) happens with probability (dropped bits)/2¹⁶. fp16 (not a truncated fp32) gets
-    round-to-nearest instead."""
+    Adds 16 random bits r (uniform on [0, 2¹⁶)) to the fp32 bit pattern and clears the low 16: with
+    d the dropped low bits, the carry into bit 16 (one bf16 ulp, away from zero: the sign is a
+    separate bit) happens exactly when r ≥ 2¹⁶ − d, i.e. with probability d/2¹⁶, so
+    E[result] = truncate(x) + ulp·d/2¹⁶ = x. ``bits``: r given (else ``random_bits16(x, key,
+    offset)``). fp16 (not a truncated fp32) gets round-to-nearest instead."""
     if dtype != torch.bfloat16:
         return x.to(dtype)
-    bits = (x.contiguous().view(torch.int32) + random_bits16(x, key, offset)) & _HIGH16
-    return bits.view(torch.float32).to(torch.bfloat16)    # exact: the low 16 bits are zero
+    if bits is None:
+        bits = random_bits16(x, key, offset)
+    rounded = (x.contiguous().view(torch.int32) + bits) & _HIGH16
+    return rounded.view(torch.float32).to(torch.bfloat16)    # exact: the low 16 bits are zero
 
 
 def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: float, beta2: float,
@@ -98,7 +126,9 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
     """One AdamW update of one tensor, in place (the math in the module docstring).
 
     ``scalars`` = [lr, lr / (1 − β1^t), 1 − β2^t] (fp32, on the device: no recompile per step);
-    ``key`` (int64 0-d) seeds the rounding of m (key), v (key + 1), w (key + 2) and c (key + 3);
+    ``key`` (int64 0-d, < 2³¹) seeds the rounding: with h_s = hash32(i·φ, key, salt s) per element
+    i, m takes the low 16 bits of h_0, v the high 16 bits of h_0, w the low 16 bits of h_1 and the
+    Kahan compensation c the high 16 bits of h_1 (two hashes per element for up to three roundings);
     ``offset``: the tensors are the flat elements [offset, offset + n) of larger ones (a chunk): the
     random bits follow the element's index in the whole tensor, so chunks give the whole's result."""
     lr, step_size, bc2 = scalars[0], scalars[1], scalars[2]
@@ -115,8 +145,19 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
     if weight_decay:
         w = w * (1 - lr * weight_decay)
     w = w - step_size * m / denom
-    m_store.copy_(m if m_store.dtype == torch.float32 else stochastic_round(m, m_store.dtype, key, offset))
-    v_store.copy_(v if v_store.dtype == torch.float32 else stochastic_round(v, v_store.dtype, key + 1, offset))
+    round_mv = m_store.dtype == torch.bfloat16 or v_store.dtype == torch.bfloat16
+    round_w = master is None and p.dtype == torch.bfloat16
+    base = index_base(p, offset) if round_mv or round_w else None
+    if round_mv:
+        h0 = hash32(base, key, 0)
+        m_store.copy_(m if m_store.dtype == torch.float32 else
+                      stochastic_round(m, m_store.dtype, key, bits=h0 & _LOW16))
+        v_store.copy_(v if v_store.dtype == torch.float32 else
+                      stochastic_round(v, v_store.dtype, key, bits=(h0 >> 16) & _LOW16))
+    else:
+        m_store.copy_(m)
+        v_store.copy_(v)
+    h1 = hash32(base, key, 1) if round_w else None
     if master is not None:
         master.copy_(w)
         p.copy_(w)                                          # round to nearest from the fp32 master
@@ -125,9 +166,10 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
     elif comp is not None:
         rounded = w.to(p.dtype)
         p.copy_(rounded)
-        comp.copy_(stochastic_round(w - rounded.float(), comp.dtype, key + 3, offset))
+        comp.copy_(w - rounded.float() if h1 is None else
+                   stochastic_round(w - rounded.float(), comp.dtype, key, bits=(h1 >> 16) & _LOW16))
     else:
-        p.copy_(stochastic_round(w, p.dtype, key + 2, offset))
+        p.copy_(stochastic_round(w, p.dtype, key, bits=None if h1 is None else h1 & _LOW16))
 
 
 def adamw_update_chunked(p, grad, m_store, v_store, master, comp, scalars, key, beta1: float,
