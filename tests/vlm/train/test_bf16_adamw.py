@@ -463,3 +463,42 @@ def test_step_is_the_docstring_math(rounding):
             ulp = want.float().abs() * 2.0 ** -7 + 1e-30
             assert ((ours.float() - want.float()).abs() <= ulp).all()
     assert not torch.equal(params[0].detach(), ws[0])
+
+
+def test_grouped_compiled_step_equals_the_eager_step(monkeypatch):
+    """The compiled path (CUDA's default) updates tensors of one kind in groups of GROUP per compiled
+    call, on flat views. Traced with aot_eager (the same torch ops, no codegen: CPU-fast) it must give
+    the eager per-tensor step's bits for every weight and state: many shapes (more than one group),
+    fp32-master vectors, an fp32 tensor, a transposed (non-contiguous) weight, two param groups. And a
+    few graphs for all of them, none added after the first step."""
+    import vlm.train.bf16_adamw as mod
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(mod.torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8 * (1 + i % 4), 5 + i) for i in range(2 * mod.GROUP + 3)] + [(7 + i,) for i in range(5)]
+    start = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+    start += [torch.randn(6, 4, generator=g), torch.randn(9, 5, generator=g).to(torch.bfloat16).t()]
+    grads = [[torch.randn(w.shape, generator=g).to(w.dtype) for w in start] for _ in range(3)]
+    runs, graphs = [], []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = BF16AdamW([{"params": params[::2], "weight_decay": 0.1}, {"params": params[1::2], "lr": 2e-3}],
+                        lr=1e-3, seed=9, compile=compiled)
+        for gs in grads:
+            for p, gr in zip(params, gs):
+                p.grad = gr
+            opt.step()
+            if compiled:
+                graphs.append(counters["stats"]["unique_graphs"])
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b), tuple(a.shape)
+        for k in oa.state[a]:
+            assert torch.equal(oa.state[a][k], ob.state[b][k]), k
+    assert graphs[0] <= 8 and graphs[-1] == graphs[0], graphs
+    assert ob._update_group is not None
