@@ -34,8 +34,9 @@ spatial_merge_size) merged patches and the others over whole frames; the tower h
 patches into window order (rotary tables included), so window j holds rows_j · cols_j · merge²
 consecutive patches, where rows_j, cols_j ≤ w are what of the window lies inside the image.
 
-Handled: Qwen2-VL's ``VisionAttention``, Qwen2.5-VL's ``Qwen2_5_VLVisionAttention`` and Qwen3-VL's
-``Qwen3VLVisionAttention`` (same fields and math; their forward, transformers 5.17–5.19, is
+Handled: the attention classes a family record names in ``batched_vision_attention`` (today
+Qwen2-VL's ``VisionAttention``, Qwen2.5-VL's ``Qwen2_5_VLVisionAttention`` and Qwen3-VL's
+``Qwen3VLVisionAttention``: same fields and math; their forward, transformers 5.17–5.19, is
 reproduced below). Used by training (``vlm train``) and by the eval harness's local generation.
 """
 
@@ -186,14 +187,11 @@ def _tower_forward(self, hidden_states, grid_thw=None, *args, **kwargs):
             mod._vlm_segments, mod._vlm_varlen = None, False
 
 
-_ATTENTION_CLASSES = {("VisionAttention", "qwen2_vl.modeling_qwen2_vl"),
-                      ("Qwen2_5_VLVisionAttention", "qwen2_5_vl.modeling_qwen2_5_vl"),
-                      ("Qwen3VLVisionAttention", "qwen3_vl.modeling_qwen3_vl")}
-
-
-def _is_qwen_vision_attention(mod: nn.Module) -> bool:
-    return (any(type(mod).__name__ == name and type(mod).__module__.endswith(module)
-                for name, module in _ATTENTION_CLASSES)
+def _is_batchable_attention(mod: nn.Module, class_paths: tuple[str, ...]) -> bool:
+    """Is ``mod`` one of the family's ``batched_vision_attention`` classes (its qualified name ends
+    with one of ``class_paths``; the module path keeps another model's ``VisionAttention`` out)?"""
+    path = f"{type(mod).__module__}.{type(mod).__qualname__}"
+    return (any(path == c or path.endswith("." + c) for c in class_paths)
             and all(hasattr(mod, a) for a in ("qkv", "proj", "num_heads", "scaling")))
 
 
@@ -208,19 +206,21 @@ def _windowed(tower: nn.Module, mods: list[nn.Module]) -> list[bool]:
 
 
 def batch_equal_images(model: nn.Module, family) -> int:
-    """Install the batched path on every Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention of
-    ``model`` (equal segments as a view, unequal ones varlen or padded; see the module doc); returns how many
-    (0 for other towers). Idempotent."""
+    """Install the batched path on every vision attention of ``model`` whose class the family names
+    in ``batched_vision_attention`` (equal segments as a view, unequal ones varlen or padded; see the
+    module doc); returns how many (0 for families that name none). Idempotent."""
     if torch.cuda.is_available():   # the capability read happens here, not inside a compiled block
         from vlm.train.varlen_attention import flash_applies
 
         flash_applies(torch.empty(0, 8, device="cuda", dtype=torch.bfloat16))
     n = 0
+    if not family.batched_vision_attention:
+        return 0
     for _, tower in family.component_roots(model, "vision"):
         if "_vlm_tower_forward" in tower.__dict__:
             n += len(tower._vlm_uniform_modules)
             continue
-        mods = [m for m in tower.modules() if _is_qwen_vision_attention(m)]
+        mods = [m for m in tower.modules() if _is_batchable_attention(m, family.batched_vision_attention)]
         if not mods:
             continue
         for m, windowed in zip(mods, _windowed(tower, mods)):
