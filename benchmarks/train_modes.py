@@ -7,16 +7,21 @@
 Part "full": Qwen2-VL-2B shapes (random bf16 weights built on the device), workload W of
 train_step_workload.py (batch 8 × 512 tokens, one 448×448 image each, labels on the 254 text tokens).
 Trained: the language model, embeddings/lm_head and the merger; the vision tower is frozen (what
-`method: full` trains with training.train_vision: false). Both sides use non-reentrant gradient
-checkpointing of the decoder layers and clip the gradient norm to 1.0; lr 1e-5.
+`method: full` trains with training.train_vision: false). Every row clips the gradient norm to 1.0;
+lr 1e-5; the same batches (same tokens) in every row.
   full_hf    transformers Trainer's bf16 mixed precision: fp32 weights under bf16 autocast,
-             torch.optim.AdamW (Trainer's adamw_torch): 16 bytes per trained parameter
+             torch.optim.AdamW (Trainer's adamw_torch): 16 bytes per trained parameter; non-reentrant
+             gradient checkpointing of the decoder layers (gradient_checkpointing=True)
+  full_hf_nogc  the same without checkpointing: Trainer's default (gradient_checkpointing=False)
   full_ours  what `vlm train` does with method: full (vlm.train.modes.prepare, vlm.train.fast_path:
-             batched vision attention, kernels.patch, compiled layers): bf16 weights and grads,
-             BF16AdamW (bf16 moments, stochastic rounding; fp32 master for norms/biases)
-  full_ours_8bit  the same with training.optimizer: adamw_8bit (bitsandbytes' blockwise 8-bit
-             moments; needs bitsandbytes on the device: carry .whl/, see device_install.sh)
-  full_ours_nogc  (only with --variants) full_ours without gradient checkpointing
+             batched vision attention, kernels.patch, compiled layers and frozen vision blocks): bf16
+             weights and grads, BF16AdamW (bf16 moments, stochastic rounding; fp32 master for
+             norms/biases); training.gradient_checkpointing: auto (vlm.train.checkpointing: off where
+             the device holds the step without it, i.e. at 2B on an 80-141 GB GPU; on on CPU)
+  full_ours_gc    the same with checkpointing forced on (compare with full_hf: same recompute)
+  full_ours_8bit  the same as full_ours with training.optimizer: adamw_8bit (bitsandbytes' blockwise
+             8-bit moments; needs bitsandbytes on the device: carry .whl/, see device_install.sh)
+  full_ours_nogc  (only with --variants) full_ours with checkpointing forced off
 Each row also times one extra step split into forward / backward / clip / optimizer (synchronized
 between phases: "phases_s"); --profile adds torch.profiler's top ops of that step.
 
@@ -26,7 +31,8 @@ gradients), median ms per step:
   optim_torch_fused  the same with fused=True (Trainer's adamw_torch_fused)
   optim_legacy       BF16AdamW's first step: per weight, two small device tensors built by blocking
                      copies (a device sync per weight), kept here as the baseline of the change
-  optim_ours         BF16AdamW as `vlm train` runs it (host step numbers, one copy per step)
+  optim_ours         BF16AdamW as `vlm train` runs it (host step numbers, one copy per step; on CUDA
+                     compiled updates 16 tensors per call)
   optim_ours_8bit    the same with 8-bit moments
 
 Part "projector": LLaVA-1.5-7B shapes (CLIP ViT-L/336 + Llama-2-7B, random bf16 weights), caption
@@ -64,12 +70,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 GiB = 2 ** 30
-PARTS = {"full": ("full_hf", "full_ours", "full_ours_8bit"), "projector": ("proj_hf", "proj_hf16", "proj_ours"),
+PARTS = {"full": ("full_hf", "full_hf_nogc", "full_ours", "full_ours_gc", "full_ours_8bit"),
+         "projector": ("proj_hf", "proj_hf16", "proj_ours"),
          "optim": ("optim_torch", "optim_torch_fused", "optim_legacy", "optim_ours", "optim_ours_8bit")}
 EXTRA = {"projector": ("proj_ours_nogc",), "full": ("full_ours_nogc",)}
 MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b", "optim": "qwen2_vl_2b"}
 TARGETS = {"full": {"memory": 0.55, "speed": 2.0}, "projector": {"memory": 0.5, "speed": 1.45}}
-OURS = {"full": ("full_ours", "full_ours_8bit", "full_ours_nogc"), "projector": ("proj_ours", "proj_ours_nogc"),
+OURS = {"full": ("full_ours", "full_ours_gc", "full_ours_8bit", "full_ours_nogc"),
+        "projector": ("proj_ours", "proj_ours_nogc"),
         "optim": ("optim_ours", "optim_ours_8bit")}   # the first one's ratios are named "ours/<base>"
 
 
@@ -130,13 +138,15 @@ def build(args) -> dict:
 
 # --------------------------------------------------------------------------- one variant (subprocess)
 
-def _cfg(method: str, gc: bool, lr: float, optimizer: str = "adamw"):
+def _cfg(method: str, gc: bool | str, lr: float, optimizer: str = "adamw", batch: int = 1, seq: int = 2048):
+    """The config `vlm train` would run; ``batch`` × ``seq``: the workload's micro-batch (what
+    training.gradient_checkpointing: auto sizes the activations by)."""
     from vlm.train.config import parse_config
 
     return parse_config({"method": method, "model": {"path": "random", "dtype": "bf16"}, "kernels": True,
-                         "data": {"train": ["unused.json"]},
+                         "data": {"train": ["unused.json"], "max_length": max(16, seq)},
                          "training": {"lr": lr, "gradient_checkpointing": gc, "precision": "bf16",
-                                      "optimizer": optimizer}})
+                                      "optimizer": optimizer, "batch_size": batch}})
 
 
 def setup(variant: str, args, batches):
@@ -152,14 +162,18 @@ def setup(variant: str, args, batches):
     family = family_for_config(load_config(args.ckpt))
     info = {}
     if "_ours" in variant:
-        cfg = _cfg("full" if part == "full" else "projector", gc=not variant.endswith("_nogc"), lr=lr,
-                   optimizer="adamw_8bit" if variant.endswith("_8bit") else "adamw")
+        gc = False if variant.endswith("_nogc") else True if variant.endswith("_gc") or part == "projector" else "auto"
+        cfg = _cfg("full" if part == "full" else "projector", gc=gc, lr=lr,
+                   optimizer="adamw_8bit" if variant.endswith("_8bit") else "adamw",
+                   batch=batches[0]["input_ids"].shape[0], seq=batches[0]["input_ids"].shape[1])
         model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16).to(args.device)
         model.vlm_family = family
-        mode = modes.prepare(model, family, cfg)
+        mode = modes.prepare(model, family, cfg, device=args.device)
         plan = fast_path.resolve(cfg, args.device, "single")
         applied = fast_path.apply(model, family, cfg, plan, [int(batches[0]["attention_mask"][0].sum())])
         info.update(compiled_layers=plan.compiled, kernels=str(applied.kernels),
+                    gradient_checkpointing=mode.checkpointing.enabled,
+                    gradient_checkpointing_reason=mode.checkpointing.reason,
                     compiled_vision_blocks=applied.compiled_vision_blocks, optimizer=mode.optimizer)
         opt_cls, kw = mode.optimizer_cls_and_kwargs
         params = [p for p in model.parameters() if p.requires_grad]
@@ -173,7 +187,9 @@ def setup(variant: str, args, batches):
     if part == "projector":
         for _, root in family.component_roots(model, "projector"):
             root.float()                      # the trained part in fp32 (mixed precision), either way
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if variant != "full_hf_nogc":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    info["gradient_checkpointing"] = variant != "full_hf_nogc"
     if part == "projector":
         model.enable_input_require_grads()    # HF's recipe for a frozen base
     model.config.use_cache = False
@@ -392,14 +408,15 @@ def markdown(data: dict) -> str:
     for part, res in data["parts"].items():
         t = TARGETS.get(part, {"speed": "-", "memory": "-"})
         lines += [f"## {part} ({res['model']}{', tiny' if data['tiny'] else ''})", "",
-                  "| variant | optimizer | tokens/s | step ms | peak GiB | bytes/param (w+g+opt) |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| variant | optimizer | checkpointing | tokens/s | step ms | peak GiB | bytes/param (w+g+opt) |",
+                  "|---|---|---|---:|---:|---:|---:|"]
         for v, r in res["rows"].items():
             if "error" in r:
-                lines.append(f"| {v} | error: {r['error']} | | | | |")
+                lines.append(f"| {v} | error: {r['error']} | | | | | |")
                 continue
             tps = "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}"
-            lines.append(f"| {v} | {r.get('optimizer', '')} | {tps} | "
+            gc = {True: "on", False: "off"}.get(r.get("gradient_checkpointing"), "-")
+            lines.append(f"| {v} | {r.get('optimizer', '')} | {gc} | {tps} | "
                          f"{r['step_s_median'] * 1e3:.1f} | {r.get('peak_alloc_gib', float('nan')):.2f} | "
                          f"{r['bytes_per_param']:.2f} |")
         lines.append("")

@@ -24,7 +24,12 @@ def test_tiny_run_both_parts(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     data = json.loads((tmp_path / "train_modes_tiny.json").read_text())
     full, proj = data["parts"]["full"]["rows"], data["parts"]["projector"]["rows"]
-    assert set(full) == {"full_hf", "full_ours", "full_ours_8bit"}
+    assert set(full) == {"full_hf", "full_hf_nogc", "full_ours", "full_ours_gc", "full_ours_8bit"}
+    # Trainer with and without checkpointing; ours as `vlm train` resolves auto (on for CPU) and forced on
+    assert [full[v]["gradient_checkpointing"] for v in ("full_hf", "full_hf_nogc", "full_ours", "full_ours_gc")] \
+        == [True, False, True, True]
+    assert full["full_ours"]["gradient_checkpointing_reason"] == "auto: on for CPU runs"
+    assert full["full_ours"]["compiled_vision_blocks"] == 0        # CPU: no compile
     assert set(proj) == {"proj_hf", "proj_hf16", "proj_ours"}
     for rows in (full, proj):
         assert not [v for v, r in rows.items() if "error" in r]

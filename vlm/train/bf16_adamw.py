@@ -63,34 +63,62 @@ import torch
 
 _LOW16 = 0xFFFF
 _HIGH16 = -65536          # 0xFFFF0000 as a signed 32-bit integer
+_PHI = 0x61C88647         # 2³²/φ: consecutive indices land far apart before mixing
+_MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D   # the finaliser's multipliers (both < 2³¹: int32 scalars)
+_INT32_SPAN = 2 ** 31
+
+
+def index_base(like: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """(i·φ) mod 2³² as int32 bits, i = ``offset`` + the element's flat index in ``like``.
+
+    int32 arithmetic wraps modulo 2³², so the low 32 bits are exact at half the bytes of int64 (the
+    eager CPU update is bound by this integer work). An index past 2³¹ − 1 takes int64 and folds back."""
+    n = like.numel()
+    if offset + n <= _INT32_SPAN:
+        i = torch.arange(offset, offset + n, device=like.device, dtype=torch.int32)
+        return (i * _PHI).view(like.shape)
+    i = torch.arange(offset, offset + n, device=like.device, dtype=torch.int64)
+    x = (i * _PHI) & 0xFFFFFFFF
+    return (x - ((x >> 31) << 32)).to(torch.int32).view(like.shape)     # the same 32 bits, signed
+
+
+def hash32(base: torch.Tensor, key: torch.Tensor | int, salt: int = 0) -> torch.Tensor:
+    """murmur3's 32-bit finaliser of (base + key + salt) mod 2³², on int32 bits (wrapping multiplies;
+    a logical right shift is the arithmetic one with the sign-extended bits masked off). A bijection
+    of its input: distinct (key, element) pairs give distinct, well-mixed words."""
+    k = key.to(torch.int32) if isinstance(key, torch.Tensor) else key    # keys are < 2³¹ (BF16AdamW._key)
+    x = base + k
+    if salt:
+        x = x + salt
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MIX1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MIX2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def random_bits16(like: torch.Tensor, key: torch.Tensor | int, offset: int = 0) -> torch.Tensor:
-    """16 pseudo-random bits per element of ``like`` (int32 in [0, 65536)), a pure function of
-    (``key``, element index): murmur3's 32-bit finaliser over index·φ + key. Stateless, so a resumed run
-    draws the same bits, and plain tensor arithmetic, so torch.compile fuses it into the update.
-    (Every product stays below 2⁶³: int64 never overflows.)"""
-    i = torch.arange(offset, offset + like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    x = (i * 0x61C88647 + key) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    return (x & _LOW16).to(torch.int32)
+    """16 pseudo-random bits per element of ``like`` (int32 in [0, 65536)): the low half of
+    ``hash32(index_base(like, offset), key)``. Stateless, so a resumed run draws the same bits, and
+    plain tensor arithmetic, so torch.compile fuses it into the update."""
+    return hash32(index_base(like, offset), key) & _LOW16
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | int,
-                     offset: int = 0) -> torch.Tensor:
+                     offset: int = 0, bits: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (fp32) rounded to ``dtype`` (bf16) up or down at random, unbiased: E[result] = x.
 
-    Adds 16 random bits to the fp32 bit pattern and clears the low 16: the carry into bit 16 (the
-    bf16 ulp) happens with probability (dropped bits)/2¹⁶. fp16 (not a truncated fp32) gets
-    round-to-nearest instead."""
+    Adds 16 random bits r (uniform on [0, 2¹⁶)) to the fp32 bit pattern and clears the low 16: with
+    d the dropped low bits, the carry into bit 16 (one bf16 ulp, away from zero: the sign is a
+    separate bit) happens exactly when r ≥ 2¹⁶ − d, i.e. with probability d/2¹⁶, so
+    E[result] = truncate(x) + ulp·d/2¹⁶ = x. ``bits``: r given (else ``random_bits16(x, key,
+    offset)``). fp16 (not a truncated fp32) gets round-to-nearest instead."""
     if dtype != torch.bfloat16:
         return x.to(dtype)
-    bits = (x.contiguous().view(torch.int32) + random_bits16(x, key, offset)) & _HIGH16
-    return bits.view(torch.float32).to(torch.bfloat16)    # exact: the low 16 bits are zero
+    if bits is None:
+        bits = random_bits16(x, key, offset)
+    rounded = (x.contiguous().view(torch.int32) + bits) & _HIGH16
+    return rounded.view(torch.float32).to(torch.bfloat16)    # exact: the low 16 bits are zero
 
 
 def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: float, beta2: float,
@@ -98,7 +126,9 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
     """One AdamW update of one tensor, in place (the math in the module docstring).
 
     ``scalars`` = [lr, lr / (1 − β1^t), 1 − β2^t] (fp32, on the device: no recompile per step);
-    ``key`` (int64 0-d) seeds the rounding of m (key), v (key + 1), w (key + 2) and c (key + 3);
+    ``key`` (int64 0-d, < 2³¹) seeds the rounding: with h_s = hash32(i·φ, key, salt s) per element
+    i, m takes the low 16 bits of h_0, v the high 16 bits of h_0, w the low 16 bits of h_1 and the
+    Kahan compensation c the high 16 bits of h_1 (two hashes per element for up to three roundings);
     ``offset``: the tensors are the flat elements [offset, offset + n) of larger ones (a chunk): the
     random bits follow the element's index in the whole tensor, so chunks give the whole's result."""
     lr, step_size, bc2 = scalars[0], scalars[1], scalars[2]
@@ -115,8 +145,19 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
     if weight_decay:
         w = w * (1 - lr * weight_decay)
     w = w - step_size * m / denom
-    m_store.copy_(m if m_store.dtype == torch.float32 else stochastic_round(m, m_store.dtype, key, offset))
-    v_store.copy_(v if v_store.dtype == torch.float32 else stochastic_round(v, v_store.dtype, key + 1, offset))
+    round_mv = m_store.dtype == torch.bfloat16 or v_store.dtype == torch.bfloat16
+    round_w = master is None and p.dtype == torch.bfloat16
+    base = index_base(p, offset) if round_mv or round_w else None
+    if round_mv:
+        h0 = hash32(base, key, 0)
+        m_store.copy_(m if m_store.dtype == torch.float32 else
+                      stochastic_round(m, m_store.dtype, key, bits=h0 & _LOW16))
+        v_store.copy_(v if v_store.dtype == torch.float32 else
+                      stochastic_round(v, v_store.dtype, key, bits=(h0 >> 16) & _LOW16))
+    else:
+        m_store.copy_(m)
+        v_store.copy_(v)
+    h1 = hash32(base, key, 1) if round_w else None
     if master is not None:
         master.copy_(w)
         p.copy_(w)                                          # round to nearest from the fp32 master
@@ -125,9 +166,10 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
     elif comp is not None:
         rounded = w.to(p.dtype)
         p.copy_(rounded)
-        comp.copy_(stochastic_round(w - rounded.float(), comp.dtype, key + 3, offset))
+        comp.copy_(w - rounded.float() if h1 is None else
+                   stochastic_round(w - rounded.float(), comp.dtype, key, bits=(h1 >> 16) & _LOW16))
     else:
-        p.copy_(stochastic_round(w, p.dtype, key + 2, offset))
+        p.copy_(stochastic_round(w, p.dtype, key, bits=None if h1 is None else h1 & _LOW16))
 
 
 def adamw_update_chunked(p, grad, m_store, v_store, master, comp, scalars, key, beta1: float,
@@ -187,7 +229,18 @@ def _placed_like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                               stride=p.stride())
 
 
+def adamw_update_group(ps, grads, ms, vs, masters, comps, scalars, keys, beta1: float, beta2: float,
+                       eps: float, weight_decay: float, offsets) -> None:
+    """``adamw_update`` of each tensor of the lists (flat views): compiled, one call (one graph,
+    one kernel per tensor) for a group instead of one compiled call per tensor, whose guard checks
+    and Python glue (~tens of µs each) would otherwise run ~340 times a step at 2B."""
+    for i in range(len(ps)):
+        adamw_update(ps[i], grads[i], ms[i], vs[i], masters[i], comps[i], scalars[i], keys[i], beta1, beta2,
+                     eps, weight_decay, offset=offsets[i])
+
+
 EAGER_CHUNK = 16384    # elements per block of the eager (CPU) update
+GROUP = 16             # tensors per compiled call (a group's graph is reused: flat views, dynamic sizes)
 EIGHT_BIT = "8bit"
 BLOCK = 256            # elements per absmax block of the 8-bit moments (bitsandbytes' optimizer size)
 MIN_8BIT_SIZE = 4096   # smaller tensors keep 16-bit moments (bitsandbytes' min_8bit_size)
@@ -209,8 +262,11 @@ class BF16AdamW(torch.optim.Optimizer):
         fp32_master: ``"small"`` (tensors with < 2 dims) or ``"all"``: those keep an fp32 master
             copy and fp32 moments.
         seed: seeds the stochastic rounding (with the step and the tensor's index).
-        compile: run each tensor's update as one torch.compile'd kernel (default: on CUDA). Eager,
-            the ~20 elementwise ops per tensor each launch a kernel and write an fp32 temporary.
+        compile: run each tensor's update as one torch.compile'd kernel (default: on CUDA), launched
+            in groups of ``GROUP`` tensors of one kind per compiled call (flat views, dynamic sizes:
+            one graph per kind and group size, reused every step). Eager, the ~40 elementwise ops
+            per tensor each launch a kernel and write a temporary; on CPU the eager update runs
+            over blocks of ``EAGER_CHUNK`` elements (``adamw_update_chunked``).
 
     One ``step`` never waits for the device: every tensor's step number is a host (CPU) tensor, and
     the per-tensor scalars (lr, bias corrections) and rounding keys of the whole step go to the device
@@ -238,16 +294,24 @@ class BF16AdamW(torch.optim.Optimizer):
         self.seed = int(seed)
         self.compile = compile
         self._update = None
+        self._update_group = None
         self._codes: dict = {}
+
+    def _compiled(self, device: torch.device) -> bool:
+        return self.compile if self.compile is not None else device.type == "cuda"
 
     def _update_fn(self, device: torch.device):
         if self._update is None:
-            use = self.compile if self.compile is not None else device.type == "cuda"
-            if use:        # one fused kernel per tensor: its temporaries live in registers
+            if self._compiled(device):   # one fused kernel per tensor: its temporaries live in registers
                 self._update = torch.compile(adamw_update, dynamic=True)
             else:
                 self._update = partial(adamw_update_chunked, chunk=EAGER_CHUNK)
         return self._update
+
+    def _group_fn(self):
+        if self._update_group is None:
+            self._update_group = torch.compile(adamw_update_group, dynamic=True)
+        return self._update_group
 
     def _key(self, step: int, index: int) -> int:
         # a fixed function of (seed, step, tensor): a resumed run draws the same bits
@@ -351,6 +415,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 todo.append((p, state, index, group))
         numbers = {}
+        grouped: dict[tuple, list[int]] = {}     # compiled path: tensors of one kind, updated together
         for i, (p, state, index, group) in enumerate(todo):
             local = _local(p)                    # FSDP2: this process's rows (module docstring)
             if p.device not in numbers:
@@ -360,6 +425,11 @@ class BF16AdamW(torch.optim.Optimizer):
             scalars, keys = numbers[p.device]
             beta1, beta2 = group["betas"]
             eight_bit = state["exp_avg"].dtype == torch.uint8
+            if not eight_bit and self._compiled(p.device):
+                kind = self._kind(p, state, group)
+                if kind is not None:
+                    grouped.setdefault(kind, []).append(i)
+                    continue
             m = self._decode(state, "exp_avg", True) if eight_bit else state["exp_avg"]
             v = self._decode(state, "exp_avg_sq", False) if eight_bit else state["exp_avg_sq"]
             self._update_fn(p.device)(local, _local(p.grad), m, v, state.get("master"),
@@ -368,7 +438,39 @@ class BF16AdamW(torch.optim.Optimizer):
             if eight_bit:
                 self._encode(state, "exp_avg", m, True)
                 self._encode(state, "exp_avg_sq", v, False)
+        for idx in grouped.values():
+            for start in range(0, len(idx), GROUP):
+                self._step_group(todo, idx[start:start + GROUP], numbers)
         return loss
+
+    @staticmethod
+    def _kind(p: torch.Tensor, state: dict, group: dict) -> tuple | None:
+        """What must be equal for tensors to share a compiled group call (dtypes, which states exist,
+        the group's hyperparameters and device); None when a tensor is not contiguous (it keeps its
+        own call: the group passes flat views)."""
+        local = _local(p)
+        tensors = (local, _local(p.grad), state["exp_avg"], state["exp_avg_sq"], state.get("master"),
+                   state.get("compensation"))
+        if not all(t is None or t.is_contiguous() for t in tensors):
+            return None
+        return (local.device, tuple(None if t is None else t.dtype for t in tensors), group["betas"],
+                group["eps"], group["weight_decay"])
+
+    def _step_group(self, todo: list, idx: list[int], numbers: dict) -> None:
+        """One compiled call updating the tensors ``todo[i]`` for i in ``idx`` (one kind)."""
+        def flat(t):
+            return None if t is None else t.view(-1)
+
+        items = [todo[i] for i in idx]
+        p0, _, _, group = items[0]
+        scalars, keys = numbers[p0.device]
+        beta1, beta2 = group["betas"]
+        self._group_fn()([flat(_local(p)) for p, _, _, _ in items], [flat(_local(p.grad)) for p, _, _, _ in items],
+                         [flat(st["exp_avg"]) for _, st, _, _ in items], [flat(st["exp_avg_sq"]) for _, st, _, _ in items],
+                         [flat(st.get("master")) for _, st, _, _ in items],
+                         [flat(st.get("compensation")) for _, st, _, _ in items],
+                         [scalars[i] for i in idx], [keys[i, 0] for i in idx], beta1, beta2, group["eps"],
+                         group["weight_decay"], [shard_offset(p) for p, _, _, _ in items])
 
     def state_dict(self) -> dict:
         """torch's form; under FSDP2 (any DTensor parameter) every state placed like its parameter, so

@@ -111,7 +111,10 @@ class TrainingSection:
     max_steps: int = -1
     batch_size: int = 1
     grad_accum: int = 1
-    gradient_checkpointing: bool = True
+    # checkpoint the decoder layers (recompute in backward). auto: on, except method: full on a CUDA
+    # device whose memory holds the step without it (vlm.train.checkpointing: Qwen2-VL-2B on an
+    # 80-141 GB GPU), where the recompute buys nothing
+    gradient_checkpointing: bool | str = choices("auto", True, False, default="auto")
     # torch.compile each language decoder layer (vlm.train.compile): on a GPU the eager step is
     # launch-bound; compiled layers fuse the LoRA/norm/RoPE glue (Qwen2-VL-2B LoRA on an H100: 2.4x
     # the eager step, benchmarks/NOTES.md). auto: on for CUDA (not under FSDP), off on CPU, where

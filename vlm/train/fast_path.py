@@ -120,8 +120,18 @@ def padding_note(lengths: list[int], pad_to: int) -> str:
 
 
 def vision_trains(model, family) -> bool:
-    """Whether any parameter of the vision tower is trainable (LoRA or modules_to_save on it)."""
-    return any(p.requires_grad for _, root in family.component_roots(model, "vision") for p in root.parameters())
+    """Whether any parameter of the vision tower's blocks is trainable (LoRA, modules_to_save or
+    ``training.train_vision`` on them). A projector inside the tower (Qwen2-VL's merger, trained by
+    ``method: full``) does not count: the frozen blocks before it get inputs that need no grad
+    (pixels; transformers' input-grad hook on the patch embedding is left off by vlm.train.modes), so
+    autograd records nothing there and their compiled graphs are inference graphs, as in a frozen
+    tower. (Before, a trained merger kept Qwen2-VL's whole tower eager in method: full.)"""
+    from vlm.train.compile import vision_blocks as blocks_of
+
+    blocks = blocks_of(model, family)
+    if not blocks:
+        return any(p.requires_grad for _, root in family.component_roots(model, "vision") for p in root.parameters())
+    return any(p.requires_grad for block in blocks for p in block.parameters())
 
 
 def quantized_language(model) -> int:

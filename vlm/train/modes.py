@@ -50,6 +50,7 @@ class ModeSetup:
     trainable: dict[str, int]                 # component -> trainable parameters
     optimizer_cls_and_kwargs: tuple | None     # for transformers.Trainer; None: Trainer's own optim
     optimizer: str                            # what the summary reports
+    checkpointing: Any = None                 # vlm.train.checkpointing.Decision
 
 
 def quantized_counts(model) -> dict[str, int]:
@@ -152,13 +153,17 @@ def bytes_per_parameter(model, optimizer) -> dict | None:
             "total": round(2 * weights + state, 4)}
 
 
-def prepare(model, family, cfg) -> ModeSetup:
-    """Set up ``full`` or ``projector`` training on a loaded model (in place)."""
+def prepare(model, family, cfg, *, device: str | None = None, strategy: str = "single") -> ModeSetup:
+    """Set up ``full`` or ``projector`` training on a loaded model (in place). Gradient
+    checkpointing as ``vlm.train.checkpointing.resolve`` decides for ``device`` (default: where the
+    model is) and the process ``strategy``."""
     from vlm.lora import _output_requires_grad, no_grad_when_frozen
+    from vlm.train import checkpointing
 
     check_model(model, family, cfg)
     counts = set_trainable(model, family, trainable_components(family, cfg))
-    if cfg.training.gradient_checkpointing:
+    decision = checkpointing.resolve(model, cfg, device or str(next(model.parameters()).device), strategy)
+    if decision.enabled:
         # transformers' gradient_checkpointing_enable calls enable_input_require_grads(), which hooks
         # every input embedding, the vision tower's patch embedding included: its output would then
         # require grad under the frozen tower's no_grad (a second variant of a compiled first vision
@@ -177,7 +182,7 @@ def prepare(model, family, cfg) -> ModeSetup:
     model.config.use_cache = False
     no_grad_when_frozen(model, family)
     opt, name = optimizer_for(model, cfg)
-    return ModeSetup(trainable=counts, optimizer_cls_and_kwargs=opt, optimizer=name)
+    return ModeSetup(trainable=counts, optimizer_cls_and_kwargs=opt, optimizer=name, checkpointing=decision)
 
 
 def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
@@ -388,9 +393,13 @@ def save_output(model, processor, out: Path, *, cfg, resolution, state_dict: dic
 def describe(setup: ModeSetup, cfg) -> str:
     parts = ", ".join(f"{k} {v:,}" for k, v in setup.trainable.items())
     return f"method: {cfg.method}: training {sum(setup.trainable.values()):,} parameters ({parts}); " \
-           f"optimizer {setup.optimizer}"
+           f"optimizer {setup.optimizer}" + (f"; {setup.checkpointing.line()}" if setup.checkpointing else "")
 
 
 def summary_fields(setup: Any, cfg) -> dict:
-    return {"method": cfg.method,
-            "optimizer": setup.optimizer if setup is not None else cfg.training.optimizer}
+    out = {"method": cfg.method,
+           "optimizer": setup.optimizer if setup is not None else cfg.training.optimizer}
+    if setup is not None and setup.checkpointing is not None:
+        out["gradient_checkpointing"] = setup.checkpointing.enabled
+        out["gradient_checkpointing_reason"] = setup.checkpointing.reason
+    return out

@@ -29,7 +29,7 @@ import torch
 
 from vlm.errors import ConfigError
 from vlm.atomic import ensure_writable_folder, write_json
-from vlm.train import fast_path, modes
+from vlm.train import checkpointing, fast_path, modes
 from vlm.train.checkpoints import checkpoint_record, resume_point, run_totals
 from vlm.train.config import TrainConfig, to_plain
 
@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 "sharded model, which gathers weights there alone: a collective the other processes do not "
                 "join (seen: gloo aborts with a size mismatch). Sharded checkpoints resume on any process "
                 "count and strategy, and OUT/model is a gathered standard checkpoint either way")
-        mode = modes.prepare(model, family, cfg)
+        mode = modes.prepare(model, family, cfg, device=device, strategy=strat)
         print(modes.describe(mode, cfg))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             model = apply_lora(model, family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                targets=cfg.lora.targets, modules_to_save=modes.lora_modules_to_save(model, family, cfg),
                                use_rslora=cfg.lora.use_rslora,
-                               gradient_checkpointing=cfg.training.gradient_checkpointing)
+                               gradient_checkpointing=checkpointing.resolve(model, cfg, device, strat).enabled)
     for caught_warning in caught:   # not `w`: that is the process world, used after training
         if str(caught_warning.message).startswith("vLLM serving:"):
             print(f"warning: {caught_warning.message}")

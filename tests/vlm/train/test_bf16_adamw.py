@@ -367,3 +367,138 @@ def test_chunked_update_equals_the_whole_tensor_update(kind):
         if a is not None:
             assert torch.equal(a, b)
     assert not torch.equal(runs[0][0], w)
+
+
+# ---- an independent reference of the module docstring's math ----------------------------------------
+# Written from the docstring, not from the implementation: int64 arithmetic with explicit masks for the
+# hash, and the stochastic rounding as "carry one bf16 ulp exactly when r + dropped bits ≥ 2¹⁶".
+
+_M32 = 0xFFFFFFFF
+
+
+def _ref_key(seed: int, step: int, index: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + index * 4) % 2 ** 31
+
+
+def _ref_hash(n: int, key: int, salt: int) -> torch.Tensor:
+    i = torch.arange(n, dtype=torch.int64)
+    x = (i * 0x61C88647 + key + salt) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def _ref_round(x: torch.Tensor, r16: torch.Tensor) -> torch.Tensor:
+    u = x.contiguous().view(torch.int32).to(torch.int64) & _M32          # the fp32 bit pattern, unsigned
+    dropped = u & 0xFFFF
+    up = (u & 0xFFFF0000) + torch.where(r16.reshape(u.shape) + dropped >= 65536, 0x10000, 0)
+    signed = torch.where(up >= 2 ** 31, up - 2 ** 32, up).to(torch.int32)
+    return signed.view(torch.float32).to(torch.bfloat16)
+
+
+def _ref_adamw(ws, grads, *, lr, wd, seed, rounding, betas=(0.9, 0.999), eps=1e-8):
+    """Weights, m, v (and c) after ``len(grads)`` steps of the docstring's update, per tensor index."""
+    b1, b2 = betas
+    out = []
+    for index, w0 in enumerate(ws, start=1):
+        master = w0.dim() < 2
+        w = w0.float().clone()
+        p = w0.clone()
+        m = torch.zeros_like(w0, dtype=torch.float32 if master else torch.bfloat16)
+        v = torch.zeros_like(m)
+        c = torch.zeros_like(w0)
+        for t, gs in enumerate(grads, start=1):
+            g = gs[index - 1].float()
+            key = _ref_key(seed, t, index)
+            mf = m.float() * b1 + g * (1 - b1)
+            vf = v.float() * b2 + g * g * (1 - b2)
+            step_size = torch.tensor(lr / (1 - b1 ** t), dtype=torch.float32)
+            denom = (vf / torch.tensor(1 - b2 ** t, dtype=torch.float32)).sqrt() + eps
+            base = w if master else (p.float() + c.float() if rounding == "kahan" else p.float())
+            if wd:
+                base = base * (1 - torch.tensor(lr, dtype=torch.float32) * wd)
+            new = base - step_size * mf / denom
+            if master:
+                m, v, w, p = mf, vf, new, new.to(torch.bfloat16)
+                continue
+            h0, h1 = _ref_hash(w0.numel(), key, 0), _ref_hash(w0.numel(), key, 1)
+            m, v = _ref_round(mf, h0 & 0xFFFF), _ref_round(vf, h0 >> 16)
+            if rounding == "kahan":
+                p = new.to(torch.bfloat16)
+                c = _ref_round(new - p.float(), h1 >> 16)
+            else:
+                p = _ref_round(new, h1 & 0xFFFF)
+        out.append((p, m, v, c))
+    return out
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_step_is_the_docstring_math(rounding):
+    """BF16AdamW.step against the reference above over 5 steps (2-D bf16 weights with bf16 moments and
+    stochastic or Kahan writes; 1-D weights with an fp32 master): the same bits, up to the rare
+    element whose fp32 result differs in its last bit by operation order (then one bf16 ulp)."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(96, 80), (50, 33), (80,)]
+    ws = [(torch.randn(s, generator=g) * 0.05).to(torch.bfloat16) for s in shapes]
+    grads = [[(torch.randn(s, generator=g) * 1e-2).to(torch.bfloat16) for s in shapes] for _ in range(5)]
+    lr, wd, seed = 3e-3, 0.1, 5
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    opt = BF16AdamW(params, lr=lr, weight_decay=wd, rounding=rounding, seed=seed)
+    for gs in grads:
+        for p, gr in zip(params, gs):
+            p.grad = gr
+        opt.step()
+    ref = _ref_adamw(ws, grads, lr=lr, wd=wd, seed=seed, rounding=rounding)
+    for p, (rp, rm, rv, rc) in zip(params, ref):
+        st = opt.state[p]
+        pairs = [(p.detach(), rp), (st["exp_avg"], rm), (st["exp_avg_sq"], rv)]
+        if rounding == "kahan" and p.dim() >= 2:
+            pairs.append((st["compensation"], rc))
+        for ours, want in pairs:
+            assert ours.dtype == want.dtype
+            same = ours == want
+            assert same.float().mean() > 0.999, (tuple(p.shape), same.float().mean())
+            ulp = want.float().abs() * 2.0 ** -7 + 1e-30
+            assert ((ours.float() - want.float()).abs() <= ulp).all()
+    assert not torch.equal(params[0].detach(), ws[0])
+
+
+def test_grouped_compiled_step_equals_the_eager_step(monkeypatch):
+    """The compiled path (CUDA's default) updates tensors of one kind in groups of GROUP per compiled
+    call, on flat views. Traced with aot_eager (the same torch ops, no codegen: CPU-fast) it must give
+    the eager per-tensor step's bits for every weight and state: many shapes (more than one group),
+    fp32-master vectors, an fp32 tensor, a transposed (non-contiguous) weight, two param groups. And a
+    few graphs for all of them, none added after the first step."""
+    import vlm.train.bf16_adamw as mod
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(mod.torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8 * (1 + i % 4), 5 + i) for i in range(2 * mod.GROUP + 3)] + [(7 + i,) for i in range(5)]
+    start = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+    start += [torch.randn(6, 4, generator=g), torch.randn(9, 5, generator=g).to(torch.bfloat16).t()]
+    grads = [[torch.randn(w.shape, generator=g).to(w.dtype) for w in start] for _ in range(3)]
+    runs, graphs = [], []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = BF16AdamW([{"params": params[::2], "weight_decay": 0.1}, {"params": params[1::2], "lr": 2e-3}],
+                        lr=1e-3, seed=9, compile=compiled)
+        for gs in grads:
+            for p, gr in zip(params, gs):
+                p.grad = gr
+            opt.step()
+            if compiled:
+                graphs.append(counters["stats"]["unique_graphs"])
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b), tuple(a.shape)
+        for k in oa.state[a]:
+            assert torch.equal(oa.state[a][k], ob.state[b][k]), k
+    assert graphs[0] <= 8 and graphs[-1] == graphs[0], graphs
+    assert ob._update_group is not None

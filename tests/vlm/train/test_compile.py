@@ -219,3 +219,44 @@ def test_every_family_compiles_without_graph_breaks_to_the_same_gradients(tiny_c
     assert l_vis == pytest.approx(l_eager, rel=1e-6)
     for name, g in g_eager.items():
         torch.testing.assert_close(g_vis[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_full_mode_compiles_the_frozen_vision_blocks(tiny_checkpoint):
+    """method: full on Qwen2-VL trains the merger, which lives inside the vision tower: the tower as a
+    whole needs autograd, its frozen blocks do not (their inputs need no grad, so autograd records
+    nothing there). fast_path compiles them as in a frozen tower (it kept the whole tower eager
+    before); loss and every gradient equal the plain model's."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlm.train import fast_path
+    from vlm.train.config import parse_config
+    from vlm.train.modes import prepare
+
+    path = tiny_checkpoint("qwen2_vl")
+    model, processor = vlm.load(path, dtype="fp32", device="cpu")
+    family = model.vlm_family
+    batch = _batch(processor)
+    plain = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    for name, p in plain.named_parameters():        # what method: full trains, nothing wrapped
+        p.requires_grad_(family.component_of(name.rsplit(".", 1)[0]) != "vision")
+    l_ref, g_ref = _loss_and_grads(plain, batch)
+    cfg = parse_config({"method": "full", "model": {"path": "x", "dtype": "fp32"}, "data": {"train": ["d.json"]},
+                        "training": {"gradient_checkpointing": True, "lr": 1e-3}})
+    prepare(model, family, cfg)
+    blocks = family.component_roots(model, "vision")[0][1].blocks
+    assert not fast_path.vision_trains(model, family)   # the trained merger does not count
+    seen = []
+    hook = blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    l_ours, g_ours = _loss_and_grads(model, batch)
+    assert seen == [False]                              # the frozen block built no graph
+    torch._dynamo.reset()
+    assert batch_equal_images(model, family) > 0        # as fast_path.apply does first
+    assert compile_vision_blocks(model, family, backend="aot_eager") == len(blocks)
+    l_comp, g_comp = _loss_and_grads(model, batch)
+    assert _graph_breaks() == 0
+    assert seen == [False, False]
+    for loss, grads in ((l_ours, g_ours), (l_comp, g_comp)):
+        assert loss == pytest.approx(l_ref, rel=1e-6)
+        assert grads.keys() == g_ref.keys() and any("merger" in n for n in grads)
+        for name, g in g_ref.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
