@@ -20,7 +20,7 @@ def test_quant_policies_tiny(tmp_path):
     rep = json.loads((tmp_path / "quant_policies.json").read_text())
     rows = {(x["name"], x["budget"]): x for x in rep["rows"]}
     assert {"bf16", "nf4", "skip-list"} <= {n for n, _ in rows}
-    for name in ("random", "heuristic", "policy"):
+    for name in ("random", "heuristic", "policy (propagated)", "policy (KL)"):
         for budget in ("1.15x nf4", "= skip-list"):
             assert (name, budget) in rows, (name, budget)
     assert rows[("bf16", "-")]["kl"] == 0 and rows[("nf4", "-")]["kl"] > 0
@@ -30,6 +30,10 @@ def test_quant_policies_tiny(tmp_path):
         if budget == "= skip-list":
             assert x["bytes"] <= rows[("skip-list", "-")]["bytes"]
     assert (tmp_path / "quant_policies.md").read_text().count("\n| ") >= 9
+    for metric in ("propagated", "output"):    # where the analysis time went, per metric
+        t = rep["analysis_timing"][metric]
+        assert t["sensitivity"] == metric and t["groups"] > 0 and t["sensitivity_s"] > 0
+        assert t["total_s"] >= t["capture_s"] + t["layer_errors_s"] + t["sensitivity_s"] - 1e-3
 
 
 def test_quant_skip_cost_tiny(tmp_path):

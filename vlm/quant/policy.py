@@ -46,7 +46,7 @@ PRECISIONS = ("bf16", "fp16", "int8", "nf4", "fp4")
 SIXTEEN_BIT = ("bf16", "fp16")
 FOUR_BIT = ("nf4", "fp4")
 QUANTIZED = ("int8", "nf4", "fp4")
-METRICS = ("output", "activation", "weight")
+METRICS = ("propagated", "output", "activation", "weight")
 ANALYSIS_DTYPES = ("fp32", "model")
 DEFAULT_BUDGET = 0.10
 
