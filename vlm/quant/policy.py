@@ -14,16 +14,20 @@ Presets:
              lm_head 16-bit as in transformers' standard ``load_in_4bit`` (the "standard 4-bit").
     dynamic  projector and lm_head 16-bit; vision and language NF4 with double quantization; the
              sensitivity analysis (vlm.quant.sensitivity) measures what quantizing each layer
-             does to the model's next-token distribution (KL against 16-bit, in float32) and keeps
-             in 16-bit first the outlier layers, then those with the highest KL per byte saved,
-             until the budget (default 10% of the parameters it may quantize) is spent.
+             does to the model (by default the error it propagates to its block's output, relative
+             to the residual stream, vlm.quant.propagated; or the KL of the next-token
+             distribution against 16-bit; in float32) and keeps in 16-bit first the outlier
+             layers, then those with the highest score per byte saved, until the budget (default
+             10% of the parameters it may quantize) is spent.
 
 A policy is given as a preset name, a dict (``preset:`` plus keys that change it), a YAML path, or
 a ``QuantPolicy``. Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
 
     preset: dynamic
     budget: 0.05            # fraction of quantizable parameters, or bytes: 300000000 / "300MB"
-    metric: output          # ranking: output (KL, default) / activation / weight error
+    metric: propagated      # ranking: propagated (block-output error, default; one block forward
+                            # per group) / output (next-token KL; a whole-model forward per group)
+                            # / activation / weight error
     analysis_dtype: fp32    # fp32 (default: the same plan on any CPU or GPU) or model (load dtype)
     overrides:
       "model.language_model.layers.0.*": bf16
@@ -119,7 +123,7 @@ class QuantPolicy:
     double_quant: bool = True
     sensitivity: bool = False                       # run the dynamic analysis
     budget: float | int = DEFAULT_BUDGET            # float = fraction, int = bytes
-    metric: str = "output"                          # ranking: output KL / activation / weight error
+    metric: str = "propagated"                      # propagated / output (KL) / activation / weight
     analysis_dtype: str = "fp32"                    # fp32: same plan on any machine; model: load dtype
     seed: int = 0
     calibration_samples: int = 4
@@ -275,7 +279,7 @@ class QuantPolicy:
         return cls(components=comps, overrides=overrides,
                    double_quant=data.get("double_quant", base["double_quant"]),
                    sensitivity=sens, budget=data.get("budget", DEFAULT_BUDGET),
-                   metric=data.get("metric", "output"), seed=data.get("seed", 0),
+                   metric=data.get("metric", "propagated"), seed=data.get("seed", 0),
                    analysis_dtype=data.get("analysis_dtype", "fp32"),
                    calibration_samples=data.get("calibration_samples", 4),
                    max_rows=data.get("max_rows", 256),

@@ -8,22 +8,33 @@
      calibration inputs (vlm.quant.capture):
          e_w = ‖W − Ŵ‖/‖W‖            e_a = ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖        (vlm.quant.metrics)
    - per fused-sibling group g (q/k/v, gate/up: vLLM serves them as one layer, so they are
-     protected together), the output sensitivity: the model with ONLY g quantized, against the
-     16-bit model, on the calibration batches (p = softmax of the 16-bit logits, q = with g
-     quantized, mean over every non-padding position t):
-         KL_g = mean_t Σ_v p_v (log p_v − log q_v)
-     Cost: one reference forward, then one forward per group and batch (quantize-dequantize the
-     group's weights in place, forward, restore). For Qwen2-VL-7B: ~250 groups × 4 samples.
+     protected together), with ONLY g quantized, one of two group measurements:
+       ``propagated`` (the default, vlm.quant.propagated): the error g leaves in the residual
+         stream at its block's output, relative to it, per token, from cached block inputs:
+             E_g = mean_t ‖ĥ_t − h_t‖² / ‖h_t‖²
+         Cost: one reference forward, then one block forward per group and batch: each block
+         runs once per group it holds (4 in a Qwen2-VL decoder layer or vision block), so about
+         4 whole-model forwards' worth in all, against ~240 for the KL at Qwen2-VL-7B.
+       ``output``: the KL of the next-token distribution against the 16-bit model's on the
+         calibration batches (p = softmax of the 16-bit logits, q = with g quantized, mean over
+         every non-padding position t):
+             KL_g = mean_t Σ_v p_v (log p_v − log q_v)
+         Cost: one reference forward, then one whole-model forward per group and batch
+         (quantize-dequantize the group's weights in place, forward, restore): for Qwen2-VL-7B
+         ~240 × 4 forwards, ~310 s of a 390 s cold start on an H200.
+     At equal bytes both rank as well (benchmarks/results/quant_policies_*: the same KL gap closed
+     at 1.15× NF4 on the demo base, and every planted outlier protected by both).
 
-2. ``choose_protected``: a group's score s_g is KL_g (``metric: output``, the default), or Σ e_a
-   / Σ e_w of its members (``metric: activation`` / ``weight``, the older rankings). Protecting g
+2. ``choose_protected``: a group's score s_g is E_g (``metric: propagated``, the default), KL_g
+   (``metric: output``), or Σ e_a / Σ e_w of its members (``metric: activation`` / ``weight``,
+   the older rankings). Protecting g
    costs S_g = Σ (bytes16 − bytesQ) of its members. Order:
      a. local outliers: groups with a member whose own error (e_a; e_w where it never ran) is
         ≥ LOCAL_OUTLIER_FACTOR × the median layer error: NF4 destroys most of that layer's
         output, whatever the calibration logits say (a random or image-blind model barely reads
         a vision layer, a trained one may on other images); largest own error first (the KL on
         calibration data can misjudge them: benchmarks/results/quant_policies_*.md);
-     b. output outliers: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first.
+     b. score outliers: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first.
         A layer whose error stands far above the rest is never left quantized for marginal gains
         on small layers while the budget can hold it;
      c. then the rest by s_g / S_g (score per byte saved), ties by name.
@@ -32,6 +43,8 @@
    records what the protection costs in bytes either way (``extra_bytes``).
 
 Deterministic given the errors; the errors are reproducible for a seed and a calibration set.
+``measure(timing=...)`` records where the analysis time went (capture, per-layer errors, group
+sensitivity, per group); ``vlm load`` prints it (``timing_line``) and the plan keeps it.
 """
 
 from __future__ import annotations
@@ -52,7 +65,7 @@ from vlm.quant.plan import QuantPlan, group_key
 from vlm.quant.policy import QUANTIZED
 from vlm.quant.propagated import propagated_sensitivity
 
-OUTLIER_FACTOR = 10.0     # output outlier: the group's score is ≥ 10 × the median group score
+OUTLIER_FACTOR = 10.0     # score outlier: the group's score is ≥ 10 × the median group score
 LOCAL_OUTLIER_FACTOR = 5.0  # local outlier: a member's own error is ≥ 5 × the median layer error
 
 
