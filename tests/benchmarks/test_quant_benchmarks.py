@@ -45,3 +45,18 @@ def test_quant_skip_cost_tiny(tmp_path):
         assert row["same_modules_converted"]
         assert row["merged"]["keys"] == 1 and row["merged"]["regex_compiles"] <= 2
         assert row["explicit"]["re_match_calls"] > row["merged"]["re_match_calls"]
+
+
+def test_quant_analysis_cost_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_analysis_cost.py"), "--tiny",
+                        "--device", "cpu", "--out", str(tmp_path)], env=ENV, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "quant_analysis_cost.json").read_text())
+    assert set(rep["metrics"]) == {"propagated", "output"}
+    for metric, row in rep["metrics"].items():
+        t = row["timing"]
+        assert t["sensitivity"] == metric and t["groups"] > 0 and row["protected_layers"] > 0
+        assert row["wall_s"] + 0.01 >= t["total_s"] > 0      # wall_s: 2 decimals
+    assert 0 < rep["protected_overlap"]["both"] <= rep["protected_overlap"]["either"]
+    assert "propagated: analysis" in r.stdout and "output: analysis" in r.stdout
