@@ -6,7 +6,8 @@ next block reads it, at the cost of about one block forward per group:
 
 1. Blocks: the repeated units of the model, i.e. an element of an ``nn.ModuleList`` (a decoder
    layer, a vision block). A group outside every block (a projector's linear) takes its parent
-   module instead (the projector's MLP: its output is what the language model reads).
+   module instead (the projector's MLP: its output is what the language model reads), or the
+   linear alone where that parent holds blocks itself or is the model.
 2. One reference pass over the calibration batches, with hooks on those blocks, keeps each block's
    inputs (hidden states cloned; position embeddings, masks and cu_seqlens by reference) and its
    output h, in the analysis dtype (float32 by default: vlm.quant.sensitivity.upcast).
@@ -42,14 +43,19 @@ from vlm.quant.capture import move_batch
 
 
 def block_of(name: str, modules: dict[str, nn.Module]) -> str:
-    """The block holding linear ``name``: its deepest ancestor that is an element of a ModuleList,
-    else its parent module (else the linear itself, for a linear hung on the model's root)."""
+    """The block holding linear ``name``: its deepest ancestor that is an element of a ModuleList;
+    else its parent module (a projector's MLP), unless that parent holds blocks itself (Mllama's
+    projector hangs on the model) or is the root: then the linear alone."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[:i - 1])
         if parts[i - 1].isdigit() and isinstance(modules.get(parent), nn.ModuleList):
             return ".".join(parts[:i])
-    return ".".join(parts[:-1]) if len(parts) > 1 else name
+    parent = ".".join(parts[:-1])
+    if not parent or any(n.startswith(parent + ".") and isinstance(m, nn.ModuleList)
+                         for n, m in modules.items()):
+        return name
+    return parent
 
 
 def _following(block: str, modules: dict[str, nn.Module], k: int) -> list[str]:
@@ -70,6 +76,18 @@ def _first_tensor(out: Any) -> torch.Tensor:
     if hasattr(out, "last_hidden_state"):
         return out.last_hidden_state
     raise TypeError(f"a block returned {type(out).__name__}, not hidden states")
+
+
+def _hidden_key(block: str, args: tuple, kwargs: dict) -> str | None:
+    """Where a block call passes its hidden states: None = first positional argument, else the
+    keyword (``hidden_states``; Mllama's vision encoder says ``hidden_state``)."""
+    if args and torch.is_tensor(args[0]):
+        return None
+    for key in ("hidden_states", "hidden_state"):
+        if torch.is_tensor(kwargs.get(key)):
+            return key
+    raise TypeError(f"block {block} was called without hidden states as its first argument or "
+                    f"as hidden_states=; keywords: {sorted(kwargs)}")
 
 
 class BlockCache:
@@ -105,10 +123,11 @@ class BlockCache:
 
     def _pre(self, block: str):
         def hook(module, args, kwargs):
-            if args:
+            key = _hidden_key(block, args, kwargs)
+            if key is None:
                 args = (args[0].detach().clone(),) + tuple(args[1:])
             else:
-                kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"].detach().clone())
+                kwargs = dict(kwargs, **{key: kwargs[key].detach().clone()})
             self.inputs[block].append((args, dict(kwargs)))
         return hook
 
@@ -121,10 +140,11 @@ class BlockCache:
         """Block ``block`` on batch ``i``'s cached inputs (hidden states replaced by ``hidden``)."""
         args, kwargs = self.inputs[block][i]
         if hidden is not None:
-            if args:
+            key = _hidden_key(block, args, kwargs)
+            if key is None:
                 args = (hidden,) + tuple(args[1:])
             else:
-                kwargs = dict(kwargs, hidden_states=hidden)
+                kwargs = dict(kwargs, **{key: hidden})
         return _first_tensor(self.modules[block](*args, **kwargs))
 
 

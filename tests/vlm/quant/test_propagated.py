@@ -8,6 +8,7 @@ from vlm.quant.agreement import simulated
 from vlm.quant.calibration import calibration_batches
 from vlm.quant.capture import move_batch
 from vlm.quant.propagated import block_of, propagated_sensitivity, relative_error_sum
+from tests.conftest import ZOO_VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,18 @@ GROUPS = {  # group -> (its block, its members)
 }
 
 
-def test_blocks_are_list_elements_else_the_parent(model_and_batches):
+def test_blocks_are_list_elements_else_the_parent(model_and_batches, tiny_checkpoint):
+    from transformers import AutoConfig
+
+    from vlm.quant.loading import meta_model
+
     modules = dict(model_and_batches[0].named_modules())
     for block, members in GROUPS.values():
         for m in members:
             assert block_of(m, modules) == block
+    assert block_of("lm_head", modules) == "lm_head"
+    mllama = dict(meta_model(AutoConfig.from_pretrained(tiny_checkpoint("mllama"))).named_modules())
+    assert block_of("model.multi_modal_projector", mllama) == "model.multi_modal_projector"
 
 
 def _whole_model_error(model, block, members, batches):
@@ -74,3 +82,35 @@ def test_extend_measures_further_down_the_residual_stream(model_and_batches):
     got = propagated_sensitivity(model, {"g": members}, batches, extend=99)["g"]
     assert got == pytest.approx(_whole_model_error(model, last, members, batches), rel=1e-4)
 
+
+
+@pytest.mark.parametrize("variant", ZOO_VARIANTS)
+def test_every_family_measures_every_group_as_its_whole_model_forward(tiny_checkpoint, variant):
+    """For each zoo family: every candidate group gets a finite score; a group left 16-bit scores
+    exactly 0; the largest-scoring group's score equals the error a whole-model forward shows at
+    its block (block kwargs such as masks, position embeddings, cu_seqlens, cross-attention
+    states are replayed correctly)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm.families import family_for_config
+    from vlm.quant.plan import resolve_plan
+    from vlm.quant.policy import QUANTIZED, QuantPolicy
+
+    path = tiny_checkpoint(variant)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    batches = calibration_batches(None, AutoProcessor.from_pretrained(path), n=1, seed=0)
+    plan = resolve_plan(QuantPolicy.parse("dynamic"), model, family_for_config(model.config))
+    groups: dict[str, dict[str, str]] = {}
+    for n, lp in plan.layers.items():
+        if lp.reason == "component" and lp.precision in QUANTIZED:
+            groups.setdefault(lp.group, {})[n] = lp.precision
+    first = next(iter(groups))
+    groups["kept"] = {m: "bf16" for m in groups[first]}
+    got = propagated_sensitivity(model, groups, batches)
+    assert got["kept"] == 0.0
+    assert all(v is not None and 0 <= v < float("inf") for v in got.values())
+    top = max((g for g in groups if g != "kept"), key=lambda g: got[g])
+    modules = dict(model.named_modules())
+    block = block_of(next(iter(groups[top])), modules)
+    assert got[top] > 0
+    assert got[top] == pytest.approx(_whole_model_error(model, block, groups[top], batches), rel=1e-4)
