@@ -69,7 +69,8 @@ def analyse(model, family, policy: QuantPolicy, batches: list[dict] | None, *,
     errors = measure(model, names, batches, double_quant=policy.double_quant,
                      max_rows=policy.max_rows, seed=policy.seed,
                      sensitivity=group_metric or ("output" if measure_all else None),
-                     fp32=policy.analysis_dtype == "fp32", timing=timing)
+                     fp32=policy.analysis_dtype == "fp32", extend=policy.propagate_blocks,
+                     timing=timing)
     if not policy.sensitivity:
         return resolve_plan(policy, model, family, analysis={"errors": errors, "timing": timing})
     t = time.perf_counter()

@@ -13,8 +13,10 @@ next block reads it, at the cost of about one block forward per group:
    output h, in the analysis dtype (float32 by default: vlm.quant.sensitivity.upcast).
 3. For each group g of block b: g's weights replaced by Ŵ = deq(q(W)) (bitsandbytes' functions, as
    for the KL), block b run again on its cached inputs — through its residual adds, so its output
-   ĥ is the residual stream after b — then, with ``extend`` = k > 0, the next k blocks of the same
-   list on their own cached keyword inputs; with h the reference output of the last block run:
+   ĥ is the residual stream after b — then the following blocks of the same list on their own
+   cached keyword inputs: all of them (``extend=None``, the default: the error as the stack's final
+   norm sees it) or the next k (``extend=k``; 0 = block b alone); with h the reference output of
+   the last block run:
 
        E_g = mean_t ‖ĥ_t − h_t‖² / ‖h_t‖²          over every token t of every calibration batch
 
@@ -24,11 +26,19 @@ next block reads it, at the cost of about one block forward per group:
    norm", issue 17). Per token, so tokens with massive activations (a BOS at 100× the others'
    norm) do not drown the rest; squared, like the KL (to second order ½ δᵀFδ in the logits'
    change δ), so "10× the median" marks an outlier on the same footing in both rankings.
+   Why to the end of the stack: an error made early grows through the blocks after it (attention
+   patterns shift, later layers amplify it); measured at its own block only, a query/key/value
+   group of decoder layer 0 ranked below layer 3's, the KL the other way round
+   (benchmarks/results/quant_policies_demo_base_scenes_calib: 17 % of the KL gap closed at 1.15×
+   NF4 with ``extend=0``, 20 % with 1, 36 % with the whole stack — the KL's own pick and figure).
 
 Exactness: with nothing quantized, re-running a block on its cached inputs gives its cached output
 bit for bit (same kernels, same inputs), so E_g = 0 for a group whose quantization changes nothing.
-Cost: one reference forward, then per group Σ_batches (1 + k) block forwards; memory: every hooked
-block's input and output hidden states (Qwen2-VL-7B, 4 samples × ~1,000 tokens, float32: ~3 GB).
+Cost: one reference forward, then per group and batch the blocks from its own to the end of its
+stack (half the stack on average: about a quarter of the KL's whole-model forwards for the
+language model, and the vision tower's groups never run the language model or the lm_head);
+``extend=0``: one block per group. Memory: every hooked block's input and output hidden states
+(Qwen2-VL-7B, 4 samples × ~1,000 tokens, float32: ~3 GB).
 """
 
 from __future__ import annotations
@@ -58,13 +68,13 @@ def block_of(name: str, modules: dict[str, nn.Module]) -> str:
     return parent
 
 
-def _following(block: str, modules: dict[str, nn.Module], k: int) -> list[str]:
-    """``block`` and up to ``k`` blocks after it in the same ModuleList."""
+def _following(block: str, modules: dict[str, nn.Module], k: int | None) -> list[str]:
+    """``block`` and up to ``k`` blocks after it in the same ModuleList (None: all of them)."""
     parent, _, idx = block.rpartition(".")
     lst = modules.get(parent)
     if not (idx.isdigit() and isinstance(lst, nn.ModuleList)):
         return [block]
-    last = min(len(lst) - 1, int(idx) + k)
+    last = len(lst) - 1 if k is None else min(len(lst) - 1, int(idx) + k)
     return [f"{parent}.{j}" for j in range(int(idx), last + 1)]
 
 
@@ -157,7 +167,8 @@ def relative_error_sum(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, int
 
 
 def propagated_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], batches: list[dict],
-                           *, double_quant: bool = True, extend: int = 0) -> dict[str, float | None]:
+                           *, double_quant: bool = True, extend: int | None = None
+                           ) -> dict[str, float | None]:
     """{group: E_g} (see the module docstring); None for a group with no member to quantize."""
     modules = dict(model.named_modules())
     chains: dict[str, list[str]] = {}

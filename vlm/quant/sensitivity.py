@@ -10,11 +10,13 @@
    - per fused-sibling group g (q/k/v, gate/up: vLLM serves them as one layer, so they are
      protected together), with ONLY g quantized, one of two group measurements:
        ``propagated`` (the default, vlm.quant.propagated): the error g leaves in the residual
-         stream at its block's output, relative to it, per token, from cached block inputs:
+         stream at the end of its stack (the input of the language model's or vision tower's
+         final norm; ``propagate: k``: k blocks past its own), relative to it, per token, from
+         cached block inputs (only the blocks from g's own onwards run):
              E_g = mean_t ‖ĥ_t − h_t‖² / ‖h_t‖²
-         Cost: one reference forward, then one block forward per group and batch: each block
-         runs once per group it holds (4 in a Qwen2-VL decoder layer or vision block), so about
-         4 whole-model forwards' worth in all, against ~240 for the KL at Qwen2-VL-7B.
+         Cost: one reference forward, then per group and batch the rest of its stack: about a
+         quarter of the KL's forwards for the language model, far less for the vision tower
+         (no language model, no lm_head); ``propagate: 0``: one block per group.
        ``output``: the KL of the next-token distribution against the 16-bit model's on the
          calibration batches (p = softmax of the 16-bit logits, q = with g quantized, mean over
          every non-padding position t):
@@ -93,14 +95,15 @@ def upcast(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
 def measure(model: nn.Module, names: dict[str, str], batches: list[dict] | None, *,
             double_quant: bool = True, max_rows: int = 256, seed: int = 0,
             sensitivity: str | None = "propagated", fp32: bool = True, mode: str = "isolated",
-            extend: int = 0, timing: dict | None = None) -> dict[str, dict]:
+            extend: int | None = None, timing: dict | None = None) -> dict[str, dict]:
     """Errors of each layer ``name`` quantized to ``names[name]``.
 
     → {name: {precision, weight_error, activation_error, rows, output_kl, block_error, group}};
     ``sensitivity`` picks the group measurement: "propagated" fills ``block_error`` (E_g,
     vlm.quant.propagated), "output" fills ``output_kl`` (KL_g), None neither. Both are those of
     the layer's fused-sibling group (None without calibration batches, or for a layer whose
-    weight is tied to the input embeddings). ``timing`` (a dict) receives where the time went:
+    weight is tied to the input embeddings). ``extend``: blocks measured past the group's own
+    (None: to the end of its stack; vlm.quant.propagated). ``timing`` (a dict) receives where the time went:
     capture_s, layer_errors_s, sensitivity_s, groups, per_group_ms, total_s."""
     if sensitivity not in (None, "output", "propagated"):
         raise ValueError(f"unknown sensitivity {sensitivity!r}")
