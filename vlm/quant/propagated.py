@@ -13,8 +13,10 @@ next block reads it, at the cost of about one block forward per group:
    output h, in the analysis dtype (float32 by default: vlm.quant.sensitivity.upcast).
 3. For each group g of block b: g's weights replaced by Ŵ = deq(q(W)) (bitsandbytes' functions, as
    for the KL), block b run again on its cached inputs — through its residual adds, so its output
-   ĥ is the residual stream after b — then the following blocks of the same list on their own
-   cached keyword inputs: all of them (``extend=None``, the default: the error as the stack's final
+   ĥ is the residual stream after b — then the following blocks of the same list, each on its
+   cached input plus the change at the previous block's output (exact where the model adds
+   something between blocks, as Qwen3-VL adds its DeepStack visual features) and its cached
+   keyword inputs: all of them (``extend=None``, the default: the error as the stack's final
    norm sees it) or the next k (``extend=k``; 0 = block b alone); with h the reference output of
    the last block run:
 
@@ -68,7 +70,7 @@ def block_of(name: str, modules: dict[str, nn.Module]) -> str:
     return parent
 
 
-def _following(block: str, modules: dict[str, nn.Module], k: int | None) -> list[str]:
+def blocks_from(block: str, modules: dict[str, nn.Module], k: int | None) -> list[str]:
     """``block`` and up to ``k`` blocks after it in the same ModuleList (None: all of them)."""
     parent, _, idx = block.rpartition(".")
     lst = modules.get(parent)
@@ -146,6 +148,11 @@ class BlockCache:
             self.outputs[block].append(_first_tensor(output).detach().clone())
         return hook
 
+    def hidden_in(self, block: str, i: int) -> torch.Tensor:
+        args, kwargs = self.inputs[block][i]
+        key = _hidden_key(block, args, kwargs)
+        return args[0] if key is None else kwargs[key]
+
     def run(self, block: str, i: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Block ``block`` on batch ``i``'s cached inputs (hidden states replaced by ``hidden``)."""
         args, kwargs = self.inputs[block][i]
@@ -174,7 +181,7 @@ def propagated_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], 
     chains: dict[str, list[str]] = {}
     for g, precisions in groups.items():
         if precisions:
-            chains[g] = _following(block_of(next(iter(precisions)), modules), modules, extend)
+            chains[g] = blocks_from(block_of(next(iter(precisions)), modules), modules, extend)
     needed = sorted({b for chain in chains.values() for b in chain})
     cache = BlockCache(model, needed)
     cache.record(model, batches)
@@ -184,9 +191,11 @@ def propagated_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], 
             total, count = 0.0, 0
             with simulated(model, groups[g], double_quant):
                 for i in range(len(batches)):
-                    h = None
-                    for b in chain:
-                        h = cache.run(b, i, h)
+                    h = cache.run(chain[0], i)
+                    for prev, b in zip(chain, chain[1:]):
+                        # the next block's cached input plus the change at the previous output:
+                        # exact where what lies between them adds (Qwen3-VL's DeepStack features)
+                        h = cache.run(b, i, cache.hidden_in(b, i) + (h - cache.outputs[prev][i]))
                     s, n = relative_error_sum(h, cache.outputs[chain[-1]][i])
                     total, count = total + s, count + n
             out[g] = total / max(count, 1)

@@ -7,7 +7,7 @@ import torch
 from vlm.quant.agreement import simulated
 from vlm.quant.calibration import calibration_batches
 from vlm.quant.capture import move_batch
-from vlm.quant.propagated import block_of, propagated_sensitivity, relative_error_sum
+from vlm.quant.propagated import block_of, blocks_from, propagated_sensitivity, relative_error_sum
 from tests.conftest import ZOO_VARIANTS
 
 
@@ -63,32 +63,29 @@ def _whole_model_error(model, block, members, batches):
     return sum(s for s, _ in total) / sum(c for _, c in total)
 
 
+@pytest.mark.parametrize("extend", [None, 0, 1])
 @pytest.mark.parametrize("which", sorted(GROUPS))
-def test_block_error_equals_the_whole_model_forward(model_and_batches, which):
+def test_block_error_equals_the_whole_model_forward(model_and_batches, which, extend):
+    """E_g from cached block inputs = the error a whole-model forward with g quantized shows at the
+    last block measured: the end of g's stack (default), its own block (0), the next one (1)."""
     model, batches = model_and_batches
     block, members = GROUPS[which]
+    last = blocks_from(block, dict(model.named_modules()), extend)[-1]
+    if extend is None and which.startswith("language"):
+        assert last == f"model.language_model.layers.{model.config.text_config.num_hidden_layers - 1}"
     got = propagated_sensitivity(model, {which: members, "kept": {m: "bf16" for m in members}},
-                                 batches)
-    want = _whole_model_error(model, block, members, batches)
+                                 batches, extend=extend)
+    want = _whole_model_error(model, last, members, batches)
     assert want > 0
     assert got[which] == pytest.approx(want, rel=1e-4)
-    assert got["kept"] == 0.0          # re-running a block on its cached inputs is exact
-
-
-def test_extend_measures_further_down_the_residual_stream(model_and_batches):
-    model, batches = model_and_batches
-    _, members = GROUPS["language_qkv"]
-    last = f"model.language_model.layers.{model.config.text_config.num_hidden_layers - 1}"
-    got = propagated_sensitivity(model, {"g": members}, batches, extend=99)["g"]
-    assert got == pytest.approx(_whole_model_error(model, last, members, batches), rel=1e-4)
-
+    assert got["kept"] == 0.0          # re-running blocks on their cached inputs is exact
 
 
 @pytest.mark.parametrize("variant", ZOO_VARIANTS)
 def test_every_family_measures_every_group_as_its_whole_model_forward(tiny_checkpoint, variant):
     """For each zoo family: every candidate group gets a finite score; a group left 16-bit scores
     exactly 0; the largest-scoring group's score equals the error a whole-model forward shows at
-    its block (block kwargs such as masks, position embeddings, cu_seqlens, cross-attention
+    the end of its stack (block kwargs such as masks, position embeddings, cu_seqlens, cross-attention
     states are replayed correctly)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -111,6 +108,6 @@ def test_every_family_measures_every_group_as_its_whole_model_forward(tiny_check
     assert all(v is not None and 0 <= v < float("inf") for v in got.values())
     top = max((g for g in groups if g != "kept"), key=lambda g: got[g])
     modules = dict(model.named_modules())
-    block = block_of(next(iter(groups[top])), modules)
+    block = blocks_from(block_of(next(iter(groups[top])), modules), modules, None)[-1]
     assert got[top] > 0
     assert got[top] == pytest.approx(_whole_model_error(model, block, groups[top], batches), rel=1e-4)
