@@ -153,7 +153,8 @@ def run(args) -> dict:
         calib = calibration_batches(None, processor, n=args.calibration_samples, seed=policy.seed)
     timing = {"propagated": {}, "output": {}, "output_leave_one_out": {}}
     prop = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
-                   seed=policy.seed, sensitivity="propagated", extend=args.extend,
+                   seed=policy.seed, sensitivity="propagated",
+                   extend=policy.propagate_blocks if args.extend is None else args.extend,
                    timing=timing["propagated"])
     errors = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
                      seed=policy.seed, sensitivity="output", mode="isolated", timing=timing["output"])
@@ -264,8 +265,7 @@ def main(argv=None) -> int:
                          "eval's kind, as a user calibrating on their own data")
     ap.add_argument("--calibration-samples", type=int, default=4)
     ap.add_argument("--extend", type=int, default=None, help="propagated metric: blocks measured "
-                    "past the group's own (default: to the end of its stack, the product's "
-                    "default `propagate: end`; 0: its own block only)")
+                    "past the group's own (default: the policy's `propagate`, 3; 0: its own block)")
     ap.add_argument("--planted", choices=("language_mlp", "language_attention", "vision_attention"))
     ap.add_argument("--train-base", metavar="DIR", help="train the ~32 M base into DIR (if absent) "
                     "and benchmark it (GPU: a few minutes)")

@@ -14,8 +14,8 @@ Presets:
              lm_head 16-bit as in transformers' standard ``load_in_4bit`` (the "standard 4-bit").
     dynamic  projector and lm_head 16-bit; vision and language NF4 with double quantization; the
              sensitivity analysis (vlm.quant.sensitivity) measures what quantizing each layer
-             does to the model (by default the error it propagates through the rest of its stack,
-             relative to the residual stream, vlm.quant.propagated; or the KL of the next-token
+             does to the model (by default the error it propagates three blocks down the residual
+             stream, relative to it, vlm.quant.propagated; or the KL of the next-token
              distribution against 16-bit; in float32) and keeps in 16-bit first the outlier
              layers, then those with the highest score per byte saved, until the budget (default
              10% of the parameters it may quantize) is spent.
@@ -25,12 +25,11 @@ a ``QuantPolicy``. Example YAML (the ``quant:`` block of a recipe, or a file of 
 
     preset: dynamic
     budget: 0.05            # fraction of quantizable parameters, or bytes: 300000000 / "300MB"
-    metric: propagated      # ranking: propagated (residual-stream error, default; the rest of the
-                            # layer's stack per group) / output (next-token KL; a whole-model
-                            # forward per group)
+    metric: propagated      # ranking: propagated (residual-stream error, default; 4 blocks per
+                            # group) / output (next-token KL; a whole-model forward per group)
                             # / activation / weight error
-    propagate: end          # propagated metric: measured at the end of the layer's stack, or an
-                            # integer: that many blocks past its own (0: its block only, fastest)
+    propagate: 3            # propagated metric: measured this many blocks past the layer's own
+                            # (0: its block only, fastest), or "end": at the end of its stack
     analysis_dtype: fp32    # fp32 (default: the same plan on any CPU or GPU) or model (load dtype)
     overrides:
       "model.language_model.layers.0.*": bf16
@@ -56,6 +55,7 @@ QUANTIZED = ("int8", "nf4", "fp4")
 METRICS = ("propagated", "output", "activation", "weight")
 ANALYSIS_DTYPES = ("fp32", "model")
 DEFAULT_BUDGET = 0.10
+DEFAULT_PROPAGATE = 3     # propagated metric: blocks measured past the layer's own (vlm.quant.propagated)
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "bf16": {"components": {c: "bf16" for c in COMPONENTS}, "double_quant": False,
@@ -127,7 +127,7 @@ class QuantPolicy:
     sensitivity: bool = False                       # run the dynamic analysis
     budget: float | int = DEFAULT_BUDGET            # float = fraction, int = bytes
     metric: str = "propagated"                      # propagated / output (KL) / activation / weight
-    propagate: str | int = "end"                    # propagated metric: "end" of the stack / k blocks
+    propagate: str | int = DEFAULT_PROPAGATE        # propagated metric: k blocks further / "end"
     analysis_dtype: str = "fp32"                    # fp32: same plan on any machine; model: load dtype
     seed: int = 0
     calibration_samples: int = 4
@@ -294,7 +294,7 @@ class QuantPolicy:
         return cls(components=comps, overrides=overrides,
                    double_quant=data.get("double_quant", base["double_quant"]),
                    sensitivity=sens, budget=data.get("budget", DEFAULT_BUDGET),
-                   metric=data.get("metric", "propagated"), propagate=data.get("propagate", "end"),
+                   metric=data.get("metric", "propagated"), propagate=data.get("propagate", DEFAULT_PROPAGATE),
                    seed=data.get("seed", 0),
                    analysis_dtype=data.get("analysis_dtype", "fp32"),
                    calibration_samples=data.get("calibration_samples", 4),

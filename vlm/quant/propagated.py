@@ -16,9 +16,9 @@ next block reads it, at the cost of about one block forward per group:
    ĥ is the residual stream after b — then the following blocks of the same list, each on its
    cached input plus the change at the previous block's output (exact where the model adds
    something between blocks, as Qwen3-VL adds its DeepStack visual features) and its cached
-   keyword inputs: all of them (``extend=None``, the default: the error as the stack's final
-   norm sees it) or the next k (``extend=k``; 0 = block b alone); with h the reference output of
-   the last block run:
+   keyword inputs: the next k (``extend=k``; 0 = block b alone; the ``dynamic`` policy's default
+   ``propagate: 3``) or all of them (``extend=None``, ``propagate: end``: the error as the
+   stack's final norm sees it); with h the reference output of the last block run:
 
        E_g = mean_t ‖ĥ_t − h_t‖² / ‖h_t‖²          over every token t of every calibration batch
 
@@ -32,13 +32,15 @@ next block reads it, at the cost of about one block forward per group:
    patterns shift, later layers amplify it); measured at its own block only, a query/key/value
    group of decoder layer 0 ranked below layer 3's, the KL the other way round
    (benchmarks/results/quant_policies_demo_base_scenes_calib: 17 % of the KL gap closed at 1.15×
-   NF4 with ``extend=0``, 20 % with 1, 36 % with the whole stack — the KL's own pick and figure).
+   NF4 with ``extend=0``, 20 % with 1, 36 % with 3 = the whole 4-layer stack — the KL's own pick
+   and figure). Three blocks further, not the whole stack, by default: the near amplification is
+   what changed the ranking there, and it keeps the cost at 4 blocks per group at any depth.
 
 Exactness: with nothing quantized, re-running a block on its cached inputs gives its cached output
 bit for bit (same kernels, same inputs), so E_g = 0 for a group whose quantization changes nothing.
-Cost: one reference forward, then per group and batch the blocks from its own to the end of its
-stack (half the stack on average: about a quarter of the KL's whole-model forwards for the
-language model, and the vision tower's groups never run the language model or the lm_head);
+Cost: one reference forward, then per group and batch 1 + k blocks (Qwen2-VL-7B, k = 3: 4 of a
+decoder's 28 layers or of the vision tower's 32 blocks, ~1/15 of the KL's whole-model forwards;
+no lm_head); ``propagate: end``: to the end of the stack (half of it on average, ~1/4 of the KL's);
 ``extend=0``: one block per group. Memory: every hooked block's input and output hidden states
 (Qwen2-VL-7B, 4 samples × ~1,000 tokens, float32: ~3 GB).
 """
@@ -52,6 +54,7 @@ from torch import nn
 
 from vlm.quant.agreement import simulated
 from vlm.quant.capture import move_batch
+from vlm.quant.policy import DEFAULT_PROPAGATE
 
 
 def block_of(name: str, modules: dict[str, nn.Module]) -> str:
@@ -174,7 +177,7 @@ def relative_error_sum(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, int
 
 
 def propagated_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], batches: list[dict],
-                           *, double_quant: bool = True, extend: int | None = None
+                           *, double_quant: bool = True, extend: int | None = DEFAULT_PROPAGATE
                            ) -> dict[str, float | None]:
     """{group: E_g} (see the module docstring); None for a group with no member to quantize."""
     modules = dict(model.named_modules())
