@@ -5,10 +5,21 @@
     python benchmarks/config_runs.py --runs 2b_lora --extra training.compile=true
     python benchmarks/config_runs.py --runs qwen3_vl_8b,gemma3_4b,gemma3_12b,mistral_24b --steps 3 --cleanup
     python benchmarks/config_runs.py --runs gemma3_4b --steps 1 --tiny   # CPU smoke: shrunk model, fp32
+    python benchmarks/config_runs.py --runs mistral_24b --build-only      # the random checkpoint only
+
+On the device (10 minutes a call), one call per run; the 24B in two, build then run (the build is
+kept: a folder with its config.json is reused, a partial one from a killed build is removed):
+    (a) --runs qwen3_vl_8b --steps 3 --cleanup       ~4 min (build 17.5 GB ~1 min)
+    (b) --runs gemma3_4b --steps 3 --cleanup         ~3 min
+    (c) --runs gemma3_12b --steps 3 --cleanup        ~5 min (build 24 GB ~1.5 min)
+    (d) --runs mistral_24b --build-only              ~3 min (48 GB written in 4 GB shards)
+    (e) --runs mistral_24b --steps 3 --cleanup       ~6 min (the dynamic policy reads the 48 GB twice)
+Each call rewrites config_runs_<GPU>.{json,md} with the runs of that call only: keep each call's files.
 
 Each run is ``vlm train configs/<name>.yaml`` in its own process with only these overrides:
 model.path (a random-weight checkpoint at the config's real shapes, benchmarks/random_qwen2_vl.py and
-benchmarks/random_vlms.py; ``--cleanup`` deletes each after its run: the 24B one is 48 GB),
+benchmarks/random_vlms.py, written in bf16 shard by shard; ``--cleanup`` deletes each after its run:
+the 24B one is 48 GB of a device's 64 GiB disk),
 data.train (``vlm.data_formats.synthetic`` scenes at 448 × 448, ShareGPT JSON), output,
 training.max_steps, training.save_steps (= max_steps: the final checkpoint is written and checked),
 logging to the console every step. Recorded from the run's summary.json: steps, tokens/s, peak GPU
@@ -55,8 +66,10 @@ def build_random(root: Path, size: str, tiny: bool = False) -> Path:
 
 def adapter_loads(adapter: Path, model: Path) -> str:
     """Load the saved adapter onto the base with plain transformers + PEFT (fresh process)."""
+    # on the GPU where there is one: the 24B base is 48 GB, slow to materialise in host memory
     code = ("import sys, torch; from transformers import AutoModelForImageTextToText; from peft import PeftModel;"
-            "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1], dtype=torch.bfloat16);"
+            "dev = 'cuda' if torch.cuda.is_available() else 'cpu';"
+            "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device_map=dev);"
             "p = PeftModel.from_pretrained(m, sys.argv[2]);"
             "print('ok', sum(x.numel() for n, x in p.named_parameters() if 'lora_' in n))")
     r = subprocess.run([sys.executable, "-c", code, str(model), str(adapter)], capture_output=True, text=True)
@@ -95,6 +108,13 @@ def write(rows: list[dict], env: dict) -> None:
 
     stem = "config_runs_" + env["gpu"].replace(" ", "_")
     outs = {REPO / "benchmarks" / "results", Path(os.environ.get("OUT", REPO / "benchmarks" / "results"))}
+    # runs of earlier calls on this GPU (the big ones take a call each) stay in the file, in RUNS order
+    earlier = REPO / "benchmarks" / "results" / f"{stem}.json"
+    if earlier.is_file():
+        done = {r["run"] for r in rows}
+        kept = [r for r in json.loads(earlier.read_text())["rows"] if r["run"] not in done]
+        order = list(RUNS)
+        rows = sorted(kept + rows, key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
     for out in outs:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2, default=str) + "\n")
@@ -125,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="/tmp/vlm_config_runs")
     ap.add_argument("--cleanup", action="store_true", help="delete each random checkpoint after its run")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on shrunk models (new families only)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build the runs' random checkpoints (kept for a later call) and stop")
     args = ap.parse_args(argv)
 
     import peft
@@ -149,9 +171,15 @@ def main(argv=None) -> int:
            "bitsandbytes": bnb, "python": platform.python_version(), "steps": args.steps}
     rows = []
     for name in args.runs.split(","):
+        t0 = time.perf_counter()
         model = build_random(root, RUNS[name][1], tiny=args.tiny)
+        build_s = round(time.perf_counter() - t0, 1)
+        print(f"{name}: checkpoint {model} ready in {build_s} s", flush=True)
+        if args.build_only:
+            continue
         print(f"{name}: running ...", flush=True)
         rows.append(run(name, model, data, root, args.steps, (TINY_OVERRIDES if args.tiny else []) + args.extra))
+        rows[-1]["build_seconds"] = build_s   # 0 when an earlier call built it
         if args.cleanup:
             shutil.rmtree(model, ignore_errors=True)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "error_tail"}, default=str), flush=True)

@@ -7,6 +7,7 @@
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,ddp2,fsdp2_compiled --steps 8   # fits one device call
     python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
+    python benchmarks/multi_gpu.py --model 2b --runs 1gpu_eager,fsdp2 --steps 16 --profile   # + per-rank profiles
     python benchmarks/multi_gpu.py --model 2b --runs full_1gpu,full_fsdp2,full8_1gpu,full8_fsdp2 --steps 8
 
 What runs: ``vlm train configs/qwen2_vl_7b_qlora.yaml`` unchanged (dynamic 4-bit policy, adamw_8bit,
@@ -32,6 +33,8 @@ Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
                         FSDP can shard them, adamw_8bit on the shards; eager (compile auto is off
                         under FSDP); checkpoint at the last step
   fsdp2_compiled        the same with ``training.compile=true`` (compiled layers as FSDP units)
+  fsdp2_keep            fsdp2 with ``distributed.fsdp_reshard_after_forward=false``: no backward
+                        all-gathers, the whole 16-bit model on each GPU during the step
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
   full_1gpu / full_fsdp2       ``configs/qwen2_vl_2b_full.yaml`` (method full: bf16 weights, BF16AdamW,
                         gradient checkpointing) in the same packed rows (``data.max_tokens_per_batch=
@@ -72,6 +75,8 @@ CONFIG = CONFIGS["7b"]
 GiB = 2**30
 EAGER = ["training.compile=false"]
 LORA16 = ["quant=bf16", "training.compile=false"]
+# FSDP2 with the decoder layers kept gathered from forward to backward (speed over memory: fsdp_units)
+KEEP_GATHERED = ["distributed.fsdp_reshard_after_forward=false"]
 # method full rows: their own shipped config, the LoRA rows' packed-row batching, eager on 1 and 2 GPUs
 FULL_CONFIG = REPO / "configs" / "qwen2_vl_2b_full.yaml"
 FULL = ["quant=bf16", "data.max_tokens_per_batch=8192", "training.compile=false"]
@@ -94,6 +99,7 @@ def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
         "1gpu": (1, None, one), "1gpu_eager": (1, None, one + EAGER),
         "ddp2": (2, "ddp", two), "ddp2_eager": (2, "ddp", two + EAGER),
         "fsdp2": (2, "fsdp", two), "fsdp2_compiled": (2, "fsdp", two + ["training.compile=true"]),
+        "fsdp2_keep": (2, "fsdp", two + KEEP_GATHERED),
         "lora16_1gpu": (1, None, one + LORA16), "lora16_fsdp2": (2, "fsdp", two + LORA16),
     }
     suffix, wide_one, wide_two = wide
@@ -116,6 +122,8 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
     resume = name in RESUMES
     out = root / ((RESUMES[name] if resume else f"run_{name}") + (f"_{args.tag}" if args.tag else ""))
     total = args.steps + args.resume_steps if resume else args.steps
+    if args.profile:   # two more steps, profiled on every process (left out of the steady rate)
+        total += 2
     full = name.startswith("full")
     cmd = [sys.executable, "-m", "vlm", "train", str(FULL_CONFIG if full else CONFIG), f"model.path={model}",
            f"data.train=[{data}]", f"output={out}", f"training.max_steps={total}",
@@ -125,6 +133,8 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
         cmd += TINY_FULL
     elif args.tiny:   # the shipped config's 8-bit optimizer (train_e2e's tiny rows use adamw): ShardLocal under FSDP
         cmd.append("training.optimizer=adamw_8bit")
+    if args.profile:
+        cmd.append(f"logging.profile_steps=[{total - 1},{total}]")
     if strategy:
         cmd += [f"distributed.strategy={strategy}", "--nproc", str(nproc)]
     if resume:
@@ -161,14 +171,33 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
                load_peak_mem_gib_per_gpu=[round(b / GiB, 2) for b in load],
                param_gib_per_gpu=[round(b / GiB, 2) for b in params], param_bytes_per_gpu=params,
                fsdp_root_unit_gib=round((s.get("sharding") or {}).get("root_unit_bytes_whole", 0) / GiB, 3),
-               data_wait_share=steady(s, 2).get("data_wait_share"), padding_fraction=s.get("padding_fraction"),
+               data_wait_share=steady(s, 2, 2 if args.profile else 0).get("data_wait_share"),
+               padding_fraction=s.get("padding_fraction"),
                packed=budget.get("packed"), startup_s=(s.get("startup_seconds") or {}).get("to_first_step_s"),
                final_loss=s["final_loss"], loss_history=s.get("loss_history"),
                resumed_from=s.get("resumed_from"), compiled=bool(s.get("compiled_layers")),
                optimizer=s["config"]["training"]["optimizer"],
                bytes_per_trained_parameter=(s.get("bytes_per_trained_parameter") or {}).get("total"),
-               global_batch=s["config"]["training"]["batch_size"] * s["config"]["training"]["grad_accum"] * nproc)
+               global_batch=s["config"]["training"]["batch_size"] * s["config"]["training"]["grad_accum"] * nproc,
+               fsdp_layout=(s.get("sharding") or {}).get("layout"),
+               fsdp_unit_classes=(s.get("sharding") or {}).get("unit_classes"),
+               recompiles_after_step_1=[k for k in s.get("compile_steps") or [] if k > 1])
+    if args.profile:
+        row["profiles"] = _profiles(out, root, row["run"])
     return row
+
+
+def _profiles(out: Path, root: Path, run: str) -> dict:
+    """Each process's profile of the last two steps, copied to ROOT/<run>.profile[_rankR].txt, and the
+    first line of each (wall, device kernel time, collectives), printed."""
+    found = {}
+    for src in sorted(out.glob("profile*.txt")):
+        dest = root / f"{run}.{src.name}"
+        shutil.copyfile(src, dest)
+        first = src.read_text().split("\n", 1)[0]
+        found[str(dest)] = first
+        print(f"  {dest}: {first}")
+    return found
 
 
 def _per_gpu_batch(overrides: list[str], batching: str) -> str:
@@ -252,6 +281,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every row (e.g. kernels=false)")
     ap.add_argument("--tag", default="", help="suffix for the row names of this invocation (rows with --extra)")
+    ap.add_argument("--profile", action="store_true",
+                    help="every row runs 2 more steps under torch.profiler on every process (left out of the "
+                         "steady rate): ROOT/<run>.profile.txt, .profile_rank1.txt (operators by device and host "
+                         "time, host reads of device values, first line: wall vs kernel time)")
     ap.add_argument("--spy", action="store_true",
                     help="sample every process's Python stacks with py-spy into ROOT/<run>.spy.txt (host-bound rows)")
     args = ap.parse_args(argv)

@@ -32,9 +32,13 @@ def build(root: Path, size: str) -> Path:
     from quant_memory import qwen2_vl_config
     from vlm.zoo import build_tiny
 
+    from random_vlms import remove_partial_builds, save_checkpoint
+
     path = Path(root) / f"qwen2_vl_{size}_random"
     if (path / "config.json").is_file():
         return path
+    Path(root).mkdir(parents=True, exist_ok=True)
+    remove_partial_builds(path)
     tiny = build_tiny("qwen2_vl", Path(root) / "tiny_processor", seed=0)
     tcfg = json.loads((Path(tiny) / "config.json").read_text())
     ids = {k: v for k, v in tcfg.items() if k.endswith("token_id")}
@@ -44,8 +48,7 @@ def build(root: Path, size: str) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    AutoProcessor.from_pretrained(tiny).save_pretrained(path)
+    save_checkpoint(model, AutoProcessor.from_pretrained(tiny), path)   # shard by shard, atomically
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -9,12 +9,23 @@ ids are the tiny tokenizer's (a subset of the real vocabulary) and image tokens 
 work as with the real checkpoint. The processor is the zoo's with the real image geometry (Gemma 3:
 896 px, 256 soft tokens per image). Weights: bf16, seed 0, built on the GPU when there is one.
 ``--tiny`` builds the same configs shrunk (CPU smoke test).
+
+Memory and disk (the 24B is 48 GB in bf16; a device has 128 GiB of RAM and 64 GiB of disk): the
+weights are initialised in bf16 where they live (the GPU), never as an fp32 model in host memory;
+they are written in shards of at most ``SHARD_SIZE`` (safetensors copies a whole shard to host
+memory before writing it, so transformers' default 50 GB shard would put all 48 GB in RAM at once);
+the folder appears only when complete (``vlm.atomic.replacing_folder``), and the partial folder a
+killed build left behind is removed first (it would otherwise hold up to 48 GB of the disk).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
+
+SHARD_SIZE = "4GB"   # host memory a checkpoint write needs: one shard at a time
 
 SIZES = {
     "qwen3_vl_8b": dict(
@@ -92,19 +103,55 @@ def _processor(name: str, tiny_dir: Path, tiny: bool):
     return proc
 
 
+def remove_partial_builds(path: Path) -> list[Path]:
+    """Delete what a killed build of ``path`` left: replacing_folder's temporary ``.<name>.*`` folders."""
+    stale = sorted(p for p in path.parent.glob(f".{path.name}.*") if p.is_dir())
+    for p in stale:
+        print(f"removing {p}: a partial random checkpoint (a build that did not finish)", flush=True)
+        shutil.rmtree(p)
+    return stale
+
+
+def check_disk(path: Path, n_params: int) -> None:
+    """Refuse to start a build the disk cannot hold (bf16: 2 bytes a parameter, + 5 % for the
+    rest), naming the other random checkpoints there that could be deleted."""
+    need = int(n_params * 2 * 1.05)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        others = sorted(p.name for p in path.parent.glob("*_random*") if p.is_dir() and p != path)
+        raise SystemExit(f"{path}: {need / 1e9:.1f} GB needed for {n_params / 1e9:.2f} B bf16 parameters, "
+                         f"{free / 1e9:.1f} GB free on {path.parent}"
+                         + (f"; other random checkpoints there: {', '.join(others)}" if others else ""))
+
+
+def save_checkpoint(model, processor, path: Path) -> None:
+    """Write ``model`` (shard by shard) and ``processor`` to ``path``, which appears only when complete."""
+    from vlm.atomic import replacing_folder
+
+    with replacing_folder(path) as tmp:
+        model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
+        processor.save_pretrained(tmp)
+
+
 def build(root: Path, name: str, tiny: bool = False) -> Path:
     """Build (once) and return the folder of a random checkpoint of ``name``."""
     import torch
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     from vlm.zoo import build_tiny
 
     path = Path(root) / f"{name}_random{'_tiny' if tiny else ''}"
     if (path / "config.json").is_file():
         return path
+    Path(root).mkdir(parents=True, exist_ok=True)
+    remove_partial_builds(path)
+    t0 = time.perf_counter()
     tiny_dir = build_tiny(SIZES[name]["zoo"], Path(root) / f"tiny_{SIZES[name]['zoo']}", seed=0)
     config = config_for(name, tiny)
+    with torch.device("meta"):   # the size, before anything is allocated
+        check_disk(path, sum(p.numel() for p in AutoModelForImageTextToText.from_config(config).parameters()))
     torch.manual_seed(0)
+    # bf16 from the start, on the GPU where there is one (from_config allocates in the given dtype)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     if SIZES[name]["zoo"] == "gemma3":   # transformers zero-initialises this (vision cut off)
@@ -112,13 +159,14 @@ def build(root: Path, name: str, tiny: bool = False) -> Path:
 
         init_projection(model, 0)
     gen = json.loads((Path(tiny_dir) / "generation_config.json").read_text())
-    from transformers import GenerationConfig
-
     model.generation_config = GenerationConfig(**{k: v for k, v in gen.items() if not k.startswith("_")
                                                   and k != "transformers_version"})
-    model.save_pretrained(path)
-    _processor(name, Path(tiny_dir), tiny).save_pretrained(path)
+    t_init = time.perf_counter() - t0
+    save_checkpoint(model, _processor(name, Path(tiny_dir), tiny), path)
+    n = sum(p.numel() for p in model.parameters())
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    print(f"built {path.name}: {n / 1e9:.2f} B parameters, init {t_init:.0f} s, "
+          f"write {time.perf_counter() - t0 - t_init:.0f} s", flush=True)
     return path

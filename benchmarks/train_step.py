@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                          # GPU: all variants, Qwen2-VL-2B shapes
     python benchmarks/train_step.py --tiny --device cpu      # smoke test of every code path on CPU
     python benchmarks/train_step.py --model qwen2_vl_7b      # W at Qwen2-VL-7B (or llava_1_5_7b) shapes
+    python benchmarks/train_step.py --model qwen3_vl_8b      # W at Qwen3-VL-8B shapes: a, d, e (~4 min)
 
 Workload W: Qwen2-VL-2B shapes, random bf16 weights built on the device (seed 0) and saved once;
 batch 8 × 512 tokens, each sample = 8 prompt tokens, <|vision_start|>, 256 <|image_pad|>,
@@ -11,7 +12,9 @@ tokens); labels on the 254 text tokens only; LoRA r=16, α=16 on q,k,v,o,gate,up
 model; vision tower frozen; AdamW (torch, fused) lr 2e-4; bf16 weights under bf16 autocast (what
 Trainer(bf16=True) does). Four distinct batches are cycled; every variant sees the same sequence.
 ``--model`` picks the shapes: qwen2_vl_2b (the default, above), qwen2_vl_7b, qwen2_5_vl_7b (same W),
-llava_1_5_7b (batch 8 × 832 tokens around one 336×336 image each: 576 image tokens; train_step_workload.py).
+qwen3_vl_8b (same W around one 512×512 image: 16-px patches), llava_1_5_7b (batch 8 × 832 tokens around
+one 336×336 image each: 576 image tokens; train_step_workload.py). Variants by default: all five at
+qwen2_vl_2b, a, d, e at the other shapes.
 
 Variants (each in its own subprocess, so memory peaks never mix):
   a        transformers + PEFT, gradient checkpointing (non-reentrant, HF's default),
@@ -75,8 +78,8 @@ sys.path.insert(0, str(HERE))
 
 from train_step_report import markdown, targets  # noqa: E402
 from train_step_variants import VARIANTS, setup  # noqa: E402
-from train_step_workload import (LORA_LEAVES, MODELS, count_flops, label_tokens, make_batches,  # noqa: E402
-                                 model_config, shapes)
+from train_step_workload import (LORA_LEAVES, MODELS, count_flops, default_variants,  # noqa: E402
+                                 label_tokens, make_batches, model_config, shapes)
 
 GiB = 2**30
 
@@ -99,7 +102,7 @@ def build(args) -> dict:
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(args.ckpt)
+    model.save_pretrained(args.ckpt, max_shard_size="4GB")   # host memory: one shard at a time
     del model
     info = {}
     if args.device.startswith("cuda"):
@@ -316,7 +319,7 @@ def env_info(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="a,b,c,d,e")
+    ap.add_argument("--variants", default=None, help="default: a,b,c,d,e at qwen2_vl_2b, a,d,e elsewhere")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--model", default="qwen2_vl_2b", choices=MODELS, help="the model shapes of W")
@@ -331,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.variants is None:
+        args.variants = default_variants(args.model)
     if args.device is None:
         import torch
 

@@ -9,7 +9,7 @@ training.compile / cuda_graphs / mlp_chunks), so what is measured is what ships;
 
 from __future__ import annotations
 
-from train_step_workload import LORA_LEAVES, frozen_16bit_modules, is_llava, shapes
+from train_step_workload import LORA_LEAVES, frozen_16bit_modules, shapes
 
 VARIANTS = {
     "a": "transformers + PEFT, grad. checkpointing",
@@ -120,8 +120,13 @@ def setup(variant: str, args, batches):
             import liger_kernel.transformers as liger
 
             # before the model is built: patches the classes
-            arch = ("llava" if is_llava(args.model) else
-                    "qwen2_5_vl" if args.model.startswith("qwen2_5_vl") else "qwen2_vl")
+            from vlm.load import load_config
+
+            # Liger names its patch functions by transformers' model_type (qwen2_vl, qwen3_vl, llava, ...)
+            arch = load_config(args.ckpt).model_type
+            if not hasattr(liger, f"apply_liger_kernel_to_{arch}"):
+                raise RuntimeError(f"liger-kernel {getattr(liger, '__version__', '?')} has no "
+                                   f"apply_liger_kernel_to_{arch}")
             getattr(liger, f"apply_liger_kernel_to_{arch}")()
             import liger_kernel
             info["liger_version"] = getattr(liger_kernel, "__version__", None)

@@ -5,6 +5,9 @@ Models (random bf16 weights, real shapes):
   qwen2_5_vl_7b              <|image_pad|>, <|vision_end|>, 246 answer tokens; one 448×448 image each
                              (grid 1×32×32 = 1024 patches → 256 merged tokens; Qwen2.5-VL: 16
                              windows of 64 patches per image in 28 of its 32 vision blocks)
+  qwen3_vl_8b                the same 8 × 512 tokens around one 512×512 image each (16-px patches:
+                             grid 1×32×32 = 1024 patches → 256 merged tokens; DeepStack mergers
+                             feed vision blocks 8, 16, 24 into decoder layers 0-2; interleaved M-RoPE)
   llava_1_5_7b               batch 8 × 832 tokens: 8 prompt tokens, 576 <image> tokens, 248 answer
                              tokens; one 336×336 image each (CLIP ViT-L/14: 576 patches + CLS)
 Labels on the text tokens only. ``--tiny`` shrinks every model to a CPU-sized one of the same kind.
@@ -12,7 +15,10 @@ Labels on the text tokens only. ``--tiny`` shrinks every model to a CPU-sized on
 
 from __future__ import annotations
 
-MODELS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_5_vl_7b", "llava_1_5_7b")
+MODELS = ("qwen2_vl_2b", "qwen2_vl_7b", "qwen2_5_vl_7b", "qwen3_vl_8b", "llava_1_5_7b")
+# what `train_step.py --model M` runs when --variants is not given: the HF baseline and ours (the
+# NF4 and Liger baselines b, c on the 2B only: one 8B variant costs a minute of device time)
+DEFAULT_VARIANTS = {"qwen2_vl_2b": "a,b,c,d,e"}
 QWEN_IMAGE, QWEN_VSTART, QWEN_VEND = 151655, 151652, 151653
 LLAVA_IMAGE = 32000
 LORA_LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -22,11 +28,17 @@ def is_llava(model: str) -> bool:
     return model.startswith("llava")
 
 
+def default_variants(model: str) -> str:
+    return DEFAULT_VARIANTS.get(model, "a,d,e")
+
+
 def model_config(model: str, tiny: bool):
     if is_llava(model):
         return llava_config(tiny)
     if model.startswith("qwen2_5_vl"):
         return qwen2_5_vl_config(tiny)
+    if model.startswith("qwen3_vl"):
+        return qwen3_vl_config(tiny)
     from quant_memory import qwen2_vl_config
 
     return qwen2_vl_config(tiny, model.rsplit("_", 1)[-1])
@@ -72,6 +84,31 @@ def qwen2_5_vl_config(tiny: bool):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
                             video_token_id=151656, vision_start_token_id=QWEN_VSTART,
                             vision_end_token_id=QWEN_VEND, tie_word_embeddings=False)
+
+
+def qwen3_vl_config(tiny: bool):
+    """Qwen3-VL-8B-Instruct's config.json values (benchmarks/random_vlms.py has the same shapes for
+    the config runs) with its real special-token ids: a 27-block SigLIP-2-style tower (16-px
+    patches, learned position embedding), DeepStack mergers on blocks 8, 16, 24; a Qwen3 decoder
+    (q/k RMSNorm, head_dim 128) with interleaved M-RoPE."""
+    from random_vlms import SIZES
+    from transformers import Qwen3VLConfig
+
+    spec = SIZES["qwen3_vl_8b"]
+    text = dict(spec["text"], hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
+    vision = dict(spec["vision"], in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  hidden_act="gelu_pytorch_tanh")
+    if tiny:   # the tiny tower's 4×4-patch grid is its whole position table; both blocks DeepStack
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [3, 3, 2],
+                                     "mrope_interleaved": True})
+        vision.update(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                         video_token_id=151656, vision_start_token_id=QWEN_VSTART,
+                         vision_end_token_id=QWEN_VEND, tie_word_embeddings=False)
 
 
 def shapes(model: str, tiny: bool) -> dict:
@@ -138,31 +175,26 @@ def frozen_16bit_modules(model: str) -> list[str]:
 def count_flops(model: str, config, tiny: bool) -> dict:
     """Matmul weights per component from a meta-device model (no memory), and FLOPs per step.
 
-    N_vis is per vision token (patch): the tower's weights, plus the projector's scaled by how many
-    of its inputs each patch is (Qwen2-VL's merger runs once per 2×2 patches; LLaVA's projector once
-    per patch but not on CLIP's CLS token)."""
+    Components are the family record's (``family.component_of``). N_vis is per vision token
+    (patch): the tower's weights, plus the projector's scaled by how many of its inputs each patch
+    is (Qwen2-VL's merger and Qwen3-VL's DeepStack mergers run once per 2×2 patches; LLaVA's
+    projector once per patch but not on CLIP's CLS token)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from vlm.families import family_for_config
+
+    family = family_for_config(config)
     with torch.device("meta"):
         m = AutoModelForImageTextToText.from_config(config)
-    if is_llava(model):
-        tower, projector = "model.vision_tower", "model.multi_modal_projector"
-    else:
-        tower, projector = "model.visual", "model.visual.merger"
-    lm_layers = lm_head = vis = proj = 0
+    weights = {"language": 0, "lm_head": 0, "vision": 0, "projector": 0}
     for name, mod in m.named_modules():
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
             continue
-        n = mod.weight.numel()
-        if name == "lm_head":
-            lm_head += n
-        elif name.startswith("model.language_model"):
-            lm_layers += n
-        elif name.startswith(projector):
-            proj += n
-        elif name.startswith(tower):
-            vis += n
+        comp = family.component_of(name)
+        if comp in weights:
+            weights[comp] += mod.weight.numel()
+    lm_layers, lm_head, vis, proj = (weights[c] for c in ("language", "lm_head", "vision", "projector"))
     s = shapes(model, tiny)
     T = s["batch"] * s["seq"]
     P = s["batch"] * s["patches_per_image"]

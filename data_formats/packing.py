@@ -21,8 +21,11 @@ The collator also ships what the model side would otherwise work out from the po
 reads): the samples' boundaries as the varlen kernels take them (``packed_cu_seqlens``, int32 CPU
 tensor; ``packed_max_seqlen``, a plain int so that no device placement moves it to the GPU: the
 kernels read it on the host) and, given the model's rule (``mrope_positions``), the (4, B, L)
-M-RoPE positions (``packed_mrope_position_ids``). All are computed on CPU, in the DataLoader workers
-when there are any, by the one boundary rule of :mod:`vlm.data_formats.segments`;
+M-RoPE positions (``packed_mrope_position_ids``); and host copies, as plain lists, of the small
+tensors the model's code reads element by element on the host (``packed_host_inputs``: image grids,
+image sizes, the boundaries), so that the model side can hand transformers host tensors there
+instead of device ones whose every read waits for the GPU. All are computed on CPU, in the
+DataLoader workers when there are any, by the one boundary rule of :mod:`vlm.data_formats.segments`;
 :mod:`vlm.train.packed_forward` pops them before the model's forward.
 
 Loss equivalence: labels are shifted inside the model (the token at ``t`` predicts the label at
@@ -49,7 +52,13 @@ PACKED_KEYS = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "
 CU_SEQLENS = "packed_cu_seqlens"            # (2^k,) int32: cumulative sample boundaries, end repeated
 MAX_SEQLEN = "packed_max_seqlen"            # int: longest sample rounded up (segments.max_segment_length)
 MROPE_POSITIONS = "packed_mrope_position_ids"   # (4, B, L): text positions, then M-RoPE t/h/w per sample
-SEGMENT_KEYS = (CU_SEQLENS, MAX_SEQLEN, MROPE_POSITIONS)
+# {name: nested list}: host copies of what the model reads on the host (see HOST_COPIED); lists, so
+# that no device placement moves them to the GPU
+HOST_INPUTS = "packed_host_inputs"
+SEGMENT_KEYS = (CU_SEQLENS, MAX_SEQLEN, MROPE_POSITIONS, HOST_INPUTS)
+# the small input tensors transformers' vision code reads element by element (image grids, image
+# sizes: split sizes, per-image loops), and the boundaries (the per-segment reference attention)
+HOST_COPIED = ("image_grid_thw", "video_grid_thw", "image_sizes", CU_SEQLENS)
 WINDOW = 1000   # samples per first-fit window: rows fill well, order stays random beyond a window
 
 
@@ -211,4 +220,5 @@ class PackingCollator:
         batch[MAX_SEQLEN] = max_segment_length(bounds, batch["position_ids"].shape[-1])
         if self.mrope_positions is not None:
             batch[MROPE_POSITIONS] = self.mrope_positions(batch, bounds)
+        batch[HOST_INPUTS] = {k: batch[k].tolist() for k in HOST_COPIED if isinstance(batch.get(k), torch.Tensor)}
         return batch

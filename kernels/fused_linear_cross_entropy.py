@@ -41,7 +41,7 @@ def _softcap(z, cap):
 
 
 @triton.jit
-def _ce_grad_kernel(Z, LABELS, LOSS, N, V, stride_z, ignore_index, inv_div, cap,
+def _ce_grad_kernel(Z, LABELS, LOSS, N, V, stride_z, ignore_index, INV_DIV, cap,
                     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -72,7 +72,8 @@ def _ce_grad_kernel(Z, LABELS, LOSS, N, V, stride_z, ignore_index, inv_div, cap,
         z_y = _softcap(z_y, cap)
     tl.store(LOSS + rows, tl.where(valid, lse - z_y, 0.0), mask=rmask)
     # pass 2: overwrite logits with the gradient (softmax - onehot) / D, zero for ignored rows
-    scale = tl.where(valid, inv_div, 0.0)
+    # (1/D read from device memory: a count on the GPU reaches the kernel without a host read)
+    scale = tl.where(valid, tl.load(INV_DIV), 0.0)
     for v0 in range(0, V, BLOCK_V):
         c = v0 + cols
         mask = rmask[:, None] & (c[None, :] < V)
@@ -90,7 +91,7 @@ def _ce_grad_kernel(Z, LABELS, LOSS, N, V, stride_z, ignore_index, inv_div, cap,
 
 
 def _ce_launch(z: torch.Tensor, labels: torch.Tensor, loss_rows: torch.Tensor, ignore_index: int,
-               inv_div: float, softcap: float | None = None):
+               inv_div: torch.Tensor, softcap: float | None = None):
     n, v = z.shape
     if interpreting():
         block_v = min(next_pow2(v), 1024)
@@ -125,11 +126,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             raise ValueError(f"fused CE: {h.shape[0]} hidden rows but {lab.numel()} labels")
         n = h.shape[0]
         v = weight.shape[0]
+        # 1/D stays on the device (a 1-element fp32 tensor the kernel loads): reading the count
+        # on the host would make it wait for the GPU once per micro-batch
         if num_items is None:
-            div = float((lab != ignore_index).sum().item())
+            div = (lab != ignore_index).sum()
+        elif torch.is_tensor(num_items):
+            div = num_items.to(h.device, non_blocking=True)
         else:
-            div = float(num_items.item() if torch.is_tensor(num_items) else num_items)
-        inv_div = 1.0 / div if div > 0 else 0.0
+            div = torch.tensor(float(num_items))
+        div = div.to(h.device, torch.float32, non_blocking=True).reshape(1)
+        inv_div = torch.where(div > 0, 1.0 / div.clamp(min=1e-30), torch.zeros_like(div))
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
@@ -153,7 +159,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             if need_db:
                 db += z.float().sum(0)
             del z
-        loss = loss_rows.sum() * inv_div
+        loss = loss_rows.sum() * inv_div[0]
         ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None, db)
         ctx.hidden_shape = hidden.shape
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -163,11 +169,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, go):
         dh, dw, db = ctx.saved_tensors
         hd, wd, bd = ctx.dtypes
-        one = go.numel() == 1 and float(go) == 1.0
+        # always scaled by the incoming gradient (exact when it is 1): asking whether it is 1
+        # would read it on the host, a wait for the GPU per micro-batch
         if dh is not None:
-            dh = (dh if one else dh * go.to(dh.dtype)).view(ctx.hidden_shape).to(hd)
+            dh = (dh * go.to(dh.dtype)).view(ctx.hidden_shape).to(hd)
         if dw is not None:
-            dw = (dw if one else dw * go.to(dw.dtype)).to(wd)
+            dw = (dw * go.to(dw.dtype)).to(wd)
         if db is not None:
             db = (db * go).to(bd)
         return dh, dw, db, None, None, None, None, None

@@ -65,9 +65,15 @@ def test_fsdp2_bf16_reduces_in_fp32_and_keeps_the_loss(tmp_path):
     """bf16 training under FSDP2: accelerate's own policy (param, reduce and output dtype bf16) cast
     the loss to bf16 and averaged gradients in bf16 (seen on 2 × H200: FSDP2 losses were bf16 values).
     The units must run with the recipe's policy — compute in bf16, reduce in fp32, outputs uncast — and
-    the loss curve must be the one-process curve."""
-    rows = _rows(tmp_path, "--runs", "1gpu_eager,fsdp2", "--steps", "3",
+    the loss curve must be the one-process curve. ``--profile``: two more steps profiled on every
+    process, each rank's table copied next to the results, the profiled steps out of the steady rate."""
+    rows = _rows(tmp_path, "--runs", "1gpu_eager,fsdp2", "--steps", "3", "--profile",
                  "--extra", "model.dtype=bf16", "training.precision=bf16")
+    for rank_file, rank in (("fsdp2.profile.txt", 0), ("fsdp2.profile_rank1.txt", 1)):
+        head = (tmp_path / rank_file).read_text().split("\n", 1)[0]
+        assert head.startswith(f"rank {rank}, optimizer steps 4–5: wall "), head
+    summary = json.loads((tmp_path / "run_fsdp2" / "summary.json").read_text())
+    assert summary["config"]["logging"]["profile_steps"] == [4, 5] and summary["steps"] == 5
     one, fsdp = [loss for _, loss in rows["1gpu_eager"]["loss_history"]], [loss for _, loss in rows["fsdp2"]["loss_history"]]
     assert fsdp == pytest.approx(one, rel=2e-3)
     sharding = json.loads((tmp_path / "run_fsdp2" / "summary.json").read_text())["sharding"]

@@ -28,7 +28,11 @@ def test_real_size_parameter_counts(name):
     assert billions == pytest.approx(PUBLISHED[name], rel=0.01)
 
 
-@pytest.mark.parametrize("name", ["gemma3_4b", "qwen3_vl_8b"])
+# one size per zoo architecture (the sizes of one family shrink to the same tiny model)
+ONE_PER_ZOO = list({spec["zoo"]: name for name, spec in reversed(list(SIZES.items()))}.values())
+
+
+@pytest.mark.parametrize("name", ONE_PER_ZOO)
 def test_tiny_build_loads_and_trains(tmp_path, name):
     from PIL import Image
 
@@ -45,3 +49,25 @@ def test_tiny_build_loads_and_trains(tmp_path, name):
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_a_partial_build_is_removed_and_the_folder_appears_complete(tmp_path, capsys):
+    """A build killed while writing leaves replacing_folder's temporary folder (up to 48 GB at 24B):
+    the next build removes it, says so, and the checkpoint folder appears only when complete."""
+    name = ONE_PER_ZOO[0]
+    partial = tmp_path / f".{name}_random_tiny.k1ll3d"
+    partial.mkdir()
+    (partial / "model-00001-of-00012.safetensors").write_bytes(b"\0" * 1024)
+    path = build(tmp_path, name, tiny=True)
+    assert not partial.exists() and "partial random checkpoint" in capsys.readouterr().out
+    assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_build_the_disk_cannot_hold_is_refused_by_name(tmp_path):
+    from random_vlms import check_disk
+
+    (tmp_path / "gemma3_12b_random").mkdir()
+    with pytest.raises(SystemExit, match=r"mistral_small_3_1_24b_random: .* GB needed .* GB free .*gemma3_12b_random"):
+        check_disk(tmp_path / "mistral_small_3_1_24b_random", 10**15)
+    check_disk(tmp_path / "tiny", 1000)   # fits: no error

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from train_step_workload import MODELS, model_config  # noqa: E402
 
 
 def test_tiny_run_all_setups_agree_on_the_loss(tmp_path):
@@ -34,17 +37,40 @@ def test_tiny_run_all_setups_agree_on_the_loss(tmp_path):
     assert (tmp_path / "train_step_tiny.md").read_text().startswith("# Training step on W")
 
 
-def test_tiny_qwen2_5_vl_windows_batched_and_compiled(tmp_path):
-    """W at Qwen2.5-VL shapes (tiny): its windowed tower batches and compiles, same first-step loss."""
+def _one_model_per_architecture() -> list[str]:
+    """The step benchmark's models (train_step_workload.MODELS), one per transformers architecture
+    other than the default model's (tested above): sizes of one architecture share one tiny model."""
+    seen = {model_config(MODELS[0], tiny=True).model_type}
+    picked = []
+    for m in MODELS[1:]:
+        kind = model_config(m, tiny=True).model_type
+        if kind not in seen:
+            seen.add(kind)
+            picked.append(m)
+    return picked
+
+
+@pytest.mark.parametrize("model", _one_model_per_architecture())
+def test_tiny_every_architecture_batched_compiled_same_loss(tmp_path, model):
+    """W at each benchmarked architecture's shapes (tiny): the vlmtune setup (vision attention batched
+    where the family's tower allows it, decoder layers and frozen vision blocks compiled) has the HF
+    baseline's first-step loss: Qwen2.5-VL's windows, Qwen3-VL's DeepStack and interleaved M-RoPE,
+    LLaVA's CLIP tower."""
+    from vlm.families import family_for_config
+
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--device", "cpu",
-                        "--model", "qwen2_5_vl_7b", "--variants", "a,d", "--steps", "1", "--warmup", "1",
+                        "--model", model, "--variants", "a,d", "--steps", "1", "--warmup", "1",
                         "--profile", "", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = {row["variant"]: row for row in
-            json.loads((tmp_path / "train_step_qwen2_5_vl_7b_tiny.json").read_text())["rows"]}
+    data = json.loads((tmp_path / f"train_step_{model}_tiny.json").read_text())
+    rows = {row["variant"]: row for row in data["rows"]}
     assert not [v for v, row in rows.items() if "error" in row], rows
     assert rows["d"]["first_step_loss"] == pytest.approx(rows["a"]["first_step_loss"], rel=1e-4)
-    assert rows["d"]["vision_attention_batched"] == 2 and rows["d"]["compiled_vision_blocks"] == 2
+    depth = data["config"]["vision_config"].get("depth") or data["config"]["vision_config"]["num_hidden_layers"]
+    family = family_for_config(model_config(model, tiny=True))
+    batched = depth if family.batched_vision_attention else 0
+    assert rows["d"]["vision_attention_batched"] == batched and rows["d"]["compiled_vision_blocks"] == depth
+    assert rows["d"]["compiled_layers"] == data["config"]["text_config"]["num_hidden_layers"]

@@ -105,3 +105,34 @@ def test_fused_ce_peak_memory_is_an_eighth_of_logits():
     extra = torch.cuda.max_memory_allocated() - base - h.grad.numel() * 2
     full_logits = N * V * 2
     assert extra <= full_logits / 8, (extra, full_logits)
+
+
+@pytest.mark.parametrize("num_items", [None, "tensor", 37])
+def test_fused_ce_reads_nothing_back(monkeypatch, num_items):
+    """Forward and backward of the fused CE make no host read of a device value (the label count
+    and the incoming gradient stay on the device; before: one ``.item()`` each per micro-batch).
+    Everything but the Triton launch runs on the probe's emulated device; the launch runs the real
+    kernel on the tensors' values (in place, as on a GPU)."""
+    from vlm.kernels import fused_linear_cross_entropy as fce
+    from vlm.train.host_read_probe import HostReadProbe
+
+    launch = fce._ce_launch
+    monkeypatch.setattr(fce, "_ce_launch", lambda z, lab, rows, ignore, inv, cap=None: launch(
+        z.values, lab.values, rows.values, ignore, getattr(inv, "values", inv), cap))
+    torch.manual_seed(0)
+    h = torch.randn(2, 12, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    lab = torch.randint(0, 40, (2, 12))
+    lab[0, :3] = -100
+    items = torch.tensor(21) if num_items == "tensor" else num_items
+    ref = fce.fused_linear_cross_entropy_reference(h, w, lab, num_items=items)
+    ref_h, ref_w = torch.autograd.grad(ref, (h, w))
+    with HostReadProbe() as probe:
+        hp, wp = (torch.nn.Parameter(t) for t in probe.to_device((h.detach(), w.detach())))
+        loss = fce.fused_linear_cross_entropy(hp, wp, probe.to_device(lab), num_items=probe.to_device(items), chunk_rows=8)
+        loss.backward()
+        got = HostReadProbe.to_host((loss.detach(), hp.grad, wp.grad))
+    assert probe.count == 0, probe.report()
+    torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[2], ref_w, rtol=1e-4, atol=1e-6)

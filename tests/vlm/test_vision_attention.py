@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import vlm
+from vlm.families import all_families
+from vlm.train.compile import vision_blocks
 from vlm.vision_attention import batch_equal_images, frame_lengths, plan_segments, window_lengths
+from vlm.zoo import VARIANTS
+
+# zoo variants of the families whose record names vision attention classes to batch
+BATCHED_VARIANTS = [v for f in all_families().values() if f.batched_vision_attention for v in f.zoo_variants]
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +90,19 @@ def test_padded_plan_gathers_and_scatters_back():
     assert plan_segments([5, 5], "cpu").length == 5 and plan_segments([], "cpu") is None
 
 
-def test_other_towers_untouched(tiny_checkpoint):
-    model, _ = vlm.load(tiny_checkpoint("llava"), dtype="fp32", device="cpu")
-    assert batch_equal_images(model, model.vlm_family) == 0
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batched_where_the_family_says_other_towers_untouched(tiny_checkpoint, variant):
+    """Every attention module of a tower whose family names its class in ``batched_vision_attention``
+    is batched (one per vision block: a misspelt class name batches none); other towers keep HF's
+    forward."""
+    model, _ = vlm.load(tiny_checkpoint(variant), dtype="fp32", device="cpu")
+    family = model.vlm_family
+    expected = len(vision_blocks(model, family)) if family.batched_vision_attention else 0
+    assert batch_equal_images(model, family) == expected
+    patched = [m for m in model.modules() if "_vlm_hf_forward" in vars(m)]
+    assert len(patched) == expected
+    towers = [tower for _, tower in family.component_roots(model, "vision")]
+    assert all(("_vlm_tower_forward" in vars(t)) == bool(expected) for t in towers)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +160,7 @@ def test_qwen3_vl_tower_batched_equals_hf(tiny_checkpoint, monkeypatch, rows):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("variant", BATCHED_VARIANTS)
 def test_unequal_images_run_one_flash_varlen_call_per_block(tiny_checkpoint, variant):
     """On a GPU, frames of different sizes go through the flash varlen kernel in one call per block
     (no per-frame loop, no host read per block): the same tower output as HF's loop, in bf16."""

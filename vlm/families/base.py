@@ -202,6 +202,11 @@ class Family:
     # Full names of the ModuleLists of vision transformer blocks (compiled one by one when frozen);
     # alternatives where transformers versions nest the tower differently (those present are used).
     vision_blocks: tuple[str, ...] = ()
+    # Vision attention classes (``modeling_x.ClassName``, matched as the end of the class's
+    # qualified name) whose images ``vlm.vision_attention`` batches into one attention call per
+    # block: Qwen-style towers that pack every image into one sequence and loop over them. Empty:
+    # the tower already batches (fixed-size images) and is left as it is.
+    batched_vision_attention: tuple[str, ...] = ()
     language_kernels: LanguageKernels = LanguageKernels()
     # Images enter through cross-attention (Mllama): one placeholder token per image, images
     # grouped per sample for the processor.

@@ -23,6 +23,8 @@ FAMILY = Family(
                      module_renames=(("model.language_model.", "language_model.model."),
                                      ("model.visual.", "visual."), ("lm_head", "language_model.lm_head"))),
     vision_blocks=("model.visual.blocks",),
+    batched_vision_attention=("modeling_qwen2_vl.VisionAttention",
+                              "modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention"),
     language_kernels=LanguageKernels(rope="mrope"),
     needs_mm_token_type_ids=True,
     size_in_pixels=True,

@@ -34,6 +34,7 @@ FAMILY = Family(
                      module_renames=(("model.language_model.", "language_model.model."),
                                      ("model.visual.", "visual."), ("lm_head", "language_model.lm_head"))),
     vision_blocks=("model.visual.blocks",),
+    batched_vision_attention=("modeling_qwen3_vl.Qwen3VLVisionAttention",),
     language_kernels=LanguageKernels(rope="mrope_interleaved"),
     needs_mm_token_type_ids=True,
     size_in_pixels=True,

@@ -1,21 +1,37 @@
 """Find a family by name or from a checkpoint's config. Adding a family = one file in this folder
-plus its entry in FAMILY_MODULES and a tiny builder in vlm.zoo."""
+that defines ``FAMILY`` (found by listing the package, no table to edit) and a tiny builder in vlm.zoo."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from typing import Any
 
 from vlm.errors import UnsupportedModelError
 from vlm.families.base import Family
 
-FAMILY_MODULES = ("qwen2_vl", "llava", "pixtral", "mllama", "qwen3_vl", "gemma3", "mistral3")
+NOT_FAMILIES = ("base", "registry")   # the package's own modules
+
+
+@functools.lru_cache(maxsize=1)
+def family_modules() -> tuple[str, ...]:
+    """The modules of this package that declare a family, in name order."""
+    import vlm.families as package
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                        if m.name not in NOT_FAMILIES and not m.name.startswith("_")))
 
 
 def all_families() -> dict[str, Family]:
-    fams = {}
-    for mod in FAMILY_MODULES:
-        fam = importlib.import_module(f"vlm.families.{mod}").FAMILY
+    fams: dict[str, Family] = {}
+    for mod in family_modules():
+        fam = getattr(importlib.import_module(f"vlm.families.{mod}"), "FAMILY", None)
+        if not isinstance(fam, Family):
+            raise TypeError(f"vlm/families/{mod}.py defines no FAMILY record (every module there but "
+                            f"{', '.join(NOT_FAMILIES)} is a family)")
+        if fam.name in fams:
+            raise ValueError(f"two family files declare the family name {fam.name!r} (one is {mod}.py)")
         fams[fam.name] = fam
     return fams
 

@@ -28,11 +28,6 @@ from vlm.families.base import FUSED_LINEARS
 from vlm.quant.metrics import layer_bytes
 from vlm.quant.policy import QUANTIZED, QuantPolicy
 
-# Linears that vLLM fuses into one layer (q,k,v → qkv_proj; gate,up → gate_up_proj; the family's
-# ``vllm.fused_linears``): the sensitivity analysis protects such siblings together so the skip
-# list stays servable.
-FUSED_SIBLINGS = tuple(siblings for siblings, _ in FUSED_LINEARS)
-
 
 @dataclass
 class LayerPlan:
@@ -203,6 +198,10 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def group_key(name: str, family=None) -> str:
+    """The fused-sibling group of a linear (``parent.q_proj+k_proj+v_proj``), or its own name: vLLM
+    fuses the family's ``vllm.fused_linears`` into one layer, so the sensitivity analysis protects
+    such siblings together and the skip list stays servable (without a family or vLLM support:
+    the common q/k/v and gate/up groups)."""
     parent, _, leaf = name.rpartition(".")
     fused = family.vllm.fused_linears if family is not None and family.vllm is not None else FUSED_LINEARS
     for sib, _ in fused:

@@ -33,6 +33,16 @@ How (nothing of transformers or PEFT is edited):
   (tokens × intermediate) tensors at once (``training.mlp_chunks``);
 - ``mode="reduce-overhead"`` (``training.cuda_graphs``): each compiled layer replays a CUDA graph per
   input shape, removing the host's per-launch cost that bounds a small model's compiled step.
+- the sizes that change from batch to batch are dynamic from the first compile
+  (``_dynamic_token_dims``): the token count (packed row length, a tower's patch count) wherever it
+  appears in a layer's or block's inputs, and the length of 1-D integer inputs (segment boundaries).
+  Left to torch's default, the first shape compiles static and the next recompiles dynamic — at a
+  step that depends on the data. With several processes each sees different rows, so each
+  recompiled at a different step and the others waited for it at the next collective (2 x H200,
+  compiled DDP: 0.95x one GPU, benchmarks/NOTES.md). Marked up front, every process compiles its
+  graphs in the first step and none later (unless a batch brings a new dtype or a new number of
+  dimensions). The steady state is unchanged: after its recompile the default runs the same
+  dynamic-length graph.
 
 The math does not change: the compiled layer computes the same function; its float results differ
 from eager's only by the order of floating-point operations inside fused kernels.
@@ -103,6 +113,45 @@ def chunk_mlps(model: nn.Module, family, chunks: int) -> int:
     return n
 
 
+def _mark_token_dims(args: tuple, kwargs: dict) -> None:
+    """``torch._dynamo.maybe_mark_dynamic`` on the sizes that vary between batches (module doc): the
+    hidden states' token dimension (``shape[-2]``: (batch, tokens, hidden) or a tower's (patches,
+    hidden)), every dimension of that size in the other tensor inputs (position tables, masks,
+    position ids), and the length of 1-D integer tensors (cumulative segment boundaries). maybe_: a
+    dimension the graph must specialize stays static instead of failing."""
+    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim < 2:
+        return
+    n = hidden.shape[-2]
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(hidden, hidden.ndim - 2)
+
+    def visit(x, depth=0):
+        if isinstance(x, torch.Tensor):
+            if x is hidden:
+                return
+            if x.ndim == 1 and not x.is_floating_point() and x.numel() > 1 and x.numel() != n:
+                mark(x, 0)   # segment boundaries: one more entry per sample / image
+            for d, size in enumerate(x.shape):
+                if size == n:
+                    mark(x, d)
+        elif depth < 2 and isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y, depth + 1)
+        elif depth < 2 and isinstance(x, dict):
+            for y in x.values():
+                visit(y, depth + 1)
+
+    visit(args[1:])
+    visit(kwargs)
+
+
+def _dynamic_tokens_call(compiled, *args, **kwargs):
+    # eager, before the compiled call: marks must be on the inputs when dynamo first sees them
+    _mark_token_dims(args, kwargs)
+    return compiled(*args, **kwargs)
+
+
 def compile_language_layers(model: nn.Module, family, *, backend: str = "inductor", mode: str | None = None,
                             dynamic: bool | None = None, checkpoint_inside: bool = True) -> int:
     """Compile each language decoder layer of ``model`` in place; returns how many were compiled.
@@ -111,10 +160,12 @@ def compile_language_layers(model: nn.Module, family, *, backend: str = "inducto
     checkpoint moved inside its compiled call: the forward graph keeps only the layer's inputs and
     the backward graph recomputes the rest, instead of HF's checkpoint running the compiled forward a
     second time from Python. ``mode="reduce-overhead"`` replays each compiled graph from a CUDA graph.
-    ``dynamic=None`` is torch's default: the first shape is compiled static, a second distinct
-    sequence length recompiles once with a dynamic length (padded batches of varying length then
-    reuse that graph). Idempotent: layers compiled already are left as they are.
+    ``dynamic=None``: the varying sizes are marked dynamic before the first compile
+    (``_dynamic_tokens_call``), so later lengths reuse the first graph instead of recompiling at a
+    data-dependent step; True/False are torch's (every size dynamic / every size static).
+    Idempotent: layers compiled already are left as they are.
     """
+    from functools import partial
     from types import MethodType
 
     layers = language_layers(model, family)
@@ -127,6 +178,8 @@ def compile_language_layers(model: nn.Module, family, *, backend: str = "inducto
             layer._vlm_uncheckpointed_forward = layer.forward
             layer.forward = MethodType(_checkpointed_call, layer)
         layer.compile(backend=backend, mode=mode, dynamic=dynamic)
+        if dynamic is None:   # Module.__call__ calls _compiled_call_impl: mark the inputs, then the graph
+            layer._compiled_call_impl = partial(_dynamic_tokens_call, layer._compiled_call_impl)
         n += 1
     _make_room(n)
     _keep_ddp_reducer()
@@ -221,7 +274,8 @@ def compile_vision_blocks(model: nn.Module, family, *, backend: str = "inductor"
         if "_vlm_eager_forward" in block.__dict__:
             continue
         block._vlm_eager_forward = block.forward
-        block.forward = partial(_collector_handed_in, torch.compile(block.forward, backend=backend, mode=mode))
+        compiled = partial(_dynamic_tokens_call, torch.compile(block.forward, backend=backend, mode=mode))
+        block.forward = partial(_collector_handed_in, compiled)
         n += 1
     _make_room(n)
     _keep_ddp_reducer()

@@ -171,6 +171,11 @@ class DistributedSection:
     fsdp_state_dict: str = choices("sharded", "full", default="sharded",
                                    doc="checkpoint format under FSDP; sharded (DCP) reshards N -> M")
     fsdp_cpu_offload: bool = False
+    # true: each decoder layer's weights are freed after its forward and gathered again for its
+    # backward (the memory case: 1/N of the frozen weights held). false: kept gathered from forward
+    # to backward, no backward all-gathers, but every GPU holds the whole 16-bit model during the step
+    # (LoRA: DDP's weight memory with FSDP's hooks; vlm.train.fsdp_units)
+    fsdp_reshard_after_forward: bool = True
     # bitsandbytes' 4-bit storage dtype. auto: the compute dtype (model.dtype) under FSDP (FSDP
     # shards only floating tensors), uint8 otherwise (bitsandbytes' default).
     quant_storage: str = choices("auto", "uint8", "bf16", "fp16", "fp32", default="auto")

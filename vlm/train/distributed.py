@@ -84,8 +84,10 @@ def quant_storage(cfg, compute_dtype: str, strat: str) -> str | None:
     return None if q == "uint8" else q
 
 
-def training_arguments(cfg, strat: str, device: str) -> dict:
-    """Keywords for ``TrainingArguments`` (empty in a single process)."""
+def training_arguments(cfg, strat: str, device: str, wrap_classes: list[str] | None = None) -> dict:
+    """Keywords for ``TrainingArguments`` (empty in a single process). ``wrap_classes``: the module
+    classes that become FSDP2 units (``vlm.train.fsdp_units.unit_classes``; None: accelerate's
+    default, the model's ``_no_split_modules``)."""
     if strat == "single":
         return {}
     d = cfg.distributed
@@ -97,11 +99,13 @@ def training_arguments(cfg, strat: str, device: str) -> dict:
         kw["fsdp"] = True
         kw["fsdp_config"] = {
             "version": d.fsdp_version,
-            "reshard_after_forward": True,                  # full shard (ZeRO-3-like)
+            # true: full shard (ZeRO-3-like); the memory/speed trade of vlm.train.fsdp_units
+            "reshard_after_forward": d.fsdp_reshard_after_forward,
             "cpu_offload": d.fsdp_cpu_offload,
-            # decoder layers / vision blocks: the model's `_no_split_modules` (accelerate's default);
-            # PEFT models get LoRA layers wrapped too (Trainer's update_fsdp_plugin_peft)
+            # one unit per decoder layer and one per vision tower (fsdp_units.unit_classes), else the
+            # model's `_no_split_modules` (accelerate's default: decoder layers and vision blocks)
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            **({"transformer_layer_cls_to_wrap": list(wrap_classes)} if wrap_classes else {}),
             "state_dict_type": "SHARDED_STATE_DICT" if d.fsdp_state_dict == "sharded" else "FULL_STATE_DICT",
             # gradient checkpointing is set up by vlm.lora (non-reentrant), not by FSDP
             "activation_checkpointing": False,
@@ -111,7 +115,8 @@ def training_arguments(cfg, strat: str, device: str) -> dict:
 
 def optimizer_cls_and_kwargs(args, strat: str):
     """For ``Trainer(optimizer_cls_and_kwargs=...)``: bitsandbytes' 8-bit optimizers made to step
-    FSDP2's sharded parameters (``vlm.train.sharded_optim``); None (Trainer's own choice) otherwise.
+    FSDP2's sharded parameters (``vlm.train.sharded_optim``); under FSDP2 torch's AdamW stepping the
+    local shards (``vlm.train.local_step``); None (Trainer's own choice) otherwise.
 
     Under FSDP2 the optimizer states are then 8-bit *and* split over the processes. In one process
     or DDP the same class steps exactly as bitsandbytes' own and also loads the dense moments of an
@@ -121,6 +126,12 @@ def optimizer_cls_and_kwargs(args, strat: str):
     from vlm.train.sharded_optim import is_bitsandbytes_optimizer, shard_local
 
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    if strat == "fsdp":   # torch's AdamW: the same step on the local shards, no DTensor dispatch
+        from vlm.train.local_step import local_shard_step
+
+        local = local_shard_step(cls)
+        if local is not None:
+            return local, kwargs
     if not is_bitsandbytes_optimizer(cls):
         return None
     return shard_local(cls), kwargs

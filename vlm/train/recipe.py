@@ -58,6 +58,16 @@ def _optimizer_name(name: str) -> str:
             "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd"}[name]
 
 
+def batch_transfer_arguments(device: str) -> dict[str, Any]:
+    """TrainingArguments for how batches reach the device. accelerate copies every tensor of every
+    batch with non_blocking=False by default: a copy plus a stream sync each (~10 per micro-batch, the
+    host waiting for the GPU at every one). From the DataLoader's pinned memory
+    (``dataloader_pin_memory``, on by default; transformers turns it off on CPU) they are queued."""
+    if str(device).startswith("cpu"):
+        return {}   # nothing to copy; transformers would warn that nothing is pinned
+    return {"accelerator_config": {"non_blocking": True}, "dataloader_pin_memory": True}
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
     """Run the recipe; returns where everything was written and the summary."""
     from transformers import TrainingArguments, set_seed
@@ -166,6 +176,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         print("attention: per sample over packed boundaries (varlen)" if packing_hook.varlen
               else f"attention: block mask over packed rows ({packing_hook.varlen_refusal})")
     t_ready = time.perf_counter()
+    from vlm.train.fsdp_units import layout_callback, unit_classes
+
     workers = resolve_workers(cfg.data.num_workers, device)
 
     report_to = list(cfg.logging.report_to)
@@ -200,8 +212,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         # the Trainer's NaN/inf filter reads every micro-batch's loss on the host (a GPU wait each);
         # off, a non-finite loss shows in the log as it is instead of being replaced by the mean
         logging_nan_inf_filter=False,
+        **batch_transfer_arguments(device),
         **precision,
-        **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda"),
+        **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda",
+                                  wrap_classes=unit_classes(model, family) if strat == "fsdp" else None),
     )
     note = dist.one_device_per_process(args, strat, w)
     if note and w.is_main:
@@ -212,9 +226,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                                                cfg.data.group_by_length and budget is None),
                          optimizer_cls_and_kwargs=(mode.optimizer_cls_and_kwargs if mode else None)
                          or dist.optimizer_cls_and_kwargs(args, strat))
-    if cfg.logging.profile_steps and w.is_main:
+    if strat == "fsdp":   # prefetch between the units, once accelerate has built them (fsdp_units)
+        trainer.add_callback(layout_callback(family, cfg.distributed.fsdp_reshard_after_forward,
+                                             say=print if w.is_main else (lambda _: None)))
+    if cfg.logging.profile_steps:   # every process: rank r > 0 writes profile_rank{r}.txt
         from vlm.train.profiling import StepProfiler
-        trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out))
+        trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out, rank=w.rank))
     trainer.autocast_dtype = autocast_dtype
     record = checkpoint_record(resume_from)  # read now: rotation may remove that folder later
     before, resumed_step = run_totals(record), record.get("step")
@@ -257,7 +274,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     # steady window: after STEADY_AFTER and after the last step that compiled in ANY process (a rank
     # recompiling for a new shape stalls the others in the next collective)
     steady_after = max(dist.gather_per_process(trainer, trainer.steady_after()))
-    steady = dist.sum_over_processes(trainer, steady_rate(trainer.step_times, steady_after) or 0.0)
+    profiled = cfg.logging.profile_steps   # the profiler slows its steps: the window ends before them
+    steady = dist.sum_over_processes(trainer, steady_rate(trainer.step_times, steady_after,
+                                                          until_step=profiled[0] - 1 if profiled else None) or 0.0)
     # per trained parameter: weight + grad + optimizer state (under FSDP2: per element of the shards)
     per_param = modes.bytes_per_parameter(model, trainer.optimizer)
     from vlm.train.fsdp_units import sharding_report

@@ -39,12 +39,14 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def steady_rate(step_times: list, after_step: int) -> float | None:
-    """Non-padding tokens per second over the optimizer steps after ``after_step``, from the step
-    clock (``(step, seconds, tokens, data wait)`` per step); None when fewer than two steps follow
-    it (a steady rate needs a window, not one step)."""
+def steady_rate(step_times: list, after_step: int, until_step: int | None = None) -> float | None:
+    """Non-padding tokens per second over the optimizer steps after ``after_step`` (up to
+    ``until_step`` when given: profiled steps run slower and are left out), from the step clock
+    (``(step, seconds, tokens, data wait)`` per step); None when fewer than two steps follow it (a
+    steady rate needs a window, not one step)."""
     start = [e for e in step_times if e[0] <= after_step]
-    end = step_times[-1] if step_times else None
+    kept = [e for e in step_times if until_step is None or e[0] <= until_step]
+    end = kept[-1] if kept else None
     if not start or end is None or end[0] - start[-1][0] < 2 or end[1] <= start[-1][1]:
         return None
     return (end[2] - start[-1][2]) / (end[1] - start[-1][1])
@@ -114,6 +116,17 @@ class VlmTrainer(Trainer):
 
         fsdp_on_cpu(self)      # FSDP2 on CPU processes too (accelerate would run DDP there)
         fsdp2_precision(self)  # reduce in fp32, the loss as the model computes it (not bf16)
+
+    def _clip_grad_norm(self, model):
+        # FSDP2: the norm from the local shards and one all-reduce (vlm.train.local_step), not
+        # torch's clip over DTensors (host-side sharding propagation for every foreach op)
+        if (getattr(self.accelerator, "is_fsdp2", False) and self.accelerator.scaler is None
+                and not self._has_mixed_mesh_grads(model)):
+            from vlm.train.local_step import clip_grad_norm_local
+
+            return clip_grad_norm_local(model.parameters(), self.args.max_grad_norm,
+                                        fallback=self.accelerator.clip_grad_norm_)
+        return super()._clip_grad_norm(model)
 
     # -- resume from a checkpoint written under another strategy (vlm.train.cross_resume) --------
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -35,16 +35,19 @@ import torch
 import torch.nn.functional as F
 
 NAME = "vlm_varlen"
+HOST_BOUNDS = "_vlm_host_bounds"   # attribute of a cu_seqlens tensor: the same boundaries as a host list
 _state = threading.local()   # .packed: the current forward carries segment boundaries (no mask needed)
 
 
 # --- the math ----------------------------------------------------------------------------------
 
 def reference_varlen(q, k, v, cu_seqlens, *, scale: float, window: int | None = None,
-                     causal: bool = True) -> torch.Tensor:
+                     causal: bool = True, host_bounds: list[int] | None = None) -> torch.Tensor:
     """The formula of the module docstring, one SDPA per segment. q (T, H, D), k/v (T, H_kv, D).
-    ``causal=False``: every token of a segment sees the whole segment (vision towers)."""
-    bounds = cu_seqlens.tolist()
+    ``causal=False``: every token of a segment sees the whole segment (vision towers).
+    ``host_bounds``: the same boundaries as a host list, where the caller has them: slicing by them
+    reads nothing back from the device (``cu_seqlens.tolist()`` would, once per call)."""
+    bounds = list(host_bounds) if host_bounds is not None else cu_seqlens.tolist()
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -142,15 +145,17 @@ def max_length_tensor(n: int) -> torch.Tensor:
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_len: int | torch.Tensor, *, scale: float,
-                     window: int | None = None, causal: bool = True):
+                     window: int | None = None, causal: bool = True, host_bounds: list[int] | None = None):
     """Packed attention, q (T, H, D), k/v (T, H_kv, D) -> (T, H, D): flash varlen where it applies,
-    else :func:`reference_varlen`. ``max_len`` ≥ the longest segment (an int or a CPU tensor)."""
+    else :func:`reference_varlen` (given ``host_bounds``, the boundaries as a host list, it reads
+    nothing back). ``max_len`` ≥ the longest segment (an int or a CPU tensor)."""
     if flash_applies(q):
         if not isinstance(max_len, torch.Tensor):
             max_len = max_length_tensor(max_len)
         out, _ = _flash_fwd(q, k, v, cu_seqlens, max_len, scale, causal, -1 if window is None else window - 1)
         return out
-    return reference_varlen(q, k, v, cu_seqlens, scale=scale, window=window, causal=causal)
+    return reference_varlen(q, k, v, cu_seqlens, scale=scale, window=window, causal=causal,
+                            host_bounds=host_bounds)
 
 
 # --- transformers wiring -----------------------------------------------------------------------
@@ -169,8 +174,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     flat = lambda x: x.transpose(1, 2).reshape(b * length, x.shape[1], dim)   # noqa: E731
     scale = scaling if scaling is not None else dim ** -0.5
     # the longest sample (a CPU tensor from the packed forward), else the row: an upper bound suffices
+    # the reference path slices by the host copy of the boundaries, where the batch shipped one
+    # (read only outside compiled code: inside it the flash op takes the device tensor)
+    host_bounds = None if torch.compiler.is_compiling() else getattr(cu_seqlens, HOST_BOUNDS, None)
     out = varlen_attention(flat(query), flat(key), flat(value), cu_seqlens, kwargs.get("vlm_max_seqlen", length),
-                           scale=scale, window=sliding_window)
+                           scale=scale, window=sliding_window, host_bounds=host_bounds)
     return out.view(b, length, heads, dim), None
 
 
@@ -208,6 +216,14 @@ def set_packed(active: bool) -> None:
     """While set, ``vlm_varlen`` builds no mask: the current forward carries segment boundaries.
     Set by the packed forward's pre-hook, cleared by its post-hook (also when the forward raises)."""
     _state.packed = active
+
+
+def attach_host_bounds(cu_seqlens: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Ride the host copy of the boundaries on the device tensor itself (an attribute, not a keyword
+    argument: a list handed to compiled layers would be guarded on, one recompile per batch; and the
+    tensor is what activation checkpointing hands the recomputed layer again)."""
+    setattr(cu_seqlens, HOST_BOUNDS, list(bounds))
+    return cu_seqlens
 
 
 def install(model, family):

@@ -58,7 +58,7 @@ def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data") / "d", n=12, seed=5)
 
 
-@pytest.mark.parametrize("variant", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_trains_language_and_projector_and_saves_a_standard_checkpoint(tmp_path, tiny_checkpoint,
                                                                             data, variant):
     import vlm
