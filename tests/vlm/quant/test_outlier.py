@@ -75,7 +75,7 @@ def test_planted_outlier_is_protected_under_the_default_metric(tiny_checkpoint, 
     assert a["metric"] == "propagated"
     assert planted in a["outliers"], (a["outliers"], a["median_error"])
     assert a["errors"][planted]["activation_error"] >= 5 * a["median_layer_error"]
-    assert a["errors"][planted]["block_error"] >= OUTLIER_FACTOR * a["median_error"]
+    assert a["errors"][planted]["block_error"] >= OUTLIER_FACTOR * a["median_error"] > 0
     assert plan.layers[planted].reason == "protected"
     assert a["budget_unit"] == "params" and a["budget_spent"] <= a["budget_limit"]
     assert a["extra_bytes"] == sum(g["bytes_saved_if_quantized"] for g in a["protected_groups"])
