@@ -8,7 +8,11 @@ Rows (every linear of vision tower, projector and language model is a candidate;
     skip-list     vision tower + projector 16-bit, language NF4 (what Unsloth and most users do)
     random        random fused-sibling groups protected, same byte budget (mean of --random-seeds)
     heuristic     the earlier dynamic ranking: activation error per byte saved, greedy
-    policy        this project's dynamic ranking (vlm.quant.sensitivity): output KL, outliers first
+    policy (propagated)  this project's dynamic ranking (vlm.quant.sensitivity), outliers first,
+                  with the default group measurement: the error propagated to the block's output
+                  (vlm.quant.propagated; one block forward per group)
+    policy (KL)   the same ranking on the output KL (``metric: output``; a whole-model forward
+                  per group), and its leave-one-out variant
 
 random / heuristic / policy run at two byte budgets: ``--ratio`` × the NF4 bytes (default 1.15) and
 the skip list's bytes. Metrics against the bf16 model on held-out scenes (never the calibration
@@ -46,7 +50,7 @@ LARGE_MROPE = [8, 12, 12]                       # sums to head_dim / 2 = 64 / 2
 LARGE_VISION = dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4)
 
 
-def _variants(plan, errors, ratio: float, random_seeds: int, loo=None) -> list[dict]:
+def _variants(plan, errors, ratio: float, random_seeds: int, loo=None, propagated=None) -> list[dict]:
     """Rows: name, budget label, precisions per layer, and (for random) the seed."""
     from vlm.quant.policy import QUANTIZED
     from vlm.quant.sensitivity import choose_protected
@@ -86,12 +90,16 @@ def _variants(plan, errors, ratio: float, random_seeds: int, loo=None) -> list[d
             rows.append({"name": "random", "budget": label, "prec": protect(keep), "seed": seed})
         old, _ = choose_protected(plan, errors, budget=extra, metric="activation", outliers_first=False)
         rows.append({"name": "heuristic", "budget": label, "prec": protect(old)})
+        if propagated is not None:
+            new, analysis = choose_protected(plan, propagated, budget=extra, metric="propagated")
+            rows.append({"name": "policy (propagated)", "budget": label, "prec": protect(new),
+                         "outliers": analysis["outliers"]})
         new, analysis = choose_protected(plan, errors, budget=extra, metric="output")
-        rows.append({"name": "policy", "budget": label, "prec": protect(new),
+        rows.append({"name": "policy (KL)", "budget": label, "prec": protect(new),
                      "outliers": analysis["outliers"]})
         if loo is not None:
             new, analysis = choose_protected(plan, loo, budget=extra, metric="output")
-            rows.append({"name": "policy (leave-one-out)", "budget": label, "prec": protect(new),
+            rows.append({"name": "policy (KL, leave-one-out)", "budget": label, "prec": protect(new),
                          "outliers": analysis["outliers"]})
     return rows
 
@@ -143,10 +151,16 @@ def run(args) -> dict:
                                                            seed=77, image_size=image_size))
     else:                                 # the product's default: synthetic shapes (vlm.quant.calibration)
         calib = calibration_batches(None, processor, n=args.calibration_samples, seed=policy.seed)
+    timing = {"propagated": {}, "output": {}, "output_leave_one_out": {}}
+    prop = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
+                   seed=policy.seed, sensitivity="propagated",
+                   extend=policy.propagate_blocks if args.extend is None else args.extend,
+                   timing=timing["propagated"])
     errors = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
-                     seed=policy.seed, mode="isolated")
+                     seed=policy.seed, sensitivity="output", mode="isolated", timing=timing["output"])
     loo = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
-                  seed=policy.seed, mode="leave_one_out")
+                  seed=policy.seed, sensitivity="output", mode="leave_one_out",
+                  timing=timing["output_leave_one_out"])
     analysis_s = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +169,7 @@ def run(args) -> dict:
     ref = reference_logits(model, batches)
     ref_captions = _captions(model, processor, items, args.batch_size)
     refs = [it.reference for it in items]
-    rows = _variants(plan, errors, args.ratio, args.random_seeds, loo)
+    rows = _variants(plan, errors, args.ratio, args.random_seeds, loo, prop)
     results = []
     for row in rows:
         a = agreement(model, row["prec"], batches, double_quant=True, reference=ref)
@@ -171,7 +185,7 @@ def run(args) -> dict:
     table = _aggregate(results)
     return {"model": str(args.model), "device": args.device, "dtype": args.dtype,
             "calibration": f"{args.calibration} × {args.calibration_samples}",
-            "planted": planted, "analysis_seconds": round(analysis_s, 2),
+            "planted": planted, "analysis_seconds": round(analysis_s, 2), "analysis_timing": timing,
             "eval_samples": args.eval_samples, "ratio": args.ratio, "rows": table, "raw": results}
 
 
@@ -205,6 +219,11 @@ def markdown(report: dict) -> str:
     lines = [f"model `{report['model']}`, {report['device']} {report['dtype']}, "
              f"{report['eval_samples']} held-out scenes, calibration {report['calibration']}"
              + (f", planted outliers in `{report['planted']}`" if report["planted"] else ""),
+             "",
+             "analysis (float32, same run): " + "; ".join(
+                 f"{k.replace('_', ' ')} {t['total_s']:.2f} s (sensitivity {t['sensitivity_s']:.2f} s"
+                 f" = {t['groups']} groups × {t['per_group_ms']:.1f} ms)"
+                 for k, t in report.get("analysis_timing", {}).items()),
              "",
              "| variant | budget | MB | × nf4 | KL vs bf16 | gap closed | top-1 | caption exact "
              "| same caption as bf16 |" + (" planted 16-bit |" if report["planted"] else ""),
@@ -245,6 +264,8 @@ def main(argv=None) -> int:
                     help="default: the product's synthetic shapes; scenes: other scenes of the "
                          "eval's kind, as a user calibrating on their own data")
     ap.add_argument("--calibration-samples", type=int, default=4)
+    ap.add_argument("--extend", type=int, default=None, help="propagated metric: blocks measured "
+                    "past the group's own (default: the policy's `propagate`, 3; 0: its own block)")
     ap.add_argument("--planted", choices=("language_mlp", "language_attention", "vision_attention"))
     ap.add_argument("--train-base", metavar="DIR", help="train the ~32 M base into DIR (if absent) "
                     "and benchmark it (GPU: a few minutes)")

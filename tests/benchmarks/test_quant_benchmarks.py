@@ -20,7 +20,7 @@ def test_quant_policies_tiny(tmp_path):
     rep = json.loads((tmp_path / "quant_policies.json").read_text())
     rows = {(x["name"], x["budget"]): x for x in rep["rows"]}
     assert {"bf16", "nf4", "skip-list"} <= {n for n, _ in rows}
-    for name in ("random", "heuristic", "policy"):
+    for name in ("random", "heuristic", "policy (propagated)", "policy (KL)"):
         for budget in ("1.15x nf4", "= skip-list"):
             assert (name, budget) in rows, (name, budget)
     assert rows[("bf16", "-")]["kl"] == 0 and rows[("nf4", "-")]["kl"] > 0
@@ -30,6 +30,10 @@ def test_quant_policies_tiny(tmp_path):
         if budget == "= skip-list":
             assert x["bytes"] <= rows[("skip-list", "-")]["bytes"]
     assert (tmp_path / "quant_policies.md").read_text().count("\n| ") >= 9
+    for metric in ("propagated", "output"):    # where the analysis time went, per metric
+        t = rep["analysis_timing"][metric]
+        assert t["sensitivity"] == metric and t["groups"] > 0 and t["sensitivity_s"] > 0
+        assert t["total_s"] >= t["capture_s"] + t["layer_errors_s"] + t["sensitivity_s"] - 1e-3
 
 
 def test_quant_skip_cost_tiny(tmp_path):
@@ -41,3 +45,18 @@ def test_quant_skip_cost_tiny(tmp_path):
         assert row["same_modules_converted"]
         assert row["merged"]["keys"] == 1 and row["merged"]["regex_compiles"] <= 2
         assert row["explicit"]["re_match_calls"] > row["merged"]["re_match_calls"]
+
+
+def test_quant_analysis_cost_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_analysis_cost.py"), "--tiny",
+                        "--device", "cpu", "--out", str(tmp_path)], env=ENV, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "quant_analysis_cost.json").read_text())
+    assert set(rep["metrics"]) == {"propagated", "output"}
+    for metric, row in rep["metrics"].items():
+        t = row["timing"]
+        assert t["sensitivity"] == metric and t["groups"] > 0 and row["protected_layers"] > 0
+        assert row["wall_s"] + 0.01 >= t["total_s"] > 0      # wall_s: 2 decimals
+    assert 0 < rep["protected_overlap"]["both"] <= rep["protected_overlap"]["either"]
+    assert "propagated: analysis" in r.stdout and "output: analysis" in r.stdout

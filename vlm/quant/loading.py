@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from vlm.quant.calibration import calibration_batches
 from vlm.quant.cpu_path import use_portable_cpu_path
 from vlm.quant.plan import QuantPlan, quantizable_linears, resolve_plan
 from vlm.quant.policy import FOUR_BIT, QUANTIZED, QuantPolicy
-from vlm.quant.sensitivity import choose_protected, measure
+from vlm.quant.sensitivity import GROUP_FIELDS, choose_protected, measure, timing_line
 from vlm.quant.vllm_names import vllm_skip_names
 
 
@@ -63,14 +64,20 @@ def analyse(model, family, policy: QuantPolicy, batches: list[dict] | None, *,
                  if lp.precision in QUANTIZED and lp.reason == "component"}
     else:
         return base
+    group_metric = policy.metric if policy.metric in GROUP_FIELDS else None
+    timing: dict = {}
     errors = measure(model, names, batches, double_quant=policy.double_quant,
                      max_rows=policy.max_rows, seed=policy.seed,
-                     output=policy.metric == "output" or measure_all,
-                     fp32=policy.analysis_dtype == "fp32")
+                     sensitivity=group_metric or ("output" if measure_all else None),
+                     fp32=policy.analysis_dtype == "fp32", extend=policy.propagate_blocks,
+                     timing=timing)
     if not policy.sensitivity:
-        return resolve_plan(policy, model, family, analysis={"errors": errors})
+        return resolve_plan(policy, model, family, analysis={"errors": errors, "timing": timing})
+    t = time.perf_counter()
     protected, analysis = choose_protected(base, errors, budget=policy.budget, metric=policy.metric)
+    timing["ranking_s"] = round(time.perf_counter() - t, 3)
     analysis["errors"] = errors
+    analysis["timing"] = timing
     return resolve_plan(policy, model, family, protected=protected, analysis=analysis)
 
 
@@ -134,10 +141,10 @@ def verify(model, plan: QuantPlan) -> None:
 def _metadata(plan: QuantPlan) -> dict[str, Any]:
     meta = plan.to_json()
     errs = meta.get("analysis", {}).get("errors")
-    if errs:  # compact: name -> [weight_error, activation_error, output_kl]
+    if errs:  # compact: name -> [weight_error, activation_error, output_kl, block_error]
         meta["analysis"] = dict(meta["analysis"])
         meta["analysis"]["errors"] = {n: [_round(e["weight_error"]), _round(e["activation_error"]),
-                                          _round(e.get("output_kl"))]
+                                          _round(e.get("output_kl")), _round(e.get("block_error"))]
                                       for n, e in errs.items()}
     return meta
 
@@ -193,6 +200,8 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
         batches = calibration_batches(calibration, processor, n=policy.calibration_samples,
                                       seed=policy.seed)
         plan = analyse(model16, family, policy, batches)
+        print(f"quant: {policy.name} (metric {policy.metric}) "
+              f"{timing_line(plan.analysis['timing'])}; {len(plan.kept())} linears kept 16-bit")
         del model16
         gc.collect()
         if torch.cuda.is_available():

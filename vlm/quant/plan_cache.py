@@ -9,7 +9,8 @@ layer: on a 7B model most of the startup of a QLoRA run. What it decides — the
   checkpoint again changes them);
 - the calibration: the policy's sample count and seed, and the source (a file's path, size and mtime;
   the built-in synthetic set; in-memory batches are not cached);
-- the policy's fields and the load dtype;
+- the policy's fields (the sensitivity metric among them: ``propagated`` and ``output`` plans are
+  separate entries) and the load dtype;
 - the analysis code (:data:`ANALYSIS_VERSION`, raised whenever the measurement or the ranking changes).
 
 Those form the key (SHA-256). A hit resolves the plan from a meta-device skeleton with the cached
@@ -28,7 +29,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-ANALYSIS_VERSION = 2   # 2: calibration prompts carry one BOS (templates that write it get none added)
+ANALYSIS_VERSION = 3   # 2: calibration prompts carry one BOS (templates that write it get none added)
+#                        3: default metric ``propagated``; the record carries the analysis timing
 
 
 def cache_root() -> Path:

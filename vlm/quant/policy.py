@@ -14,16 +14,22 @@ Presets:
              lm_head 16-bit as in transformers' standard ``load_in_4bit`` (the "standard 4-bit").
     dynamic  projector and lm_head 16-bit; vision and language NF4 with double quantization; the
              sensitivity analysis (vlm.quant.sensitivity) measures what quantizing each layer
-             does to the model's next-token distribution (KL against 16-bit, in float32) and keeps
-             in 16-bit first the outlier layers, then those with the highest KL per byte saved,
-             until the budget (default 10% of the parameters it may quantize) is spent.
+             does to the model (by default the error it propagates three blocks down the residual
+             stream, relative to it, vlm.quant.propagated; or the KL of the next-token
+             distribution against 16-bit; in float32) and keeps in 16-bit first the outlier
+             layers, then those with the highest score per byte saved, until the budget (default
+             10% of the parameters it may quantize) is spent.
 
 A policy is given as a preset name, a dict (``preset:`` plus keys that change it), a YAML path, or
 a ``QuantPolicy``. Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
 
     preset: dynamic
     budget: 0.05            # fraction of quantizable parameters, or bytes: 300000000 / "300MB"
-    metric: output          # ranking: output (KL, default) / activation / weight error
+    metric: propagated      # ranking: propagated (residual-stream error, default; 4 blocks per
+                            # group) / output (next-token KL; a whole-model forward per group)
+                            # / activation / weight error
+    propagate: 3            # propagated metric: measured this many blocks past the layer's own
+                            # (0: its block only, fastest), or "end": at the end of its stack
     analysis_dtype: fp32    # fp32 (default: the same plan on any CPU or GPU) or model (load dtype)
     overrides:
       "model.language_model.layers.0.*": bf16
@@ -46,9 +52,10 @@ PRECISIONS = ("bf16", "fp16", "int8", "nf4", "fp4")
 SIXTEEN_BIT = ("bf16", "fp16")
 FOUR_BIT = ("nf4", "fp4")
 QUANTIZED = ("int8", "nf4", "fp4")
-METRICS = ("output", "activation", "weight")
+METRICS = ("propagated", "output", "activation", "weight")
 ANALYSIS_DTYPES = ("fp32", "model")
 DEFAULT_BUDGET = 0.10
+DEFAULT_PROPAGATE = 3     # propagated metric: blocks measured past the layer's own (vlm.quant.propagated)
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "bf16": {"components": {c: "bf16" for c in COMPONENTS}, "double_quant": False,
@@ -63,7 +70,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
 PRESETS = tuple(_PRESETS)
 
 _KEYS = ("preset", "components", *COMPONENTS, "overrides", "double_quant", "dynamic", "sensitivity",
-         "budget", "metric", "seed", "calibration_samples", "max_rows", "analysis_dtype")
+         "budget", "metric", "propagate", "seed", "calibration_samples", "max_rows", "analysis_dtype")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
@@ -119,7 +126,8 @@ class QuantPolicy:
     double_quant: bool = True
     sensitivity: bool = False                       # run the dynamic analysis
     budget: float | int = DEFAULT_BUDGET            # float = fraction, int = bytes
-    metric: str = "output"                          # ranking: output KL / activation / weight error
+    metric: str = "propagated"                      # propagated / output (KL) / activation / weight
+    propagate: str | int = DEFAULT_PROPAGATE        # propagated metric: k blocks further / "end"
     analysis_dtype: str = "fp32"                    # fp32: same plan on any machine; model: load dtype
     seed: int = 0
     calibration_samples: int = 4
@@ -156,6 +164,11 @@ class QuantPolicy:
                 f"not load it back. Use one of int8/nf4/fp4 beside bf16/fp16")
         if self.metric not in METRICS:
             raise ConfigError(f"quant.metric: {self.metric!r} is not one of {', '.join(METRICS)}")
+        if not (self.propagate == "end" or (isinstance(self.propagate, int)
+                                            and not isinstance(self.propagate, bool)
+                                            and self.propagate >= 0)):
+            raise ConfigError(f"quant.propagate: {self.propagate!r} must be 'end' or an integer ≥ 0 "
+                              f"(blocks measured past the layer's own)")
         if self.analysis_dtype not in ANALYSIS_DTYPES:
             raise ConfigError(f"quant.analysis_dtype: {self.analysis_dtype!r} is not one of "
                               f"{', '.join(ANALYSIS_DTYPES)}")
@@ -170,6 +183,11 @@ class QuantPolicy:
 
     # -- queries -------------------------------------------------------------------------------
     @property
+    def propagate_blocks(self) -> int | None:
+        """``propagate`` as vlm.quant.propagated takes it: None = to the end of the stack."""
+        return None if self.propagate == "end" else int(self.propagate)
+
+    @property
     def quant_kind(self) -> str | None:
         """The one quantized storage type the policy uses (nf4/fp4/int8), or None."""
         for p in list(self.components.values()) + [p for _, p in self.overrides]:
@@ -182,6 +200,7 @@ class QuantPolicy:
         return {"name": self.name, "components": dict(self.components),
                 "overrides": {g: p for g, p in self.overrides}, "double_quant": self.double_quant,
                 "dynamic": self.sensitivity, "budget": self.budget, "metric": self.metric,
+                "propagate": self.propagate,
                 "seed": self.seed, "calibration_samples": self.calibration_samples,
                 "max_rows": self.max_rows, "analysis_dtype": self.analysis_dtype}
 
@@ -275,7 +294,8 @@ class QuantPolicy:
         return cls(components=comps, overrides=overrides,
                    double_quant=data.get("double_quant", base["double_quant"]),
                    sensitivity=sens, budget=data.get("budget", DEFAULT_BUDGET),
-                   metric=data.get("metric", "output"), seed=data.get("seed", 0),
+                   metric=data.get("metric", "propagated"), propagate=data.get("propagate", DEFAULT_PROPAGATE),
+                   seed=data.get("seed", 0),
                    analysis_dtype=data.get("analysis_dtype", "fp32"),
                    calibration_samples=data.get("calibration_samples", 4),
                    max_rows=data.get("max_rows", 256),

@@ -2,15 +2,18 @@
 
 ``build_report`` returns a JSON-ready dict:
 
-    layers     [{name, component, shape, params, weight_error, activation_error, output_kl,
-                 precision, bytes, reason}]   errors are those of the layer stored in the policy's
-                quantized type (nf4 when it has none), whatever the policy chose for it; output_kl
-                is the KL against 16-bit with only the layer's fused-sibling group quantized
+    layers     [{name, component, shape, params, weight_error, activation_error, block_error,
+                 output_kl, precision, bytes, reason}]   errors are those of the layer stored in
+                the policy's quantized type (nf4 when it has none), whatever the policy chose for
+                it; with only the layer's fused-sibling group quantized, block_error is the
+                propagated error at its block's output (policy metric ``propagated``, the default)
+                and output_kl the KL against 16-bit (``metric: output``; also for activation/weight)
     totals     {bf16_bytes, nf4_bytes, policy_bytes}   whole model (linears + everything else)
     agreement  {nf4: {kl, top1}, policy: {kl, top1}}    next-token agreement with the 16-bit model
     protected  groups the sensitivity analysis kept 16-bit: rank, why (local outlier / output
                outlier / per byte), score and score per MB saved
     budget     what the protection was allowed and what it spent (params or bytes, extra bytes)
+    timing     where the analysis spent its time (capture, layer errors, sensitivity, per group)
 
 ``format_table`` prints it; ``plot`` draws error by layer index coloured by component.
 """
@@ -42,7 +45,7 @@ def build_report(model, family, policy: QuantPolicy, batches: list[dict]) -> dic
                        "shape": [lp.out_features, lp.in_features], "params": lp.params,
                        "weight_error": e.get("weight_error"),
                        "activation_error": e.get("activation_error"),
-                       "output_kl": e.get("output_kl"),
+                       "block_error": e.get("block_error"), "output_kl": e.get("output_kl"),
                        "precision": lp.precision, "bytes": lp.nbytes(double_quant=policy.double_quant),
                        "reason": lp.reason, "index": lp.index})
     bf16 = resolve_plan(QuantPolicy.preset("bf16"), model, family)
@@ -56,7 +59,7 @@ def build_report(model, family, policy: QuantPolicy, batches: list[dict]) -> dic
             "totals": {"bf16_bytes": bf16.total_bytes(), "nf4_bytes": nf4.total_bytes(),
                        "policy_bytes": plan.total_bytes()},
             "agreement": agree,
-            "protected": protected,
+            "protected": protected, "timing": plan.analysis.get("timing"),
             "budget": {k: plan.analysis.get(k) for k in ("metric", "budget", "budget_unit",
                                                          "budget_limit", "budget_spent",
                                                          "extra_bytes", "candidate_params",
@@ -79,17 +82,21 @@ def format_table(report: dict[str, Any]) -> str:
     rows = report["layers"]
     w = max([len(r["name"]) for r in rows] + [4])
     lines = [f"{'name':<{w}}  {'component':<10} {'shape':>12} {'params':>10}  {'w_err':>6}  "
-             f"{'a_err':>6}  {'output_kl':>9}  {'prec':<5} {'bytes':>10}  reason"]
+             f"{'a_err':>6}  {'block_err':>9}  {'output_kl':>9}  {'prec':<5} {'bytes':>10}  reason"]
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
         lines.append(f"{r['name']:<{w}}  {r['component']:<10} {shape:>12} {r['params']:>10}  "
                      f"{_fmt(r['weight_error'])}  {_fmt(r['activation_error'])}  "
-                     f"{_fmt_kl(r.get('output_kl'))}  "
+                     f"{_fmt_kl(r.get('block_error'))}  {_fmt_kl(r.get('output_kl'))}  "
                      f"{r['precision']:<5} {r['bytes']:>10}  {r['reason']}")
     t = report["totals"]
     mib = 2**20
     lines += ["", f"totals: bf16 {t['bf16_bytes'] / mib:.2f} MiB | nf4 {t['nf4_bytes'] / mib:.2f} MiB"
                   f" | policy ({report['policy']['name']}) {t['policy_bytes'] / mib:.2f} MiB"]
+    if report.get("timing"):
+        from vlm.quant.sensitivity import timing_line
+
+        lines.append(timing_line(report["timing"]))
     for k, a in report["agreement"].items():
         lines.append(f"agreement with 16-bit, {k}: mean KL {a['kl']:.5f}, top-1 {a['top1']:.3f}")
     if report["protected"]:

@@ -8,22 +8,35 @@
      calibration inputs (vlm.quant.capture):
          e_w = ‖W − Ŵ‖/‖W‖            e_a = ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖        (vlm.quant.metrics)
    - per fused-sibling group g (q/k/v, gate/up: vLLM serves them as one layer, so they are
-     protected together), the output sensitivity: the model with ONLY g quantized, against the
-     16-bit model, on the calibration batches (p = softmax of the 16-bit logits, q = with g
-     quantized, mean over every non-padding position t):
-         KL_g = mean_t Σ_v p_v (log p_v − log q_v)
-     Cost: one reference forward, then one forward per group and batch (quantize-dequantize the
-     group's weights in place, forward, restore). For Qwen2-VL-7B: ~250 groups × 4 samples.
+     protected together), with ONLY g quantized, one of two group measurements:
+       ``propagated`` (the default, vlm.quant.propagated): the error g leaves in the residual
+         stream three blocks past its own (``propagate: k``: k blocks; ``propagate: end``: at
+         the input of the language model's or vision tower's final norm), relative to it, per
+         token, from cached block inputs (only those blocks run):
+             E_g = mean_t ‖ĥ_t − h_t‖² / ‖h_t‖²
+         Cost: one reference forward, then per group and batch 4 blocks (Qwen2-VL-7B: ~1/15 of
+         the KL's whole-model forwards; the vision tower's groups never run the language model
+         or the lm_head); ``propagate: 0``: one block per group.
+       ``output``: the KL of the next-token distribution against the 16-bit model's on the
+         calibration batches (p = softmax of the 16-bit logits, q = with g quantized, mean over
+         every non-padding position t):
+             KL_g = mean_t Σ_v p_v (log p_v − log q_v)
+         Cost: one reference forward, then one whole-model forward per group and batch
+         (quantize-dequantize the group's weights in place, forward, restore): for Qwen2-VL-7B
+         ~240 × 4 forwards, ~310 s of a 390 s cold start on an H200.
+     At equal bytes both rank as well (benchmarks/results/quant_policies_*: the same KL gap closed
+     at 1.15× NF4 on the demo base, and every planted outlier protected by both).
 
-2. ``choose_protected``: a group's score s_g is KL_g (``metric: output``, the default), or Σ e_a
-   / Σ e_w of its members (``metric: activation`` / ``weight``, the older rankings). Protecting g
+2. ``choose_protected``: a group's score s_g is E_g (``metric: propagated``, the default), KL_g
+   (``metric: output``), or Σ e_a / Σ e_w of its members (``metric: activation`` / ``weight``,
+   the older rankings). Protecting g
    costs S_g = Σ (bytes16 − bytesQ) of its members. Order:
      a. local outliers: groups with a member whose own error (e_a; e_w where it never ran) is
         ≥ LOCAL_OUTLIER_FACTOR × the median layer error: NF4 destroys most of that layer's
         output, whatever the calibration logits say (a random or image-blind model barely reads
         a vision layer, a trained one may on other images); largest own error first (the KL on
         calibration data can misjudge them: benchmarks/results/quant_policies_*.md);
-     b. output outliers: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first.
+     b. score outliers: groups with s_g ≥ OUTLIER_FACTOR × median(s), largest s_g first.
         A layer whose error stands far above the rest is never left quantized for marginal gains
         on small layers while the budget can hold it;
      c. then the rest by s_g / S_g (score per byte saved), ties by name.
@@ -32,11 +45,14 @@
    records what the protection costs in bytes either way (``extra_bytes``).
 
 Deterministic given the errors; the errors are reproducible for a seed and a calibration set.
+``measure(timing=...)`` records where the analysis time went (capture, per-layer errors, group
+sensitivity, per group); ``vlm load`` prints it (``timing_line``) and the plan keeps it.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -48,9 +64,10 @@ from vlm.quant.agreement import simulated
 from vlm.quant.capture import capture_inputs, move_batch
 from vlm.quant.metrics import activation_error, dequantized, weight_error
 from vlm.quant.plan import QuantPlan, group_key
-from vlm.quant.policy import QUANTIZED
+from vlm.quant.policy import DEFAULT_PROPAGATE, QUANTIZED
+from vlm.quant.propagated import propagated_sensitivity
 
-OUTLIER_FACTOR = 10.0     # output outlier: the group's score is ≥ 10 × the median group score
+OUTLIER_FACTOR = 10.0     # score outlier: the group's score is ≥ 10 × the median group score
 LOCAL_OUTLIER_FACTOR = 5.0  # local outlier: a member's own error is ≥ 5 × the median layer error
 
 
@@ -76,39 +93,80 @@ def upcast(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
 
 
 def measure(model: nn.Module, names: dict[str, str], batches: list[dict] | None, *,
-            double_quant: bool = True, max_rows: int = 256, seed: int = 0, output: bool = True,
-            fp32: bool = True, mode: str = "isolated") -> dict[str, dict]:
+            double_quant: bool = True, max_rows: int = 256, seed: int = 0,
+            sensitivity: str | None = "propagated", fp32: bool = True, mode: str = "isolated",
+            extend: int | None = DEFAULT_PROPAGATE, timing: dict | None = None) -> dict[str, dict]:
     """Errors of each layer ``name`` quantized to ``names[name]``.
 
-    → {name: {precision, weight_error, activation_error, rows, output_kl, group}}; ``output_kl``
-    is the KL of the layer's fused-sibling group (None without calibration batches, or for a
-    layer whose weight is tied to the input embeddings)."""
+    → {name: {precision, weight_error, activation_error, rows, output_kl, block_error, group}};
+    ``sensitivity`` picks the group measurement: "propagated" fills ``block_error`` (E_g,
+    vlm.quant.propagated), "output" fills ``output_kl`` (KL_g), None neither. Both are those of
+    the layer's fused-sibling group (None without calibration batches, or for a layer whose
+    weight is tied to the input embeddings). ``extend``: blocks measured past the group's own
+    (None: to the end of its stack; vlm.quant.propagated). ``timing`` (a dict) receives where the time went:
+    capture_s, layer_errors_s, sensitivity_s, groups, per_group_ms, total_s."""
+    if sensitivity not in (None, "output", "propagated"):
+        raise ValueError(f"unknown sensitivity {sensitivity!r}")
+    clock = {"capture_s": 0.0, "layer_errors_s": 0.0, "sensitivity_s": 0.0}
+    start = time.perf_counter()
     modules = dict(model.named_modules())
     results: dict[str, dict] = {}
     with upcast(model, fp32):
         if batches:
+            t = time.perf_counter()
             with capture_inputs(model, names, batches, max_rows=max_rows, seed=seed) as cap:
+                clock["capture_s"] = time.perf_counter() - t
+                t = time.perf_counter()
                 for name, prec in names.items():
                     results[name] = _errors(modules[name].weight, prec, double_quant, cap.inputs(name))
                     cap.rows.pop(name, None)   # free as we go
+                clock["layer_errors_s"] = time.perf_counter() - t
         else:
+            t = time.perf_counter()
             for name, prec in names.items():
                 results[name] = _errors(modules[name].weight, prec, double_quant, None)
+            clock["layer_errors_s"] = time.perf_counter() - t
         groups: dict[str, list[str]] = {}
         for name in names:
             groups.setdefault(group_key(name), []).append(name)
             results[name]["group"] = group_key(name)
             results[name]["output_kl"] = None
-        if output and batches:
+            results[name]["block_error"] = None
+        measured = 0
+        if sensitivity and batches:
+            t = time.perf_counter()
             tied = _tied_to_embeddings(model)
-            kls = output_sensitivity(model, {g: {m: names[m] for m in ms if m not in tied}
-                                             for g, ms in groups.items()}, batches,
-                                     double_quant=double_quant, mode=mode)
+            wanted = {g: {m: names[m] for m in ms if m not in tied} for g, ms in groups.items()}
+            measured = sum(1 for ps in wanted.values() if ps)
+            if sensitivity == "output":
+                scores = output_sensitivity(model, wanted, batches, double_quant=double_quant, mode=mode)
+                field = "output_kl"
+            else:
+                scores = propagated_sensitivity(model, wanted, batches, double_quant=double_quant,
+                                                extend=extend)
+                field = "block_error"
             for g, members in groups.items():
                 for m in members:
                     if m not in tied:
-                        results[m]["output_kl"] = kls[g]
+                        results[m][field] = scores[g]
+            clock["sensitivity_s"] = time.perf_counter() - t
+    if timing is not None:
+        timing.update({k: round(v, 3) for k, v in clock.items()})
+        timing.update({"sensitivity": sensitivity if batches else None, "groups": measured,
+                       "per_group_ms": round(1e3 * clock["sensitivity_s"] / measured, 2) if measured
+                       else None, "calibration_batches": len(batches or []),
+                       "total_s": round(time.perf_counter() - start, 3)})
     return results
+
+
+def timing_line(timing: dict) -> str:
+    """One line for the log: where the analysis spent its time."""
+    parts = [f"capture {timing['capture_s']:.1f} s", f"layer errors {timing['layer_errors_s']:.1f} s"]
+    if timing.get("sensitivity"):
+        parts.append(f"{timing['sensitivity']} sensitivity {timing['sensitivity_s']:.1f} s = "
+                     f"{timing['groups']} groups × {timing['per_group_ms']:.0f} ms")
+    return (f"analysis {timing['total_s']:.1f} s ({', '.join(parts)}; "
+            f"{timing['calibration_batches']} calibration batches)")
 
 
 def _tied_to_embeddings(model: nn.Module) -> set[str]:
@@ -198,25 +256,32 @@ def output_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], batc
     return out
 
 
+# the per-layer field each group metric fills (vlm.quant.sensitivity.measure)
+GROUP_FIELDS = {"output": "output_kl", "propagated": "block_error"}
+
+
 def ranking_error(stats: dict, metric: str) -> float:
-    """One layer's error for ``metric`` (output KL → activation error → weight error fallback)."""
-    if metric == "output" and stats.get("output_kl") is not None:
-        return float(stats["output_kl"])
-    if metric in ("output", "activation") and stats.get("activation_error") is not None:
+    """One layer's error for ``metric`` (group measurement → activation error → weight error)."""
+    field = GROUP_FIELDS.get(metric)
+    if field and stats.get(field) is not None:
+        return float(stats[field])
+    if (field or metric == "activation") and stats.get("activation_error") is not None:
         return float(stats["activation_error"])
     return float(stats["weight_error"])
 
 
 def group_score(members: list[str], errors: dict[str, dict], metric: str) -> float:
-    """s_g: the group's KL (measured for the group as a whole) or the sum of member errors."""
-    if metric == "output" and all(errors[m].get("output_kl") is not None for m in members):
-        return float(errors[members[0]]["output_kl"])
-    fallback = "activation" if metric == "output" else metric
+    """s_g: the group's KL or propagated error (measured for the group as a whole) or the sum of
+    member errors."""
+    field = GROUP_FIELDS.get(metric)
+    if field and all(errors[m].get(field) is not None for m in members):
+        return float(errors[members[0]][field])
+    fallback = "activation" if field else metric
     return sum(ranking_error(errors[m], fallback) for m in members)
 
 
 def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float | int,
-                     metric: str = "output", outliers_first: bool = True
+                     metric: str = "propagated", outliers_first: bool = True
                      ) -> tuple[set[str], dict[str, Any]]:
     """Protection under ``budget`` (see the module docstring); returns (names, analysis record).
 

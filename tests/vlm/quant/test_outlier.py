@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from vlm.quant.plants import plant_outliers
+from vlm.quant.plants import SITES, plant_outliers
+from vlm.quant.sensitivity import OUTLIER_FACTOR
 
 
 def _planted_checkpoint(src, dst, site):
@@ -63,17 +64,30 @@ def _analysis(path, site, policy="dynamic"):
     return planted, analyse(model, family_for_config(model.config), pol, batches)
 
 
-@pytest.mark.parametrize("site", ["language_attention", "vision_attention"])
-def test_planted_outlier_in_attention_and_vision_is_protected(tiny_checkpoint, site):
+@pytest.mark.parametrize("site", SITES)
+def test_planted_outlier_is_protected_under_the_default_metric(tiny_checkpoint, site):
+    """Every plant (language MLP, language attention, vision tower) is protected by the default
+    `dynamic` policy, and its group score (the propagated error, vlm.quant.propagated) stands
+    ≥ 10× the median by itself, not only through the local-outlier rule: the KL on this random
+    model, which barely reads its vision tower, puts the vision plant at ~2× the median."""
     planted, plan = _analysis(tiny_checkpoint("qwen2_vl"), site)
     a = plan.analysis
+    assert a["metric"] == "propagated"
     assert planted in a["outliers"], (a["outliers"], a["median_error"])
     assert a["errors"][planted]["activation_error"] >= 5 * a["median_layer_error"]
-    if site.startswith("language"):      # the random tiny model barely reads its vision tower
-        assert a["errors"][planted]["output_kl"] >= 10 * a["median_error"]
+    assert a["errors"][planted]["block_error"] >= OUTLIER_FACTOR * a["median_error"] > 0
     assert plan.layers[planted].reason == "protected"
     assert a["budget_unit"] == "params" and a["budget_spent"] <= a["budget_limit"]
     assert a["extra_bytes"] == sum(g["bytes_saved_if_quantized"] for g in a["protected_groups"])
+
+
+@pytest.mark.parametrize("site", ["language_attention", "language_mlp"])
+def test_planted_outlier_is_protected_under_the_kl(tiny_checkpoint, site):
+    planted, plan = _analysis(tiny_checkpoint("qwen2_vl"), site, {"preset": "dynamic", "metric": "output"})
+    a = plan.analysis
+    assert a["metric"] == "output" and a["errors"][planted]["block_error"] is None
+    assert a["errors"][planted]["output_kl"] >= OUTLIER_FACTOR * a["median_error"]
+    assert plan.layers[planted].reason == "protected"
 
 
 _SUBPROCESS = """
@@ -84,19 +98,20 @@ from test_outlier import _analysis
 planted, plan = _analysis({path!r}, {site!r})
 print("RESULT" + json.dumps({{"protected": sorted(n for n, l in plan.layers.items()
                                                 if l.reason == "protected"),
-                             "kl": {{n: e["output_kl"] for n, e in plan.analysis["errors"].items()}}}}))
+                             "score": {{n: e["block_error"] for n, e in plan.analysis["errors"].items()}}}}))
 """
 
 
 def test_plan_is_the_same_without_avx512(tiny_checkpoint):
     """The analysis runs in float32 from bitsandbytes' quantize/dequantize functions, so a CPU
     without AVX-512 (simulated: torch's, oneDNN's and MKL's instruction sets capped at AVX2 in a
-    subprocess) gives the same protected set and the same KLs up to float32 noise."""
+    subprocess) gives the same protected set and the same group scores (the default metric's
+    propagated errors) up to float32 noise."""
     path = str(tiny_checkpoint("qwen2_vl"))
     site = "vision_attention"
     planted, plan = _analysis(path, site)
     here = {"protected": sorted(n for n, l in plan.layers.items() if l.reason == "protected"),
-            "kl": {n: e["output_kl"] for n, e in plan.analysis["errors"].items()}}
+            "score": {n: e["block_error"] for n, e in plan.analysis["errors"].items()}}
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", DNNL_MAX_CPU_ISA="AVX2",
                ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", OMP_NUM_THREADS="1")
     code = _SUBPROCESS.format(tests=os.path.dirname(__file__), path=path, site=site)
@@ -105,11 +120,11 @@ def test_plan_is_the_same_without_avx512(tiny_checkpoint):
     assert out.returncode == 0, out.stderr[-2000:]
     there = json.loads(out.stdout.split("RESULT", 1)[1])
     assert there["protected"] == here["protected"]
-    # KLs far below the largest are at float32 noise (the vision layers of this random model,
-    # ~1e-8): compared to 1 % of the largest; the rest to 1 %.
-    floor = 0.01 * max(here["kl"].values())
-    for n, kl in here["kl"].items():
-        assert there["kl"][n] == pytest.approx(kl, rel=0.01, abs=floor), n
+    # scores far below the largest are at float32 noise: compared to 1 % of the largest; the rest
+    # to 1 %.
+    floor = 0.01 * max(here["score"].values())
+    for n, score in here["score"].items():
+        assert there["score"][n] == pytest.approx(score, rel=0.01, abs=floor), n
 
 
 def test_analysis_is_reproducible_and_leaves_the_model_unchanged(tiny_checkpoint):
@@ -130,5 +145,11 @@ def test_analysis_is_reproducible_and_leaves_the_model_unchanged(tiny_checkpoint
             for _ in range(2)]
     assert runs[0]["errors"] == runs[1]["errors"]
     assert runs[0]["protected_groups"] == runs[1]["protected_groups"]
+    assert all(e["block_error"] is not None for e in runs[0]["errors"].values())
+    for r in runs:      # where the analysis time went, in the plan's record
+        t = r["timing"]
+        assert t["sensitivity"] == "propagated" and t["groups"] > 0 and t["calibration_batches"] == 2
+        assert t["per_group_ms"] == pytest.approx(1e3 * t["sensitivity_s"] / t["groups"], rel=0.01)
+        assert t["total_s"] >= t["capture_s"] + t["layer_errors_s"] + t["sensitivity_s"] - 1e-3
     for n, p in model.named_parameters():     # the fp32 analysis put every weight back exactly
         assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n

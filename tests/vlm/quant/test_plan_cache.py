@@ -47,6 +47,9 @@ def test_second_load_uses_the_cache_and_gives_the_same_model(cached, tiny_checkp
     shutil.copytree(tiny_checkpoint("qwen2_vl"), ckpt)
     first, processor = vlm.load(str(ckpt), device="cpu", dtype="bf16", quant="dynamic")
     assert len(calls) == 1 and len(list(root.glob("*.json"))) == 1
+    said = capsys.readouterr().out        # the log says where the analysis time went
+    assert "(metric propagated) analysis " in said and "propagated sensitivity" in said
+    assert "groups ×" in said and "capture" in said and "layer errors" in said
     second, _ = vlm.load(str(ckpt), device="cpu", dtype="bf16", quant="dynamic")
     assert len(calls) == 1                                   # no analysis the second time
     assert "plan from the analysis cache" in capsys.readouterr().out
@@ -57,11 +60,16 @@ def test_second_load_uses_the_cache_and_gives_the_same_model(cached, tiny_checkp
     # another policy: another key
     vlm.load(str(ckpt), device="cpu", dtype="bf16", quant={"preset": "dynamic", "budget": 0.05})
     assert len(calls) == 2
+    # the KL metric: its own entry, and the default's entry is still there
+    vlm.load(str(ckpt), device="cpu", dtype="bf16", quant={"preset": "dynamic", "metric": "output"})
+    assert len(calls) == 3 and len(list(root.glob("*.json"))) == 3
+    vlm.load(str(ckpt), device="cpu", dtype="bf16", quant="dynamic")
+    assert len(calls) == 3
     # the weights saved again (new mtime): analysed again
     weights = next(ckpt.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     vlm.load(str(ckpt), device="cpu", dtype="bf16", quant="dynamic")
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_a_corrupt_entry_is_analysed_again_and_the_switch_turns_it_off(cached, tiny_checkpoint, monkeypatch):

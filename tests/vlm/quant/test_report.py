@@ -21,8 +21,11 @@ def test_quant_report_json_and_plot(tiny_checkpoint, tmp_path):
     assert t["nf4_bytes"] < t["policy_bytes"] < t["bf16_bytes"]
     assert rep["policy"]["budget"] == 0.2
     assert all(r["activation_error"] is not None for r in rep["layers"])   # every layer ran
-    # output sensitivity of every layer but a lm_head tied to the embeddings (never quantized)
-    kls = {r["name"]: r["output_kl"] for r in rep["layers"]}
+    # the default metric's group sensitivity of every layer but a lm_head tied to the embeddings
+    # (never quantized); the KL is not run for it
+    assert rep["policy"]["metric"] == "propagated" and all(r["output_kl"] is None for r in rep["layers"])
+    assert rep["timing"]["sensitivity"] == "propagated" and rep["timing"]["groups"] > 0
+    kls = {r["name"]: r["block_error"] for r in rep["layers"]}
     assert all(v is not None and v >= 0 for n, v in kls.items() if n != "lm_head")
     assert max(kls.values(), key=lambda v: v or 0) > 0
     assert rep["budget"]["extra_bytes"] == sum(g["bytes_saved_if_quantized"] for g in rep["protected"])
