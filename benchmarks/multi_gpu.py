@@ -209,17 +209,28 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
     """Merge ``rows`` into the results JSON (rows of other invocations kept) and write the table."""
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{stem}.json"
-    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    saved = json.loads(path.read_text()) if path.is_file() else {}
     names = {r["run"] for r in rows}
-    rows = [r for r in old if r["run"] not in names] + rows   # rows of other invocations kept
+    rows = [r for r in saved.get("rows", []) if r["run"] not in names] + rows   # rows of other invocations kept
+    # which invocation measured each row: a table joined from several says so, row by row
+    env = {**env, "invocations": {**saved.get("env", {}).get("invocations", {}), **env.get("invocations", {})}}
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
 
     def key(r):   # rows compare with the 1-GPU row of the same compile setting, quant and per-GPU batch
         return (r["compiled"], r["quant"], r["per_gpu_batch"], r.get("tag", ""), r.get("method", "lora"),
                 r.get("optimizer"))
 
-    base = {key(r): r for r in rows
-            if r["gpus"] == 1 and r.get("tokens_per_s_steady") and not r["run"].startswith("resume_")}
+    # the 1-GPU row of the same invocation when there is one, else the latest of another
+    singles = [r for r in rows if r.get("gpus") == 1 and r.get("tokens_per_s_steady") and not r.get("skipped")
+               and not r["run"].startswith("resume_")]
+    base = {key(r): r for r in singles}
+
+    def reference(r):
+        same = [b for b in singles if key(b) == key(r) and b.get("invocation") == r.get("invocation")]
+        return same[-1] if same else base.get(key(r))
+
+    used = [r.get("invocation") for r in rows if not r.get("skipped")]
+    several = len(set(used)) > 1
     lines = [f"# Multi-GPU training, Qwen2-VL-{env.get('model', '7b').upper()} shapes (random weights) — {env['gpu']}", "",
              f"configs/{env.get('config', 'qwen2_vl_7b_qlora.yaml')}, batching: {env['batching']}; data: {env['data']}; torch {env['torch']}, "
              f"transformers {env['transformers']}, accelerate {env['accelerate']}. "
@@ -228,17 +239,21 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
              "weight + grad + optimizer state per element of each GPU's shards.", "",
              "| run | GPUs | per-GPU batch | quant | compiled | steady tokens/s | × 1 GPU | params / GPU (GiB) "
              "| load peak / GPU (GiB) | training peak / GPU (GiB) | × 1 GPU | data wait | steps | final loss "
-             "| bytes / trained param |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| bytes / trained param | invocation |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if several:
+        lines[2:2] = ["**Rows from several invocations** (column `invocation`): a ratio across invocations compares "
+                      "runs made at different times; " + "; ".join(f"`{i}`: {env['invocations'].get(i, 'not recorded')}"
+                                                                   for i in dict.fromkeys(used)) + ".", ""]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['run']} | {r['gpus']} | | | | not run: {r['skipped']} | | | | | | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | | | | not run: {r['skipped']} | | | | | | | | | | |")
             continue
         if r["returncode"] != 0:
             lines.append(f"| {r['run']} | {r['gpus']} | | {r.get('quant', '')} | | failed (rc {r['returncode']}): "
-                         f"{_last_error(r)} | | | | | | | | | |")
+                         f"{_last_error(r)} | | | | | | | | | | {r.get('invocation') or ''} |")
             continue
-        ref = base.get(key(r))
+        ref = reference(r)
         speed = (f"{r['tokens_per_s_steady'] / ref['tokens_per_s_steady']:.2f}"
                  if ref and r.get("tokens_per_s_steady") and r is not ref else "")
         mem = f"{max(r['peak_mem_gib_per_gpu']) / max(ref['peak_mem_gib_per_gpu']):.2f}" if ref and r is not ref else ""
@@ -249,7 +264,8 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
                      f"{', '.join(map(str, r.get('param_gib_per_gpu') or []))} | "
                      f"{', '.join(map(str, r['load_peak_mem_gib_per_gpu']))} | "
                      f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {mem} | {wait} | {r['steps']} | "
-                     f"{r['final_loss']:.4f} | {r.get('bytes_per_trained_parameter') or ''} |")
+                     f"{r['final_loss']:.4f} | {r.get('bytes_per_trained_parameter') or ''} | "
+                     f"{r.get('invocation') or 'not recorded'} |")
     curves = {r["run"]: dict(r["loss_history"]) for r in rows if r.get("loss_history")}
     if len(curves) > 1:
         lines += ["", "Loss per optimizer step (same global batch, same data order):", "",
@@ -260,6 +276,18 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
     (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
+
+
+def _git_rev() -> str:
+    """The measured code's commit (with ``+dirty`` for uncommitted changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
 
 
 def _last_error(r: dict) -> str:
@@ -321,15 +349,17 @@ def main(argv=None) -> int:
     stem = (("multi_gpu_packed_" if args.batching == "tokens" else "multi_gpu_") + ("2b_" if args.model == "2b" else "")
             + env["gpu"].replace(" ", "_"))
     results = root if args.tiny else REPO / "benchmarks" / "results"
+    invocation = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {_git_rev()}"
+    env["invocations"] = {invocation: "multi_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows = []
     for name in args.runs.split(","):
         if runs[name][0] > n_gpu:
-            rows.append({"run": name, "gpus": runs[name][0], "returncode": None,
+            rows.append({"run": name, "gpus": runs[name][0], "returncode": None, "invocation": invocation,
                          "skipped": f"needs {runs[name][0]} GPUs, {n_gpu} visible"})
             print(f"{name}: skipped ({n_gpu} GPU)")
             continue
         print(f"{name}: running ...", flush=True)
-        rows.append(run(name, runs, model, data, root, args))
+        rows.append({**run(name, runs, model, data, root, args), "invocation": invocation})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("error_tail", "loss_history")}), flush=True)
         if rows[-1].get("error_tail"):
             print(rows[-1]["error_tail"])

@@ -14,7 +14,12 @@ def test_compile_setting_resolution():
     assert compile_wanted("auto", "cuda", "single") is True
     assert compile_wanted("auto", "cuda:1", "ddp") is True
     assert compile_wanted("auto", "cpu", "single") is False
-    assert compile_wanted("auto", "cuda", "fsdp") is False
+    # FSDP2: compiled where measured faster on GPUs (16-bit LoRA), eager where not measured
+    assert compile_wanted("auto", "cuda", "fsdp") is True
+    assert compile_wanted("auto", "cuda", "fsdp", quantized=True) is False
+    assert compile_wanted("auto", "cuda", "fsdp", method="full") is False
+    assert compile_wanted("auto", "cuda", "ddp", quantized=True, method="full") is True
+    assert compile_wanted("auto", "cpu", "fsdp") is False
     assert compile_wanted(False, "cuda", "single") is False
     assert compile_wanted(True, "cpu", "single") is True
     assert compile_wanted(True, "cuda", "fsdp") is True     # FSDP2 + compile: test_compile_fsdp.py
@@ -35,3 +40,10 @@ def test_padding_note_says_what_cuda_graph_padding_costs():
     note = padding_note([10], 40)
     assert note.startswith("warning: ") and "75% of the tokens computed are padding" in note
     assert "data.max_length" in note
+
+
+def test_quantized_policy_detection_for_the_compile_rule():
+    from vlm.train.fast_path import _quantized
+
+    assert _quantized("dynamic") and _quantized("nf4")
+    assert not _quantized(None) and not _quantized("bf16")
