@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml vlm/install/torchvision_cpu_fix.py
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -m "not gpu and not serve and not gguf" tests
+	$(VENV)/bin/pytest -m "not gpu and not serve and not gguf" --durations=25 tests
 
 test-gpu: $(STAMP)
 	$(VENV)/bin/pytest -m gpu tests
