@@ -149,7 +149,9 @@ def test_analysis_is_reproducible_and_leaves_the_model_unchanged(tiny_checkpoint
     for r in runs:      # where the analysis time went, in the plan's record
         t = r["timing"]
         assert t["sensitivity"] == "propagated" and t["groups"] > 0 and t["calibration_batches"] == 2
-        assert t["per_group_ms"] == pytest.approx(1e3 * t["sensitivity_s"] / t["groups"], rel=0.01)
+        # sensitivity_s is kept to the ms (±0.5 ms over all groups), per_group_ms to 0.01 ms
+        assert t["per_group_ms"] == pytest.approx(1e3 * t["sensitivity_s"] / t["groups"],
+                                                  abs=0.5 / t["groups"] + 0.005)
         assert t["total_s"] >= t["capture_s"] + t["layer_errors_s"] + t["sensitivity_s"] - 1e-3
     for n, p in model.named_parameters():     # the fp32 analysis put every weight back exactly
         assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
