@@ -45,8 +45,8 @@ Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
                         the global batch) for ``--resume-steps`` more steps
   resume_1gpu_on_fsdp2  resumes 1gpu_eager's checkpoint under FSDP2 on 2 GPUs (1 → 2), likewise
                         (both continue in the resumed run's folder: run them after that run)
-"× 1 GPU" compares the steady-state tokens/s (optimizer steps 3.. of the run: compile and warm-up
-excluded, summed over processes) with the 1-GPU row of the same compile setting, quantization and
+"× 1 GPU" compares the steady-state tokens/s (from the last step that compiled in any process, step 2
+at the earliest, to the last step: compile and warm-up excluded, summed over processes) with the 1-GPU row of the same compile setting, quantization and
 per-GPU batch. Memory per GPU: the load peak (before the first step) and the training peak (from
 the first step on), CUDA max allocated; "params / GPU": the parameter bytes each process holds after
 wrapping (FSDP: its shards). "data wait": share of rank 0's steady step time spent blocked on the
@@ -234,7 +234,8 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
     lines = [f"# Multi-GPU training, Qwen2-VL-{env.get('model', '7b').upper()} shapes (random weights) — {env['gpu']}", "",
              f"configs/{env.get('config', 'qwen2_vl_7b_qlora.yaml')}, batching: {env['batching']}; data: {env['data']}; torch {env['torch']}, "
              f"transformers {env['transformers']}, accelerate {env['accelerate']}. "
-             "Steady tokens/s: optimizer steps 3.. (compile excluded), all GPUs. full* rows: "
+             "Steady tokens/s: summary.json's tokens_per_s_steady (from the last step that compiled in any "
+             "process, step 2 at the earliest, to the last step), all GPUs. full* rows: "
              f"configs/{FULL_CONFIG.name} (method full, bf16 weights + BF16AdamW); bytes / trained param: "
              "weight + grad + optimizer state per element of each GPU's shards.", "",
              "| run | GPUs | per-GPU batch | quant | compiled | steady tokens/s | × 1 GPU | params / GPU (GiB) "
