@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,14 +15,48 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from train_step_workload import MODELS, model_config  # noqa: E402
 
+from .._concurrent import Run  # noqa: E402
 
-def test_tiny_run_all_setups_agree_on_the_loss(tmp_path):
+ALL_SETUPS = "default model, every setup"
+
+
+def _benchmark_args(run: str) -> list[str]:
+    if run == ALL_SETUPS:
+        return ["--variants", "a,d,d_eager,e"]
+    return ["--model", run, "--variants", "a,d"]
+
+
+@pytest.fixture(scope="module")
+def step_runs(request, tmp_path_factory):
+    """The benchmark runs of this module's selected tests, all started at once (tests/_concurrent.py):
+    each test waits for its own run; on 2 cores the shorter runs finish beside the longest one."""
+    wanted = []
+    for item in request.session.items:
+        if item.module is request.module:
+            callspec = getattr(item, "callspec", None)
+            wanted.append(callspec.params["model"] if callspec else ALL_SETUPS)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)   # CPU without the interpreter: vlm.kernels.patch steps aside
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--device", "cpu",
-                        "--variants", "a,d,d_eager,e", "--steps", "1", "--warmup", "1", "--profile", "",
-                        "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    runs = {}
+    for run in dict.fromkeys(wanted):
+        out = tmp_path_factory.mktemp("train_step")
+        argv = [sys.executable, REPO / "benchmarks" / "train_step.py", "--tiny", "--device", "cpu",
+                *_benchmark_args(run), "--steps", "1", "--warmup", "1", "--profile", "", "--out", out]
+        runs[run] = (Run(argv, out / "logs", env=env), out)
+    yield runs
+    for run, _ in runs.values():
+        run.stop()
+
+
+def _finished(step_runs, run: str) -> Path:
+    proc, out = step_runs[run]
+    r = proc.wait(timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out
+
+
+def test_tiny_run_all_setups_agree_on_the_loss(step_runs):
+    tmp_path = _finished(step_runs, ALL_SETUPS)
     data = json.loads((tmp_path / "train_step_tiny.json").read_text())
     rows = {row["variant"]: row for row in data["rows"]}
     assert set(rows) == {"a", "d", "d_eager", "e"} and not [v for v, row in rows.items() if "error" in row]
@@ -55,20 +88,14 @@ def _one_model_per_architecture() -> list[str]:
 
 
 @pytest.mark.parametrize("model", _one_model_per_architecture())
-def test_tiny_every_architecture_batched_compiled_same_loss(tmp_path, model):
+def test_tiny_every_architecture_batched_compiled_same_loss(step_runs, model):
     """W at each benchmarked architecture's shapes (tiny): the vlmtune setup (vision attention batched
     where the family's tower allows it, decoder layers and frozen vision blocks compiled) has the HF
     baseline's first-step loss: Qwen2.5-VL's windows, Qwen3-VL's DeepStack and interleaved M-RoPE,
     LLaVA's CLIP tower."""
     from vlm.families import family_for_config
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--device", "cpu",
-                        "--model", model, "--variants", "a,d", "--steps", "1", "--warmup", "1",
-                        "--profile", "", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    tmp_path = _finished(step_runs, model)
     data = json.loads((tmp_path / f"train_step_{model}_tiny.json").read_text())
     rows = {row["variant"]: row for row in data["rows"]}
     assert not [v for v, row in rows.items() if "error" in row], rows

@@ -9,16 +9,34 @@ import sys
 
 import pytest
 
+from ..._concurrent import Run
 from ._tiny_run import write_config
 
 
-def _train(cfg, *extra):
+def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "vlm", "train", str(cfg), *extra], env=env, capture_output=True,
+    return env
+
+
+def _train(cfg, *extra):
+    r = subprocess.run([sys.executable, "-m", "vlm", "train", str(cfg), *extra], env=_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
+
+
+def _train_together(*cfgs) -> list[str]:
+    """`vlm train` of each (independent) config, all started at once (tests/_concurrent.py): stdouts."""
+    runs = [Run([sys.executable, "-m", "vlm", "train", cfg], cfg.parent / "logs", env=_env()) for cfg in cfgs]
+    try:
+        done = [run.wait(timeout=600) for run in runs]
+    finally:
+        for run in runs:
+            run.stop()
+    for r in done:
+        assert r.returncode == 0, r.args[-1] + "\n" + r.stdout[-2000:] + r.stderr[-3000:]
+    return [r.stdout for r in done]
 
 
 def test_compiled_training_matches_eager_and_resumes(tmp_path, tiny_checkpoint):
@@ -31,14 +49,12 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, tiny_checkpoint):
     (tmp_path / "eager").mkdir()
     eager = write_config(tmp_path / "eager", ck, data.sharegpt_json, max_steps=4, save_steps=2,
                          extra={**common, "training.compile": False})
-    _train(eager)
-    ref = json.loads((tmp_path / "eager" / "out" / "summary.json").read_text())
-    assert ref["compiled_layers"] is False
-
     (tmp_path / "compiled").mkdir()
     first = write_config(tmp_path / "compiled", ck, data.sharegpt_json, max_steps=2, save_steps=2,
                          extra={**common, "training.compile": True})
-    log = _train(first)
+    _, log = _train_together(eager, first)   # the eager reference and the compiled run side by side
+    ref = json.loads((tmp_path / "eager" / "out" / "summary.json").read_text())
+    assert ref["compiled_layers"] is False
     assert "torch.compile: 2 language decoder layers" in log
     # continue the compiled run from its checkpoint to step 4 (the override raises max_steps only)
     _train(first, "training.max_steps=4", "--resume")
@@ -64,14 +80,14 @@ def test_cuda_graphs_setting_pads_every_batch_to_max_length(tmp_path, tiny_check
     ck = tiny_checkpoint("qwen2_vl")
     data = generate(tmp_path / "data", n=8, seed=3)
     common = {"training.gradient_checkpointing": True, "training.schedule": "constant", "data.max_length": 96}
-    runs = {}
+    cfgs = {}
     for name, extra in (("eager", {"training.compile": "auto", "training.cuda_graphs": True}),   # CPU: off
                         ("graphs", {"training.compile": True, "training.cuda_graphs": True, "training.mlp_chunks": 2})):
         (tmp_path / name).mkdir()
-        cfg = write_config(tmp_path / name, ck, data.sharegpt_json, max_steps=2, save_steps=2,
-                           extra={**common, **extra})
-        log = _train(cfg)
-        runs[name] = (log, json.loads((tmp_path / name / "out" / "summary.json").read_text()))
+        cfgs[name] = write_config(tmp_path / name, ck, data.sharegpt_json, max_steps=2, save_steps=2,
+                                  extra={**common, **extra})
+    runs = {name: (log, json.loads((tmp_path / name / "out" / "summary.json").read_text()))
+            for name, log in zip(cfgs, _train_together(*cfgs.values()))}
     log, eager = runs["eager"]
     assert "training.cuda_graphs replays compiled layers and compile is off" in log
     assert eager["cuda_graphs"] is False and eager["padded_to"] == 8 and eager["mlp_chunks"] == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ..._concurrent import Run
 from ._tiny_run import write_config
 from vlm.errors import VlmError
 from vlm.train.checkpoints import MARKER, SAVING, checkpoint_record, latest_complete, run_totals
@@ -64,23 +65,31 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_checkpoint):
 
     (tmp_path / "full").mkdir()
     full = write_config(tmp_path / "full", ck, data.sharegpt_json, max_steps=steps, save_steps=3)
-    subprocess.run(_vlm("train", str(full)), check=True, env=_env(), capture_output=True, text=True,
-                   timeout=300)
-    ref = json.loads((tmp_path / "full" / "out" / "summary.json").read_text())["loss_history"]
+    # the uninterrupted reference runs beside the run that gets killed (tests/_concurrent.py)
+    reference = Run(_vlm("train", str(full)), tmp_path / "full" / "logs", env=_env())
 
     (tmp_path / "killed").mkdir()
     cfg = write_config(tmp_path / "killed", ck, data.sharegpt_json, max_steps=steps, save_steps=3)
     out = tmp_path / "killed" / "out"
     proc = subprocess.Popen(_vlm("train", str(cfg)), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-6" / MARKER).exists():  # kill after the 2nd complete checkpoint
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists(), "the run was killed before it finished"
+    try:
+        deadline = time.time() + 420   # a hang guard: two runs share the cores meanwhile
+        while not (out / "checkpoint-6" / MARKER).exists():  # kill after the 2nd complete checkpoint
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (out / "summary.json").exists(), "the run was killed before it finished"
+        done = reference.wait(timeout=300)
+    finally:
+        reference.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = json.loads((tmp_path / "full" / "out" / "summary.json").read_text())["loss_history"]
 
     r = subprocess.run(_vlm("train", str(cfg), "--resume"), env=_env(), capture_output=True, text=True,
                        timeout=300)
