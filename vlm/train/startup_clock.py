@@ -1,0 +1,214 @@
+"""Where `vlm train`'s startup went: imports per package, and the first step's compile vs run time.
+
+Startup (process start → first optimizer step done) is reported by phase in ``summary.json``
+(``startup_seconds``, vlm.train.recipe). Two phases are opaque from the outside, and this module
+opens them:
+
+- **imports** (process start → the recipe begins): :class:`ImportClock`, installed by the CLI before
+  anything heavy, times every module's import and charges it to its top-level package (``peft``, ``bitsandbytes``,
+  ``datasets``...; for torch and transformers the sub-package: ``torch._C``, ``torch._dynamo``,
+  ``torch._inductor``, ``transformers.models``...) *exclusively*: a module's time less
+  the modules it imported on the way, so ``torch._dynamo`` counts as such even when peft's import
+  pulled it in. It costs one Python call per module imported (a few ms in all). ``python_start``
+  is the interpreter's own start (process creation → the clock installed: site, .pth files, the
+  ``vlm`` package).
+- **first step**: torch.compile's own timers (``torch._dynamo.utils.compilation_time_metrics``,
+  seconds per phase, cumulative in the process) and counters, read when the first optimizer step
+  ends (:func:`compile_split`): dynamo's frame compiles (bytecode tracing + the backend: AOT autograd
+  and inductor codegen, or cache loads), the lazily compiled backward graphs, Triton autotuning of
+  inductor's kernels, and how many graphs came from inductor's FX-graph and AOTAutograd caches.
+  ``run_s`` is the rest: the step's own kernels, first CUDA/cuBLAS use, the first batch.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+import time
+
+# compilation_time_metrics keys (torch 2.11–2.13): seconds per call of each timed region
+_FRAME = "_compile.compile_inner"          # dynamo: one frame (trace + backend + guards)
+_TRACE = "bytecode_tracing"                # dynamo's symbolic tracing of the Python code
+_BACKEND = "OutputGraph.call_user_compiler"  # AOT autograd + inductor (or their cache loads)
+_BACKWARD = "backward._backward_impl"      # the backward graph, compiled at the first backward
+_AUTOTUNE = "CachingAutotuner.benchmark_all_configs"   # Triton autotuning of inductor's kernels
+_CACHE_LOAD = "AOTAutogradCache.inductor_load"         # loading a cached graph's compiled module
+
+
+# packages whose sub-packages are reported apart: torch's compiler stack (torch._dynamo,
+# torch._inductor), torch.distributed and torch._C (the shared libraries) are different costs
+_BY_SUBPACKAGE = ("torch", "transformers")
+
+
+def _group(fullname: str) -> str:
+    parts = fullname.split(".")
+    return ".".join(parts[:2]) if parts[0] in _BY_SUBPACKAGE and len(parts) > 1 else parts[0]
+
+
+class ImportClock(importlib.abc.MetaPathFinder):
+    """Times every module imported after it is installed, charging each its *exclusive* time (its
+    own loading, less the modules it imported on the way) and summing by top-level package."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}   # top-level package -> seconds
+        self._stack: list[list] = []     # [start, seconds charged to nested modules]
+        self.installed_at = time.perf_counter()
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in sys.modules:
+            return None
+        # the real spec, from the finders after this one; its loader timed
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _TimedLoader(spec.loader, _group(fullname), self)
+                return spec
+        return None
+
+    def timed(self, package: str, work, *args):
+        frame = [time.perf_counter(), 0.0]
+        self._stack.append(frame)
+        try:
+            return work(*args)
+        finally:
+            self._stack.pop()
+            total = time.perf_counter() - frame[0]
+            self.seconds[package] = self.seconds.get(package, 0.0) + total - frame[1]
+            if self._stack:
+                self._stack[-1][1] += total
+
+    def split(self, top: int = 14, min_seconds: float = 0.05) -> dict[str, float]:
+        """The ``top`` slowest packages (seconds, rounded), the rest summed as ``other``."""
+        ranked = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        out = {name: round(s, 2) for name, s in ranked[:top] if s >= min_seconds}
+        out["other"] = round(sum(s for name, s in ranked if name not in out), 2)
+        return out
+
+
+class _TimedLoader(importlib.abc.Loader):
+    """The real loader, timed: ``create_module`` (an extension module's shared library is loaded
+    there: ``torch._C`` brings libtorch and, on a GPU machine, the CUDA libraries) and
+    ``exec_module`` (the module's code)."""
+
+    def __init__(self, loader, package: str, clock: ImportClock):
+        self._loader, self._package, self._clock = loader, package, clock
+
+    def create_module(self, spec):
+        return self._clock.timed(self._package, self._loader.create_module, spec)
+
+    def exec_module(self, module):
+        # the module keeps the real loader (inspect, importlib.resources and pkgutil read it)
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        module.__loader__ = self._loader
+        return self._clock.timed(self._package, self._loader.exec_module, module)
+
+    def __getattr__(self, name):   # get_resource_reader, is_package, get_code...: the real loader's
+        return getattr(self._loader, name)
+
+
+_clock: ImportClock | None = None
+
+
+def install_import_clock() -> ImportClock:
+    """Put the clock first on ``sys.meta_path`` (once per process); returns it."""
+    global _clock
+    if _clock is None:
+        _clock = ImportClock()
+        sys.meta_path.insert(0, _clock)
+    return _clock
+
+
+def import_clock() -> ImportClock | None:
+    return _clock
+
+
+def process_start_perf() -> float | None:
+    """The process's creation time on the ``time.perf_counter`` clock (None if unreadable)."""
+    try:
+        import psutil
+
+        return time.perf_counter() - (time.time() - psutil.Process().create_time())
+    except Exception:   # psutil missing or process info unreadable
+        return None
+
+
+def import_split() -> dict[str, float] | None:
+    """Seconds per package imported so far (call it when the phase ends: later imports would count
+    too), plus ``python_start`` (process creation → the clock installed); None without the clock."""
+    clock = import_clock()
+    if clock is None:
+        return None
+    out = {}
+    start = process_start_perf()
+    if start is not None:
+        out["python_start"] = round(clock.installed_at - start, 2)
+    return {**out, **clock.split()}
+
+
+def compile_split() -> dict:
+    """torch.compile's time in this process so far, by phase (seconds), and its cache hits."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics as times, counters
+    except ImportError:   # pragma: no cover - torch without dynamo
+        return {}
+
+    def total(key):
+        return round(sum(times.get(key, ())), 2)
+
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return {
+        "compile_s": round(total(_FRAME) + total(_BACKWARD), 2),
+        "dynamo_trace_s": total(_TRACE),
+        "backend_s": total(_BACKEND),
+        "backward_s": total(_BACKWARD),
+        "autotune_s": total(_AUTOTUNE),
+        "cache_load_s": total(_CACHE_LOAD),
+        "frames": int(counters["frames"]["total"]),
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "fx_graph_cache": {"hit": int(inductor["fxgraph_cache_hit"]), "miss": int(inductor["fxgraph_cache_miss"]),
+                           "bypass": int(inductor["fxgraph_cache_bypass"])},
+        "aot_autograd_cache": {"hit": int(aot["autograd_cache_hit"]), "miss": int(aot["autograd_cache_miss"])},
+    }
+
+
+def describe_compile(split: dict, first_step_s: float) -> str:
+    """One line: the first step's compile time by phase, its cache hits, and the rest (running)."""
+    if not split or not split.get("frames"):
+        return f"first step {first_step_s:.1f} s (nothing compiled)"
+    fx, aot = split["fx_graph_cache"], split["aot_autograd_cache"]
+    return (f"first step {first_step_s:.1f} s = compile {split['compile_s']:.1f} s (dynamo trace "
+            f"{split['dynamo_trace_s']:.1f}, AOT+inductor {split['backend_s']:.1f}, backward "
+            f"{split['backward_s']:.1f}, Triton autotune {split['autotune_s']:.1f}; {split['frames']} frames, "
+            f"{split['graphs']} graphs; FX-graph cache {fx['hit']} hit / {fx['miss']} miss"
+            + (f" / {fx['bypass']} bypass" if fx.get("bypass") else "") + ", AOTAutograd "
+            f"cache {aot['hit']} hit / {aot['miss']} miss) + run {max(first_step_s - split['compile_s'], 0):.1f} s")
+
+
+def cache_dirs() -> dict:
+    """Where the caches that make a second run's startup fast live, and whether they are on."""
+    out: dict = {}
+    try:
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        out["inductor"] = cache_dir()
+        out["fx_graph_cache"] = bool(inductor_config.fx_graph_cache)
+        out["aot_autograd_cache"] = bool(getattr(functorch_config, "enable_autograd_cache", False))
+    except Exception:   # pragma: no cover - a torch without these modules
+        pass
+    triton_dir = os.environ.get("TRITON_CACHE_DIR")
+    if triton_dir is None:
+        try:
+            from triton import knobs
+
+            triton_dir = knobs.cache.dir
+        except Exception:   # no Triton, or a release without knobs
+            triton_dir = os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    out["triton"] = triton_dir
+    return out
