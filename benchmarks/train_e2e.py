@@ -224,7 +224,34 @@ def table(rows: list[dict], env: dict) -> str:
                      f"{r['startup_s']} ({s.get('load_s')} / {s.get('data_s')} / {s.get('first_step_s')}) | "
                      f"{r['padding_fraction']:.1%} | {(r['data_wait_share'] or 0):.1%} | {r['peak_mem_gib']} | "
                      f"{r['loss_last3']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + startup_table(rows)
+
+
+def startup_table(rows: list[dict]) -> str:
+    """Startup opened up, per row that reports it (vlm.train.startup_clock): the imports' slowest
+    packages, and the first step's torch.compile time by phase with its cache hits vs the rest."""
+    lines = []
+    for r in rows:
+        s = r.get("startup") or {}
+        c = s.get("first_step_compile")
+        if "error" in r or not (s.get("imports_split") or c):
+            continue
+        imports = ", ".join(f"{k} {v}" for k, v in list((s.get("imports_split") or {}).items())[:6])
+        if c:
+            fx, aot = c["fx_graph_cache"], c["aot_autograd_cache"]
+            compiled = (f"{s.get('first_step_compile_s')} = trace {c['dynamo_trace_s']} + AOT/inductor "
+                        f"{c['backend_s']} (cache loads {c['cache_load_s']}) + backward {c['backward_s']}; "
+                        f"autotune {c['autotune_s']}; {c['frames']} frames, {c['graphs']} graphs; FX cache "
+                        f"{fx['hit']}/{fx['miss']}, AOT cache {aot['hit']}/{aot['miss']} (hit/miss)")
+        else:
+            compiled = "— (nothing compiled)"
+        lines.append(f"| {r['model']} | {r['row']} | {s.get('imports_s')}: {imports} | {compiled} | "
+                     f"{s.get('first_step_run_s')} |")
+    if not lines:
+        return ""
+    return "\n".join(["", "Startup opened up (seconds; `summary.json` `startup_seconds`):", "",
+                      "| model | row | imports: slowest packages | first step: compile | first step: run |",
+                      "|---|---|---|---|---|", *lines]) + "\n"
 
 
 def main(argv=None) -> int:

@@ -35,4 +35,8 @@ def test_tiny_rows_measure_and_learn_the_same_thing(tmp_path):
     # same data, same objective, same learning rate: the losses are close
     assert abs(rows["vlmtune"]["loss_last3"] - rows["hf"]["loss_last3"]) < 0.1
     assert "Self CPU time total" in (tmp_path / "2b_lora_vlmtune" / "profile.txt").read_text()
-    assert (tmp_path / "train_e2e_tiny.md").read_text().startswith("# `vlm train` end to end")
+    md = (tmp_path / "train_e2e_tiny.md").read_text()
+    assert md.startswith("# `vlm train` end to end")
+    # startup opened up: the CLI's import clock by package (the eager CPU row compiles nothing)
+    assert rows["vlmtune"]["startup"]["imports_split"]["torch._C"] > 0
+    assert "| 2b_lora | vlmtune |" in md.split("Startup opened up")[1] and "(nothing compiled)" in md
