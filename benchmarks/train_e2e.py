@@ -237,7 +237,7 @@ def startup_table(rows: list[dict]) -> str:
         if "error" in r or not (s.get("imports_split") or c):
             continue
         imports = ", ".join(f"{k} {v}" for k, v in list((s.get("imports_split") or {}).items())[:6])
-        if c:
+        if c and c.get("frames"):
             fx, aot = c["fx_graph_cache"], c["aot_autograd_cache"]
             compiled = (f"{s.get('first_step_compile_s')} = trace {c['dynamo_trace_s']} + AOT/inductor "
                         f"{c['backend_s']} (cache loads {c['cache_load_s']}) + backward {c['backward_s']}; "

@@ -111,8 +111,9 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
 def compile_cache_line() -> str:
     """Where compiled graphs and kernels are cached: a second run of the same config loads them
     instead of compiling (its first step then costs dynamo's tracing and the cache loads)."""
-    from vlm.train.startup_clock import cache_dirs
+    from vlm.train.startup_clock import cache_dirs, watch_cache_bypasses
 
+    watch_cache_bypasses()   # the first step's report says why a graph could not be cached
     c = cache_dirs()
     on = [name for name, key in (("FX graph", "fx_graph_cache"), ("AOTAutograd", "aot_autograd_cache")) if c.get(key)]
     return (f"compile caches: inductor {c.get('inductor')} ({' + '.join(on) or 'graph caches off'}), "

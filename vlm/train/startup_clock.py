@@ -23,6 +23,7 @@ opens them:
 from __future__ import annotations
 
 import importlib.abc
+import logging
 import os
 import sys
 import time
@@ -172,7 +173,10 @@ def compile_split() -> dict:
         "graphs": int(counters["stats"]["unique_graphs"]),
         "fx_graph_cache": {"hit": int(inductor["fxgraph_cache_hit"]), "miss": int(inductor["fxgraph_cache_miss"]),
                            "bypass": int(inductor["fxgraph_cache_bypass"])},
-        "aot_autograd_cache": {"hit": int(aot["autograd_cache_hit"]), "miss": int(aot["autograd_cache_miss"])},
+        "aot_autograd_cache": {"hit": int(aot["autograd_cache_hit"]), "miss": int(aot["autograd_cache_miss"]),
+                               "bypass": int(aot["autograd_cache_bypass"])},
+        # why a graph was not cached (watch_cache_bypasses): a warm run compiles those again
+        "cache_bypass_reasons": {cache: sorted(r) for cache, r in _bypass_reasons.items() if r},
     }
 
 
@@ -186,7 +190,51 @@ def describe_compile(split: dict, first_step_s: float) -> str:
             f"{split['backward_s']:.1f}, Triton autotune {split['autotune_s']:.1f}; {split['frames']} frames, "
             f"{split['graphs']} graphs; FX-graph cache {fx['hit']} hit / {fx['miss']} miss"
             + (f" / {fx['bypass']} bypass" if fx.get("bypass") else "") + ", AOTAutograd "
-            f"cache {aot['hit']} hit / {aot['miss']} miss) + run {max(first_step_s - split['compile_s'], 0):.1f} s")
+            f"cache {aot['hit']} hit / {aot['miss']} miss"
+            + (f" / {aot['bypass']} bypass" if aot.get("bypass") else "")
+            + f") + run {max(first_step_s - split['compile_s'], 0):.1f} s"
+            + "".join(f"; {cache} cache bypassed: {'; '.join(reasons)}"
+                      for cache, reasons in split.get("cache_bypass_reasons", {}).items()))
+
+
+# what torch logs (at INFO) when a graph cannot be cached: the next process compiles it again
+_BYPASS_MESSAGES = {
+    "torch._functorch._aot_autograd.autograd_cache": ("Bypassing autograd cache due to: ", "aot_autograd"),
+    "torch._inductor.codecache": ("Bypassing FX Graph Cache because ", "fx_graph"),
+}
+_bypass_reasons: dict[str, set[str]] = {"aot_autograd": set(), "fx_graph": set()}
+
+
+class _BypassCapture(logging.Filter):
+    """Keeps the reason of each cache bypass; lets through only what the logger let through before."""
+
+    def __init__(self, prefix: str, cache: str, level_before: int):
+        super().__init__()
+        self.prefix, self.cache, self.level_before = prefix, cache, level_before
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:   # a malformed record is the logging machinery's business
+            return record.levelno >= self.level_before
+        if msg.startswith(self.prefix):
+            _bypass_reasons[self.cache].add(msg[len(self.prefix):].strip("'")[:300])
+        return record.levelno >= self.level_before
+
+
+def watch_cache_bypasses() -> None:
+    """Record why a compiled graph bypassed inductor's FX-graph or the AOTAutograd cache (once per
+    process; :func:`compile_split` reports the reasons). torch logs them at INFO: the loggers are
+    opened to INFO and a filter keeps the reasons and drops what they would not have emitted before,
+    so nothing new reaches any handler."""
+    for name, (prefix, cache) in _BYPASS_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if any(isinstance(f, _BypassCapture) for f in logger.filters):
+            continue
+        before = logger.getEffectiveLevel()
+        logger.addFilter(_BypassCapture(prefix, cache, before))
+        if before > logging.INFO:
+            logger.setLevel(logging.INFO)
 
 
 def cache_dirs() -> dict:
