@@ -35,6 +35,8 @@ _BACKEND = "OutputGraph.call_user_compiler"  # AOT autograd + inductor (or their
 _BACKWARD = "backward._backward_impl"      # the backward graph, compiled at the first backward
 _AUTOTUNE = "CachingAutotuner.benchmark_all_configs"   # Triton autotuning of inductor's kernels
 _CACHE_LOAD = "AOTAutogradCache.inductor_load"         # loading a cached graph's compiled module
+_MODULE_LOAD = "PyCodeCache.load_by_key_path"          # importing a graph's generated module (its kernels)
+_ASYNC_WAIT = "async_compile.wait"                     # waiting for the compile workers' kernels
 
 
 # packages whose sub-packages are reported apart: torch's compiler stack (torch._dynamo,
@@ -169,6 +171,8 @@ def compile_split() -> dict:
         "backward_s": total(_BACKWARD),
         "autotune_s": total(_AUTOTUNE),
         "cache_load_s": total(_CACHE_LOAD),
+        "module_load_s": total(_MODULE_LOAD),
+        "kernel_wait_s": total(_ASYNC_WAIT),
         "frames": int(counters["frames"]["total"]),
         "graphs": int(counters["stats"]["unique_graphs"]),
         "fx_graph_cache": {"hit": int(inductor["fxgraph_cache_hit"]), "miss": int(inductor["fxgraph_cache_miss"]),
