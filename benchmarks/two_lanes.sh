@@ -6,14 +6,15 @@
 #
 #   bash benchmarks/two_lanes.sh DEADLINE_S "lane-0 commands" "lane-1 commands"
 #
-# Logs: $OUT/lane0.log, $OUT/lane1.log. benchmarks/results/ is copied to $OUT/results every 15 s and
-# at the end, so rows written before the deadline come back even when a lane is cut. At DEADLINE_S
+# Logs: $OUT/lane0.log, $OUT/lane1.log. Files of benchmarks/results/ written by this call are copied to
+# $OUT/benchmarks/results every 15 s and at the end, so rows written before the deadline come back even when a lane is cut. At DEADLINE_S
 # seconds both lanes are killed (set it ~40 s under the call's limit).
 set -u
 deadline=${1:?deadline seconds}; lane0=${2:?lane 0 commands}; lane1=${3:-}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/results"
-copy() { cp -r benchmarks/results/. "$OUT/results/" 2>/dev/null; }
-start=$(date +%s)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+marker=$(mktemp); start=$(date +%s)
+# only what this call wrote (the device returns a limited number of files)
+copy() { find benchmarks/results -type f -newer "$marker" -exec cp --parents {} "$OUT/" \; 2>/dev/null; }
 CUDA_VISIBLE_DEVICES=0 setsid bash -xc "$lane0" >"$OUT/lane0.log" 2>&1 &
 p0=$!
 p1=
