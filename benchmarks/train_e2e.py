@@ -237,6 +237,9 @@ def startup_table(rows: list[dict]) -> str:
         if "error" in r or not (s.get("imports_split") or c):
             continue
         imports = ", ".join(f"{k} {v}" for k, v in list((s.get("imports_split") or {}).items())[:6])
+        nopyc = s.get("imports_without_pyc") or {}
+        if nopyc.get("modules"):
+            imports += f"; no .pyc: {nopyc['modules']} modules, {nopyc['s']} s"
         if c and c.get("frames"):
             fx, aot = c["fx_graph_cache"], c["aot_autograd_cache"]
             compiled = (f"{s.get('first_step_compile_s')} = trace {c['dynamo_trace_s']} + AOT/inductor "
@@ -245,12 +248,13 @@ def startup_table(rows: list[dict]) -> str:
                         f"{fx['hit']}/{fx['miss']}, AOT cache {aot['hit']}/{aot['miss']} (hit/miss)")
         else:
             compiled = "— (nothing compiled)"
+        compiled = f"setup {s.get('first_step_setup_s')}; " + compiled
         lines.append(f"| {r['model']} | {r['row']} | {s.get('imports_s')}: {imports} | {compiled} | "
-                     f"{s.get('first_step_run_s')} |")
+                     f"{s.get('first_step_run_s')} (data wait {s.get('first_step_data_wait_s')}) |")
     if not lines:
         return ""
     return "\n".join(["", "Startup opened up (seconds; `summary.json` `startup_seconds`):", "",
-                      "| model | row | imports: slowest packages | first step: compile | first step: run |",
+                      "| model | row | imports: slowest packages | first step: Trainer setup; compile | first step: run |",
                       "|---|---|---|---|---|", *lines]) + "\n"
 
 

@@ -81,11 +81,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.quant.loading import quant_metadata
     from vlm.train import packed_forward
     from vlm.train.dataset import prepare_train_set, resolve_workers, sampler_factory, token_budget_groups
-    from vlm.train.startup_clock import import_split
+    from vlm.train.startup_clock import import_split, imports_without_pyc
     from vlm.train.trainer import VlmTrainer, dynamo_graphs, steady_rate
 
     t_start = time.perf_counter()
-    imports = import_split()   # the import clock's packages, now (later imports belong to later phases)
+    # the import clock's packages, now (later imports belong to later phases)
+    imports = {"split": import_split(), "without_pyc": imports_without_pyc()}
     w = dist.world()
     strat = dist.strategy(cfg, w)  # single / ddp / fsdp: processes come from accelerate launch
     out = ensure_writable_folder(cfg.output)  # read-only / full / forbidden: said now, not at the first save
@@ -378,7 +379,9 @@ def startup_report(t_start: float, t_loaded: float, t_data: float, t_ready: floa
     (vlm.train.startup_clock): ``imports_split`` (seconds per top-level package, when the CLI's
     import clock ran) and the first step's ``first_step_compile_s`` (torch.compile: dynamo tracing,
     AOT autograd + inductor or their cache loads, backward compile) vs ``first_step_run_s``, with
-    the phases and cache hits in ``first_step_compile``."""
+    the phases and cache hits in ``first_step_compile``; ``first_step_setup_s`` is the Trainer's
+    setup before its loop (optimizer, accelerate's prepare, DataLoader), ``first_step_data_wait_s``
+    the part of the run blocked on the DataLoader."""
     from vlm.train.startup_clock import process_start_perf
 
     process_start = process_start_perf()
@@ -386,6 +389,9 @@ def startup_report(t_start: float, t_loaded: float, t_data: float, t_ready: floa
     first_s = first - t_ready if first is not None else None
     compiled = trainer.first_step_compile or {}
     compile_s = min(compiled.get("compile_s", 0.0), first_s) if first_s is not None else None
+    # TrainingArguments, the Trainer, accelerate's prepare, the optimizer: before the loop begins
+    setup_s = (min(trainer.train_begin - t_ready, first_s - compile_s)
+               if first_s is not None and trainer.train_begin is not None else 0.0)
     return {
         "imports_s": round(t_start - process_start, 2) if process_start is not None else None,
         "load_s": round(t_loaded - t_start, 2),
@@ -395,8 +401,14 @@ def startup_report(t_start: float, t_loaded: float, t_data: float, t_ready: floa
         "to_first_step_s": round(first - (process_start if process_start is not None else t_start), 2)
         if first is not None else None,
         "first_step_compile_s": round(compile_s, 2) if compile_s is not None else None,
-        "first_step_run_s": round(first_s - compile_s, 2) if first_s is not None else None,
-        "imports_split": imports,
+        "first_step_setup_s": round(setup_s, 2) if first_s is not None else None,
+        "first_step_run_s": round(first_s - compile_s - setup_s, 2) if first_s is not None else None,
+        # of the run: blocked on the DataLoader (worker start, the first images decoded and collated)
+        "first_step_data_wait_s": (round(trainer.first_step_data_wait, 2)
+                                   if trainer.first_step_data_wait is not None else None),
+        "imports_split": (imports or {}).get("split"),
+        # modules compiled from source (no .pyc): every run pays that where the cache cannot be written
+        "imports_without_pyc": (imports or {}).get("without_pyc"),
         "first_step_compile": compiled or None,
     }
 
@@ -409,10 +421,14 @@ def startup_lines(startup: dict) -> list[str]:
     lines = ["startup: " + ", ".join(f"{k.removesuffix('_s')} {startup[k]:.1f} s" for k in phases
                                      if startup.get(k) is not None)]
     if startup.get("imports_split"):
+        nopyc = startup.get("imports_without_pyc") or {}
         lines.append("startup: imports " + ", ".join(f"{k} {v:.1f}" for k, v in startup["imports_split"].items())
-                     + " s")
+                     + " s" + (f"; {nopyc['modules']} modules had no .pyc (compiled from source: {nopyc['s']:.1f} s "
+                               "of the above)" if nopyc.get("modules") else ""))
     if startup.get("first_step_s") is not None:
-        lines.append("startup: " + describe_compile(startup.get("first_step_compile") or {}, startup["first_step_s"]))
+        lines.append("startup: " + describe_compile(startup.get("first_step_compile") or {}, startup["first_step_s"],
+                                                      startup.get("first_step_data_wait_s"),
+                                                      startup.get("first_step_setup_s")))
     return lines
 
 

@@ -23,6 +23,7 @@ opens them:
 from __future__ import annotations
 
 import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -55,6 +56,9 @@ class ImportClock(importlib.abc.MetaPathFinder):
 
     def __init__(self):
         self.seconds: dict[str, float] = {}   # top-level package -> seconds
+        # Python modules imported without a bytecode cache file (.pyc): compiled from source here,
+        # every run where the cache cannot be written (read-only site-packages, PYTHONDONTWRITEBYTECODE)
+        self.from_source, self.from_source_s = 0, 0.0
         self._stack: list[list] = []     # [start, seconds charged to nested modules]
         self.installed_at = time.perf_counter()
 
@@ -72,7 +76,7 @@ class ImportClock(importlib.abc.MetaPathFinder):
                 return spec
         return None
 
-    def timed(self, package: str, work, *args):
+    def timed(self, package: str, work, *args, from_source: bool = False):
         frame = [time.perf_counter(), 0.0]
         self._stack.append(frame)
         try:
@@ -81,6 +85,9 @@ class ImportClock(importlib.abc.MetaPathFinder):
             self._stack.pop()
             total = time.perf_counter() - frame[0]
             self.seconds[package] = self.seconds.get(package, 0.0) + total - frame[1]
+            if from_source:
+                self.from_source += 1
+                self.from_source_s += total - frame[1]
             if self._stack:
                 self._stack[-1][1] += total
 
@@ -90,6 +97,17 @@ class ImportClock(importlib.abc.MetaPathFinder):
         out = {name: round(s, 2) for name, s in ranked[:top] if s >= min_seconds}
         out["other"] = round(sum(s for name, s in ranked if name not in out), 2)
         return out
+
+
+def _no_bytecode_cache(module) -> bool:
+    """A source module whose .pyc is missing: Python compiles it before running it."""
+    origin = getattr(getattr(module, "__spec__", None), "origin", None)
+    if not origin or not origin.endswith(".py"):
+        return False
+    try:
+        return not os.path.exists(importlib.util.cache_from_source(origin))
+    except (NotImplementedError, ValueError):   # no cache tag (unusual interpreters)
+        return False
 
 
 class _TimedLoader(importlib.abc.Loader):
@@ -108,7 +126,8 @@ class _TimedLoader(importlib.abc.Loader):
         if getattr(module, "__spec__", None) is not None:
             module.__spec__.loader = self._loader
         module.__loader__ = self._loader
-        return self._clock.timed(self._package, self._loader.exec_module, module)
+        return self._clock.timed(self._package, self._loader.exec_module, module,
+                                 from_source=_no_bytecode_cache(module))
 
     def __getattr__(self, name):   # get_resource_reader, is_package, get_code...: the real loader's
         return getattr(self._loader, name)
@@ -153,6 +172,13 @@ def import_split() -> dict[str, float] | None:
     return {**out, **clock.split()}
 
 
+def imports_without_pyc() -> dict | None:
+    """How many of the modules imported so far had no .pyc (compiled from source in this process)
+    and their seconds (a share of :func:`import_split`'s); None without the clock."""
+    clock = import_clock()
+    return None if clock is None else {"modules": clock.from_source, "s": round(clock.from_source_s, 2)}
+
+
 def compile_split() -> dict:
     """torch.compile's time in this process so far, by phase (seconds), and its cache hits."""
     try:
@@ -184,19 +210,24 @@ def compile_split() -> dict:
     }
 
 
-def describe_compile(split: dict, first_step_s: float) -> str:
-    """One line: the first step's compile time by phase, its cache hits, and the rest (running)."""
+def describe_compile(split: dict, first_step_s: float, data_wait_s: float | None = None,
+                     setup_s: float | None = None) -> str:
+    """One line: the first step = the Trainer's setup (``setup_s``) + compile by phase with its
+    cache hits + the rest (running, of which ``data_wait_s`` blocked on the DataLoader)."""
+    wait = f" (of which waiting for data {data_wait_s:.1f} s)" if data_wait_s is not None else ""
+    setup_s = setup_s or 0.0
+    setup = f"Trainer setup {setup_s:.1f} s + "
     if not split or not split.get("frames"):
-        return f"first step {first_step_s:.1f} s (nothing compiled)"
+        return f"first step {first_step_s:.1f} s = {setup}run {max(first_step_s - setup_s, 0):.1f} s{wait}"
     fx, aot = split["fx_graph_cache"], split["aot_autograd_cache"]
-    return (f"first step {first_step_s:.1f} s = compile {split['compile_s']:.1f} s (dynamo trace "
+    return (f"first step {first_step_s:.1f} s = {setup}compile {split['compile_s']:.1f} s (dynamo trace "
             f"{split['dynamo_trace_s']:.1f}, AOT+inductor {split['backend_s']:.1f}, backward "
             f"{split['backward_s']:.1f}, Triton autotune {split['autotune_s']:.1f}; {split['frames']} frames, "
             f"{split['graphs']} graphs; FX-graph cache {fx['hit']} hit / {fx['miss']} miss"
             + (f" / {fx['bypass']} bypass" if fx.get("bypass") else "") + ", AOTAutograd "
             f"cache {aot['hit']} hit / {aot['miss']} miss"
             + (f" / {aot['bypass']} bypass" if aot.get("bypass") else "")
-            + f") + run {max(first_step_s - split['compile_s'], 0):.1f} s"
+            + f") + run {max(first_step_s - split['compile_s'] - setup_s, 0):.1f} s{wait}"
             + "".join(f"; {cache} cache bypassed: {'; '.join(reasons)}"
                       for cache, reasons in split.get("cache_bypass_reasons", {}).items()))
 

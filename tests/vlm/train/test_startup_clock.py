@@ -20,12 +20,12 @@ def test_import_clock_charges_each_package_its_own_time(tmp_path):
     (tmp_path / "inner_pkg" / "data.txt").write_text("payload")
     code = textwrap.dedent("""
         import importlib.resources, json, sys
-        from vlm.train.startup_clock import install_import_clock, import_split
+        from vlm.train.startup_clock import install_import_clock, import_split, imports_without_pyc
         clock = install_import_clock()
         import outer_pkg
         import inner_pkg
         split = import_split()
-        print(json.dumps({"outer": clock.seconds["outer_pkg"], "inner": clock.seconds["inner_pkg"],
+        print(json.dumps({"no_pyc": imports_without_pyc(), "outer": clock.seconds["outer_pkg"], "inner": clock.seconds["inner_pkg"],
                           "split": split, "loader": type(outer_pkg.__loader__).__name__,
                           "spec_loader": type(inner_pkg.__spec__.loader).__name__,
                           "resource": importlib.resources.files("inner_pkg").joinpath("data.txt").read_text()}))
@@ -35,6 +35,8 @@ def test_import_clock_charges_each_package_its_own_time(tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0.2 <= got["outer"] < 0.35 and 0.4 <= got["inner"] < 0.55   # exclusive: inner's 0.4 s not in outer's
     assert got["split"]["inner_pkg"] >= got["split"]["outer_pkg"] and got["split"]["python_start"] >= 0
+    # new source files have no .pyc yet: Python compiled all three (outer, inner, inner.sub) here
+    assert got["no_pyc"]["modules"] >= 3 and got["no_pyc"]["s"] > 0.55
     # the modules keep their real loader: inspect, pkgutil and importlib.resources work as without the clock
     assert got["loader"] == got["spec_loader"] == "SourceFileLoader" and got["resource"] == "payload"
 
