@@ -99,6 +99,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     set_seed(cfg.training.seed)
     device = dist.device_for(cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu"), w)
     plan = fast_path.resolve(cfg, device, strat)
+    if plan.compiled:   # inductor's compile workers boot while the model loads (vlm.train.compile)
+        from vlm.train.compile import start_compile_workers
+
+        start_compile_workers(device)
     precision = _precision_flags(cfg.training.precision, device)
     autocast_dtype = None
     if strat == "fsdp" and cfg.method != "lora" and cfg.training.precision != "fp32":
@@ -179,6 +183,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         print("attention: per sample over packed boundaries (varlen)" if packing_hook.varlen
               else f"attention: block mask over packed rows ({packing_hook.varlen_refusal})")
     t_ready = time.perf_counter()
+    from vlm.train.compile import compile_workers_ready
+
+    workers_ready = compile_workers_ready() if plan.compiled else None   # None: no pool (CPU, eager)
     from vlm.train.fsdp_units import layout_callback, unit_classes
 
     workers = resolve_workers(cfg.data.num_workers, device)
@@ -255,6 +262,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if packing_hook is not None:
             packing_hook.remove()
     startup = startup_report(t_start, t_loaded, t_data, t_ready, trainer, imports)
+    startup["compile_workers_ready"] = workers_ready   # inductor's pool up before the first step?
     if w.is_main:
         print("\n".join(startup_lines(startup)))
     if resumed_step == trainer.state.global_step and (out / "summary.json").is_file():

@@ -66,3 +66,24 @@ def test_cache_bypass_reasons_are_kept_and_not_logged():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_compile_workers_start_before_the_first_graph(monkeypatch):
+    """On a GPU the recipe starts inductor's compile pool before the model loads (CPU: never).
+    Asked here as for a GPU, with two workers: the pool comes up though nothing was compiled
+    (torch alone starts it at the first graph)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.async_compile import AsyncCompile, shutdown_compile_workers
+
+    from vlm.train.compile import compile_workers_ready, start_compile_workers
+
+    monkeypatch.setenv("TORCH_WARM_POOL", "1")
+    shutdown_compile_workers()   # no pool from an earlier test in this process
+    with inductor_config.patch(compile_threads=2):
+        try:
+            assert not start_compile_workers("cpu") and compile_workers_ready() is None
+            assert start_compile_workers("cuda:0")
+            AsyncCompile.wait_pool_ready(timeout=120)
+            assert compile_workers_ready() is True
+        finally:
+            shutdown_compile_workers()
