@@ -248,7 +248,8 @@ def startup_table(rows: list[dict]) -> str:
                         f"{fx['hit']}/{fx['miss']}, AOT cache {aot['hit']}/{aot['miss']} (hit/miss)")
         else:
             compiled = "— (nothing compiled)"
-        compiled = f"setup {s.get('first_step_setup_s')}; " + compiled
+        compiled = f"setup {s.get('first_step_setup_s')}; " + compiled + (
+            "" if s.get("compile_workers_ready") is None else f"; compile workers ready: {s['compile_workers_ready']}")
         lines.append(f"| {r['model']} | {r['row']} | {s.get('imports_s')}: {imports} | {compiled} | "
                      f"{s.get('first_step_run_s')} (data wait {s.get('first_step_data_wait_s')}) |")
     if not lines:

@@ -436,7 +436,10 @@ def startup_lines(startup: dict) -> list[str]:
     if startup.get("first_step_s") is not None:
         lines.append("startup: " + describe_compile(startup.get("first_step_compile") or {}, startup["first_step_s"],
                                                       startup.get("first_step_data_wait_s"),
-                                                      startup.get("first_step_setup_s")))
+                                                      startup.get("first_step_setup_s"))
+                     + ("" if startup.get("compile_workers_ready") is None else
+                        f"; inductor's compile workers {'were' if startup['compile_workers_ready'] else 'were not yet'} "
+                        "up when training began"))
     return lines
 
 
