@@ -10,8 +10,8 @@ Trained: the language model, embeddings/lm_head and the merger; the vision tower
 `method: full` trains with training.train_vision: false). Every row clips the gradient norm to 1.0;
 lr 1e-5; the same batches (same tokens) in every row.
   full_hf    transformers Trainer's bf16 mixed precision: fp32 weights under bf16 autocast,
-             torch.optim.AdamW (Trainer's adamw_torch): 16 bytes per trained parameter; non-reentrant
-             gradient checkpointing of the decoder layers (gradient_checkpointing=True)
+             torch.optim.AdamW, fused on CUDA (Trainer's default optim adamw_torch_fused): 16 bytes
+             per trained parameter; non-reentrant gradient checkpointing (gradient_checkpointing=True)
   full_hf_nogc  the same without checkpointing: Trainer's default (gradient_checkpointing=False)
   full_ours  what `vlm train` does with method: full (vlm.train.modes.prepare, vlm.train.fast_path:
              batched vision attention, kernels.patch, compiled layers and frozen vision blocks): bf16
@@ -40,7 +40,7 @@ pairs as in LLaVA's stage 1: batch 16 × 616 tokens = 1 BOS, 576 <image> tokens,
 38-token caption (labels on the caption). Only the projector trains; lr 1e-3.
   proj_hf    the HF setup: the model in fp32 under bf16 autocast (Trainer's mixed precision),
              tower and language model frozen, gradient checkpointing with enable_input_require_grads,
-             torch.optim.AdamW on the projector
+             torch.optim.AdamW (fused on CUDA) on the projector
   proj_ours  what `vlm train` does with method: projector (bf16 model, frozen tower under no_grad,
              gradient checkpointing inside the compiled layers, fused linear CE (no logits tensor);
              BF16AdamW with an fp32 master for the projector)
@@ -55,8 +55,16 @@ pairs as in LLaVA's stage 1: batch 16 × 616 tokens = 1 BOS, 576 <image> tokens,
   proj_hf16  (only with --variants) Trainer's setup with the frozen parts loaded in bf16 (what
              LLaVA's own scripts load): a second, stronger baseline
   proj_ours_nogc  (only with --variants) proj_ours without checkpointing, micro-batch 16
+  proj_ours_mb1, proj_ours_mb4  (only with --variants) proj_ours_mb2 with micro-batches of 1 / 4 rows
 
-Per variant (own subprocess): median step time over --steps after --warmup, tokens/s (all tokens,
+Every variant builds the same random weights on the device (bf16 from one seed, cast to fp32 for
+the HF rows: the same values) and trains in train mode, as Trainer does: in eval mode (what
+``from_pretrained`` returns) transformers' checkpointing wrapper silently does nothing, which made
+the HF rows of results/train_modes_full.md (4a2d556) run *without* checkpointing while ours
+checkpointed inside its compiled layers. Rows with eager decoder layers report
+``decoder_layer_calls_per_forward`` (2 = checkpointing recomputes, 1 = it does not).
+
+Per variant (own subprocess on a GPU; --tiny: one process per part): median step time over --steps after --warmup, tokens/s (all tokens,
 image tokens included), peak CUDA memory allocated, and bytes per trained parameter held in
 weights + grads + optimizer state (counted from the tensors after the last step). Ratios ours/HF
 come from the same invocation.
@@ -80,14 +88,15 @@ GiB = 2 ** 30
 PARTS = {"full": ("full_hf", "full_hf_nogc", "full_ours", "full_ours_gc", "full_ours_8bit"),
          "projector": ("proj_hf", "proj_ours", "proj_ours_mb2"),
          "optim": ("optim_torch", "optim_torch_fused", "optim_legacy", "optim_ours", "optim_ours_8bit")}
-EXTRA = {"projector": ("proj_hf16", "proj_ours_nogc"), "full": ("full_ours_nogc",)}
+EXTRA = {"projector": ("proj_hf16", "proj_ours_nogc", "proj_ours_mb1", "proj_ours_mb4"), "full": ("full_ours_nogc",)}
 BASELINES = {"full": ("full_hf", "full_hf_nogc"), "projector": ("proj_hf", "proj_hf16"),
              "optim": ("optim_torch", "optim_torch_fused", "optim_legacy")}
-MICRO_BATCH = {"proj_ours_mb2": 2}     # rows per forward/backward; the rest of a batch accumulates
+MICRO_BATCH = {"proj_ours_mb1": 1, "proj_ours_mb2": 2, "proj_ours_mb4": 4}   # rows per forward/backward (no
+# checkpointing); the other rows of the batch accumulate into the same optimizer step
 MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b", "optim": "qwen2_vl_2b"}
 TARGETS = {"full": {"memory": 0.55, "speed": 2.0}, "projector": {"memory": 0.5, "speed": 1.45}}
 OURS = {"full": ("full_ours", "full_ours_gc", "full_ours_8bit", "full_ours_nogc"),
-        "projector": ("proj_ours", "proj_ours_mb2", "proj_ours_nogc"),
+        "projector": ("proj_ours", "proj_ours_mb2", "proj_ours_nogc", "proj_ours_mb1", "proj_ours_mb4"),
         "optim": ("optim_ours", "optim_ours_8bit")}   # the first one's ratios are named "ours/<base>"
 
 
@@ -232,8 +241,9 @@ def setup(variant: str, args, batches):
         model.enable_input_require_grads()    # HF's recipe for a frozen base
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    info["optimizer"] = f"torch.optim.AdamW ({dtype})"
+    fused = args.device.startswith("cuda")       # Trainer's default optim: adamw_torch_fused
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+    info["optimizer"] = f"torch.optim.AdamW ({dtype}{', fused' if fused else ''})"
     return model, opt, info
 
 
