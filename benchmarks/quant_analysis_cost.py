@@ -5,7 +5,8 @@ Loads a checkpoint once in 16-bit and runs the product's analysis (vlm.quant.loa
 calibration (4 synthetic samples, seed 0, float32; ``--data`` a training file instead, as ``vlm train``
 calibrates): ``propagated`` (the default: 4 blocks per group, vlm.quant.propagated;
 ``propagated:end`` / ``propagated:0`` other depths) and ``output`` (the KL: one whole-model
-forward per group).
+forward per group); ``@model`` after a metric analyses in the load dtype (bf16) instead of float32,
+and every metric after the first says whether its plan (the layers kept 16-bit) is the first's.
 Prints and writes, per metric: where the time went (capture, per-layer errors, sensitivity, per
 group) and the layers kept 16-bit; and how far the two plans agree.
 
@@ -40,9 +41,10 @@ def run(model_path: str, device: str, metrics: list[str], data: str | None = Non
     if device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name()
     kept = {}
-    for metric in metrics:          # "propagated", "propagated:end", "propagated:0", "output"
-        name, _, propagate = metric.partition(":")
-        spec = {"preset": "dynamic", "metric": name}
+    for metric in metrics:   # "propagated", "propagated:end", "propagated:0", "output"; "@model": load dtype
+        metric_depth, _, dtype = metric.partition("@")
+        name, _, propagate = metric_depth.partition(":")
+        spec = {"preset": "dynamic", "metric": name, "analysis_dtype": dtype or "fp32"}
         if propagate:
             spec["propagate"] = propagate if propagate == "end" else int(propagate)
         policy = QuantPolicy.parse(spec)
@@ -66,6 +68,11 @@ def run(model_path: str, device: str, metrics: list[str], data: str | None = Non
     if "propagated" in kept and "output" in kept:
         a, b = kept["propagated"], kept["output"]
         out["protected_overlap"] = {"both": len(a & b), "either": len(a | b)}
+    first = metrics[0]
+    for metric in metrics[1:]:   # the same plan as the first metric? (e.g. propagated@model vs propagated)
+        a, b = kept[first], kept[metric]
+        out["metrics"][metric]["vs_" + first] = {"same_plan": a == b, "only_here": sorted(b - a),
+                                                 "only_there": sorted(a - b)}
     return out
 
 
@@ -77,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--metrics", default="propagated,output",
                     help="comma-separated: propagated (default propagate: 3), propagated:end, "
-                         "propagated:0, output (the KL)")
+                         "propagated:0, output (the KL); a suffix @model analyses in the load dtype "
+                         "(quant.analysis_dtype: model) instead of float32, e.g. propagated@model")
     ap.add_argument("--data", help="calibration records (JSON/JSONL/parquet) instead of the "
                     "synthetic set, e.g. the training file of a `vlm train` config")
     ap.add_argument("--out", required=True)
@@ -109,7 +117,11 @@ def main(argv=None) -> int:
               f"errors {t['layer_errors_s']:.1f} s, sensitivity {t['sensitivity_s']:.1f} s = "
               f"{t['groups']} groups × {t['per_group_ms']:.0f} ms); {row['protected_layers']} layers "
               f"kept 16-bit; {row['calibration_tokens']} calibration tokens"
-              + (f"; peak {row['peak_gib']} GiB" if "peak_gib" in row else ""))
+              + (f"; peak {row['peak_gib']} GiB" if "peak_gib" in row else "")
+              + "".join(f"; {'same plan as' if v['same_plan'] else 'NOT the plan of'} {k[3:]}"
+                        + ("" if v["same_plan"] else f" ({len(v['only_here'])} layers only here, "
+                                                     f"{len(v['only_there'])} only there)")
+                        for k, v in row.items() if k.startswith("vs_")))
     if "protected_overlap" in report:
         o = report["protected_overlap"]
         print(f"kept 16-bit by both metrics: {o['both']} of {o['either']} layers")

@@ -49,11 +49,15 @@ def test_quant_skip_cost_tiny(tmp_path):
 
 def test_quant_analysis_cost_tiny(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quant_analysis_cost.py"), "--tiny",
-                        "--device", "cpu", "--out", str(tmp_path)], env=ENV, capture_output=True,
-                       text=True, timeout=900)
+                        "--device", "cpu", "--out", str(tmp_path), "--metrics", "propagated,output,propagated@model"],
+                       env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rep = json.loads((tmp_path / "quant_analysis_cost.json").read_text())
-    assert set(rep["metrics"]) == {"propagated", "output"}
+    assert set(rep["metrics"]) == {"propagated", "output", "propagated@model"}
+    # the bf16 analysis is compared with the float32 one, layer by layer
+    same = rep["metrics"].pop("propagated@model")["vs_propagated"]
+    assert same["same_plan"] == (same["only_here"] == same["only_there"] == [])
+    assert "propagated@model: analysis" in r.stdout and "plan of propagated" in r.stdout.replace("plan as", "plan of")
     for metric, row in rep["metrics"].items():
         t = row["timing"]
         assert t["sensitivity"] == metric and t["groups"] > 0 and row["protected_layers"] > 0

@@ -52,3 +52,19 @@ def test_zoo_list_and_tiny(tmp_path, capsys):
     assert main(["zoo", "tiny", "pixtral", str(tmp_path / "px"), "--seed", "2"]) == 0
     assert "wrote tiny pixtral checkpoint (seed 2" in capsys.readouterr().out
     assert (tmp_path / "px" / "model.safetensors").is_file()
+
+
+# Heavy packages a subcommand imports only when it runs (`vlm --help`, `vlm data`, argument errors
+# stay instant; `vlm train` imports them once, inside the recipe, where its startup clock times them).
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "pandas", "numpy", "PIL",
+         "triton", "safetensors", "vllm", "gguf", "open_clip", "matplotlib", "scipy", "sklearn", "sacrebleu",
+         "pycocoevalcap")
+
+
+def test_building_the_cli_imports_no_heavy_package():
+    code = ("import sys, vlm.cli.main as m; m.build_parser(); "
+            "print(' '.join(sorted({k.split('.')[0] for k in sys.modules})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = set(r.stdout.split())
+    assert "vlm" in loaded and not loaded & set(HEAVY), sorted(loaded & set(HEAVY))

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from vlm.errors import VlmError
+from vlm.train.startup_clock import install_import_clock
 
 # name -> module; the order is the order `vlm --help` lists them in.
 SUBCOMMANDS = {
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    install_import_clock()   # before anything heavy: `vlm train` reports which packages its imports took
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -206,7 +206,10 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        plan_cache.write(cache_key, plan)
+        written = plan_cache.write(cache_key, plan)
+        if written is not None:
+            print(f"quant: plan cached in {written} (the next load of this checkpoint with this calibration "
+                  "and policy skips the analysis)")
     else:
         plan = resolve_plan(policy, meta_model(config, dtype), family)
     qconfig = bnb_config(plan, dtype, quant_storage)

@@ -282,6 +282,36 @@ def compile_vision_blocks(model: nn.Module, family, *, backend: str = "inductor"
     return n
 
 
+def start_compile_workers(device) -> bool:
+    """Start inductor's Triton compile workers now, on a GPU; returns whether a pool is starting.
+
+    Inductor compiles (and, from its caches, reloads) a graph's Triton kernels in a pool of worker
+    processes, but only once the pool reports ready; until then every kernel is built one after the
+    other in this process. It starts the pool itself at the first graph, and each worker first
+    imports torch (seconds: the device's imports took 15-20 s for this process). Started here, before
+    the model loads, the workers boot during the load, the analysis and the data planning, and the
+    first step finds them ready. The same pool and the same kernels (``maybe_warm_pool``: inductor's
+    own early start, honouring ``TORCHINDUCTOR_COMPILE_THREADS`` and ``TORCH_WARM_POOL``)."""
+    if not str(device).startswith("cuda"):
+        return False
+    try:
+        from torch._inductor.async_compile import AsyncCompile, maybe_warm_pool
+    except ImportError:   # pragma: no cover - a torch without the async compile pool
+        return False
+    maybe_warm_pool()
+    return getattr(AsyncCompile, "_ready_future", None) is not None
+
+
+def compile_workers_ready() -> bool | None:
+    """Whether inductor's compile pool is up (None: never started in this process)."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+    except ImportError:   # pragma: no cover
+        return None
+    future = getattr(AsyncCompile, "_ready_future", None)
+    return None if future is None else future.done()
+
+
 def is_compiled(model: nn.Module, family) -> bool:
     return all(getattr(layer, "_compiled_call_impl", None) is not None
                for layer in language_layers(model, family))

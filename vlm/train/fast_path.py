@@ -100,11 +100,24 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
           + (f"; CUDA graphs, {graph_shapes(cfg, plan)}" if plan.cuda_graphs else ""))
     if plan.cuda_graphs and not cfg.data.max_tokens_per_batch:
         print(padding_note(lengths, plan.pad_to))
+    print(compile_cache_line())
     done.mlp_chunks = cfg.training.mlp_chunks
     if done.mlp_chunks > 1:
         chunk_mlps(model, family, done.mlp_chunks)
         print(f"MLP over {done.mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
     return done
+
+
+def compile_cache_line() -> str:
+    """Where compiled graphs and kernels are cached: a second run of the same config loads them
+    instead of compiling (its first step then costs dynamo's tracing and the cache loads)."""
+    from vlm.train.startup_clock import cache_dirs, watch_cache_bypasses
+
+    watch_cache_bypasses()   # the first step's report says why a graph could not be cached
+    c = cache_dirs()
+    on = [name for name, key in (("FX graph", "fx_graph_cache"), ("AOTAutograd", "aot_autograd_cache")) if c.get(key)]
+    return (f"compile caches: inductor {c.get('inductor')} ({' + '.join(on) or 'graph caches off'}), "
+            f"Triton {c.get('triton')}")
 
 
 def graph_shapes(cfg, plan: Plan) -> str:

@@ -81,9 +81,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.quant.loading import quant_metadata
     from vlm.train import packed_forward
     from vlm.train.dataset import prepare_train_set, resolve_workers, sampler_factory, token_budget_groups
+    from vlm.train.startup_clock import import_split, imports_without_pyc
     from vlm.train.trainer import VlmTrainer, dynamo_graphs, steady_rate
 
     t_start = time.perf_counter()
+    # the import clock's packages, now (later imports belong to later phases)
+    imports = {"split": import_split(), "without_pyc": imports_without_pyc()}
     w = dist.world()
     strat = dist.strategy(cfg, w)  # single / ddp / fsdp: processes come from accelerate launch
     out = ensure_writable_folder(cfg.output)  # read-only / full / forbidden: said now, not at the first save
@@ -96,6 +99,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     set_seed(cfg.training.seed)
     device = dist.device_for(cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu"), w)
     plan = fast_path.resolve(cfg, device, strat)
+    if plan.compiled:   # inductor's compile workers boot while the model loads (vlm.train.compile)
+        from vlm.train.compile import start_compile_workers
+
+        start_compile_workers(device)
     precision = _precision_flags(cfg.training.precision, device)
     autocast_dtype = None
     if strat == "fsdp" and cfg.method != "lora" and cfg.training.precision != "fp32":
@@ -176,6 +183,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         print("attention: per sample over packed boundaries (varlen)" if packing_hook.varlen
               else f"attention: block mask over packed rows ({packing_hook.varlen_refusal})")
     t_ready = time.perf_counter()
+    from vlm.train.compile import compile_workers_ready
+
+    workers_ready = compile_workers_ready() if plan.compiled else None   # None: no pool (CPU, eager)
     from vlm.train.fsdp_units import layout_callback, unit_classes
 
     workers = resolve_workers(cfg.data.num_workers, device)
@@ -251,10 +261,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     finally:
         if packing_hook is not None:
             packing_hook.remove()
-    startup = startup_report(t_start, t_loaded, t_data, t_ready, trainer)
+    startup = startup_report(t_start, t_loaded, t_data, t_ready, trainer, imports)
+    startup["compile_workers_ready"] = workers_ready   # inductor's pool up before the first step?
     if w.is_main:
-        print("startup: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in startup.items()
-                                      if v is not None))
+        print("\n".join(startup_lines(startup)))
     if resumed_step == trainer.state.global_step and (out / "summary.json").is_file():
         # resumed a run that had finished: nothing was trained, its adapter and summary stand
         if w.is_main:
@@ -369,27 +379,68 @@ def token_budget_line(budget) -> str:
     return line
 
 
-def startup_report(t_start: float, t_loaded: float, t_data: float, t_ready: float, trainer) -> dict:
+def startup_report(t_start: float, t_loaded: float, t_data: float, t_ready: float, trainer,
+                   imports: dict | None = None) -> dict:
     """Where the time before the first optimizer step went (seconds): process start (imports),
     model load (+ quantization), data (read, validate, plan), LoRA + fast path, first step (the
-    compile and first data fetch happen there), and process start -> first step done."""
-    process_start = None
-    try:
-        import psutil
+    compile and first data fetch happen there), and process start -> first step done. Opened up
+    (vlm.train.startup_clock): ``imports_split`` (seconds per top-level package, when the CLI's
+    import clock ran) and the first step's ``first_step_compile_s`` (torch.compile: dynamo tracing,
+    AOT autograd + inductor or their cache loads, backward compile) vs ``first_step_run_s``, with
+    the phases and cache hits in ``first_step_compile``; ``first_step_setup_s`` is the Trainer's
+    setup before its loop (optimizer, accelerate's prepare, DataLoader), ``first_step_data_wait_s``
+    the part of the run blocked on the DataLoader."""
+    from vlm.train.startup_clock import process_start_perf
 
-        process_start = time.perf_counter() - (time.time() - psutil.Process().create_time())
-    except Exception:   # psutil missing or process info unreadable: the breakdown without imports
-        pass
+    process_start = process_start_perf()
     first = trainer.first_step_end
+    first_s = first - t_ready if first is not None else None
+    compiled = trainer.first_step_compile or {}
+    compile_s = min(compiled.get("compile_s", 0.0), first_s) if first_s is not None else None
+    # TrainingArguments, the Trainer, accelerate's prepare, the optimizer: before the loop begins
+    setup_s = (min(trainer.train_begin - t_ready, first_s - compile_s)
+               if first_s is not None and trainer.train_begin is not None else 0.0)
     return {
         "imports_s": round(t_start - process_start, 2) if process_start is not None else None,
         "load_s": round(t_loaded - t_start, 2),
         "data_s": round(t_data - t_loaded, 2),
         "lora_and_fast_path_s": round(t_ready - t_data, 2),
-        "first_step_s": round(first - t_ready, 2) if first is not None else None,
+        "first_step_s": round(first_s, 2) if first_s is not None else None,
         "to_first_step_s": round(first - (process_start if process_start is not None else t_start), 2)
         if first is not None else None,
+        "first_step_compile_s": round(compile_s, 2) if compile_s is not None else None,
+        "first_step_setup_s": round(setup_s, 2) if first_s is not None else None,
+        "first_step_run_s": round(first_s - compile_s - setup_s, 2) if first_s is not None else None,
+        # of the run: blocked on the DataLoader (worker start, the first images decoded and collated)
+        "first_step_data_wait_s": (round(trainer.first_step_data_wait, 2)
+                                   if trainer.first_step_data_wait is not None else None),
+        "imports_split": (imports or {}).get("split"),
+        # modules compiled from source (no .pyc): every run pays that where the cache cannot be written
+        "imports_without_pyc": (imports or {}).get("without_pyc"),
+        "first_step_compile": compiled or None,
     }
+
+
+def startup_lines(startup: dict) -> list[str]:
+    """The startup report as log lines: phases, then the imports and the first step opened up."""
+    from vlm.train.startup_clock import describe_compile
+
+    phases = ("imports_s", "load_s", "data_s", "lora_and_fast_path_s", "first_step_s", "to_first_step_s")
+    lines = ["startup: " + ", ".join(f"{k.removesuffix('_s')} {startup[k]:.1f} s" for k in phases
+                                     if startup.get(k) is not None)]
+    if startup.get("imports_split"):
+        nopyc = startup.get("imports_without_pyc") or {}
+        lines.append("startup: imports " + ", ".join(f"{k} {v:.1f}" for k, v in startup["imports_split"].items())
+                     + " s" + (f"; {nopyc['modules']} modules had no .pyc (compiled from source: {nopyc['s']:.1f} s "
+                               "of the above)" if nopyc.get("modules") else ""))
+    if startup.get("first_step_s") is not None:
+        lines.append("startup: " + describe_compile(startup.get("first_step_compile") or {}, startup["first_step_s"],
+                                                      startup.get("first_step_data_wait_s"),
+                                                      startup.get("first_step_setup_s"))
+                     + ("" if startup.get("compile_workers_ready") is None else
+                        f"; inductor's compile workers {'were' if startup['compile_workers_ready'] else 'were not yet'} "
+                        "up when training began"))
+    return lines
 
 
 def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resolution,

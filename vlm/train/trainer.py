@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback
 
 from vlm.atomic import space_error
 from vlm.train.checkpoints import begin_save, mark_complete
+from vlm.train.startup_clock import compile_split
 
 STEADY_AFTER = 2   # optimizer steps left out of the steady-state rate (compile, allocator warm-up)
 
@@ -66,6 +67,9 @@ class VlmTrainer(Trainer):
         self._t0 = None
         self._tokens0 = 0
         self.first_step_end = None    # perf_counter when the first optimizer step was done
+        self.first_step_compile: dict = {}   # torch.compile's time by phase up to then (startup_clock)
+        self.first_step_data_wait = None     # seconds the first step waited for its micro-batches
+        self.train_begin = None       # perf_counter when the training loop began (setup done)
         # (step, seconds since the first step began, tokens, seconds waited for data): all cumulative
         self.step_times: list[tuple[int, float, int, float]] = []
         self.data_wait_seconds = 0.0
@@ -282,6 +286,11 @@ class _StepClock(TrainerCallback):
     def __init__(self, trainer: VlmTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # optimizer, scheduler, accelerate's prepare and the DataLoader are built by now
+        if self.trainer.train_begin is None:
+            self.trainer.train_begin = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):
         tr = self.trainer
         if torch.cuda.is_available():
@@ -289,6 +298,8 @@ class _StepClock(TrainerCallback):
         now = time.perf_counter()
         if tr.first_step_end is None:
             tr.first_step_end = now
+            tr.first_step_compile = compile_split()   # what compiling cost in the first step
+            tr.first_step_data_wait = tr.data_wait_seconds   # ... and waiting for its batches
         if tr._t0 is not None:
             tr.step_times.append((state.global_step, round(now - tr._t0, 4), tr.tokens_seen - tr._tokens0,
                                   round(tr.data_wait_seconds, 4)))

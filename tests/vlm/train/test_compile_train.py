@@ -56,9 +56,27 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, tiny_checkpoint):
     ref = json.loads((tmp_path / "eager" / "out" / "summary.json").read_text())
     assert ref["compiled_layers"] is False
     assert "torch.compile: 2 language decoder layers" in log
+    assert "compile caches: inductor " in log and "(FX graph + AOTAutograd)" in log
+    cold = json.loads((tmp_path / "compiled" / "out" / "summary.json").read_text())["startup_seconds"]
     # continue the compiled run from its checkpoint to step 4 (the override raises max_steps only)
     _train(first, "training.max_steps=4", "--resume")
     got = json.loads((tmp_path / "compiled" / "out" / "summary.json").read_text())
+    # startup opened up (vlm.train.startup_clock): the first step's compile by phase, imports by package
+    warm = got["startup_seconds"]
+    for startup in (cold, warm):
+        split = startup["first_step_compile"]
+        assert split["frames"] >= 2 and split["graphs"] >= 2   # a decoder layer and a vision block at least
+        assert 0 < startup["first_step_compile_s"] <= startup["first_step_s"]
+        assert startup["first_step_setup_s"] + startup["first_step_compile_s"] + startup["first_step_run_s"] \
+            == pytest.approx(startup["first_step_s"], abs=0.03)
+        assert 0 <= startup["first_step_data_wait_s"] <= startup["first_step_run_s"] + 0.02
+        assert split["dynamo_trace_s"] > 0 and split["backend_s"] > 0
+        imports = startup["imports_split"]
+        assert imports["python_start"] >= 0 and imports["torch._C"] > 0 and sum(imports.values()) <= startup["imports_s"] + 0.05
+    # the second process loads every graph the first compiled from inductor's caches (none recompiled)
+    assert cold["first_step_compile"]["fx_graph_cache"]["bypass"] == 0
+    assert warm["first_step_compile"]["fx_graph_cache"]["miss"] == 0 and warm["first_step_compile"]["fx_graph_cache"]["hit"] >= 2
+    assert warm["first_step_compile"]["aot_autograd_cache"]["miss"] == 0
     assert got["compiled_layers"] is True and got["resumed_from"].endswith("checkpoint-2")
     assert got["compiled_vision_blocks"] > 0   # the frozen, batched Qwen2-VL tower compiles too
     # the resumed process compiles its graphs again in its first step: the steady window starts after it
