@@ -84,6 +84,8 @@ class VlmTrainer(Trainer):
         # set by the recipe for method full/projector under FSDP2 (vlm.train.recipe: why): the
         # forward's autocast dtype, in place of accelerate's mixed precision
         self.autocast_dtype = None
+        # set by the recipe under FSDP2: layer groups and replicated towers (vlm.train.fsdp_units.Layout)
+        self.fsdp_layout = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
 
@@ -116,6 +118,12 @@ class VlmTrainer(Trainer):
 
         fsdp_on_cpu(self)      # FSDP2 on CPU processes too (accelerate would run DDP there)
         fsdp2_precision(self)  # reduce in fp32, the loss as the model computes it (not bf16)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # FSDP2: our layout's part before accelerate wraps the rest (vlm.train.fsdp_units.Layout)
+        if self.fsdp_layout is not None and getattr(self.accelerator, "is_fsdp2", False):
+            self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
     def _clip_grad_norm(self, model):
         # FSDP2: the norm from the local shards and one all-reduce (vlm.train.local_step), not

@@ -46,9 +46,11 @@ def test_frozen_tower_is_one_unit_a_trained_one_a_unit_per_block(tiny_checkpoint
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_run_cuts_units_and_prefetches_as_reported(tmp_path, tiny_checkpoint):
-    """Two gloo processes: the summary's sharding report shows the units FSDP2 built (read from the
-    live modules) and the prefetch read back from FSDP's state; training matches one process."""
+def test_fsdp2_lora_run_groups_layers_replicates_the_tower_and_matches_one_process(tmp_path, tiny_checkpoint):
+    """Two gloo processes with ``fsdp_frozen_towers: replicate`` and the default layers per unit
+    (auto: the tiny model's small layers all in one unit): the summary's sharding report shows the
+    units FSDP2 built (read from the live modules), the tower left out of FSDP (whole on each process),
+    the prefetch read back from FSDP's state; training matches one process step for step."""
     from vlm.data_formats.synthetic import generate
     from vlm.train.config import load_config
     from vlm.train.recipe import train
@@ -64,22 +66,26 @@ def test_fsdp2_lora_run_cuts_units_and_prefetches_as_reported(tmp_path, tiny_che
     (tmp_path / "two").mkdir()
     two = write_config(tmp_path / "two", ck, data.sharegpt_json, max_steps=3, save_steps=10, batch_size=2,
                        extra=extra)
-    r = subprocess.run([sys.executable, "-m", "vlm", "train", str(two), "distributed.strategy=fsdp", "--nproc", "2"],
+    r = subprocess.run([sys.executable, "-m", "vlm", "train", str(two), "distributed.strategy=fsdp",
+                        "distributed.fsdp_frozen_towers=replicate", "--nproc", "2"],
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "fsdp layout: forward_prefetch" in r.stdout
+    assert "fsdp layout: decoder_unit_layers" in r.stdout
     got = json.loads((tmp_path / "two" / "out" / "summary.json").read_text())
     sharding = got["sharding"]
     units = sharding["unit_classes"]
-    assert units.get("Qwen2VLDecoderLayer") == text
-    assert units.get("Qwen2VisionTransformerPretrainedModel") == 1 and "Qwen2VLVisionBlock" not in units, units
-    # every decoder layer but the last and the tower start the next layer's all-gather; all but the
-    # first start the previous one's in backward
-    assert sharding["layout"]["forward_prefetch"].startswith(f"{text} units")
-    assert sharding["layout"]["backward_prefetch"].startswith(f"{text - 1} decoder layers")
-    assert ".visual." not in " ".join(sharding["root_unit_modules"])   # the tower's unit holds it all
+    assert units.get("Qwen2VLDecoderLayer") == text   # every layer an FSDP module ...
+    assert sharding["layout"]["decoder_unit_layers"] == [text]   # ... all in one unit (one state)
+    assert "Qwen2VisionTransformerPretrainedModel" not in units and "Qwen2VLVisionBlock" not in units, units
+    assert sharding["fsdp_units"] == 3   # decoder layers, the tied embeddings + lm_head (accelerate's tail), root
+    # the tower's unit started the first layer's all-gather; replicated, the embeddings' unit does
+    assert sharding["layout"]["forward_prefetch"].startswith("1 units") and "input embeddings" in \
+        sharding["layout"]["forward_prefetch"]
+    assert sharding["layout"]["frozen_towers"].startswith("replicated")
+    tower = sharding["replicated_bytes"]
+    assert tower > 0 and ".visual." not in " ".join(sharding["root_unit_modules"])
     whole = sharding["parameter_bytes_whole"]
-    assert got["parameter_bytes_per_process"] == [whole // 2, whole // 2]
+    assert got["parameter_bytes_per_process"] == [(whole - tower) // 2 + tower] * 2
     assert got["tokens"] == ref["tokens"]
     for (step, a), (_, b) in zip(got["loss_history"], ref["loss_history"], strict=True):
         assert a == pytest.approx(b, rel=1e-4), f"step {step}: FSDP2 {a} vs one process {b}"
