@@ -246,9 +246,10 @@ def _compute_bytes(module, compute_dtype) -> int:
 
 
 def layer_groups(layers, setting: int, compute_dtype=None, budget: int = AUTO_UNIT_BYTES) -> list[list]:
-    """Consecutive decoder layers cut into FSDP2 units: ``setting`` layers each (the last group may be
-    smaller), or with ``setting`` 0 (auto) the fewest equal groups whose largest stays within ``budget``
-    bytes of compute-dtype weights (one layer per unit when one layer alone is over it)."""
+    """Consecutive decoder layers cut into FSDP2 units: the fewest groups of at most ``setting``
+    layers, as equal as they come (28 by 3: eight of 3, two of 2), or with ``setting`` 0 (auto) of at
+    most as many layers as fit ``budget`` bytes of compute-dtype weights (one layer per unit when one
+    layer alone is over it)."""
     layers = list(layers)
     if not layers:
         return []
@@ -257,9 +258,7 @@ def layer_groups(layers, setting: int, compute_dtype=None, budget: int = AUTO_UN
     else:
         largest = max(_compute_bytes(layer, compute_dtype) for layer in layers)
         n = max(1, budget // max(largest, 1))
-        # equal-size groups: 28 layers by at most 5 -> 6 groups of 5,5,5,5,4,4 (not 5×5 + 3)
-        count = -(-len(layers) // n)
-        n = -(-len(layers) // count)
+    # equal-size groups: 28 layers by at most 5 -> 6 groups of 5,5,5,5,4,4 (not 5×5 + 3)
     groups, count = [], -(-len(layers) // n)
     base, extra = divmod(len(layers), count)
     start = 0

@@ -36,6 +36,9 @@ def test_frozen_tower_is_one_unit_a_trained_one_a_unit_per_block(tiny_checkpoint
     assert set(names[:len(layers)]) == layers, f"{variant}: every decoder layer kind a unit: {names}"
     assert not blocks & set(names), f"{variant}: a frozen tower is cut per block: {names}"
     assert {type(t).__name__ for t in towers} <= set(names), f"{variant}: tower not one unit: {names}"
+    # fsdp_frozen_towers: replicate: a frozen tower is no unit (Layout.pre_wrap leaves it out of FSDP)
+    kept = unit_classes(peft, family, replicate_frozen_towers=True)
+    assert not {type(t).__name__ for t in towers} & set(kept) and set(kept) >= layers, kept
 
     if not blocks or not towers:
         return
@@ -43,6 +46,30 @@ def test_frozen_tower_is_one_unit_a_trained_one_a_unit_per_block(tiny_checkpoint
         p.requires_grad_(True)
     names = unit_classes(peft, family)
     assert blocks <= set(names) and type(towers[0]).__name__ not in names, names
+
+
+@pytest.mark.parametrize(("shape", "auto"), [("2b", [5, 5, 5, 5, 4, 4]), ("7b", [1] * 28)])
+def test_auto_layers_per_unit_groups_small_layers_and_keeps_large_ones_alone(shape, auto):
+    """Qwen2-VL-2B's and 7B's decoder layers (real shapes, on the meta device): auto groups the 2B's
+    89 MiB bf16 layers five to a unit (fewer hooks and collectives, the unit + its prefetch about one
+    7B layer + its prefetch) and leaves each 445 MiB 7B layer its own unit (the memory case); an
+    explicit N gives groups of at most N, as equal as they come."""
+    import torch
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+
+    from vlm.train.fsdp_units import layer_groups
+
+    hidden, inter, heads, kv = {"2b": (1536, 8960, 12, 2), "7b": (3584, 18944, 28, 4)}[shape]
+    cfg = Qwen2VLTextConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                            num_key_value_heads=kv, num_hidden_layers=28)
+    with torch.device("meta"):
+        layers = [Qwen2VLDecoderLayer(cfg, i) for i in range(28)]
+    groups = layer_groups(layers, 0, torch.bfloat16)
+    assert [len(g) for g in groups] == auto
+    assert [layer for g in groups for layer in g] == layers   # consecutive, each once, in order
+    assert [len(g) for g in layer_groups(layers, 3)] == [3] * 8 + [2] * 2
+    assert [len(g) for g in layer_groups(layers, 1)] == [1] * 28
 
 
 @pytest.mark.slow
