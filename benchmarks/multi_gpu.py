@@ -35,6 +35,14 @@ Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
   fsdp2_compiled        the same with ``training.compile=true`` (compiled layers as FSDP units)
   fsdp2_keep            fsdp2 with ``distributed.fsdp_reshard_after_forward=false``: no backward
                         all-gathers, the whole 16-bit model on each GPU during the step
+  fsdp2_l1 / fsdp2_compiled_l1   ``distributed.fsdp_layers_per_unit=1``: a unit per decoder layer (the
+                        default, auto, groups layers up to 512 MiB of bf16 weights: 5 per unit at 2B,
+                        1 at 7B; vlm.train.fsdp_units)
+  fsdp2_compiled_rt     compiled, ``distributed.fsdp_frozen_towers=replicate``: the frozen vision tower
+                        left out of FSDP (whole on each GPU: no unit, hooks or all-gather)
+  fsdp2_compiled_keep   compiled, reshard_after_forward false (no backward all-gathers)
+  fsdp2_compiled_fast   compiled, both: towers replicated and units kept gathered to backward (the
+                        speed end of FSDP2 for LoRA; its memory is about DDP's)
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
   full_1gpu / full_fsdp2       ``configs/qwen2_vl_2b_full.yaml`` (method full: bf16 weights, BF16AdamW,
                         gradient checkpointing) in the same packed rows (``data.max_tokens_per_batch=
@@ -77,6 +85,12 @@ EAGER = ["training.compile=false"]
 LORA16 = ["quant=bf16", "training.compile=false"]
 # FSDP2 with the decoder layers kept gathered from forward to backward (speed over memory: fsdp_units)
 KEEP_GATHERED = ["distributed.fsdp_reshard_after_forward=false"]
+# FSDP2 layouts (vlm.train.fsdp_units.Layout): one decoder layer per unit (session 7's layout; the
+# default is auto: 5 per unit at 2B, 1 at 7B), frozen towers left out of FSDP, and both speed knobs
+PER_LAYER = ["distributed.fsdp_layers_per_unit=1"]
+REPLICATE_TOWERS = ["distributed.fsdp_frozen_towers=replicate"]
+FAST = REPLICATE_TOWERS + KEEP_GATHERED
+COMPILED = ["training.compile=true"]
 # method full rows: their own shipped config, the LoRA rows' packed-row batching, eager on 1 and 2 GPUs
 FULL_CONFIG = REPO / "configs" / "qwen2_vl_2b_full.yaml"
 FULL = ["quant=bf16", "data.max_tokens_per_batch=8192", "training.compile=false"]
@@ -98,8 +112,13 @@ def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
     runs = {
         "1gpu": (1, None, one), "1gpu_eager": (1, None, one + EAGER),
         "ddp2": (2, "ddp", two), "ddp2_eager": (2, "ddp", two + EAGER),
-        "fsdp2": (2, "fsdp", two), "fsdp2_compiled": (2, "fsdp", two + ["training.compile=true"]),
+        "fsdp2": (2, "fsdp", two), "fsdp2_compiled": (2, "fsdp", two + COMPILED),
         "fsdp2_keep": (2, "fsdp", two + KEEP_GATHERED),
+        "fsdp2_l1": (2, "fsdp", two + PER_LAYER),
+        "fsdp2_compiled_l1": (2, "fsdp", two + COMPILED + PER_LAYER),
+        "fsdp2_compiled_rt": (2, "fsdp", two + COMPILED + REPLICATE_TOWERS),
+        "fsdp2_compiled_keep": (2, "fsdp", two + COMPILED + KEEP_GATHERED),
+        "fsdp2_compiled_fast": (2, "fsdp", two + COMPILED + FAST),
         "lora16_1gpu": (1, None, one + LORA16), "lora16_fsdp2": (2, "fsdp", two + LORA16),
     }
     suffix, wide_one, wide_two = wide

@@ -74,10 +74,12 @@ def test_auto_layers_per_unit_groups_small_layers_and_keeps_large_ones_alone(sha
 
 @pytest.mark.slow
 def test_fsdp2_lora_run_groups_layers_replicates_the_tower_and_matches_one_process(tmp_path, tiny_checkpoint):
-    """Two gloo processes with ``fsdp_frozen_towers: replicate`` and the default layers per unit
-    (auto: the tiny model's small layers all in one unit): the summary's sharding report shows the
-    units FSDP2 built (read from the live modules), the tower left out of FSDP (whole on each process),
-    the prefetch read back from FSDP's state; training matches one process step for step."""
+    """Two gloo processes with the speed end of the layout knobs — ``fsdp_frozen_towers: replicate``,
+    ``fsdp_reshard_after_forward: false`` and the default layers per unit (auto: the tiny model's
+    small layers all in one unit): the summary's sharding report shows the units FSDP2 built (read
+    from the live modules), the tower left out of FSDP (whole on each process), the prefetch read back
+    from FSDP's state; training matches one process step for step. (The default layout, towers
+    sharded and units resharded, is the one test_cross_resume and test_multi_gpu_tiny train.)"""
     from vlm.data_formats.synthetic import generate
     from vlm.train.config import load_config
     from vlm.train.recipe import train
@@ -94,7 +96,8 @@ def test_fsdp2_lora_run_groups_layers_replicates_the_tower_and_matches_one_proce
     two = write_config(tmp_path / "two", ck, data.sharegpt_json, max_steps=3, save_steps=10, batch_size=2,
                        extra=extra)
     r = subprocess.run([sys.executable, "-m", "vlm", "train", str(two), "distributed.strategy=fsdp",
-                        "distributed.fsdp_frozen_towers=replicate", "--nproc", "2"],
+                        "distributed.fsdp_frozen_towers=replicate", "distributed.fsdp_reshard_after_forward=false",
+                        "--nproc", "2"],
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "fsdp layout: decoder_unit_layers" in r.stdout
@@ -109,6 +112,7 @@ def test_fsdp2_lora_run_groups_layers_replicates_the_tower_and_matches_one_proce
     assert sharding["layout"]["forward_prefetch"].startswith("1 units") and "input embeddings" in \
         sharding["layout"]["forward_prefetch"]
     assert sharding["layout"]["frozen_towers"].startswith("replicated")
+    assert sharding["layout"]["reshard_after_forward"].startswith("false")
     tower = sharding["replicated_bytes"]
     assert tower > 0 and ".visual." not in " ".join(sharding["root_unit_modules"])
     whole = sharding["parameter_bytes_whole"]
