@@ -11,10 +11,13 @@ tiny Qwen2-VL by tests/vlm/train/test_fsdp_layout.py) and why, for LoRA on packe
 reached 1.91x; an eager step there is host-bound, so every unit's hooks and every all-gather the
 GPU waits for adds to the step):
 
-- one unit per decoder layer: the unit a layer's backward needs, and the most weight one unit holds
-  whole (Qwen2-VL-7B: 233 M parameters, 466 MB in bf16, plus one prefetched: the memory case keeps
-  1/N of everything else);
-- one unit per vision tower when nothing in it trains (``family.component_roots(model, "vision")``:
+- decoder layers in units of ``distributed.fsdp_layers_per_unit`` consecutive layers (``Layout``,
+  ``layer_groups``; auto: up to ``AUTO_UNIT_BYTES`` of 16-bit weights per unit). At 7B one layer
+  (233 M parameters, 466 MB in bf16, plus one prefetched) is already the most weight a unit should
+  hold whole: one per unit, the memory case keeps 1/N of everything else. At 2B a layer is 94 MB and
+  the step is host-bound in FSDP2's per-unit hooks: five layers share a unit (6 units, not 28);
+- one unit per vision tower when nothing in it trains (``fsdp_frozen_towers: replicate``: none — the
+  frozen tower is left out of FSDP, whole on every process, no hooks or all-gather at all) (``family.component_roots(model, "vision")``:
   blocks, patch embedding and merger together) instead of one per vision block (still the cut when
   the tower trains: method full / projector, vision LoRA): the frozen tower runs once per micro-batch
   under no_grad, so 32 units' hooks and 32 all-gathers become one (Qwen2-VL's tower: 675 M
