@@ -120,7 +120,9 @@ def write(rows: list[dict], env: dict) -> None:
         (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2, default=str) + "\n")
     lines = [f"# Shipped configs on random full-size models — {env['gpu']}", "",
              f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-             f"bitsandbytes {env['bitsandbytes']}; {env['steps']} optimizer steps per run.", "",
+             f"bitsandbytes {env['bitsandbytes']}; {env['steps']} optimizer steps per run. tokens/s is "
+             "`vlm train`'s own figure over all the run's steps, the first step's compile included: with a "
+             "few steps it shows the run works, not its speed (the step benchmarks measure speed).", "",
              "| config | overrides beyond paths/steps | steps | batch × accum | tokens/s | peak GiB | "
              "first → last loss | adapter loads in PEFT |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

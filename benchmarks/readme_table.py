@@ -52,6 +52,7 @@ README_TABLES = (
     ("Qwen2-VL-2B shapes, other setups (another run)", "train_step_run14.json"),
     ("Qwen2-VL-7B shapes", "train_step_qwen2_vl_7b.json"),
     ("LLaVA-1.5-7B shapes (batch 8 × 832 tokens, 576 image tokens per 336² image)", "train_step_llava_1_5_7b.json"),
+    ("Qwen3-VL-8B shapes (one 512² image = 256 tokens of 16-px patches; one H200)", "train_step_qwen3_vl_8b.json"),
 )
 
 if __name__ == "__main__":
