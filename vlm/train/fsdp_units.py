@@ -190,8 +190,13 @@ class Layout:
         self.reshard_after_forward, self.say = reshard_after_forward, say
         self.groups: list[list] = []
         self.replicated_bytes = 0
+        self.applied = False
 
-    def pre_wrap(self, model, accelerator) -> None:
+    def pre_wrap(self, model, accelerator) -> dict:
+        """Apply the layout; returns {parameter before: parameter after} for what ``fully_shard``
+        replaced (the grouped layers' parameters, now DTensor shards), to re-point an optimizer."""
+        self.applied = True
+        before = dict(model.named_parameters())
         plugin = accelerator.state.fsdp_plugin
         if self.replicate_towers and not isinstance(plugin.ignored_modules, str):
             towers = frozen_towers(model, self.family)
@@ -202,6 +207,8 @@ class Layout:
         if self.groups and names:   # already units (renamed FSDP<Layer>): accelerate must not look for them
             grouped = {type(layer).__name__.removeprefix("FSDP") for g in self.groups for layer in g}
             plugin.transformer_cls_names_to_wrap = [n for n in names if n not in grouped]
+        after = dict(model.named_parameters())
+        return {p: after[n] for n, p in before.items() if n in after and after[n] is not p}
 
     def describe(self) -> dict:
         out = {}
