@@ -120,3 +120,12 @@ def test_fsdp2_lora_run_groups_layers_replicates_the_tower_and_matches_one_proce
     assert got["tokens"] == ref["tokens"]
     for (step, a), (_, b) in zip(got["loss_history"], ref["loss_history"], strict=True):
         assert a == pytest.approx(b, rel=1e-4), f"step {step}: FSDP2 {a} vs one process {b}"
+    # gradients synced once and averaged (Adam hides a gradient scale from the losses; the norm does not)
+    norms = [_grad_norms(tmp_path / run / "out") for run in ("one", "two")]
+    assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+
+
+def _grad_norms(out):
+    """grad_norm per logged step, from the last checkpoint's trainer_state.json."""
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    return [h["grad_norm"] for h in state["log_history"] if "grad_norm" in h]
