@@ -3,6 +3,7 @@
     source benchmarks/device_install.sh         # on the device (carry .whl/bitsandbytes-*.whl for QLoRA)
     python benchmarks/train_e2e.py --out /tmp/e2e --results $OUT --models 2b_lora --rows hf,vlmtune --steps 16 --warmup 4 --samples 500
     python benchmarks/train_e2e.py --out /tmp/e2e --results $OUT --models 7b_qlora --rows hf,vlmtune --steps 12 --warmup 4 --samples 500
+    python benchmarks/train_e2e.py --out /tmp/e2e --results $OUT --models 2b_full --rows hf,vlmtune --steps 16 --warmup 4 --samples 500
     python benchmarks/train_e2e.py --tiny --device cpu --out DIR     # CPU smoke run of every row
 
 Data: ``vlm.data_formats.synthetic_mixed`` (images 224² up to 1344 × 1008 with portrait/landscape
@@ -22,6 +23,13 @@ for every row. Models: random-weight Qwen2-VL at the real 2B / 7B shapes (benchm
 - ``hf``: transformers Trainer + PEFT as their docs set it up (benchmarks/train_e2e_hf.py):
   gradient checkpointing, bf16, dynamic padding, ``HF_BATCH`` samples per micro-batch, and gradient
   accumulation to about the same tokens per optimizer step as the vlmtune row.
+
+Model ``2b_full`` is full fine-tuning (``configs/qwen2_vl_2b_full.yaml``, ``method: full``: bf16
+weights, grads and BF16AdamW moments, packed rows): its ``hf`` row is Trainer full fine-tuning
+without PEFT, ``bf16=True`` mixed precision on fp32 weights (fp32 master weights, 16 bytes per
+trained parameter), the same trained parameters, gradient checkpointing as the docs recommend,
+Trainer's default fused AdamW, the config's lr / warmup / max_grad_norm. (Fixed-shape step ratios
+of the same comparison: benchmarks/train_modes.py --parts full.)
 
 Per row: steady-state non-padding tokens/s (optimizer steps after ``--warmup``, so compile and the
 first-batch costs are out), startup (process start → first optimizer step done, and where it went),
@@ -44,15 +52,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 GiB = 2**30
-MODELS = {"2b_lora": ("qwen2_vl_2b_lora.yaml", "2b", False), "7b_qlora": ("qwen2_vl_7b_qlora.yaml", "7b", True)}
+MODELS = {"2b_lora": ("qwen2_vl_2b_lora.yaml", "2b", False), "7b_qlora": ("qwen2_vl_7b_qlora.yaml", "7b", True),
+          "2b_full": ("qwen2_vl_2b_full.yaml", "2b", False)}
 # the sample-count batches the configs shipped with before token budgets (vlmtune_padded row)
-PADDED_BATCH = {"2b_lora": (4, 4), "7b_qlora": (2, 8)}
+PADDED_BATCH = {"2b_lora": (4, 4), "7b_qlora": (2, 8), "2b_full": (4, 4)}
 ROWS = ("hf", "vlmtune", "vlmtune_warm", "vlmtune_mask", "vlmtune_padded")
 HF_BATCH = 4
 # --tiny: CPU-sized data and limits (the shipped config otherwise, so the smoke run takes its code paths)
 TINY_OVERRIDES = ["model.device=cpu", "model.dtype=fp32", "training.precision=fp32", "data.min_pixels=3136",
                   "data.max_pixels=12544", "data.max_length=512", "data.max_tokens_per_batch=1024",
                   "training.optimizer=adamw", "quant=null"]
+# --tiny, method full: bf16 weights and precision (fp32 weights would take Trainer's own optimizer,
+# not BF16AdamW, which is what the 2b_full row is about)
+TINY_FULL = ["model.dtype=bf16", "training.precision=bf16"]
+
+
+def tiny_overrides(name: str) -> list[str]:
+    if MODELS[name][0] == "qwen2_vl_2b_full.yaml":
+        return [o for o in TINY_OVERRIDES if o.split("=")[0] not in ("model.dtype", "training.precision")] + TINY_FULL
+    return TINY_OVERRIDES
 
 
 def load_yaml(path: Path) -> dict:
@@ -88,6 +106,8 @@ def row_result(row: str, model: str, summary: dict, warmup: int, wall: float, ex
             "loss_last3": round(sum(losses[-3:]) / len(losses[-3:]), 4) if losses else None,
             "first_loss": losses[0] if losses else None, "tokens": summary.get("tokens"),
             "computed_tokens": summary.get("computed_tokens"), "workers": summary.get("dataloader_workers"),
+            "trained_parameters": summary.get("trainable_parameters") or summary.get("trained_parameters"),
+            "optimizer": summary.get("optimizer"),
             "wall_s": round(wall, 1), **extra}
 
 
@@ -97,7 +117,7 @@ def run_vlm(row: str, name: str, ckpt: Path, data: Path, root: Path, args) -> tu
     cmd = [sys.executable, "-m", "vlm", "train", str(config), f"model.path={ckpt}", f"data.train=[{data}]",
            f"output={out}", f"training.max_steps={args.steps}", f"training.save_steps={args.steps + 1000}",
            "logging.tensorboard=false", "logging.progress=false", "training.logging_steps=1",
-           *(TINY_OVERRIDES if args.tiny else []), *args.extra]
+           *(tiny_overrides(name) if args.tiny else []), *args.extra]
     if args.profile and row == "vlmtune":   # the last two steps (left out of the steady rate)
         cmd += [f"logging.profile_steps=[{args.steps - 1},{args.steps}]"]
     if row == "vlmtune_mask":
@@ -109,11 +129,24 @@ def run_vlm(row: str, name: str, ckpt: Path, data: Path, root: Path, args) -> tu
 
 
 def hf_spec(name: str, ckpt: Path, data: Path, root: Path, args, vlm_tokens_per_step: float | None) -> dict:
-    """The baseline's settings, read from the same shipped config (LoRA, lr, limits, optimizer)."""
+    """The baseline's settings, read from the same shipped config (method, LoRA, lr, limits, optimizer)."""
     cfg = load_yaml(REPO / "configs" / MODELS[name][0])
     from vlm.train.recipe import _optimizer_name
 
     over = dict(o.split("=", 1) for o in (TINY_OVERRIDES if args.tiny else []))
+    method = cfg.get("method", "lora")
+    tr = cfg["training"]
+    if method == "full":   # Trainer full fine-tuning: no LoRA; its default optimizer (fused AdamW on a GPU)
+        from vlm.families import get_family
+        from vlm.train.config import parse_config
+        from vlm.train.modes import trainable_components
+
+        parsed = parse_config({**cfg, "model": {**cfg["model"], "path": str(ckpt)}, "data": {**cfg["data"], "train": [str(data)]}})
+        method_keys = {"method": "full", "trained_components": list(trainable_components(get_family("qwen2_vl"), parsed)),
+                       "optim": "adamw_torch" if args.tiny else "adamw_torch_fused"}
+    else:
+        method_keys = {"method": "lora", "lora_r": cfg["lora"]["r"], "lora_alpha": cfg["lora"]["alpha"],
+                       "optim": _optimizer_name(over.get("training.optimizer", tr["optimizer"]))}
     mean_len = mean_sample_tokens(root)
     # same tokens per optimizer step as the vlmtune row, in samples of HF_BATCH
     accum = max(1, round((vlm_tokens_per_step or HF_BATCH * mean_len * 4) / (HF_BATCH * mean_len)))
@@ -123,9 +156,8 @@ def hf_spec(name: str, ckpt: Path, data: Path, root: Path, args, vlm_tokens_per_
             "max_length": int(over.get("data.max_length", cfg["data"]["max_length"])),
             "min_pixels": int(over.get("data.min_pixels", cfg["data"]["min_pixels"])),
             "max_pixels": int(over.get("data.max_pixels", cfg["data"]["max_pixels"])),
-            "lora_r": cfg["lora"]["r"], "lora_alpha": cfg["lora"]["alpha"], "lr": float(cfg["training"]["lr"]),
-            "warmup_ratio": float(cfg["training"]["warmup_ratio"]), "seed": cfg["training"]["seed"],
-            "optim": _optimizer_name(over.get("training.optimizer", cfg["training"]["optimizer"])),
+            **method_keys, "lr": float(tr["lr"]), "warmup_ratio": float(tr["warmup_ratio"]), "seed": tr["seed"],
+            "weight_decay": float(tr.get("weight_decay", 0.0)), "max_grad_norm": float(tr.get("max_grad_norm", 1.0)),
             "batch_size": HF_BATCH, "grad_accum": accum, "workers": 0 if args.tiny else args.hf_workers}
 
 

@@ -1,4 +1,4 @@
-"""The baseline row of benchmarks/train_e2e.py: transformers ``Trainer`` + PEFT LoRA, as their docs set it up.
+"""The baseline row of benchmarks/train_e2e.py: transformers ``Trainer`` (+ PEFT LoRA), as their docs set it up.
 
     python benchmarks/train_e2e_hf.py SPEC.json      (written by train_e2e.py; one process per row)
 
@@ -10,6 +10,12 @@ precision, per-batch dynamic padding (pad to the longest sample of the batch, mu
 sample-count batch. The samples and labels are the ones ``vlm train`` trains on (read and labelled
 by the project's collator with the same pixel limits and max_length), so both rows learn the same
 thing from the same tokens; only batching and the training step differ.
+
+``method: full`` in the spec (the ``2b_full`` model of train_e2e.py): no PEFT; Trainer's mixed
+precision as its docs describe it, ``bf16=True`` on fp32 weights (an fp32 master for every weight,
+bf16 autocast), the same trained parameters as ``vlm train``'s ``method: full`` (language model,
+embeddings, lm_head, projector; the vision tower frozen unless ``train_vision``), gradient
+checkpointing (non-reentrant) and Trainer's default optimizer (``adamw_torch_fused``).
 
 Measured like ``vlm train`` measures itself (the same clock, the same summary keys): non-padding
 and computed tokens, a CUDA-synchronized clock per optimizer step, time blocked on the DataLoader,
@@ -42,6 +48,7 @@ def main(spec_path: str) -> int:
     t_start = time.perf_counter()
     device = spec["device"]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    full = spec.get("method", "lora") == "full"
     kw = {}
     if spec["qlora"]:
         from transformers import BitsAndBytesConfig
@@ -49,7 +56,9 @@ def main(spec_path: str) -> int:
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
-    model = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=dtype, device_map=device, **kw)
+    # full fine-tuning under Trainer's mixed precision: the weights (the optimizer's master) in fp32
+    model = AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=torch.float32 if full else dtype,
+                                                        device_map=device, **kw)
     processor = AutoProcessor.from_pretrained(spec["model"])
     t_loaded = time.perf_counter()
 
@@ -63,10 +72,15 @@ def main(spec_path: str) -> int:
     if spec["qlora"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    leaves = "|".join(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
-                                             target_modules=rf"model\.language_model\..*\.({leaves})",
-                                             task_type="CAUSAL_LM"))
+    if full:
+        trained = set(spec["trained_components"])
+        for name, p in model.named_parameters():
+            p.requires_grad_(family.component_of(name.rsplit(".", 1)[0]) in trained)
+    else:
+        leaves = "|".join(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                                 target_modules=rf"model\.language_model\..*\.({leaves})",
+                                                 task_type="CAUSAL_LM"))
     t_ready = time.perf_counter()
 
     clock = {"tokens": 0, "computed": 0, "t0": None, "wait": 0.0, "first": None, "steps": []}
@@ -111,7 +125,8 @@ def main(spec_path: str) -> int:
         gradient_accumulation_steps=spec["grad_accum"], learning_rate=spec["lr"], lr_scheduler_type="cosine",
         warmup_steps=spec["warmup_ratio"], max_steps=spec["steps"], optim=spec["optim"], seed=spec["seed"],
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=spec["dtype"] == "bf16" and on_gpu, logging_steps=1, save_strategy="no", report_to="none",
+        bf16=spec["dtype"] == "bf16" and on_gpu, max_grad_norm=spec.get("max_grad_norm", 1.0),
+        weight_decay=spec.get("weight_decay", 0.0), logging_steps=1, save_strategy="no", report_to="none",
         remove_unused_columns=False, dataloader_num_workers=spec["workers"],
         dataloader_persistent_workers=spec["workers"] > 0, use_cpu=not on_gpu, disable_tqdm=True)
     trainer = MeasuredTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -131,6 +146,7 @@ def main(spec_path: str) -> int:
         "peak_memory_bytes": peak, "steps": trainer.state.global_step, "train_loss": out.training_loss,
         "loss_history": [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h],
         "samples": len(dataset), "dataloader_workers": spec["workers"],
+        "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     Path(spec["output"]).mkdir(parents=True, exist_ok=True)
     (Path(spec["output"]) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -10,8 +10,8 @@ Trained: the language model, embeddings/lm_head and the merger; the vision tower
 `method: full` trains with training.train_vision: false). Every row clips the gradient norm to 1.0;
 lr 1e-5; the same batches (same tokens) in every row.
   full_hf    transformers Trainer's bf16 mixed precision: fp32 weights under bf16 autocast,
-             torch.optim.AdamW (Trainer's adamw_torch): 16 bytes per trained parameter; non-reentrant
-             gradient checkpointing of the decoder layers (gradient_checkpointing=True)
+             torch.optim.AdamW, fused on CUDA (Trainer's default optim adamw_torch_fused): 16 bytes
+             per trained parameter; non-reentrant gradient checkpointing (gradient_checkpointing=True)
   full_hf_nogc  the same without checkpointing: Trainer's default (gradient_checkpointing=False)
   full_ours  what `vlm train` does with method: full (vlm.train.modes.prepare, vlm.train.fast_path:
              batched vision attention, kernels.patch, compiled layers and frozen vision blocks): bf16
@@ -40,16 +40,31 @@ pairs as in LLaVA's stage 1: batch 16 × 616 tokens = 1 BOS, 576 <image> tokens,
 38-token caption (labels on the caption). Only the projector trains; lr 1e-3.
   proj_hf    the HF setup: the model in fp32 under bf16 autocast (Trainer's mixed precision),
              tower and language model frozen, gradient checkpointing with enable_input_require_grads,
-             torch.optim.AdamW on the projector
-  proj_hf16  the same with the frozen parts loaded in bf16 (what LLaVA's own scripts load): a
-             second, stronger baseline, reported alongside
+             torch.optim.AdamW (fused on CUDA) on the projector
   proj_ours  what `vlm train` does with method: projector (bf16 model, frozen tower under no_grad,
              gradient checkpointing inside the compiled layers, fused linear CE (no logits tensor);
              BF16AdamW with an fp32 master for the projector)
-  proj_ours_nogc  (only with --variants) the same without checkpointing: frozen linears keep no
-             input for a weight gradient, but attention/MLP activations still add ~3 MB per token
+  proj_ours_mb2  the same without checkpointing, the 16 rows as 8 micro-batches of 2 (gradient
+             accumulation; one optimizer step on the same 16 rows). Why: the language model is
+             frozen, so its backward is the input gradient only (1× forward FLOPs); checkpointing
+             adds a second forward (3× instead of 2×: the step is ~1/3 longer), and without it the
+             saved activations are ~3 MB per token (norm inputs, q/k/v/attention out, gate/up:
+             ~46 k bf16 values per token and layer at Llama-2-7B; the frozen linears keep no input)
+             = ~30 GB for 16 × 616 tokens, ~3.7 GB for 2 × 616. Micro-batches of 1,232 tokens keep
+             7B matmuls compute-bound.
+  proj_hf16  (only with --variants) Trainer's setup with the frozen parts loaded in bf16 (what
+             LLaVA's own scripts load): a second, stronger baseline
+  proj_ours_nogc  (only with --variants) proj_ours without checkpointing, micro-batch 16
+  proj_ours_mb1, proj_ours_mb4  (only with --variants) proj_ours_mb2 with micro-batches of 1 / 4 rows
 
-Per variant (own subprocess): median step time over --steps after --warmup, tokens/s (all tokens,
+Every variant builds the same random weights on the device (bf16 from one seed, cast to fp32 for
+the HF rows: the same values) and trains in train mode, as Trainer does: in eval mode (what
+``from_pretrained`` returns) transformers' checkpointing wrapper silently does nothing, which made
+the HF rows of results/train_modes_full.md (4a2d556) run *without* checkpointing while ours
+checkpointed inside its compiled layers. Rows with eager decoder layers report
+``decoder_layer_calls_per_forward`` (2 = checkpointing recomputes, 1 = it does not).
+
+Per variant (own subprocess on a GPU; --tiny: one process per part): median step time over --steps after --warmup, tokens/s (all tokens,
 image tokens included), peak CUDA memory allocated, and bytes per trained parameter held in
 weights + grads + optimizer state (counted from the tensors after the last step). Ratios ours/HF
 come from the same invocation.
@@ -71,13 +86,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 GiB = 2 ** 30
 PARTS = {"full": ("full_hf", "full_hf_nogc", "full_ours", "full_ours_gc", "full_ours_8bit"),
-         "projector": ("proj_hf", "proj_hf16", "proj_ours"),
+         "projector": ("proj_hf", "proj_ours", "proj_ours_mb2"),
          "optim": ("optim_torch", "optim_torch_fused", "optim_legacy", "optim_ours", "optim_ours_8bit")}
-EXTRA = {"projector": ("proj_ours_nogc",), "full": ("full_ours_nogc",)}
+EXTRA = {"projector": ("proj_hf16", "proj_ours_nogc", "proj_ours_mb1", "proj_ours_mb4"), "full": ("full_ours_nogc",)}
+BASELINES = {"full": ("full_hf", "full_hf_nogc"), "projector": ("proj_hf", "proj_hf16"),
+             "optim": ("optim_torch", "optim_torch_fused", "optim_legacy")}
+MICRO_BATCH = {"proj_ours_mb1": 1, "proj_ours_mb2": 2, "proj_ours_mb4": 4}   # rows per forward/backward (no
+# checkpointing); the other rows of the batch accumulate into the same optimizer step
 MODEL = {"full": "qwen2_vl_2b", "projector": "llava_1_5_7b", "optim": "qwen2_vl_2b"}
 TARGETS = {"full": {"memory": 0.55, "speed": 2.0}, "projector": {"memory": 0.5, "speed": 1.45}}
 OURS = {"full": ("full_ours", "full_ours_gc", "full_ours_8bit", "full_ours_nogc"),
-        "projector": ("proj_ours", "proj_ours_nogc"),
+        "projector": ("proj_ours", "proj_ours_mb2", "proj_ours_nogc", "proj_ours_mb1", "proj_ours_mb4"),
         "optim": ("optim_ours", "optim_ours_8bit")}   # the first one's ratios are named "ours/<base>"
 
 
@@ -97,7 +116,7 @@ def caption_batches(config, tiny: bool, n: int = 3) -> list[dict]:
     from train_step_workload import LLAVA_IMAGE
 
     side = config.vision_config.image_size // config.vision_config.patch_size
-    batch, caption = (2, 6) if tiny else (16, 38)
+    batch, caption = (4, 6) if tiny else (16, 38)   # tiny: 4 rows, so proj_ours_mb2 accumulates 2 micro-batches
     g = torch.Generator().manual_seed(1234)
     out = []
     for _ in range(n):
@@ -123,16 +142,17 @@ def batches_for(part: str, config, tiny: bool) -> list[dict]:
 # --------------------------------------------------------------------------- build (subprocess)
 
 def build(args) -> dict:
+    """The part's model config in ``args.ckpt`` (no weights: each variant builds them on its device,
+    ``load_model``; saving and reloading 14 GB at 7B would cost a minute of device time)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from train_step_workload import model_config
 
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForImageTextToText.from_config(model_config(MODEL[args.part], args.tiny),
-                                                        dtype=torch.bfloat16)
-    model.save_pretrained(args.ckpt)
+    config = model_config(MODEL[args.part], args.tiny)
+    config.save_pretrained(args.ckpt)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -149,9 +169,33 @@ def _cfg(method: str, gc: bool | str, lr: float, optimizer: str = "adamw", batch
                                       "optimizer": optimizer, "batch_size": batch}})
 
 
+def load_model(args, dtype):
+    """The part's random-weight model, built on the device in bf16 from the same seed in every
+    variant (the same weights in each process), then cast to ``dtype`` (fp32 for Trainer's mixed
+    precision: the same values, exactly). In train mode, as Trainer runs it: ``from_pretrained``
+    hands out a model in eval mode, where transformers' checkpointing wrapper does nothing (its
+    ``GradientCheckpointingLayer`` checkpoints only when ``self.training``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(args.ckpt), dtype=torch.bfloat16)
+    return model.to(dtype).train()
+
+
+def micro_batches(variant: str, batch: dict) -> list[dict]:
+    """``batch`` as the variant's micro-batches (rows split; every row has the same number of
+    labels, so the mean of the micro-batch losses is the batch's loss)."""
+    rows = MICRO_BATCH.get(variant)
+    n = batch["input_ids"].shape[0]
+    if not rows or rows >= n:
+        return [batch]
+    return [{k: t[i:i + rows] for k, t in batch.items()} for i in range(0, n, rows)]
+
+
 def setup(variant: str, args, batches):
     import torch
-    from transformers import AutoModelForImageTextToText
 
     from vlm.families import family_for_config
     from vlm.load import load_config
@@ -162,16 +206,18 @@ def setup(variant: str, args, batches):
     family = family_for_config(load_config(args.ckpt))
     info = {}
     if "_ours" in variant:
-        gc = False if variant.endswith("_nogc") else True if variant.endswith("_gc") or part == "projector" else "auto"
+        gc = (False if variant.endswith("_nogc") or variant in MICRO_BATCH else
+              True if variant.endswith("_gc") or part == "projector" else "auto")
+        micro = micro_batches(variant, batches[0])[0]
         cfg = _cfg("full" if part == "full" else "projector", gc=gc, lr=lr,
                    optimizer="adamw_8bit" if variant.endswith("_8bit") else "adamw",
-                   batch=batches[0]["input_ids"].shape[0], seq=batches[0]["input_ids"].shape[1])
-        model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16).to(args.device)
+                   batch=micro["input_ids"].shape[0], seq=micro["input_ids"].shape[1])
+        model = load_model(args, torch.bfloat16)
         model.vlm_family = family
         mode = modes.prepare(model, family, cfg, device=args.device)
         plan = fast_path.resolve(cfg, args.device, "single")
         applied = fast_path.apply(model, family, cfg, plan, [int(batches[0]["attention_mask"][0].sum())])
-        info.update(compiled_layers=plan.compiled, kernels=str(applied.kernels),
+        info.update(micro_batch=int(micro["input_ids"].shape[0]), compiled_layers=plan.compiled, kernels=str(applied.kernels),
                     gradient_checkpointing=mode.checkpointing.enabled,
                     gradient_checkpointing_reason=mode.checkpointing.reason,
                     compiled_vision_blocks=applied.compiled_vision_blocks, optimizer=mode.optimizer)
@@ -180,7 +226,8 @@ def setup(variant: str, args, batches):
         opt = opt_cls(params, weight_decay=0.0, **kw)
         return model, opt, info
     dtype = torch.bfloat16 if variant == "proj_hf16" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype).to(args.device)
+    model = load_model(args, dtype)
+    info["micro_batch"] = int(batches[0]["input_ids"].shape[0])
     train = ("projector",) if part == "projector" else ("language", "embeddings", "lm_head", "projector")
     for name, p in model.named_parameters():
         p.requires_grad_(family.component_of(name.rsplit(".", 1)[0]) in train)
@@ -194,8 +241,9 @@ def setup(variant: str, args, batches):
         model.enable_input_require_grads()    # HF's recipe for a frozen base
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    info["optimizer"] = f"torch.optim.AdamW ({dtype})"
+    fused = args.device.startswith("cuda")       # Trainer's default optim: adamw_torch_fused
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+    info["optimizer"] = f"torch.optim.AdamW ({dtype}{', fused' if fused else ''})"
     return model, opt, info
 
 
@@ -248,7 +296,6 @@ def legacy_bf16_adamw():
 def optim_worker(args) -> dict:
     """The optimizer step alone, on part full's trained parameters with fixed random gradients."""
     import torch
-    from transformers import AutoModelForImageTextToText
 
     from vlm.families import family_for_config
     from vlm.load import load_config
@@ -258,7 +305,7 @@ def optim_worker(args) -> dict:
     v = args.worker
     family = family_for_config(load_config(args.ckpt))
     dtype = torch.float32 if v.startswith("optim_torch") else torch.bfloat16
-    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=dtype).to(args.device)
+    model = load_model(args, dtype)
     cfg = _cfg("full", gc=True, lr=1e-5, optimizer="adamw_8bit" if v.endswith("_8bit") else "adamw")
     modes.set_trainable(model, family, modes.trainable_components(family, cfg))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -314,9 +361,13 @@ def worker(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
-            loss = model(**b).loss
-        loss.backward()
+        parts = micro_batches(args.worker, b)
+        loss = 0.0
+        for mb in parts:
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+                part_loss = model(**mb).loss / len(parts)
+            part_loss.backward()
+            loss = loss + part_loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if i == args.warmup + args.steps - 1:
@@ -339,24 +390,47 @@ def worker(args) -> dict:
         return time.perf_counter()
 
     def one_step(b):
-        t0 = sync()
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
-            loss = model(**b).loss
-        t1 = sync()
-        loss.backward()
-        t2 = sync()
+        forward = backward = 0.0
+        parts = micro_batches(args.worker, b)
+        for mb in parts:
+            t0 = sync()
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+                loss = model(**mb).loss / len(parts)
+            t1 = sync()
+            loss.backward()
+            t2 = sync()
+            forward, backward = forward + t1 - t0, backward + t2 - t1
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         t3 = sync()
         opt.step()
         t4 = sync()
         opt.zero_grad(set_to_none=True)
-        return {"forward": t1 - t0, "backward": t2 - t1, "clip": t3 - t2, "optimizer": t4 - t3}
+        return {"forward": forward, "backward": backward, "clip": t3 - t2, "optimizer": t4 - t3}
 
     # where one step's time goes (an extra step, synchronized between phases, after the timed ones)
     row["phases_s"] = {k: round(v, 5) for k, v in one_step(batches[0]).items()}
     if args.profile:
         row["profile"] = profile_table(lambda: one_step(batches[0]), cuda)
+    if not row.get("compiled_layers"):
+        # eager layers: does checkpointing really recompute? (a hook inside a compiled layer would
+        # change its graph, so compiled rows leave this out)
+        row["decoder_layer_calls_per_forward"] = layer_calls(model, lambda: one_step(batches[0]),
+                                                             len(micro_batches(args.worker, batches[0])))
     return row
+
+
+def layer_calls(model, step, forwards: int) -> float:
+    """Calls of the first language decoder layer per forward over one ``step``: 1 without gradient
+    checkpointing, 2 with it (the forward, then its recompute in backward)."""
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    calls = []
+    # a pre-hook: a non-reentrant recompute stops early, before the layer's forward returns
+    handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        step()
+    finally:
+        handle.remove()
+    return len(calls) / forwards
 
 
 def profile_table(fn, cuda: bool, rows: int = 30) -> str:
@@ -373,15 +447,33 @@ def profile_table(fn, cuda: bool, rows: int = 30) -> str:
 
 # --------------------------------------------------------------------------- driver
 
-def run_sub(argv: list[str], timeout: int) -> dict:
+def run_sub(argv: list[str], names: list[str], timeout: int) -> dict[str, dict]:
+    """One subprocess running ``argv``; the result of each of ``names`` (the build and / or the
+    variants it runs), an error for each that printed none."""
     try:
         p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+        found = {r.pop("name"): r for r in (json.loads(line[7:]) for line in p.stdout.splitlines()
+                                            if line.startswith("RESULT "))}
+        missing = {"error": f"exit {p.returncode}", "tail": (p.stdout + p.stderr)[-3000:]}
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": f"exit {p.returncode}", "tail": (p.stdout + p.stderr)[-3000:]}
+        found, missing = {}, {"error": f"timed out after {timeout} s"}
+    return {n: found.get(n, missing) for n in names}
+
+
+def run_in_child(args) -> None:
+    """The subprocess side: the build (``--build``) and / or each variant of ``--worker a,b,...`` in
+    turn, one ``RESULT`` line each (a variant that raises reports its traceback, the next still runs)."""
+    import traceback
+
+    if args.build:
+        print("RESULT " + json.dumps({"name": "build", **build(args)}), flush=True)
+    for v in args.worker.split(",") if args.worker else []:
+        args.worker = v
+        try:
+            r = worker(args)
+        except Exception:
+            r = {"error": "raised", "tail": traceback.format_exc()[-3000:]}
+        print("RESULT " + json.dumps({"name": v, **r}), flush=True)
 
 
 def ratios(part: str, rows: dict) -> dict:
@@ -392,8 +484,8 @@ def ratios(part: str, rows: dict) -> dict:
         ours = rows.get(name)
         if ours is None or "error" in ours:
             continue
-        for base in PARTS[part]:
-            if base in OURS[part] or base not in rows or "error" in rows[base]:
+        for base in BASELINES[part]:
+            if base not in rows or "error" in rows[base]:
                 continue
             r = {"speed": rows[base]["step_s_median"] / ours["step_s_median"],
                  "bytes_per_param": ours["bytes_per_param"] / rows[base]["bytes_per_param"]}
@@ -408,7 +500,7 @@ def markdown(data: dict) -> str:
     for part, res in data["parts"].items():
         t = TARGETS.get(part, {"speed": "-", "memory": "-"})
         lines += [f"## {part} ({res['model']}{', tiny' if data['tiny'] else ''})", "",
-                  "| variant | optimizer | checkpointing | tokens/s | step ms | peak GiB | bytes/param (w+g+opt) |",
+                  "| variant | optimizer | checkpointing, micro-batch | tokens/s | step ms | peak GiB | bytes/param (w+g+opt) |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for v, r in res["rows"].items():
             if "error" in r:
@@ -416,6 +508,7 @@ def markdown(data: dict) -> str:
                 continue
             tps = "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}"
             gc = {True: "on", False: "off"}.get(r.get("gradient_checkpointing"), "-")
+            gc += f", {r['micro_batch']}" if r.get("micro_batch") else ""
             lines.append(f"| {v} | {r.get('optimizer', '')} | {gc} | {tps} | "
                          f"{r['step_s_median'] * 1e3:.1f} | {r.get('peak_alloc_gib', float('nan')):.2f} | "
                          f"{r['bytes_per_param']:.2f} |")
@@ -454,8 +547,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     _importable_vlm()
     if args.worker or args.build:
-        r = build(args) if args.build else worker(args)
-        print("RESULT " + json.dumps(r), flush=True)
+        run_in_child(args)
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="train_modes_"))
@@ -476,18 +568,28 @@ def main(argv=None) -> int:
                    "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
                   + (["--profile"] if args.profile else []))
         t = time.perf_counter()
-        if not (ckpt / "config.json").is_file():          # part optim reuses part full's checkpoint
-            b = run_sub(["--build", *common], args.timeout)
-            if "error" in b:
-                print(f"[{part}] build failed: {b}")
-                return 1
-            print(f"[{part}] built {MODEL[part]} ({b['parameters'] / 1e9:.2f} B parameters) in "
-                  f"{time.perf_counter() - t:.0f} s", flush=True)
+        names = [v for v in PARTS[part] + EXTRA.get(part, ())
+                 if (v in wanted if wanted else v in PARTS[part])]
+        build_first = not (ckpt / "config.json").is_file()     # part optim reuses part full's checkpoint
+        # each variant in its own process (peak memory, compile caches: nothing carried over); --tiny
+        # runs a part's build and variants in one process (CPU: no device memory to keep apart, and
+        # the ~5 s of imports per process were most of the smoke run)
+        groups = [names] if args.tiny else ([[]] if build_first else []) + [[v] for v in names]
         rows = {}
-        for v in PARTS[part] + EXTRA.get(part, ()):
-            if (wanted and v not in wanted) or (not wanted and v not in PARTS[part]):
-                continue
-            rows[v] = r = run_sub(["--worker", v, *common], args.timeout)
+        for i, group in enumerate(groups):
+            with_build = build_first and i == 0
+            argv = (["--build"] if with_build else []) + (["--worker", ",".join(group)] if group else []) + common
+            results = run_sub(argv, (["build"] if with_build else []) + group, args.timeout * max(1, len(group)))
+            if with_build:
+                b = results.pop("build")
+                if "error" in b:
+                    print(f"[{part}] build failed: {b}")
+                    return 1
+                print(f"[{part}] built {MODEL[part]} ({b['parameters'] / 1e9:.2f} B parameters) in "
+                      f"{time.perf_counter() - t:.0f} s" + (" with its variants" if group else ""), flush=True)
+            rows.update(results)
+        for v in names:
+            r = rows[v]
             failed |= "error" in r
             print(f"[{v}] " + (f"FAILED {r['error']}\n{r.get('tail', '')}" if "error" in r else
                                f"{r['tokens_per_s'] or 0:,.0f} tok/s, {r['step_s_median'] * 1e3:.1f} ms/step, peak "

@@ -1,5 +1,6 @@
-"""benchmarks/train_modes.py end to end on CPU (--tiny): every variant of both parts runs in its own
-process, on the same weights and batches (same first-step loss), and the memory accounting holds."""
+"""benchmarks/train_modes.py end to end on CPU (--tiny): every variant of the three parts runs (on CPU
+a part's variants share one process; on a GPU each has its own), on the same weights and batches
+(same first-step loss, micro-batched or not), and the memory accounting holds."""
 
 from __future__ import annotations
 
@@ -29,8 +30,18 @@ def test_tiny_run_both_parts(tmp_path):
     assert [full[v]["gradient_checkpointing"] for v in ("full_hf", "full_hf_nogc", "full_ours", "full_ours_gc")] \
         == [True, False, True, True]
     assert full["full_ours"]["gradient_checkpointing_reason"] == "auto: on for CPU runs"
+    # ... and checkpointing really recomputes (each decoder layer runs twice a forward): the models
+    # train in train mode, as under Trainer (in eval mode transformers' wrapper silently does nothing)
+    calls = {v: r["decoder_layer_calls_per_forward"] for v, r in [*full.items(), *proj.items()]}
+    assert calls == {"full_hf": 2, "full_hf_nogc": 1, "full_ours": 2, "full_ours_gc": 2, "full_ours_8bit": 2,
+                     "proj_hf": 2, "proj_ours": 2, "proj_ours_mb2": 1}
     assert full["full_ours"]["compiled_vision_blocks"] == 0        # CPU: no compile
-    assert set(proj) == {"proj_hf", "proj_hf16", "proj_ours"}
+    assert set(proj) == {"proj_hf", "proj_ours", "proj_ours_mb2"}
+    # micro-batches of 2 of the 4 rows, no checkpointing: the accumulated loss is the whole batch's
+    assert [proj[v]["micro_batch"] for v in ("proj_hf", "proj_ours", "proj_ours_mb2")] == [4, 4, 2]
+    assert [proj[v]["gradient_checkpointing"] for v in ("proj_hf", "proj_ours", "proj_ours_mb2")] == [True, True, False]
+    assert proj["proj_ours_mb2"]["losses"][0] == pytest.approx(proj["proj_hf"]["losses"][0], rel=1e-3)
+    assert "proj_ours_mb2/proj_hf" in data["parts"]["projector"]["ratios"]
     for rows in (full, proj):
         assert not [v for v, r in rows.items() if "error" in r]
     assert full["full_ours"]["losses"][0] == pytest.approx(full["full_hf"]["losses"][0], rel=1e-3)
