@@ -6,6 +6,7 @@
     python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2 --steps 10
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,ddp2,fsdp2_compiled --steps 8   # fits one device call
+    python benchmarks/multi_gpu.py --model 2b --runs 1gpu,fsdp2_compiled,fsdp2_compiled_fast --steps 12   # FSDP2 layouts
     python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu_eager,fsdp2 --steps 16 --profile   # + per-rank profiles
     python benchmarks/multi_gpu.py --model 2b --runs full_1gpu,full_fsdp2,full8_1gpu,full8_fsdp2 --steps 8
@@ -28,10 +29,11 @@ micro-batch (1 GPU: 2 × accum 2; 2 GPUs: 2 × accum 1), more work per step for 
 Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
   1gpu / 1gpu_eager     one process, compiled (the default) / ``training.compile=false``
   ddp2 / ddp2_eager     ``--nproc 2 distributed.strategy=ddp``: a replica per GPU
-  fsdp2                 ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard (one unit per decoder
-                        layer / vision block, embeddings, lm_head), 4-bit weights stored in bf16 so
-                        FSDP can shard them, adamw_8bit on the shards; eager (compile auto is off
-                        under FSDP); checkpoint at the last step
+  fsdp2                 ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard in the default layout
+                        (decoder layers grouped by ``fsdp_layers_per_unit`` auto, one unit per frozen
+                        vision tower, embeddings, lm_head; vlm.train.fsdp_units), 4-bit weights stored
+                        in bf16 so FSDP can shard them, adamw_8bit on the shards; compile auto (16-bit
+                        LoRA: compiled, 4-bit: eager); checkpoint at the last step
   fsdp2_compiled        the same with ``training.compile=true`` (compiled layers as FSDP units)
   fsdp2_keep            fsdp2 with ``distributed.fsdp_reshard_after_forward=false``: no backward
                         all-gathers, the whole 16-bit model on each GPU during the step
