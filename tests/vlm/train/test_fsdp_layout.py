@@ -129,3 +129,17 @@ def _grad_norms(out):
     """grad_norm per logged step, from the last checkpoint's trainer_state.json."""
     state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
     return [h["grad_norm"] for h in state["log_history"] if "grad_norm" in h]
+
+
+def test_layout_knobs_refuse_bad_values_naming_the_key():
+    from vlm.errors import ConfigError
+    from vlm.train.config import parse_config
+
+    from .test_distributed import MINIMAL
+
+    with pytest.raises(ConfigError, match="distributed.fsdp_layers_per_unit: 0 \\(auto\\) or a number"):
+        parse_config(dict(MINIMAL), ["distributed.fsdp_layers_per_unit=-1"])
+    with pytest.raises(ConfigError, match="distributed.fsdp_frozen_towers: 'gather' is not allowed"):
+        parse_config(dict(MINIMAL), ["distributed.fsdp_frozen_towers=gather"])
+    cfg = parse_config(dict(MINIMAL), ["distributed.fsdp_layers_per_unit=4", "distributed.fsdp_frozen_towers=replicate"])
+    assert (cfg.distributed.fsdp_layers_per_unit, cfg.distributed.fsdp_frozen_towers) == (4, "replicate")
