@@ -6,6 +6,7 @@
     python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2 --steps 10
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,ddp2,fsdp2_compiled --steps 8   # fits one device call
+    python benchmarks/multi_gpu.py --model 2b --runs 1gpu,fsdp2_compiled,fsdp2_compiled_fast --steps 12   # FSDP2 layouts
     python benchmarks/multi_gpu.py --tiny --device cpu --root DIR --runs 1gpu_eager,fsdp2   # CPU smoke (gloo)
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu_eager,fsdp2 --steps 16 --profile   # + per-rank profiles
     python benchmarks/multi_gpu.py --model 2b --runs full_1gpu,full_fsdp2,full8_1gpu,full8_fsdp2 --steps 8
@@ -28,13 +29,22 @@ micro-batch (1 GPU: 2 × accum 2; 2 GPUs: 2 × accum 1), more work per step for 
 Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
   1gpu / 1gpu_eager     one process, compiled (the default) / ``training.compile=false``
   ddp2 / ddp2_eager     ``--nproc 2 distributed.strategy=ddp``: a replica per GPU
-  fsdp2                 ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard (one unit per decoder
-                        layer / vision block, embeddings, lm_head), 4-bit weights stored in bf16 so
-                        FSDP can shard them, adamw_8bit on the shards; eager (compile auto is off
-                        under FSDP); checkpoint at the last step
+  fsdp2                 ``--nproc 2 distributed.strategy=fsdp``: FSDP2 full shard in the default layout
+                        (decoder layers grouped by ``fsdp_layers_per_unit`` auto, one unit per frozen
+                        vision tower, embeddings, lm_head; vlm.train.fsdp_units), 4-bit weights stored
+                        in bf16 so FSDP can shard them, adamw_8bit on the shards; compile auto (16-bit
+                        LoRA: compiled, 4-bit: eager); checkpoint at the last step
   fsdp2_compiled        the same with ``training.compile=true`` (compiled layers as FSDP units)
   fsdp2_keep            fsdp2 with ``distributed.fsdp_reshard_after_forward=false``: no backward
                         all-gathers, the whole 16-bit model on each GPU during the step
+  fsdp2_l1 / fsdp2_compiled_l1   ``distributed.fsdp_layers_per_unit=1``: a unit per decoder layer (the
+                        default, auto, groups layers up to 512 MiB of bf16 weights: 5 per unit at 2B,
+                        1 at 7B; vlm.train.fsdp_units)
+  fsdp2_compiled_rt     compiled, ``distributed.fsdp_frozen_towers=replicate``: the frozen vision tower
+                        left out of FSDP (whole on each GPU: no unit, hooks or all-gather)
+  fsdp2_compiled_keep   compiled, reshard_after_forward false (no backward all-gathers)
+  fsdp2_compiled_fast   compiled, both: towers replicated and units kept gathered to backward (the
+                        speed end of FSDP2 for LoRA; its memory is about DDP's)
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
   full_1gpu / full_fsdp2       ``configs/qwen2_vl_2b_full.yaml`` (method full: bf16 weights, BF16AdamW,
                         gradient checkpointing) in the same packed rows (``data.max_tokens_per_batch=
@@ -77,6 +87,12 @@ EAGER = ["training.compile=false"]
 LORA16 = ["quant=bf16", "training.compile=false"]
 # FSDP2 with the decoder layers kept gathered from forward to backward (speed over memory: fsdp_units)
 KEEP_GATHERED = ["distributed.fsdp_reshard_after_forward=false"]
+# FSDP2 layouts (vlm.train.fsdp_units.Layout): one decoder layer per unit (session 7's layout; the
+# default is auto: 5 per unit at 2B, 1 at 7B), frozen towers left out of FSDP, and both speed knobs
+PER_LAYER = ["distributed.fsdp_layers_per_unit=1"]
+REPLICATE_TOWERS = ["distributed.fsdp_frozen_towers=replicate"]
+FAST = REPLICATE_TOWERS + KEEP_GATHERED
+COMPILED = ["training.compile=true"]
 # method full rows: their own shipped config, the LoRA rows' packed-row batching, eager on 1 and 2 GPUs
 FULL_CONFIG = REPO / "configs" / "qwen2_vl_2b_full.yaml"
 FULL = ["quant=bf16", "data.max_tokens_per_batch=8192", "training.compile=false"]
@@ -98,8 +114,13 @@ def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
     runs = {
         "1gpu": (1, None, one), "1gpu_eager": (1, None, one + EAGER),
         "ddp2": (2, "ddp", two), "ddp2_eager": (2, "ddp", two + EAGER),
-        "fsdp2": (2, "fsdp", two), "fsdp2_compiled": (2, "fsdp", two + ["training.compile=true"]),
+        "fsdp2": (2, "fsdp", two), "fsdp2_compiled": (2, "fsdp", two + COMPILED),
         "fsdp2_keep": (2, "fsdp", two + KEEP_GATHERED),
+        "fsdp2_l1": (2, "fsdp", two + PER_LAYER),
+        "fsdp2_compiled_l1": (2, "fsdp", two + COMPILED + PER_LAYER),
+        "fsdp2_compiled_rt": (2, "fsdp", two + COMPILED + REPLICATE_TOWERS),
+        "fsdp2_compiled_keep": (2, "fsdp", two + COMPILED + KEEP_GATHERED),
+        "fsdp2_compiled_fast": (2, "fsdp", two + COMPILED + FAST),
         "lora16_1gpu": (1, None, one + LORA16), "lora16_fsdp2": (2, "fsdp", two + LORA16),
     }
     suffix, wide_one, wide_two = wide

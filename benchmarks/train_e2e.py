@@ -349,13 +349,11 @@ def main(argv=None) -> int:
                     summary, extra = run_vlm(row, name, ckpt, data, root, args)
                     if row == "vlmtune" and summary.get("steps"):
                         tokens_per_step = summary["tokens"] / summary["steps"]
+                    if summary.get("config"):   # every vlmtune row: its own batching (token budget or samples)
                         budget = (summary.get("data") or {}).get("token_budget") or {}
                         tr = summary["config"]["training"]
                         extra["batch"] = (f"≤{budget['max_tokens_per_batch']} tokens × {tr['grad_accum']}" if budget
                                           else f"{tr['batch_size']} samples × {tr['grad_accum']}")
-                    elif summary.get("config"):
-                        tr = summary["config"]["training"]
-                        extra["batch"] = f"{tr['batch_size']} samples × {tr['grad_accum']}"
                 rows.append(row_result(row, name, summary, args.warmup, time.perf_counter() - t, extra))
             except Exception as e:   # one failed row must not lose the others
                 rows.append({"row": row, "model": name, "error": str(e)[-3000:]})

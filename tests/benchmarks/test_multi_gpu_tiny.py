@@ -66,9 +66,11 @@ def test_fsdp2_bf16_reduces_in_fp32_and_keeps_the_loss(tmp_path):
     the loss to bf16 and averaged gradients in bf16 (seen on 2 × H200: FSDP2 losses were bf16 values).
     The units must run with the recipe's policy — compute in bf16, reduce in fp32, outputs uncast — and
     the loss curve must be the one-process curve. ``--profile``: two more steps profiled on every
-    process, each rank's table copied next to the results, the profiled steps out of the steady rate."""
+    process, each rank's table copied next to the results, the profiled steps out of the steady rate.
+    One decoder layer per unit (``fsdp_layers_per_unit=1``: accelerate's own per-layer wrapping; the
+    default groups the tiny model's layers, as the other tests here run it)."""
     rows = _rows(tmp_path, "--runs", "1gpu_eager,fsdp2", "--steps", "3", "--profile",
-                 "--extra", "model.dtype=bf16", "training.precision=bf16")
+                 "--extra", "model.dtype=bf16", "training.precision=bf16", "distributed.fsdp_layers_per_unit=1")
     for rank_file, rank in (("fsdp2.profile.txt", 0), ("fsdp2.profile_rank1.txt", 1)):
         head = (tmp_path / rank_file).read_text().split("\n", 1)[0]
         assert head.startswith(f"rank {rank}, optimizer steps 4–5: wall "), head
@@ -78,3 +80,4 @@ def test_fsdp2_bf16_reduces_in_fp32_and_keeps_the_loss(tmp_path):
     assert fsdp == pytest.approx(one, rel=2e-3)
     sharding = json.loads((tmp_path / "run_fsdp2" / "summary.json").read_text())["sharding"]
     assert sharding["mixed_precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32", "output_dtype": None}
+    assert set(sharding["layout"]["decoder_unit_layers"]) == {1}

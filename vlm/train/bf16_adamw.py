@@ -68,24 +68,56 @@ _MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D   # the finaliser's multipliers (both < 2�
 _INT32_SPAN = 2 ** 31
 
 
-def index_base(like: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """(i·φ) mod 2³² as int32 bits, i = ``offset`` + the element's flat index in ``like``.
+def _wide(t: torch.Tensor) -> bool:
+    """The hash's integer width on this device: int64 with explicit 32-bit masks on CUDA, int32 elsewhere.
 
-    int32 arithmetic wraps modulo 2³², so the low 32 bits are exact at half the bytes of int64 (the
-    eager CPU update is bound by this integer work). An index past 2³¹ − 1 takes int64 and folds back."""
+    Both give the same 32-bit words (module docstring). On CUDA the update is compiled to Triton, where
+    inductor's int32 wrap-around arithmetic came out as int64 values (its index and shift constants
+    are int64 there) and the final fp32 bitcast of the rounded word failed to compile ("Cannot
+    bitcast data-type of size 64 to data-type of size 32", H200, torch 2.11 / triton 3.6); int64 words
+    masked to 32 bits mean the same thing in eager torch, inductor and Triton. On the CPU, int32 keeps
+    the eager update's integer work at half the bytes."""
+    return t.is_cuda
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def index_base(like: torch.Tensor, offset: int = 0, wide: bool | None = None) -> torch.Tensor:
+    """(i·φ) mod 2³² as a 32-bit word, i = ``offset`` + the element's flat index in ``like``.
+
+    Narrow (int32, the CPU): int32 arithmetic wraps modulo 2³², so the low 32 bits are exact at half
+    the bytes of int64 (the eager CPU update is bound by this integer work); an index past 2³¹ − 1
+    takes int64 and folds back to the signed int32 of the same bits. Wide (int64, CUDA: ``_wide``):
+    the same word as a non-negative int64 in [0, 2³²)."""
     n = like.numel()
+    wide = _wide(like) if wide is None else wide
+    if wide:
+        i = torch.arange(offset, offset + n, device=like.device, dtype=torch.int64)
+        return ((i * _PHI) & _MASK32).view(like.shape)
     if offset + n <= _INT32_SPAN:
         i = torch.arange(offset, offset + n, device=like.device, dtype=torch.int32)
         return (i * _PHI).view(like.shape)
     i = torch.arange(offset, offset + n, device=like.device, dtype=torch.int64)
-    x = (i * _PHI) & 0xFFFFFFFF
+    x = (i * _PHI) & _MASK32
     return (x - ((x >> 31) << 32)).to(torch.int32).view(like.shape)     # the same 32 bits, signed
 
 
 def hash32(base: torch.Tensor, key: torch.Tensor | int, salt: int = 0) -> torch.Tensor:
-    """murmur3's 32-bit finaliser of (base + key + salt) mod 2³², on int32 bits (wrapping multiplies;
-    a logical right shift is the arithmetic one with the sign-extended bits masked off). A bijection
-    of its input: distinct (key, element) pairs give distinct, well-mixed words."""
+    """murmur3's 32-bit finaliser of (base + key + salt) mod 2³², on the words of ``index_base``:
+    int32 (wrapping multiplies; a logical right shift is the arithmetic one with the sign-extended
+    bits masked off) or int64 in [0, 2³²) (every multiply and sum masked to 32 bits; shifts of
+    non-negative words are logical). A bijection of its input: distinct (key, element) pairs give
+    distinct, well-mixed words; both widths give the same words (the low 16 bits, and the high 16
+    after ``(h >> 16) & 0xFFFF``, are equal)."""
+    if base.dtype == torch.int64:
+        k = key if isinstance(key, torch.Tensor) else int(key)
+        x = (base + k + salt) & _MASK32
+        x = x ^ (x >> 16)
+        x = (x * _MIX1) & _MASK32
+        x = x ^ (x >> 15)
+        x = (x * _MIX2) & _MASK32
+        return x ^ (x >> 16)
     k = key.to(torch.int32) if isinstance(key, torch.Tensor) else key    # keys are < 2³¹ (BF16AdamW._key)
     x = base + k
     if salt:
@@ -117,7 +149,8 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | in
         return x.to(dtype)
     if bits is None:
         bits = random_bits16(x, key, offset)
-    rounded = (x.contiguous().view(torch.int32) + bits) & _HIGH16
+    # bits.to(int32): the wide hash's words are int64 (a real conversion, so the sum is int32 in Triton too)
+    rounded = (x.contiguous().view(torch.int32) + bits.to(torch.int32)) & _HIGH16
     return rounded.view(torch.float32).to(torch.bfloat16)    # exact: the low 16 bits are zero
 
 

@@ -179,10 +179,24 @@ class DistributedSection:
     # to backward, no backward all-gathers, but every GPU holds the whole 16-bit model during the step
     # (LoRA: DDP's weight memory with FSDP's hooks; vlm.train.fsdp_units)
     fsdp_reshard_after_forward: bool = True
+    # decoder layers per FSDP2 unit: each unit is one all-gather, one reduce-scatter and one set of
+    # FSDP hooks per pass (host time: an eager or compiled LoRA step is host-bound in them at 2B), and
+    # is held whole while it runs (memory). 0 (auto): as many consecutive layers as fit 512 MiB of
+    # 16-bit weights (Qwen2-VL-2B: 5 per unit; 7B: 1, the memory layout); N: N per unit
+    fsdp_layers_per_unit: int = 0
+    # frozen vision towers (LoRA on the language model): shard (one FSDP unit, 1/N of its weights on
+    # each process) or replicate (left out of FSDP: whole on every process, no unit, no hooks, no
+    # all-gather; frozen, so nothing to reduce). Qwen2-VL's tower: +0.63 GiB per process
+    fsdp_frozen_towers: str = choices("shard", "replicate", default="shard")
     # bitsandbytes' 4-bit storage dtype. auto: the compute dtype (model.dtype) under FSDP (FSDP
     # shards only floating tensors), uint8 otherwise (bitsandbytes' default).
     quant_storage: str = choices("auto", "uint8", "bf16", "fp16", "fp32", default="auto")
     find_unused_parameters: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.fsdp_layers_per_unit < 0:
+            raise ConfigError(f"{where}.fsdp_layers_per_unit: 0 (auto) or a number of decoder layers >= 1, "
+                              f"got {self.fsdp_layers_per_unit}")
 
 
 @dataclass

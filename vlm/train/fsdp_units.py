@@ -11,10 +11,13 @@ tiny Qwen2-VL by tests/vlm/train/test_fsdp_layout.py) and why, for LoRA on packe
 reached 1.91x; an eager step there is host-bound, so every unit's hooks and every all-gather the
 GPU waits for adds to the step):
 
-- one unit per decoder layer: the unit a layer's backward needs, and the most weight one unit holds
-  whole (Qwen2-VL-7B: 233 M parameters, 466 MB in bf16, plus one prefetched: the memory case keeps
-  1/N of everything else);
-- one unit per vision tower when nothing in it trains (``family.component_roots(model, "vision")``:
+- decoder layers in units of ``distributed.fsdp_layers_per_unit`` consecutive layers (``Layout``,
+  ``layer_groups``; auto: up to ``AUTO_UNIT_BYTES`` of 16-bit weights per unit). At 7B one layer
+  (233 M parameters, 466 MB in bf16, plus one prefetched) is already the most weight a unit should
+  hold whole: one per unit, the memory case keeps 1/N of everything else. At 2B a layer is 94 MB and
+  the step is host-bound in FSDP2's per-unit hooks: five layers share a unit (6 units, not 28);
+- one unit per vision tower when nothing in it trains (``fsdp_frozen_towers: replicate``: none — the
+  frozen tower is left out of FSDP, whole on every process, no hooks or all-gather at all) (``family.component_roots(model, "vision")``:
   blocks, patch embedding and merger together) instead of one per vision block (still the cut when
   the tower trains: method full / projector, vision LoRA): the frozen tower runs once per micro-batch
   under no_grad, so 32 units' hooks and 32 all-gathers become one (Qwen2-VL's tower: 675 M
@@ -59,7 +62,9 @@ def sharding_report(model) -> dict:
         whole += _nbytes(p)
         local += _nbytes(p._local_tensor if isinstance(p, DTensor) else p)
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    report = {"parameter_bytes_this_process": local, "parameter_bytes_whole": whole, "fsdp_units": len(units)}
+    # a unit is an FSDP state: the layers of one group (fsdp_units.shard_layer_groups) share one
+    states = {id(m._get_fsdp_state()) for m in units}
+    report = {"parameter_bytes_this_process": local, "parameter_bytes_whole": whole, "fsdp_units": len(states)}
     kinds: dict[str, int] = {}
     for m in units:
         if m is not model:
@@ -72,11 +77,15 @@ def sharding_report(model) -> dict:
     if isinstance(model, FSDPModule):
         inner = {id(p) for m in units if m is not model for p in m.parameters()}
         root: dict[str, int] = {}
+        replicated = 0
         for name, p in model.named_parameters():
-            if id(p) not in inner:
+            if not isinstance(p, DTensor):   # left out of FSDP (ignored_params): whole on every process
+                replicated += _nbytes(p)
+            elif id(p) not in inner:
                 module = name.rsplit(".", 1)[0]
                 root[module] = root.get(module, 0) + _nbytes(p)
         report["root_unit_bytes_whole"] = sum(root.values())
+        report["replicated_bytes"] = replicated
         report["root_unit_modules"] = sorted(root, key=lambda k: -root[k])[:8]
         mp = getattr(model._get_fsdp_state(), "_mp_policy", None)   # what the units were built with
         if mp is not None:
@@ -85,12 +94,14 @@ def sharding_report(model) -> dict:
     return report
 
 
-def unit_classes(model, family) -> list[str] | None:
+def unit_classes(model, family, replicate_frozen_towers: bool = False) -> list[str] | None:
     """Class names for accelerate's ``transformer_layer_cls_to_wrap``: the decoder layer's, and per
     vision tower the tower's own class when nothing in it trains (LoRA on the language model: one
     unit, module doc) or its block class when something does (method full / projector, vision LoRA:
     a unit per block, so its backward gathers one block at a time). None when this model has no
-    decoder layers where the family says (accelerate's default cut then applies)."""
+    decoder layers where the family says (accelerate's default cut then applies).
+    ``replicate_frozen_towers``: a frozen tower is no unit at all (``distributed.fsdp_frozen_towers:
+    replicate``: its parameters are left out of FSDP by ``Layout.pre_wrap``)."""
     from vlm.train.compile import language_layers, vision_blocks
 
     try:
@@ -103,11 +114,28 @@ def unit_classes(model, family) -> list[str] | None:
         frozen = not any(p.requires_grad for p in tower.parameters())
         if any(type(m).__name__ in names[:1] for m in tower.modules()):
             continue   # a "tower" that holds the decoder: leave it to the layers' units
+        if frozen and replicate_frozen_towers:
+            continue
         for name in ([type(tower).__name__] if frozen else
                      sorted({type(m).__name__ for m in tower.modules()} & blocks)):
             if name not in names:
                 names.append(name)
     return names
+
+
+def decoder_units(model, family) -> list:
+    """One FSDP module per decoder unit, in forward order: each layer when a layer is a unit, the
+    first layer of each group when several share one (``shard_layer_groups``: they share one state)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from vlm.train.compile import language_layers
+
+    units, seen = [], set()
+    for m in language_layers(model, family):
+        if isinstance(m, FSDPModule) and id(m._get_fsdp_state()) not in seen:
+            seen.add(id(m._get_fsdp_state()))
+            units.append(m)
+    return units
 
 
 def configure_prefetch(model, family) -> dict:
@@ -119,49 +147,182 @@ def configure_prefetch(model, family) -> dict:
 
     if not isinstance(model, FSDPModule):
         return {}
-    layers = [m for m in language_layers(model, family) if isinstance(m, FSDPModule)]
+    layers = decoder_units(model, family)
     towers = [t for _, t in family.component_roots(model, "vision") if isinstance(t, FSDPModule)]
     if not layers:
         return {}
     for prev, nxt in zip(layers, layers[1:]):
         prev.set_modules_to_forward_prefetch([nxt])
         nxt.set_modules_to_backward_prefetch([prev])
-    for tower in towers:     # the tower runs before the decoder: its start fetches the first layer
-        tower.set_modules_to_forward_prefetch([layers[0]])
+    starters = towers
+    if not starters:   # towers replicated (or none): the input embeddings' unit starts the first layer's
+        embed = getattr(model, "get_input_embeddings", lambda: None)()
+        starters = [embed] if isinstance(embed, FSDPModule) and embed not in layers else []
+    for unit in starters:   # runs before the decoder: its start fetches the first decoder unit
+        unit.set_modules_to_forward_prefetch([layers[0]])
 
     def targets(m, kind):    # read back from FSDP's state: what each unit will prefetch
         return getattr(m._get_fsdp_state(), f"_states_to_{kind}_prefetch", [])
 
-    fwd = sum(1 for m in layers + towers if targets(m, "forward"))
+    states = [id(m._get_fsdp_state()) for m in language_layers(model, family) if isinstance(m, FSDPModule)]
+    sizes = [states.count(id(u._get_fsdp_state())) for u in layers]
+    fwd = sum(1 for m in layers + starters if targets(m, "forward"))
     bwd = sum(1 for m in layers if targets(m, "backward"))
-    return {"forward_prefetch": f"{fwd} units start the next decoder layer's all-gather as they start"
-                                f" ({len(layers) - 1} decoder layers, {len(towers)} whole vision tower units)",
-            "backward_prefetch": f"{bwd} decoder layers start the previous layer's all-gather"}
+    return {"decoder_unit_layers": sizes,   # decoder layers in each unit, in order
+            "forward_prefetch": f"{fwd} units start the next decoder unit's all-gather as they start"
+                                f" ({len(layers) - 1} decoder units, {len(towers)} whole vision tower units"
+                                + ("" if towers or not starters else ", the input embeddings") + ")",
+            "backward_prefetch": f"{bwd} decoder units start the previous unit's all-gather"}
 
 
-def layout_callback(family, reshard_after_forward: bool, say=print):
-    """A TrainerCallback that sets the prefetch once accelerate has built the units (the model is
-    wrapped in place at the start of training) and records the whole layout on the model for
-    ``sharding_report``; ``say`` prints it (main process)."""
-    from transformers import TrainerCallback
+class Layout:
+    """The ``distributed.fsdp_*`` layout knobs, applied around accelerate's wrapping.
 
-    class FsdpLayout(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is None or "_vlm_fsdp_layout" in model.__dict__:
-                return
-            prefetch = configure_prefetch(model, family)
-            if not prefetch:
-                return
-            model._vlm_fsdp_layout = {
-                **prefetch,
-                "reshard_after_forward": ("decoder layers and vision towers freed after forward, gathered "
-                                          "again for backward" if reshard_after_forward else
-                                          "false: every unit kept gathered from its forward to its "
-                                          "backward (the whole model on each process during the step)"),
-                "gradient_sync": "reduce-scatter on the last micro-batch of each optimizer step only "
-                                 "(no_sync: set_requires_gradient_sync(False) before it); trainable "
-                                 "parameters only",
-            }
-            say("fsdp layout: " + "; ".join(f"{k} {v}" for k, v in model._vlm_fsdp_layout.items()))
+    ``pre_wrap`` runs just before accelerate shards the model (``VlmTrainer._prepare_for_training``):
+    frozen vision towers left out of FSDP (``replicate_towers``: accelerate's ``ignored_modules``,
+    i.e. FSDP2's ``ignored_params``: whole on every process, no unit, no hooks, no all-gather; frozen,
+    so no gradient to sync) and the decoder layers cut into groups (``shard_layer_groups``).
+    ``callback`` sets the prefetch once the units exist and records the layout for the summary."""
 
-    return FsdpLayout()
+    def __init__(self, family, layers_per_unit: int = 1, replicate_towers: bool = False,
+                 reshard_after_forward: bool = True, say=print):
+        self.family, self.layers_per_unit, self.replicate_towers = family, layers_per_unit, replicate_towers
+        self.reshard_after_forward, self.say = reshard_after_forward, say
+        self.groups: list[list] = []
+        self.replicated_bytes = 0
+        self.applied = False
+
+    def pre_wrap(self, model, accelerator) -> dict:
+        """Apply the layout; returns {parameter before: parameter after} for what ``fully_shard``
+        replaced (the grouped layers' parameters, now DTensor shards), to re-point an optimizer."""
+        self.applied = True
+        before = dict(model.named_parameters())
+        plugin = accelerator.state.fsdp_plugin
+        if self.replicate_towers and not isinstance(plugin.ignored_modules, str):
+            towers = frozen_towers(model, self.family)
+            plugin.ignored_modules = list(plugin.ignored_modules or []) + towers
+            self.replicated_bytes = sum(_nbytes(p) for t in towers for p in t.parameters())
+        self.groups = shard_layer_groups(model, self.family, accelerator, self.layers_per_unit)
+        names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+        if self.groups and names:   # already units (renamed FSDP<Layer>): accelerate must not look for them
+            grouped = {type(layer).__name__.removeprefix("FSDP") for g in self.groups for layer in g}
+            plugin.transformer_cls_names_to_wrap = [n for n in names if n not in grouped]
+        after = dict(model.named_parameters())
+        return {p: after[n] for n, p in before.items() if n in after and after[n] is not p}
+
+    def describe(self) -> dict:
+        out = {}
+        if self.replicated_bytes:
+            out["frozen_towers"] = (f"replicated: {self.replicated_bytes / 2**20:.1f} MiB whole on every process, "
+                                    "no FSDP unit (frozen: nothing to gather or reduce)")
+        out["reshard_after_forward"] = (
+            "decoder units and vision towers freed after forward, gathered again for backward"
+            if self.reshard_after_forward else
+            "false: every unit kept gathered from its forward to its backward (the whole model on each "
+            "process during the step)")
+        out["gradient_sync"] = ("reduce-scatter on the last micro-batch of each optimizer step only "
+                                "(no_sync: set_requires_gradient_sync(False) before it); trainable parameters only")
+        return out
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        layout = self
+
+        class FsdpLayout(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                if model is None or "_vlm_fsdp_layout" in model.__dict__:
+                    return
+                prefetch = configure_prefetch(model, layout.family)
+                if not prefetch:
+                    return
+                model._vlm_fsdp_layout = {**prefetch, **layout.describe()}
+                layout.say("fsdp layout: " + "; ".join(f"{k} {v}" for k, v in model._vlm_fsdp_layout.items()))
+
+        return FsdpLayout()
+
+
+# Auto layers per unit: consecutive decoder layers join one unit up to this many bytes of their
+# compute-dtype weights. One Qwen2-VL-7B layer (~445 MiB in bf16) is over it alone: one layer per
+# unit, the memory layout; a 2B layer (~89 MiB) groups by 5, so the unit whole plus the prefetched
+# one hold about what one 7B layer and its prefetch hold, with a fifth of the units' hooks.
+AUTO_UNIT_BYTES = 512 * 2**20
+
+
+def _compute_bytes(module, compute_dtype) -> int:
+    """Bytes of ``module``'s parameters once all-gathered for compute (``param_dtype`` when set)."""
+    size = torch.finfo(compute_dtype).bits // 8 if compute_dtype is not None else None
+    return sum(p.numel() * (size or p.element_size()) for p in module.parameters())
+
+
+def layer_groups(layers, setting: int, compute_dtype=None, budget: int = AUTO_UNIT_BYTES) -> list[list]:
+    """Consecutive decoder layers cut into FSDP2 units: the fewest groups of at most ``setting``
+    layers, as equal as they come (28 by 3: eight of 3, two of 2), or with ``setting`` 0 (auto) of at
+    most as many layers as fit ``budget`` bytes of compute-dtype weights (one layer per unit when one
+    layer alone is over it)."""
+    layers = list(layers)
+    if not layers:
+        return []
+    if setting > 0:
+        n = setting
+    else:
+        largest = max(_compute_bytes(layer, compute_dtype) for layer in layers)
+        n = max(1, budget // max(largest, 1))
+    # equal-size groups: 28 layers by at most 5 -> 6 groups of 5,5,5,5,4,4 (not 5×5 + 3)
+    groups, count = [], -(-len(layers) // n)
+    base, extra = divmod(len(layers), count)
+    start = 0
+    for i in range(count):
+        size = base + (1 if i < extra else 0)
+        groups.append(layers[start:start + size])
+        start += size
+    return groups
+
+
+def shard_layer_groups(model, family, accelerator, setting: int) -> list[list]:
+    """``fully_shard`` the decoder layers in groups (``layer_groups``) before accelerate wraps the
+    rest; accelerate then skips them (it wraps only modules not yet FSDP units) and cuts the vision
+    towers, embeddings, lm_head and the root as before. Each group is one FSDP2 unit: one all-gather,
+    one reduce-scatter, one set of hooks (``fully_shard([layer_i, …])``: unshard at the first layer's
+    forward, reshard after the last's). Returns the groups (empty: nothing to group, one layer per
+    unit, or a device mesh other than the default: accelerate's per-layer cut applies).
+
+    The keywords are the ones accelerate's ``fsdp2_prepare_model`` uses for its units (the plugin's
+    reshard, offload and mixed-precision policy, its ignored modules), after the same fp32 upcast of
+    trainable weights it applies under mixed precision."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    from vlm.train.compile import language_layers
+
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(accelerator, "torch_device_mesh", None) is not None:
+        return []
+    try:
+        layers = [m for m in language_layers(model, family) if not isinstance(m, FSDPModule)]
+    except ValueError:
+        return []
+    mp = plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    groups = layer_groups(layers, setting, mp.param_dtype)
+    if all(len(g) == 1 for g in groups):
+        return []
+    params = [p for g in groups for layer in g for p in layer.parameters()]
+    has_4bit = any(type(p).__name__ == "Params4bit" for p in model.parameters())
+    if accelerator.mixed_precision != "no" and not has_4bit:   # accelerate's rule, applied before it would
+        for p in params:
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.to(torch.float32)
+    ignored = {p for m in (plugin.ignored_modules or []) if isinstance(m, torch.nn.Module) for p in m.parameters()}
+    ignored |= {p for p in params if type(p).__name__ == "Params4bit" and not p.requires_grad
+                and not p.is_floating_point()}   # uint8 4-bit storage: accelerate leaves it unsharded too
+    kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+              "mp_policy": mp}
+    for group in groups:
+        mine = {p for layer in group for p in layer.parameters()} & ignored
+        fully_shard(group if len(group) > 1 else group[0], **kwargs, **({"ignored_params": mine} if mine else {}))
+    return groups
+
+
+def frozen_towers(model, family) -> list:
+    """The vision towers in which nothing trains (candidates for ``fsdp_frozen_towers: replicate``)."""
+    return [t for _, t in family.component_roots(model, "vision")
+            if not any(p.requires_grad for p in t.parameters())]

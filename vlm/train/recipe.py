@@ -186,9 +186,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from vlm.train.compile import compile_workers_ready
 
     workers_ready = compile_workers_ready() if plan.compiled else None   # None: no pool (CPU, eager)
-    from vlm.train.fsdp_units import layout_callback, unit_classes
+    from vlm.train.fsdp_units import Layout, unit_classes
 
     workers = resolve_workers(cfg.data.num_workers, device)
+    replicate = cfg.distributed.fsdp_frozen_towers == "replicate"
 
     report_to = list(cfg.logging.report_to)
     if cfg.logging.tensorboard and "tensorboard" not in report_to:
@@ -225,7 +226,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **batch_transfer_arguments(device),
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda",
-                                  wrap_classes=unit_classes(model, family) if strat == "fsdp" else None),
+                                  wrap_classes=unit_classes(model, family, replicate) if strat == "fsdp" else None),
     )
     note = dist.one_device_per_process(args, strat, w)
     if note and w.is_main:
@@ -236,9 +237,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                                                cfg.data.group_by_length and budget is None),
                          optimizer_cls_and_kwargs=(mode.optimizer_cls_and_kwargs if mode else None)
                          or dist.optimizer_cls_and_kwargs(args, strat))
-    if strat == "fsdp":   # prefetch between the units, once accelerate has built them (fsdp_units)
-        trainer.add_callback(layout_callback(family, cfg.distributed.fsdp_reshard_after_forward,
-                                             say=print if w.is_main else (lambda _: None)))
+    if strat == "fsdp":   # layer groups, replicated towers, prefetch between the units (fsdp_units)
+        d = cfg.distributed
+        trainer.fsdp_layout = Layout(family, d.fsdp_layers_per_unit, replicate, d.fsdp_reshard_after_forward,
+                                     say=print if w.is_main else (lambda _: None))
+        trainer.add_callback(trainer.fsdp_layout.callback())
     if cfg.logging.profile_steps:   # every process: rank r > 0 writes profile_rank{r}.txt
         from vlm.train.profiling import StepProfiler
         trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out, rank=w.rank))

@@ -88,6 +88,8 @@ class VlmTrainer(Trainer):
         # set by the recipe for method full/projector under FSDP2 (vlm.train.recipe: why): the
         # forward's autocast dtype, in place of accelerate's mixed precision
         self.autocast_dtype = None
+        # set by the recipe under FSDP2: layer groups and replicated towers (vlm.train.fsdp_units.Layout)
+        self.fsdp_layout = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
 
@@ -120,6 +122,30 @@ class VlmTrainer(Trainer):
 
         fsdp_on_cpu(self)      # FSDP2 on CPU processes too (accelerate would run DDP there)
         fsdp2_precision(self)  # reduce in fp32, the loss as the model computes it (not bf16)
+
+    def create_optimizer(self, model=None):
+        # FSDP2: our layout's part (vlm.train.fsdp_units.Layout) before accelerate wraps the rest — and
+        # after the optimizer exists: Trainer splits param groups by DTensor mesh, so an optimizer built
+        # on half-sharded parameters would group them unlike one process (its checkpoint then would not
+        # resume there). Built on plain parameters, it follows the sharding as accelerate's own switch
+        # does (param_groups swapped to the sharded parameters).
+        pending = (self.optimizer is None and self.fsdp_layout is not None and not self.fsdp_layout.applied
+                   and getattr(self.accelerator, "is_fsdp2", False))
+        optimizer = super().create_optimizer(model)
+        if pending:
+            sharded = self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+            for group in self.optimizer.param_groups:
+                group["params"] = [sharded.get(p, p) for p in group["params"]]
+        return optimizer
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # (an optimizer handed in: no create_optimizer call, the layout goes in here)
+        if (self.fsdp_layout is not None and not self.fsdp_layout.applied
+                and getattr(self.accelerator, "is_fsdp2", False) and self.optimizer is not None):
+            sharded = self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+            for group in self.optimizer.param_groups:
+                group["params"] = [sharded.get(p, p) for p in group["params"]]
+        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
     def _clip_grad_norm(self, model):
         # FSDP2: the norm from the local shards and one all-reduce (vlm.train.local_step), not

@@ -505,3 +505,38 @@ def test_grouped_compiled_step_equals_the_eager_step(monkeypatch):
             assert torch.equal(oa.state[a][k], ob.state[b][k]), k
     assert graphs[0] <= 8 and graphs[-1] == graphs[0], graphs
     assert ob._update_group is not None
+
+
+def test_the_wide_hash_of_cuda_draws_the_cpu_bits(monkeypatch):
+    """On CUDA the rounding hash runs on int64 words masked to 32 bits (inductor's Triton code could
+    not bitcast the int32 version's result); it must draw exactly the CPU's int32 bits, so a run
+    resumed on another device rounds alike: the words, across the 2³¹ index fold, and whole steps."""
+    import vlm.train.bf16_adamw as ba
+
+    like = torch.empty(4099)
+    for offset in (0, 2 ** 31 - 2000, 2 ** 32 - 7):
+        narrow, wide = ba.index_base(like, offset, wide=False), ba.index_base(like, offset, wide=True)
+        assert narrow.dtype == torch.int32 and wide.dtype == torch.int64
+        for key, salt in ((torch.tensor(12345, dtype=torch.int64), 0), (2 ** 31 - 1, 1)):
+            hn, hw = ba.hash32(narrow, key, salt), ba.hash32(wide, key, salt)
+            assert torch.equal(hn & 0xFFFF, hw & 0xFFFF)
+            assert torch.equal((hn >> 16) & 0xFFFF, (hw >> 16) & 0xFFFF)
+            assert int(hw.min()) >= 0 and int(hw.max()) < 2 ** 32
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=g).bfloat16() for s in ((33, 17), (9, 40))]
+    grads = [[torch.randn(w.shape, generator=g).bfloat16() for w in start] for _ in range(3)]
+    runs = []
+    for wide in (False, True):
+        monkeypatch.setattr(ba, "_wide", lambda t, wide=wide: wide)
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = BF16AdamW(params, lr=1e-2, rounding="kahan", state_dtype=torch.bfloat16, seed=5)
+        for step_grads in grads:
+            for p, gr in zip(params, step_grads):
+                p.grad = gr
+            opt.step()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for k in oa.state[a]:
+            assert torch.equal(oa.state[a][k], ob.state[b][k]), k

@@ -96,14 +96,16 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_back(tmp_path, tiny_checkpo
 
 
 def _check_sharding(summary, checkpoint):
-    """Each process holds half the parameter bytes; every decoder layer is its own unit, the frozen
-    vision tower one unit, so are the embeddings and lm_head; the root unit (whole through forward
-    and backward) keeps only the final norm (vlm.train.fsdp_units)."""
+    """Each process holds half the parameter bytes; the decoder layers in units (the tiny model's
+    few small layers: one unit under fsdp_layers_per_unit auto), the frozen vision tower one unit, so
+    are the (tied) embeddings and lm_head; the root unit (whole through forward and backward) keeps only the
+    final norm (vlm.train.fsdp_units)."""
     cfg = json.loads((checkpoint / "config.json").read_text())
     layers = cfg["text_config"]["num_hidden_layers"]
     whole = summary["sharding"]["parameter_bytes_whole"]
     assert summary["parameter_bytes_per_process"] == [whole // 2, whole // 2]
-    assert summary["sharding"]["fsdp_units"] == layers + 4     # + vision tower, embeddings, lm_head, root
+    sizes = summary["sharding"]["layout"]["decoder_unit_layers"]
+    assert sum(sizes) == layers and summary["sharding"]["fsdp_units"] == len(sizes) + 3   # + tower, tied embeddings/lm_head, root
     root = summary["sharding"]["root_unit_modules"]
     kept = (".language_model.norm",)
     assert root and all(any(k in m for k in kept) for m in root), root
