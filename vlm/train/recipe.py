@@ -436,6 +436,8 @@ def startup_lines(startup: dict) -> list[str]:
         lines.append("startup: imports " + ", ".join(f"{k} {v:.1f}" for k, v in startup["imports_split"].items())
                      + " s" + (f"; {nopyc['modules']} modules had no .pyc (compiled from source: {nopyc['s']:.1f} s "
                                "of the above)" if nopyc.get("modules") else ""))
+        if (nopyc.get("modules") or 0) >= MANY_WITHOUT_PYC:
+            lines.append(bytecode_hint())
     if startup.get("first_step_s") is not None:
         lines.append("startup: " + describe_compile(startup.get("first_step_compile") or {}, startup["first_step_s"],
                                                       startup.get("first_step_data_wait_s"),
@@ -464,3 +466,17 @@ def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resol
         write_json(tmp / "vlmtune.json", {"vlmtune": meta})
         save_resolution(tmp, resolution)
     return adapter_dir
+
+
+MANY_WITHOUT_PYC = 200   # a fresh install of our own package alone stays far below this
+
+
+def bytecode_hint() -> str:
+    """What to do when the Python environment compiles its packages from source in every process."""
+    import sys
+
+    why = ("PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode
+           else "site-packages holds no .pyc and may not be writable")
+    return (f"startup: Python is compiling installed packages from source ({why}); every run pays it "
+            "again. A writable bytecode cache saves it from the second run: unset PYTHONDONTWRITEBYTECODE "
+            "and set PYTHONPYCACHEPREFIX to a writable folder (or `python -m compileall` the site-packages)")
