@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from .._concurrent import Run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,13 +17,21 @@ REPO = Path(__file__).resolve().parents[2]
 def test_tiny_rows_measure_and_learn_the_same_thing(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)   # CPU without the interpreter: vlm.kernels.patch steps aside
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_e2e.py"), "--tiny", "--device", "cpu",
-                        "--out", str(tmp_path), "--steps", "5", "--warmup", "1", "--profile",
-                        "--models", "2b_lora,2b_full"],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    data = json.loads((tmp_path / "train_e2e_tiny.json").read_text())
-    by_model = {m: {row["row"]: row for row in data["rows"] if row["model"] == m} for m in ("2b_lora", "2b_full")}
+    # one invocation per model, started together (tests/_concurrent.py: CI's second core)
+    runs = {m: Run([sys.executable, REPO / "benchmarks" / "train_e2e.py", "--tiny", "--device", "cpu",
+                    "--out", tmp_path / m, "--steps", "5", "--warmup", "1", "--profile", "--models", m],
+                   tmp_path / f"logs_{m}", env=env)
+            for m in ("2b_lora", "2b_full")}
+    try:
+        done = {m: run.wait(timeout=900) for m, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.stop()
+    for m, r in done.items():
+        assert r.returncode == 0, m + ": " + r.stdout[-3000:] + r.stderr[-3000:]
+    r = done["2b_lora"]
+    by_model = {m: {row["row"]: row for row in json.loads((tmp_path / m / "train_e2e_tiny.json").read_text())["rows"]
+                    if row["model"] == m} for m in ("2b_lora", "2b_full")}
     rows = by_model["2b_lora"]
     assert set(rows) == set(by_model["2b_full"]) == {"hf", "vlmtune"}
     for row in [*rows.values(), *by_model["2b_full"].values()]:
@@ -43,8 +52,8 @@ def test_tiny_rows_measure_and_learn_the_same_thing(tmp_path):
     assert full["hf"]["trained_parameters"] == full["vlmtune"]["trained_parameters"] > rows["vlmtune"]["trained_parameters"]
     assert full["vlmtune"]["padding_fraction"] < 0.05 < full["hf"]["padding_fraction"]
     assert abs(full["vlmtune"]["loss_last3"] - full["hf"]["loss_last3"]) < 0.1
-    assert "Self CPU time total" in (tmp_path / "2b_lora_vlmtune" / "profile.txt").read_text()
-    md = (tmp_path / "train_e2e_tiny.md").read_text()
+    assert "Self CPU time total" in (tmp_path / "2b_lora" / "2b_lora_vlmtune" / "profile.txt").read_text()
+    md = (tmp_path / "2b_lora" / "train_e2e_tiny.md").read_text()
     assert md.startswith("# `vlm train` end to end")
     # startup opened up: the CLI's import clock by package (the eager CPU row compiles nothing)
     assert rows["vlmtune"]["startup"]["imports_split"]["torch._C"] > 0
