@@ -72,8 +72,8 @@ def _wide(t: torch.Tensor) -> bool:
     """The hash's integer width on this device: int64 with explicit 32-bit masks on CUDA, int32 elsewhere.
 
     Both give the same 32-bit words (module docstring). On CUDA the update is compiled to Triton, where
-    inductor's int32 wrap-around arithmetic came out as int64 values (its index and shift constants
-    are int64 there) and the final fp32 bitcast of the rounded word failed to compile ("Cannot
+    the int32 wrap-around arithmetic came out of inductor's code generation as int64 values and the
+    final fp32 bitcast of the rounded word failed to compile ("Cannot
     bitcast data-type of size 64 to data-type of size 32", H200, torch 2.11 / triton 3.6); int64 words
     masked to 32 bits mean the same thing in eager torch, inductor and Triton. On the CPU, int32 keeps
     the eager update's integer work at half the bytes."""

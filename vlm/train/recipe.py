@@ -426,7 +426,7 @@ def startup_report(t_start: float, t_loaded: float, t_data: float, t_ready: floa
 
 def startup_lines(startup: dict) -> list[str]:
     """The startup report as log lines: phases, then the imports and the first step opened up."""
-    from vlm.train.startup_clock import describe_compile
+    from vlm.train.startup_clock import MANY_WITHOUT_PYC, bytecode_hint, describe_compile
 
     phases = ("imports_s", "load_s", "data_s", "lora_and_fast_path_s", "first_step_s", "to_first_step_s")
     lines = ["startup: " + ", ".join(f"{k.removesuffix('_s')} {startup[k]:.1f} s" for k in phases
@@ -467,16 +467,3 @@ def save_adapter(model, processor, adapter_dir: Path, *, cfg: TrainConfig, resol
         save_resolution(tmp, resolution)
     return adapter_dir
 
-
-MANY_WITHOUT_PYC = 200   # a fresh install of our own package alone stays far below this
-
-
-def bytecode_hint() -> str:
-    """What to do when the Python environment compiles its packages from source in every process."""
-    import sys
-
-    why = ("PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode
-           else "site-packages holds no .pyc and may not be writable")
-    return (f"startup: Python is compiling installed packages from source ({why}); every run pays it "
-            "again. A writable bytecode cache saves it from the second run: unset PYTHONDONTWRITEBYTECODE "
-            "and set PYTHONPYCACHEPREFIX to a writable folder (or `python -m compileall` the site-packages)")

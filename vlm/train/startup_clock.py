@@ -179,6 +179,18 @@ def imports_without_pyc() -> dict | None:
     return None if clock is None else {"modules": clock.from_source, "s": round(clock.from_source_s, 2)}
 
 
+MANY_WITHOUT_PYC = 200   # a fresh install of our own package alone stays far below this
+
+
+def bytecode_hint() -> str:
+    """What to do when the Python environment compiles its packages from source in every process."""
+    why = ("PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode
+           else "site-packages holds no .pyc and may not be writable")
+    return (f"startup: Python is compiling installed packages from source ({why}); every run pays it "
+            "again. A writable bytecode cache saves it from the second run: unset PYTHONDONTWRITEBYTECODE "
+            "and set PYTHONPYCACHEPREFIX to a writable folder (or `python -m compileall` the site-packages)")
+
+
 def compile_split() -> dict:
     """torch.compile's time in this process so far, by phase (seconds), and its cache hits."""
     try:

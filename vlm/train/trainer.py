@@ -133,19 +133,21 @@ class VlmTrainer(Trainer):
                    and getattr(self.accelerator, "is_fsdp2", False))
         optimizer = super().create_optimizer(model)
         if pending:
-            sharded = self.fsdp_layout.pre_wrap(self.model, self.accelerator)
-            for group in self.optimizer.param_groups:
-                group["params"] = [sharded.get(p, p) for p in group["params"]]
+            self._apply_fsdp_layout()
         return optimizer
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         # (an optimizer handed in: no create_optimizer call, the layout goes in here)
         if (self.fsdp_layout is not None and not self.fsdp_layout.applied
                 and getattr(self.accelerator, "is_fsdp2", False) and self.optimizer is not None):
-            sharded = self.fsdp_layout.pre_wrap(self.model, self.accelerator)
-            for group in self.optimizer.param_groups:
-                group["params"] = [sharded.get(p, p) for p in group["params"]]
+            self._apply_fsdp_layout()
         return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+
+    def _apply_fsdp_layout(self) -> None:
+        """Shard by our layout and re-point the optimizer's param groups at the sharded parameters."""
+        sharded = self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+        for group in self.optimizer.param_groups:
+            group["params"] = [sharded.get(p, p) for p in group["params"]]
 
     def _clip_grad_norm(self, model):
         # FSDP2: the norm from the local shards and one all-reduce (vlm.train.local_step), not
