@@ -186,6 +186,17 @@ def compile_language_layers(model: nn.Module, family, *, backend: str = "inducto
     return n
 
 
+def drop_cuda_graphs(model: nn.Module, family, *, backend: str = "inductor") -> int:
+    """Compile the language layers again without CUDA graphs (``vlm.train.graph_steps``' fallback);
+    returns how many. ``torch._dynamo.reset`` drops every compiled graph and the CUDA-graph trees
+    with their memory pool; the vision blocks then recompile on their next call (from inductor's
+    caches). The checkpoint stays inside each layer's call (``checkpoint_inside`` already moved it)."""
+    torch._dynamo.reset()
+    for layer in language_layers(model, family):
+        layer._compiled_call_impl = None
+    return compile_language_layers(model, family, backend=backend, mode=None)
+
+
 def _keep_ddp_reducer() -> None:
     """Compile our per-layer graphs as they are under DDP too.
 

@@ -246,6 +246,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         from vlm.train.profiling import StepProfiler
         trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out, rank=w.rank))
     trainer.autocast_dtype = autocast_dtype
+    if plan.cuda_graphs:   # a step mark before each micro-batch, and the narrow fallback (graph_steps)
+        from vlm.train.graph_steps import GraphSteps
+
+        trainer.graph_steps = GraphSteps(trainer, model, family)
     record = checkpoint_record(resume_from)  # read now: rotation may remove that folder later
     before, resumed_step = run_totals(record), record.get("step")
     trainer.checkpoint_record, trainer.run_before, trainer.segment_start = {"config": plain_cfg}, before, t_start
@@ -306,6 +310,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                         state_dict=output_state)
     elif w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
+    from vlm.train.graph_steps import marks_seen as graph_marks_seen
+
     history = trainer.state.log_history
     if w.is_main:
         plot_loss_curve(history, out / "loss_curve.png", title=f"{Path(cfg.model.path).name}: training loss")
@@ -328,6 +334,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "steady_after_step": steady_after,
         "mlp_chunks": fast.mlp_chunks,
         "cuda_graphs": plan.cuda_graphs,
+        # step marks torch's CUDA-graph trees received (its own counter): one per micro-batch
+        "cuda_graph_step_marks": graph_marks_seen(),
+        # None, or the step at which CUDA-graph replay failed and the layers went on without graphs
+        "cuda_graphs_fallback": trainer.graph_steps.fallback if trainer.graph_steps else None,
         "padded_to": plan.pad_to,
         "dataloader_workers": workers,
         "startup_seconds": startup,

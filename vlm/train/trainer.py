@@ -91,6 +91,9 @@ class VlmTrainer(Trainer):
         # set by the recipe under FSDP2: layer groups and replicated towers (vlm.train.fsdp_units.Layout)
         self.fsdp_layout = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
+        # set by the recipe with training.cuda_graphs: each micro-batch marked as a CUDA-graph step
+        # and guarded by the narrow fallback (vlm.train.graph_steps)
+        self.graph_steps = None
         self.segment_start = time.perf_counter()
 
     def steady_after(self) -> int:
@@ -185,6 +188,11 @@ class VlmTrainer(Trainer):
         if self._train_sampler_factory is not None:
             return self._train_sampler_factory(self.args)
         return super()._get_train_sampler(train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.graph_steps is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self.graph_steps.run(lambda: super(VlmTrainer, self).training_step(model, inputs, num_items_in_batch))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._t0 is None:

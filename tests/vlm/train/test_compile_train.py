@@ -113,5 +113,8 @@ def test_cuda_graphs_setting_pads_every_batch_to_max_length(tmp_path, tiny_check
     assert "CUDA graphs, every batch padded to 96 tokens" in log and "MLP over 2 token blocks" in log
     assert "training.cuda_graphs: samples average" in log and "of 96 tokens" in log
     assert graphs["cuda_graphs"] is True and graphs["padded_to"] == 96 and graphs["mlp_chunks"] == 2
+    # every micro-batch begins with torch's CUDA-graph step mark (torch's own counter; vlm.train.graph_steps)
+    assert graphs["cuda_graph_step_marks"] == graphs["steps"] == 2 and eager["cuda_graph_step_marks"] == 0
+    assert graphs["cuda_graphs_fallback"] is None
     for (step, a), (_, b) in zip(graphs["loss_history"], eager["loss_history"]):
         assert a == pytest.approx(b, rel=1e-4), f"step {step}: padded+compiled {a} vs eager {b}"

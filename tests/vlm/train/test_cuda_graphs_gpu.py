@@ -41,6 +41,9 @@ def test_cuda_graph_training_follows_the_eager_loss_curve(tmp_path, tiny_checkpo
         log, s = runs[name]
         assert "CUDA graphs, every batch padded to 128 tokens" in log
         assert s["cuda_graphs"] is True and s["padded_to"] == 128 and s["steps"] == 6
+        # replayed all the way: the fallback to graphs-free layers (vlm.train.graph_steps) did not fire
+        assert s["cuda_graphs_fallback"] is None, s["cuda_graphs_fallback"]
+        assert s["cuda_graph_step_marks"] == 6
         # fp32 weights; QLoRA's eager path runs the fused NF4+LoRA kernel, the compiled one the op
         for (step, a), (_, b) in zip(s["loss_history"], eager):
             assert a == pytest.approx(b, rel=1e-3 if quant is None else 1e-2), f"{name} step {step}"
