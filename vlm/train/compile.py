@@ -197,6 +197,18 @@ def drop_cuda_graphs(model: nn.Module, family, *, backend: str = "inductor") -> 
     return compile_language_layers(model, family, backend=backend, mode=None)
 
 
+def layers_replay_cuda_graphs(model: nn.Module, family) -> bool:
+    """Whether every compiled language layer was compiled with CUDA graphs (inductor's
+    ``triton.cudagraphs``, which ``mode="reduce-overhead"`` turns on)."""
+    def graphs(layer) -> bool:
+        call = getattr(layer, "_compiled_call_impl", None)
+        call = call.args[0] if isinstance(getattr(call, "args", None), tuple) and call.args else call
+        config = call.get_compiler_config() if hasattr(call, "get_compiler_config") else None
+        return bool((config or {}).get("triton.cudagraphs"))
+
+    return all(graphs(layer) for layer in language_layers(model, family))
+
+
 def _keep_ddp_reducer() -> None:
     """Compile our per-layer graphs as they are under DDP too.
 
