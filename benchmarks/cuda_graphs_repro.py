@@ -64,7 +64,7 @@ def run_variant(name: str, root: Path, ckpt: Path, data: Path, device: str, step
     real_mark, real_fall_back = graph_steps.mark_step_begin, graph_steps.GraphSteps._fall_back
 
     def no_fallback(self, error):
-        raise error
+        raise RuntimeError(error)
 
     graph_steps.mark_step_begin = real_mark if mark else (lambda: None)
     graph_steps.GraphSteps._fall_back = real_fall_back if fallback else no_fallback

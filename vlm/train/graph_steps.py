@@ -88,17 +88,23 @@ class GraphSteps:
                     f"{tr.state.global_step + 1} after earlier micro-batches of the step had accumulated "
                     f"gradients (grad_accum {tr.args.gradient_accumulation_steps}), so the step cannot be "
                     f"run again without them; set training.cuda_graphs: false. torch said: {e}") from e
-            self._fall_back(e)
+            error = str(e)
+        # out of the except block: the failed step's frames (and the graph outputs they hold) are gone
+        # before the CUDA-graph trees are shut down
+        self._fall_back(error)
         tr._pending_counts, tr.computed_tokens = counts
         for p in self.model.parameters():   # the failed backward's partial gradients
             p.grad = None
         return step_fn()
 
-    def _fall_back(self, error: RuntimeError) -> None:
+    def _fall_back(self, error: str) -> None:
+        import gc
+
         step = self.trainer.state.global_step + 1
+        gc.collect()
         n = self._recompile()
         self.graphs_on = False
-        self.fallback = {"step": step, "error": str(error).strip()[:300], "recompiled_layers": n}
+        self.fallback = {"step": step, "error": error.strip()[:300], "recompiled_layers": n}
         print(f"warning: training.cuda_graphs: CUDA-graph replay of the compiled layers failed at step "
               f"{step} (torch's cudagraph trees: an input of a recorded graph died while it was recorded "
               "but is still referenced at replay; pytorch/pytorch#154306). Continuing with compiled layers "
