@@ -12,6 +12,9 @@ is torch's explicit form for training loops: here it is called once before each 
 forward, so the whole forward + backward of a micro-batch is one generation, whatever else is
 compiled in the process.
 
+**Gradient accumulation.** With ``grad_accum`` > 1 each micro-batch after the first is a new
+generation, and the gradients summed so far must not live in the CUDA-graph pool (``stable_grads``).
+
 **Fallback (a safety net, not the fix).** cudagraph trees raise ``RuntimeError: TODO: graph recording
 observed an input tensor deallocate during graph recording that did not occur during replay`` when
 an input of a graph (an output of an earlier graph: a layer's hidden states, a tensor saved for
@@ -55,6 +58,25 @@ def marks_seen() -> int | None:
     return -int(MarkStepBox.mark_step_counter)
 
 
+def stable_grads(params) -> int:
+    """Give every parameter without a gradient a zero one, allocated here (outside any CUDA graph);
+    returns how many.
+
+    Why, with grad_accum > 1: a parameter's first gradient of a step is otherwise the backward
+    graph's output tensor itself (autograd keeps it as ``.grad`` instead of copying), memory of the
+    CUDA-graph pool, which the next micro-batch's replay overwrites while ``.grad`` still holds the
+    sum so far (torch then refuses the access: "accessing gradient tensor output of CUDAGraphs that
+    has been overwritten"). Into a buffer of its own, autograd adds each micro-batch's gradient in
+    place and the graph's output dies with the backward. One optimizer step's gradients are then
+    exactly the same sum; one zero fill per step."""
+    n = 0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+            n += 1
+    return n
+
+
 class GraphSteps:
     """One micro-batch at a time: ``run(step_fn)`` marks the step, runs it and, on the liveness
     error only, falls back to compiled layers without CUDA graphs and runs it again."""
@@ -75,7 +97,10 @@ class GraphSteps:
             return step_fn()
         mark_step_begin()
         tr = self.trainer
-        grads_before = any(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grads_before = any(p.grad is not None for p in trainable)
+        if tr.args.gradient_accumulation_steps > 1:
+            stable_grads(trainable)
         counts = (tr._pending_counts, tr.computed_tokens)   # compute_loss adds this micro-batch's
         try:
             return step_fn()

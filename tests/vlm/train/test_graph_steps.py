@@ -83,11 +83,39 @@ def test_other_errors_and_accumulated_gradients_are_not_swallowed(tmp_path):
     assert steps.fallback is None and steps.graphs_on
     # a second micro-batch of one optimizer step fails: the first one's gradients are mixed in
     x = torch.randn(5, 4)
+    model.zero_grad()
     steps.run(lambda: _step(model, trainer, x, fail_once=[]))
     fail_once = [True]
     with pytest.raises(RuntimeError, match="cuda_graphs: false") as e:
         steps.run(lambda: _step(model, trainer, x, fail_once))
     assert "grad_accum 2" in str(e.value) and steps.fallback is None
+
+
+def test_accumulated_gradients_live_in_buffers_allocated_before_the_backward(tmp_path):
+    """grad_accum > 1: the micro-batch's backward must add into .grad buffers allocated outside the
+    CUDA graphs (vlm.train.graph_steps.stable_grads), not keep the backward's output as .grad."""
+    from vlm.train.graph_steps import GraphSteps
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    seen = []
+
+    def step(x):
+        seen.append([p.grad is not None and not p.grad.any() for p in model.parameters()])
+        return _step(model, trainer, x, [])
+
+    for accum, expect in ((1, [False, False]), (2, [True, True])):
+        model.zero_grad()
+        trainer = _trainer(tmp_path, model, grad_accum=accum)
+        steps = GraphSteps(trainer, model, family=None, recompile=lambda: 0)
+        xs = [torch.randn(5, 4), torch.randn(5, 4)]
+        for x in xs:
+            steps.run(lambda x=x: step(x))
+        assert seen[-2] == expect    # zero buffers present when the first micro-batch's backward ran
+        ref = nn.Linear(4, 3)
+        ref.load_state_dict(model.state_dict())
+        sum(ref(x).pow(2).mean() for x in xs).backward()
+        assert torch.allclose(model.weight.grad, ref.weight.grad) and torch.allclose(model.bias.grad, ref.bias.grad)
 
 
 def test_drop_cuda_graphs_recompiles_the_layers_without_them(tiny_checkpoint):
