@@ -68,7 +68,10 @@ def run_variant(name: str, root: Path, ckpt: Path, data: Path, device: str, step
 
     graph_steps.mark_step_begin = real_mark if mark else (lambda: None)
     graph_steps.GraphSteps._fall_back = real_fall_back if fallback else no_fallback
+    from torch._inductor.cudagraph_trees import MarkStepBox
+
     torch._dynamo.reset()   # also clears the CUDA-graph trees
+    MarkStepBox.mark_step_counter = 0   # "no step marks yet": torch's own default mode of generations
     t0 = time.perf_counter()
     try:
         result = train(_config(root / name, ckpt, data, device, steps, extra))

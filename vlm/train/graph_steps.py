@@ -84,6 +84,7 @@ class GraphSteps:
     def __init__(self, trainer, model, family, *, recompile: Callable[[], int] | None = None):
         self.trainer, self.model, self.family = trainer, model, family
         self.graphs_on = True
+        self.marks = 0                  # micro-batches begun with torch's step mark
         self.fallback: dict | None = None   # why and when CUDA graphs were dropped (summary.json)
         self._recompile = recompile or self._drop_graphs
 
@@ -96,6 +97,7 @@ class GraphSteps:
         if not self.graphs_on:
             return step_fn()
         mark_step_begin()
+        self.marks += 1
         tr = self.trainer
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         grads_before = any(p.grad is not None for p in trainable)

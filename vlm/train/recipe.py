@@ -312,8 +312,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                                         state_dict=output_state)
     elif w.is_main:
         save_adapter(model, processor, adapter_dir, cfg=cfg, resolution=resolution, state_dict=adapter_state)
-    from vlm.train.graph_steps import marks_seen as graph_marks_seen
-
     history = trainer.state.log_history
     if w.is_main:
         plot_loss_curve(history, out / "loss_curve.png", title=f"{Path(cfg.model.path).name}: training loss")
@@ -336,8 +334,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "steady_after_step": steady_after,
         "mlp_chunks": fast.mlp_chunks,
         "cuda_graphs": plan.cuda_graphs,
-        # step marks torch's CUDA-graph trees received (its own counter): one per micro-batch
-        "cuda_graph_step_marks": graph_marks_seen(),
+        # micro-batches begun with torch's CUDA-graph step mark (vlm.train.graph_steps)
+        "cuda_graph_step_marks": trainer.graph_steps.marks if trainer.graph_steps else 0,
         # None, or the step at which CUDA-graph replay failed and the layers went on without graphs
         "cuda_graphs_fallback": trainer.graph_steps.fallback if trainer.graph_steps else None,
         "padded_to": plan.pad_to,
