@@ -118,7 +118,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     # the data section's image root and bad-record policy hold for calibration records too
     calibration = ({"path": cfg.data.train[0].path, "image_root": cfg.data.image_root,
                     "on_error": cfg.data.on_error} if cfg.data.train else None)
-    model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
+    # FSDP on GPUs: a 16-bit model loads to host memory; each unit reaches the GPU as it is sharded
+    load_device = dist.staging_device(cfg, device, strat)
+    model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=load_device, quant=cfg.quant,
                                 calibration=calibration,
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
     family = model.vlm_family
@@ -175,7 +177,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             warnings.warn_explicit(caught_warning.message, caught_warning.category,
                                    caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
+    fast = fast_path.apply(model, family, cfg, plan, train_set.lengths, device=device)
     packing_hook = (packed_forward.enable(model, family, varlen=cfg.training.packed_attention == "varlen",
                                           cuda_graphs=plan.cuda_graphs)
                     if budget is not None and budget.packed else None)

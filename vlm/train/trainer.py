@@ -144,10 +144,20 @@ class VlmTrainer(Trainer):
         return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
     def _apply_fsdp_layout(self) -> None:
-        """Shard by our layout and re-point the optimizer's param groups at the sharded parameters."""
-        sharded = self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+        """Shard by our layout and re-point the optimizer's param groups at the sharded parameters.
+
+        The groups hold parameter *names* meanwhile: an optimizer holding the unsharded weights would
+        keep each of them alive after its unit is sharded (method full: the whole model beside its
+        shards), which is the load peak ``fsdp_units.shard_model`` exists to avoid."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        slots = []
         for group in self.optimizer.param_groups:
-            group["params"] = [sharded.get(p, p) for p in group["params"]]
+            slots.append([names.get(id(p), p) for p in group["params"]])
+            group["params"] = []
+        self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+        after = dict(self.model.named_parameters())
+        for group, slot in zip(self.optimizer.param_groups, slots):
+            group["params"] = [after[p] if isinstance(p, str) else p for p in slot]
 
     def _clip_grad_norm(self, model):
         # FSDP2: the norm from the local shards and one all-reduce (vlm.train.local_step), not
