@@ -94,14 +94,16 @@ def sharding_report(model) -> dict:
     return report
 
 
-def unit_classes(model, family, replicate_frozen_towers: bool = False) -> list[str] | None:
+def unit_classes(model, family, replicate_frozen_towers: bool = False, tower_blocks: bool = False) -> list[str] | None:
     """Class names for accelerate's ``transformer_layer_cls_to_wrap``: the decoder layer's, and per
     vision tower the tower's own class when nothing in it trains (LoRA on the language model: one
     unit, module doc) or its block class when something does (method full / projector, vision LoRA:
     a unit per block, so its backward gathers one block at a time). None when this model has no
     decoder layers where the family says (accelerate's default cut then applies).
     ``replicate_frozen_towers``: a frozen tower is no unit at all (``distributed.fsdp_frozen_towers:
-    replicate``: its parameters are left out of FSDP by ``Layout.pre_wrap``)."""
+    replicate``: its parameters are left out of FSDP by ``Layout.pre_wrap``). ``tower_blocks``
+    (``fsdp_frozen_towers: blocks``): a frozen tower is cut per block too (its forward then holds
+    one block and the prefetched next one whole, not the whole tower: ``configure_prefetch``)."""
     from vlm.train.compile import language_layers, vision_blocks
 
     try:
@@ -116,7 +118,7 @@ def unit_classes(model, family, replicate_frozen_towers: bool = False) -> list[s
             continue   # a "tower" that holds the decoder: leave it to the layers' units
         if frozen and replicate_frozen_towers:
             continue
-        for name in ([type(tower).__name__] if frozen else
+        for name in ([type(tower).__name__] if frozen and not tower_blocks else
                      sorted({type(m).__name__ for m in tower.modules()} & blocks)):
             if name not in names:
                 names.append(name)
@@ -143,7 +145,7 @@ def configure_prefetch(model, family) -> dict:
     it set, for the sharding report. No-op outside FSDP2."""
     from torch.distributed.fsdp import FSDPModule
 
-    from vlm.train.compile import language_layers
+    from vlm.train.compile import language_layers, vision_blocks
 
     if not isinstance(model, FSDPModule):
         return {}
@@ -155,6 +157,11 @@ def configure_prefetch(model, family) -> dict:
         prev.set_modules_to_forward_prefetch([nxt])
         nxt.set_modules_to_backward_prefetch([prev])
     starters = towers
+    blocks = [b for b in (vision_blocks(model, family) if family.vision_blocks else []) if isinstance(b, FSDPModule)]
+    if blocks and not towers:   # a unit per vision block: each starts the next one's all-gather
+        for prev, nxt in zip(blocks, blocks[1:]):
+            prev.set_modules_to_forward_prefetch([nxt])
+        starters = blocks[-1:]
     if not starters:   # towers replicated (or none): the input embeddings' unit starts the first layer's
         embed = getattr(model, "get_input_embeddings", lambda: None)()
         starters = [embed] if isinstance(embed, FSDPModule) and embed not in layers else []
@@ -166,12 +173,13 @@ def configure_prefetch(model, family) -> dict:
 
     states = [id(m._get_fsdp_state()) for m in language_layers(model, family) if isinstance(m, FSDPModule)]
     sizes = [states.count(id(u._get_fsdp_state())) for u in layers]
-    fwd = sum(1 for m in layers + starters if targets(m, "forward"))
+    fwd = sum(1 for m in layers + list(dict.fromkeys(blocks + starters)) if targets(m, "forward"))
     bwd = sum(1 for m in layers if targets(m, "backward"))
     return {"decoder_unit_layers": sizes,   # decoder layers in each unit, in order
             "forward_prefetch": f"{fwd} units start the next decoder unit's all-gather as they start"
                                 f" ({len(layers) - 1} decoder units, {len(towers)} whole vision tower units"
-                                + ("" if towers or not starters else ", the input embeddings") + ")",
+                                + (f", {len(blocks)} vision block units" if blocks and not towers else "")
+                                + ("" if towers or blocks or not starters else ", the input embeddings") + ")",
             "backward_prefetch": f"{bwd} decoder units start the previous unit's all-gather"}
 
 

@@ -228,7 +228,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **batch_transfer_arguments(device),
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda",
-                                  wrap_classes=unit_classes(model, family, replicate) if strat == "fsdp" else None),
+                                  wrap_classes=unit_classes(model, family, replicate,
+                                                            tower_blocks=cfg.distributed.fsdp_frozen_towers == "blocks")
+                                  if strat == "fsdp" else None),
     )
     note = dist.one_device_per_process(args, strat, w)
     if note and w.is_main:

@@ -8,7 +8,10 @@ as its ``fully_shard`` returns. Here, in 2 gloo processes on CPU, the bytes of l
 counted after every ``fully_shard`` call (``_fsdp_load_peak_worker.live_tensor_bytes``: exact
 storage sizes, no RSS): they must never rise above what the process held before the first call
 (the model as loaded, the data, the LoRA weights) by more than a few percent of the model, where
-accelerate's cut added half of it. Training must still match one process step for step."""
+accelerate's cut added half of it. Training must still match one process step for step.
+
+The run uses ``distributed.fsdp_frozen_towers: blocks`` (a unit per vision block, chained by forward
+prefetch; the default layout's sharded runs are test_multi_gpu_tiny's and test_cross_resume's)."""
 
 from __future__ import annotations
 
@@ -37,13 +40,19 @@ def test_fsdp2_sharding_frees_each_unit_and_matches_one_process(tmp_path, tiny_c
     ref = train(load_config(one), progress=False).summary
     (tmp_path / "two").mkdir()
     two = write_config(tmp_path / "two", ck, data.sharegpt_json, max_steps=2, save_steps=10, batch_size=2)
-    r = subprocess.run([sys.executable, str(WORKER), str(two), str(tmp_path / "two")], env=_env(),
+    r = subprocess.run([sys.executable, str(WORKER), str(two), str(tmp_path / "two"), "blocks"], env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((tmp_path / "two" / f"rank{rank}.json").read_text())
         whole, before, calls = got["whole"], got["before_first"], got["calls"]
-        assert len(calls) >= 3, calls   # decoder units, tower, tail, root
+        assert len(calls) >= 4, calls   # decoder units, vision blocks, tail, root
+        units, layout = got["sharding"]["unit_classes"], got["sharding"]["layout"]
+        assert units.get("Qwen2VLVisionBlock", 0) >= 2 and "Qwen2VisionTransformerPretrainedModel" not in units, units
+        blocks = units["Qwen2VLVisionBlock"]
+        # each block starts the next one's all-gather, the last block the first decoder unit's
+        assert layout["forward_prefetch"].startswith(f"{blocks} units"), layout
+        assert f"{blocks} vision block units" in layout["forward_prefetch"], layout
         over = max(calls) - before
         assert over <= 0.05 * whole, (
             f"rank {rank}: {over} bytes of tensors above the model as loaded while sharding "
