@@ -46,6 +46,8 @@ Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
   fsdp2_compiled_fast   compiled, both: towers replicated and units kept gathered to backward (the
                         speed end of FSDP2 for LoRA; its memory is about DDP's)
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
+  lora16_fsdp2_vb       lora16_fsdp2 with ``distributed.fsdp_frozen_towers=blocks``: a unit per vision
+                        block (the tower's forward holds ~2 blocks whole instead of the whole tower)
   full_1gpu / full_fsdp2       ``configs/qwen2_vl_2b_full.yaml`` (method full: bf16 weights, BF16AdamW,
                         gradient checkpointing) in the same packed rows (``data.max_tokens_per_batch=
                         8192``), eager, one process / FSDP2 on 2 GPUs: each GPU holds half the weights,
@@ -92,6 +94,8 @@ KEEP_GATHERED = ["distributed.fsdp_reshard_after_forward=false"]
 PER_LAYER = ["distributed.fsdp_layers_per_unit=1"]
 REPLICATE_TOWERS = ["distributed.fsdp_frozen_towers=replicate"]
 FAST = REPLICATE_TOWERS + KEEP_GATHERED
+# a unit per vision block: the tower's forward holds ~2 blocks whole, not the whole tower (memory)
+TOWER_BLOCKS = ["distributed.fsdp_frozen_towers=blocks"]
 COMPILED = ["training.compile=true"]
 # method full rows: their own shipped config, the LoRA rows' packed-row batching, eager on 1 and 2 GPUs
 FULL_CONFIG = REPO / "configs" / "qwen2_vl_2b_full.yaml"
@@ -122,6 +126,7 @@ def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
         "fsdp2_compiled_keep": (2, "fsdp", two + COMPILED + KEEP_GATHERED),
         "fsdp2_compiled_fast": (2, "fsdp", two + COMPILED + FAST),
         "lora16_1gpu": (1, None, one + LORA16), "lora16_fsdp2": (2, "fsdp", two + LORA16),
+        "lora16_fsdp2_vb": (2, "fsdp", two + LORA16 + TOWER_BLOCKS),
     }
     suffix, wide_one, wide_two = wide
     runs.update({k + suffix: (n, st, [o for o in ov if o not in one + two] + (wide_two if n == 2 else wide_one))
