@@ -75,8 +75,12 @@ def resolve(cfg, device: str, strategy: str) -> Plan:
 def apply(model, family, cfg, plan: Plan, lengths: list[int], device=None) -> Applied:
     """``device``: where the model will train when it is staged elsewhere now (FSDP: host memory,
     each unit moved to its GPU as it is sharded: ``vlm.train.distributed.staging_device``)."""
+    from vlm.train.no_kv_cache import disable_kv_cache
     from vlm.vision_attention import batch_equal_images
 
+    # a compiled layer given a cache compiles once per layer and, under CUDA graphs, records the
+    # cache's tensors (vlm.train.no_kv_cache); every caller of the fast path trains without one
+    disable_kv_cache(model)
     done = Applied(vision_attention_batched=batch_equal_images(model, family))
     if cfg.kernels:
         from vlm.kernels import patch
