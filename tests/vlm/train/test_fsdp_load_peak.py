@@ -61,3 +61,24 @@ def test_fsdp2_sharding_frees_each_unit_and_matches_one_process(tmp_path, tiny_c
         assert calls[-1] <= before - 0.4 * whole, (calls[-1], before, whole)
         for (step, a), (_, b) in zip(got["loss_history"], ref["loss_history"], strict=True):
             assert a == pytest.approx(b, rel=RTOL, abs=ATOL), f"step {step}: FSDP2 {a} vs one process {b}"
+
+
+def test_fsdp_on_gpus_stages_a_16bit_lora_model_in_host_memory():
+    """Where ``vlm.load`` puts the model (``staging_device``): host memory only for FSDP on GPUs with a
+    16-bit LoRA model (each unit then reaches its GPU as it is sharded); a 4-bit policy quantizes as
+    it moves to CUDA and method full / projector are not staged: they load on the GPU as before."""
+    from vlm.train.config import parse_config
+    from vlm.train.distributed import staging_device
+
+    from .test_distributed import MINIMAL
+
+    def where(device, strat, *overrides):
+        return staging_device(parse_config(dict(MINIMAL), list(overrides)), device, strat)
+
+    assert where("cuda:1", "fsdp", "quant=bf16") == "cpu"
+    assert where("cuda:1", "fsdp") == "cpu"   # no quant policy: 16-bit
+    assert where("cuda:1", "fsdp", "quant=nf4") == "cuda:1"
+    assert where("cuda:1", "fsdp", "quant=bf16", "method=full") == "cuda:1"
+    assert where("cuda:1", "ddp", "quant=bf16") == "cuda:1"
+    assert where("cuda:0", "single", "quant=bf16") == "cuda:0"
+    assert where("cpu", "fsdp", "quant=bf16") == "cpu"
