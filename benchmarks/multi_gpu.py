@@ -207,6 +207,7 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
                global_batch=s["config"]["training"]["batch_size"] * s["config"]["training"]["grad_accum"] * nproc,
                fsdp_layout=(s.get("sharding") or {}).get("layout"),
                fsdp_unit_classes=(s.get("sharding") or {}).get("unit_classes"),
+               training_peak_phase=s.get("training_peak_phase"),   # rank 0's (vlm.train.peak_phase)
                recompiles_after_step_1=[k for k in s.get("compile_steps") or [] if k > 1])
     if args.profile:
         row["profiles"] = _profiles(out, root, row["run"])
@@ -293,6 +294,11 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
                      f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {mem} | {wait} | {r['steps']} | "
                      f"{r['final_loss']:.4f} | {r.get('bytes_per_trained_parameter') or ''} | "
                      f"{r.get('invocation') or 'not recorded'} |")
+    phases = [r for r in rows if r.get("training_peak_phase")]
+    if phases:   # which moment of the step holds the peak decides which FSDP knob can lower it
+        lines += ["", "Training peak reached in (rank 0, vlm.train.peak_phase):", ""]
+        lines += [f"- {r['run']}: {r['training_peak_phase']['phase']} "
+                  f"({r['training_peak_phase']['bytes'] / GiB:.2f} GiB)" for r in phases]
     curves = {r["run"]: dict(r["loss_history"]) for r in rows if r.get("loss_history")}
     if len(curves) > 1:
         lines += ["", "Loss per optimizer step (same global batch, same data order):", "",

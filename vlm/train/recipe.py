@@ -248,6 +248,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         trainer.fsdp_layout = Layout(family, d.fsdp_layers_per_unit, replicate, d.fsdp_reshard_after_forward,
                                      say=print if w.is_main else (lambda _: None))
         trainer.add_callback(trainer.fsdp_layout.callback())
+    # where the training peak is reached: eager runs (hooks in a compiled layer would break its graph)
+    if torch.cuda.is_available() and str(device).startswith("cuda") and not plan.compiled:
+        from vlm.train import peak_phase
+
+        trainer.peak_phases = peak_phase.PeakPhases()
+        trainer.add_callback(peak_phase.callback(trainer.peak_phases, family))
     if cfg.logging.profile_steps:   # every process: rank r > 0 writes profile_rank{r}.txt
         from vlm.train.profiling import StepProfiler
         trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out, rank=w.rank))
@@ -364,6 +370,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "parameter_bytes_per_process": param_bytes_per_process,     # FSDP: each process's shards
         "sharding": sharding,    # whole parameter bytes; FSDP units and what the root unit holds whole
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
+        # this process's: the phase of the step in which the training peak was reached (CUDA)
+        "training_peak_phase": trainer.peak_phases.report() if trainer.peak_phases is not None else None,
         "trainable_parameters": trainable,
         "bytes_per_trained_parameter": per_param,
         "final_loss": losses[-1] if losses else None,

@@ -90,6 +90,9 @@ class VlmTrainer(Trainer):
         self.autocast_dtype = None
         # set by the recipe under FSDP2: layer groups and replicated towers (vlm.train.fsdp_units.Layout)
         self.fsdp_layout = None
+        # set by the recipe on CUDA: in which phase of the step the training peak was reached
+        # (vlm.train.peak_phase)
+        self.peak_phases = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         self.segment_start = time.perf_counter()
 
@@ -202,6 +205,8 @@ class VlmTrainer(Trainer):
             self.load_peak_bytes = self.peak_memory_bytes()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()   # from here on: the training peak
+                if self.peak_phases is not None:
+                    self.peak_phases.reset()
         ids = inputs.get("input_ids")
         if ids is not None:
             self.computed_tokens += ids.numel()
@@ -214,10 +219,14 @@ class VlmTrainer(Trainer):
             self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=self.args.device.type, dtype=self.autocast_dtype):
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+        else:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+        if self.peak_phases is not None:   # from here: the loss's backward (cross-entropy, lm_head)
+            self.peak_phases.mark("loss backward (cross-entropy, lm_head)")
+        return out
 
     def log(self, logs, *args, **kwargs):
         """Adds ``tokens_per_s`` (non-padding tokens / wall second since the first step) and memory
