@@ -4,6 +4,7 @@
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2,resume_fsdp2_on_1gpu,resume_1gpu_on_fsdp2 --steps 10
     python benchmarks/multi_gpu.py --runs 1gpu,ddp2,ddp2_eager,fsdp2_compiled --steps 10
     python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2 --steps 10
+    python benchmarks/multi_gpu.py --runs lora16_fsdp2,lora16_fsdp2_vb,lora16_1gpu --steps 6   # FSDP2 memory: peaks + the peak's phase
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,ddp2,fsdp2_compiled --steps 8   # fits one device call
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,fsdp2_compiled,fsdp2_compiled_fast --steps 12   # FSDP2 layouts
