@@ -27,7 +27,7 @@
      At equal bytes both rank as well (benchmarks/results/quant_policies_*: the same KL gap closed
      at 1.15× NF4 on the demo base, and every planted outlier protected by both).
 
-2. ``choose_protected``: a group's score s_g is E_g (``metric: propagated``, the default), KL_g
+2. ``choose_protected`` (``tiers: [bf16]``, the default): a group's score s_g is E_g (``metric: propagated``, the default), KL_g
    (``metric: output``), or Σ e_a / Σ e_w of its members (``metric: activation`` / ``weight``,
    the older rankings). Protecting g
    costs S_g = Σ (bytes16 − bytesQ) of its members. Order:
@@ -43,6 +43,9 @@
    Each group is protected when it still fits the budget (a fraction f: protected parameters ≤ f ×
    candidate parameters; bytes B: Σ S_g ≤ B), else skipped and the next one tried. The analysis
    records what the protection costs in bytes either way (``extra_bytes``).
+
+3. ``choose_tiers`` (``tiers: [int8w, bf16]``): the same outlier rules, then per group nf4 / int8w
+   (vlm.quant.int8_linear) / 16-bit by measured error removed per extra byte; see its docstring.
 
 Deterministic given the errors; the errors are reproducible for a seed and a calibration set.
 ``measure(timing=...)`` records where the analysis time went (capture, per-layer errors, group
@@ -407,7 +410,8 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
             spent += cost[t][g]
             state[g] = t
             chosen.append({"group": g, "tier": t, "why": "local outlier" if g in local_out else "output outlier",
-                           "error": score["nf4"][g], "error_in_tier": score[t][g], "extra_bytes": cost[t][g]})
+                           "error": score["nf4"][g], "error_in_tier": score[t][g], "extra_bytes": cost[t][g],
+                           "error_per_MB": (score["nf4"][g] - score[t][g]) / max(cost[t][g], 1) * 1e6})
         else:
             left_out.append({"group": g, "error": score["nf4"][g], "tier": t, "cost": cost[t][g],
                              "budget_left": limit - spent})
@@ -429,9 +433,10 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
         spent += cost[t][g] - cost[state[g]][g]
         state[g] = t
         chosen.append({"group": g, "tier": t, "why": "per byte", "error": score["nf4"][g],
-                       "error_in_tier": score[t][g], "extra_bytes": cost[t][g]})
+                       "error_in_tier": score[t][g], "extra_bytes": cost[t][g], "error_per_MB": best[0] * 1e6})
     out = {m: t for g, t in state.items() if t != "nf4" for m in groups[g]}
-    analysis = {"metric": metric, "budget": budget, "budget_unit": "bytes", "budget_limit": limit,
+    unit = "× the candidates' 16-bit extra bytes" if isinstance(budget, float) else "bytes"
+    analysis = {"metric": metric, "budget": budget, "budget_unit": unit, "budget_limit": limit,
                 "budget_spent": spent, "extra_bytes": int(spent), "tiers": list(tiers),
                 "candidate_params": sum(lp.params for lp in cands.values()),
                 "median_error": median, "median_layer_error": local_median,
