@@ -15,6 +15,10 @@ Math (row r of W ∈ ℝ^{out×in}, computed in float32):
 Bounds: |W_rj − Ŵ_rj| ≤ s_r / 2 (round to nearest), so for any input x
     |y_r − ŷ_r| ≤ ‖x‖₁ · s_r / 2     (+ the rounding of Ŵ and of the matmul in x's dtype).
 
+Backward (``_Int8Matmul``): ∂L/∂x = ∂L/∂y · Ŵ with Ŵ rebuilt from q and s, so autograd keeps the
+int8 codes between forward and backward, not a 16-bit copy of the weight (as bitsandbytes' 4-bit
+matmul does); the frozen weight gets no gradient.
+
 Storage: out·in int8 codes + out float32 steps (``layer_bytes(..., "int8w")`` = out·in + 4·out;
 the bias stays in its 16-bit dtype). The layer is weight-only: activations are never quantized
 (unlike bitsandbytes' LLM.int8, whose matmul quantizes them too). It subclasses ``nn.Linear`` so
@@ -60,6 +64,23 @@ def int8w_dequantized(weight: torch.Tensor) -> torch.Tensor:
     return dequantize_rows(codes, step, weight.dtype)
 
 
+class _Int8Matmul(torch.autograd.Function):
+    """y = x Ŵᵀ (+ b), Ŵ = q · s rebuilt in x's dtype in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, codes, step, bias):
+        ctx.save_for_backward(codes, step)
+        ctx.has_bias = bias is not None
+        return F.linear(x, dequantize_rows(codes, step, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        codes, step = ctx.saved_tensors
+        grad_x = grad_y.matmul(dequantize_rows(codes, step, grad_y.dtype)) if ctx.needs_input_grad[0] else None
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_b
+
+
 class Int8Linear(nn.Linear):
     """y = x (q · s)ᵀ + b with int8 codes q and float32 row steps s (frozen); see the module docstring."""
 
@@ -95,6 +116,8 @@ class Int8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _Int8Matmul.apply(x, self.weight, self.weight_scale, bias)
         return F.linear(x, self.dequantized(x.dtype), bias)
 
     def to_linear(self, dtype: torch.dtype) -> nn.Linear:
