@@ -200,6 +200,7 @@ def setup(variant: str, args, batches):
     from vlm.families import family_for_config
     from vlm.load import load_config
     from vlm.train import fast_path, modes
+    from vlm.train.no_kv_cache import disable_kv_cache
 
     part = "full" if variant.startswith("full") else "projector"
     lr = 1e-5 if part == "full" else 1e-3
@@ -239,7 +240,7 @@ def setup(variant: str, args, batches):
     info["gradient_checkpointing"] = variant != "full_hf_nogc"
     if part == "projector":
         model.enable_input_require_grads()    # HF's recipe for a frozen base
-    model.config.use_cache = False
+    disable_kv_cache(model)   # as vlm train does: no cache built by a training forward (either side)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = args.device.startswith("cuda")       # Trainer's default optim: adamw_torch_fused
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)

@@ -168,7 +168,9 @@ class TritonRMSNorm(torch.nn.Module):
     def from_module(cls, mod: torch.nn.Module, offset: float = 0.0) -> "TritonRMSNorm":
         eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
         new = cls(mod.weight.shape[0], eps, weight=mod.weight, offset=offset)
-        new._replaced = mod  # kept for unpatch
+        # kept for unpatch, as a plain attribute: a registered submodule would put the shared weight
+        # in the state dict twice (save_pretrained refuses it; FSDP would see one parameter twice)
+        object.__setattr__(new, "_replaced", mod)
         return new
 
     def forward(self, x):

@@ -60,7 +60,11 @@ def test_patched_equals_unpatched(variant, tiny_checkpoint, count_calls):
     batch = batch_for(model, proc)
     ref_out, ref = _loss_and_grads(model, batch)
 
+    keys = list(model.state_dict())
     rep = K.patch(model, family)
+    # the patched model saves as the original: same state-dict keys (no swapped-out module's copy of a
+    # weight: save_pretrained refuses such shared tensors, FSDP would see one parameter twice)
+    assert list(model.state_dict()) == keys
     layers = model.config.get_text_config().num_hidden_layers
     assert rep.counts["rms_norm"] >= 2 * layers + 1
     mlp, other_mlp = (("geglu", "swiglu") if family.language_kernels.mlp_activation == "gelu_tanh"

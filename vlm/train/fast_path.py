@@ -73,8 +73,12 @@ def resolve(cfg, device: str, strategy: str) -> Plan:
 
 
 def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
+    from vlm.train.no_kv_cache import disable_kv_cache
     from vlm.vision_attention import batch_equal_images
 
+    # a compiled layer given a cache compiles once per layer and, under CUDA graphs, records the
+    # cache's tensors (vlm.train.no_kv_cache); every caller of the fast path trains without one
+    disable_kv_cache(model)
     done = Applied(vision_attention_batched=batch_equal_images(model, family))
     if cfg.kernels:
         from vlm.kernels import patch

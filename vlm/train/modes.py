@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from vlm.errors import ConfigError, VlmError
+from vlm.train.no_kv_cache import disable_kv_cache, use_cache_as_loaded
 
 MODEL_DIR = "model"
 PROJECTOR_DIR = "projector"
@@ -179,7 +180,7 @@ def prepare(model, family, cfg, *, device: str | None = None, strategy: str = "s
             # embeddings; text-only batches need the text embeddings to carry one (as in vlm.lora)
             emb = model.get_input_embeddings()
             emb.register_forward_hook(_output_requires_grad)
-    model.config.use_cache = False
+    disable_kv_cache(model)   # every config the modules read (vlm.train.no_kv_cache)
     no_grad_when_frozen(model, family)
     opt, name = optimizer_for(model, cfg)
     return ModeSetup(trainable=counts, optimizer_cls_and_kwargs=opt, optimizer=name, checkpointing=decision)
@@ -376,8 +377,9 @@ def save_output(model, processor, out: Path, *, cfg, resolution, state_dict: dic
                         "training": to_plain(cfg.training)}}
     with replacing_folder(target) as tmp:
         if cfg.method == "full":
-            save_model(model, tmp, family, safe_serialization=True,   # hub names: vLLM serves it
-                       **({} if state_dict is None else {"state_dict": state_dict}))
+            with use_cache_as_loaded(model):   # the checkpoint's own generation setting, not training's
+                save_model(model, tmp, family, safe_serialization=True,   # hub names: vLLM serves it
+                           **({} if state_dict is None else {"state_dict": state_dict}))
         else:
             tensors = projector_state_dict(model, family) if state_dict is None else state_dict
             dtype = model.dtype
