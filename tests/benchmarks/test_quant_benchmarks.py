@@ -20,7 +20,8 @@ def test_quant_policies_tiny(tmp_path):
     rep = json.loads((tmp_path / "quant_policies.json").read_text())
     rows = {(x["name"], x["budget"]): x for x in rep["rows"]}
     assert {"bf16", "nf4", "skip-list"} <= {n for n, _ in rows}
-    for name in ("random", "heuristic", "policy (propagated)", "policy (KL)"):
+    for name in ("random", "heuristic", "policy (propagated)", "policy (KL)", "random int8w",
+                 "policy (propagated, int8w+bf16)"):
         for budget in ("1.15x nf4", "= skip-list"):
             assert (name, budget) in rows, (name, budget)
     assert rows[("bf16", "-")]["kl"] == 0 and rows[("nf4", "-")]["kl"] > 0
