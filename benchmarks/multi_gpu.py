@@ -4,6 +4,7 @@
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2,resume_fsdp2_on_1gpu,resume_1gpu_on_fsdp2 --steps 10
     python benchmarks/multi_gpu.py --runs 1gpu,ddp2,ddp2_eager,fsdp2_compiled --steps 10
     python benchmarks/multi_gpu.py --runs lora16_1gpu,lora16_fsdp2 --steps 10
+    python benchmarks/multi_gpu.py --runs lora16_fsdp2,lora16_fsdp2_vb,lora16_1gpu --steps 6   # FSDP2 memory: peaks + the peak's phase
     python benchmarks/multi_gpu.py --runs 1gpu_eager,fsdp2 --extra kernels=false --tag nk     # rows with overrides
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,ddp2,fsdp2_compiled --steps 8   # fits one device call
     python benchmarks/multi_gpu.py --model 2b --runs 1gpu,fsdp2_compiled,fsdp2_compiled_fast --steps 12   # FSDP2 layouts
@@ -46,6 +47,8 @@ Rows (each a fresh ``vlm train`` process tree, so memory peaks never mix):
   fsdp2_compiled_fast   compiled, both: towers replicated and units kept gathered to backward (the
                         speed end of FSDP2 for LoRA; its memory is about DDP's)
   lora16_1gpu / lora16_fsdp2   16-bit LoRA (``quant=bf16``), eager: FSDP's memory case
+  lora16_fsdp2_vb       lora16_fsdp2 with ``distributed.fsdp_frozen_towers=blocks``: a unit per vision
+                        block (the tower's forward holds ~2 blocks whole instead of the whole tower)
   full_1gpu / full_fsdp2       ``configs/qwen2_vl_2b_full.yaml`` (method full: bf16 weights, BF16AdamW,
                         gradient checkpointing) in the same packed rows (``data.max_tokens_per_batch=
                         8192``), eager, one process / FSDP2 on 2 GPUs: each GPU holds half the weights,
@@ -92,6 +95,8 @@ KEEP_GATHERED = ["distributed.fsdp_reshard_after_forward=false"]
 PER_LAYER = ["distributed.fsdp_layers_per_unit=1"]
 REPLICATE_TOWERS = ["distributed.fsdp_frozen_towers=replicate"]
 FAST = REPLICATE_TOWERS + KEEP_GATHERED
+# a unit per vision block: the tower's forward holds ~2 blocks whole, not the whole tower (memory)
+TOWER_BLOCKS = ["distributed.fsdp_frozen_towers=blocks"]
 COMPILED = ["training.compile=true"]
 # method full rows: their own shipped config, the LoRA rows' packed-row batching, eager on 1 and 2 GPUs
 FULL_CONFIG = REPO / "configs" / "qwen2_vl_2b_full.yaml"
@@ -122,6 +127,7 @@ def _runs(batching: str) -> dict[str, tuple[int, str | None, list[str]]]:
         "fsdp2_compiled_keep": (2, "fsdp", two + COMPILED + KEEP_GATHERED),
         "fsdp2_compiled_fast": (2, "fsdp", two + COMPILED + FAST),
         "lora16_1gpu": (1, None, one + LORA16), "lora16_fsdp2": (2, "fsdp", two + LORA16),
+        "lora16_fsdp2_vb": (2, "fsdp", two + LORA16 + TOWER_BLOCKS),
     }
     suffix, wide_one, wide_two = wide
     runs.update({k + suffix: (n, st, [o for o in ov if o not in one + two] + (wide_two if n == 2 else wide_one))
@@ -202,6 +208,7 @@ def run(name: str, runs: dict, model: Path, data: Path, root: Path, args) -> dic
                global_batch=s["config"]["training"]["batch_size"] * s["config"]["training"]["grad_accum"] * nproc,
                fsdp_layout=(s.get("sharding") or {}).get("layout"),
                fsdp_unit_classes=(s.get("sharding") or {}).get("unit_classes"),
+               training_peak_phase=s.get("training_peak_phase"),   # rank 0's (vlm.train.peak_phase)
                recompiles_after_step_1=[k for k in s.get("compile_steps") or [] if k > 1])
     if args.profile:
         row["profiles"] = _profiles(out, root, row["run"])
@@ -288,6 +295,11 @@ def write(rows: list[dict], env: dict, results: Path, stem: str) -> Path:
                      f"{', '.join(map(str, r['peak_mem_gib_per_gpu']))} | {mem} | {wait} | {r['steps']} | "
                      f"{r['final_loss']:.4f} | {r.get('bytes_per_trained_parameter') or ''} | "
                      f"{r.get('invocation') or 'not recorded'} |")
+    phases = [r for r in rows if r.get("training_peak_phase")]
+    if phases:   # which moment of the step holds the peak decides which FSDP knob can lower it
+        lines += ["", "Training peak reached in (rank 0, vlm.train.peak_phase):", ""]
+        lines += [f"- {r['run']}: {r['training_peak_phase']['phase']} "
+                  f"({r['training_peak_phase']['bytes'] / GiB:.2f} GiB)" for r in phases]
     curves = {r["run"]: dict(r["loss_history"]) for r in rows if r.get("loss_history")}
     if len(curves) > 1:
         lines += ["", "Loss per optimizer step (same global batch, same data order):", "",

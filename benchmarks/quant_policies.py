@@ -13,6 +13,10 @@ Rows (every linear of vision tower, projector and language model is a candidate;
                   (vlm.quant.propagated; one block forward per group)
     policy (KL)   the same ranking on the output KL (``metric: output``; a whole-model forward
                   per group), and its leave-one-out variant
+    random int8w  random groups stored int8w (vlm.quant.int8_linear) instead of 16-bit, same bytes
+    policy (propagated, int8w+bf16)  ``tiers: [int8w, bf16]``: each group also measured stored
+                  int8w, then per group nf4 / int8w / bf16 by error removed per extra byte
+                  (vlm.quant.sensitivity.choose_tiers)
 
 random / heuristic / policy run at two byte budgets: ``--ratio`` × the NF4 bytes (default 1.15) and
 the skip list's bytes. Metrics against the bf16 model on held-out scenes (never the calibration
@@ -50,10 +54,11 @@ LARGE_MROPE = [8, 12, 12]                       # sums to head_dim / 2 = 64 / 2
 LARGE_VISION = dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4)
 
 
-def _variants(plan, errors, ratio: float, random_seeds: int, loo=None, propagated=None) -> list[dict]:
+def _variants(plan, errors, ratio: float, random_seeds: int, loo=None, propagated=None,
+              propagated_int8w=None) -> list[dict]:
     """Rows: name, budget label, precisions per layer, and (for random) the seed."""
     from vlm.quant.policy import QUANTIZED
-    from vlm.quant.sensitivity import choose_protected
+    from vlm.quant.sensitivity import choose_protected, choose_tiers
 
     dq = plan.policy.double_quant
     base = {n: lp.precision for n, lp in plan.layers.items()}
@@ -77,23 +82,32 @@ def _variants(plan, errors, ratio: float, random_seeds: int, loo=None, propagate
             p.update({n: "bf16" for n in names})
             return p
 
-        for seed in range(random_seeds):
-            order = sorted(groups)
-            random.Random(seed).shuffle(order)
-            spent, keep = 0, []
-            for g in order:
-                cost = sum(plan.layers[m].nbytes("bf16", dq) - plan.layers[m].nbytes(None, dq)
-                           for m in groups[g])
-                if spent + cost <= extra:
-                    spent += cost
-                    keep += groups[g]
-            rows.append({"name": "random", "budget": label, "prec": protect(keep), "seed": seed})
+        for tier, row_name in (("bf16", "random"), ("int8w", "random int8w")):
+            if tier == "int8w" and propagated_int8w is None:
+                continue
+            for seed in range(random_seeds):
+                order = sorted(groups)
+                random.Random(seed).shuffle(order)
+                spent, keep = 0, []
+                for g in order:
+                    cost = sum(plan.layers[m].nbytes(tier, dq) - plan.layers[m].nbytes(None, dq)
+                               for m in groups[g])
+                    if spent + cost <= extra:
+                        spent += cost
+                        keep += groups[g]
+                rows.append({"name": row_name, "budget": label, "seed": seed,
+                             "prec": dict(base) | dict.fromkeys(keep, tier)})
         old, _ = choose_protected(plan, errors, budget=extra, metric="activation", outliers_first=False)
         rows.append({"name": "heuristic", "budget": label, "prec": protect(old)})
         if propagated is not None:
             new, analysis = choose_protected(plan, propagated, budget=extra, metric="propagated")
             rows.append({"name": "policy (propagated)", "budget": label, "prec": protect(new),
                          "outliers": analysis["outliers"]})
+        if propagated_int8w is not None:
+            tiers, analysis = choose_tiers(plan, propagated, {"int8w": propagated_int8w}, budget=extra,
+                                           metric="propagated", tiers=("int8w", "bf16"))
+            rows.append({"name": "policy (propagated, int8w+bf16)", "budget": label,
+                         "prec": dict(base) | tiers, "outliers": analysis["outliers"]})
         new, analysis = choose_protected(plan, errors, budget=extra, metric="output")
         rows.append({"name": "policy (KL)", "budget": label, "prec": protect(new),
                      "outliers": analysis["outliers"]})
@@ -151,11 +165,13 @@ def run(args) -> dict:
                                                            seed=77, image_size=image_size))
     else:                                 # the product's default: synthetic shapes (vlm.quant.calibration)
         calib = calibration_batches(None, processor, n=args.calibration_samples, seed=policy.seed)
-    timing = {"propagated": {}, "output": {}, "output_leave_one_out": {}}
+    timing = {"propagated": {}, "propagated_int8w": {}, "output": {}, "output_leave_one_out": {}}
+    extend = policy.propagate_blocks if args.extend is None else args.extend
     prop = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
-                   seed=policy.seed, sensitivity="propagated",
-                   extend=policy.propagate_blocks if args.extend is None else args.extend,
-                   timing=timing["propagated"])
+                   seed=policy.seed, sensitivity="propagated", extend=extend, timing=timing["propagated"])
+    prop8 = measure(model, dict.fromkeys(cands, "int8w"), calib, double_quant=True, max_rows=policy.max_rows,
+                    seed=policy.seed, sensitivity="propagated", extend=extend,
+                    timing=timing["propagated_int8w"])
     errors = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
                      seed=policy.seed, sensitivity="output", mode="isolated", timing=timing["output"])
     loo = measure(model, cands, calib, double_quant=True, max_rows=policy.max_rows,
@@ -169,7 +185,7 @@ def run(args) -> dict:
     ref = reference_logits(model, batches)
     ref_captions = _captions(model, processor, items, args.batch_size)
     refs = [it.reference for it in items]
-    rows = _variants(plan, errors, args.ratio, args.random_seeds, loo, prop)
+    rows = _variants(plan, errors, args.ratio, args.random_seeds, loo, prop, prop8)
     results = []
     for row in rows:
         a = agreement(model, row["prec"], batches, double_quant=True, reference=ref)
@@ -181,7 +197,9 @@ def run(args) -> dict:
             "same_caption_as_bf16": sum(c == r for c, r in zip(caps, ref_captions)) / len(items),
             "protected": sorted(n for n, p in row["prec"].items() if p == "bf16"
                                 and plan.layers[n].precision != "bf16"),
-            "planted_protected": None if planted is None else row["prec"][planted] == "bf16"})
+            "int8w": sorted(n for n, p in row["prec"].items() if p == "int8w"),
+            "planted_protected": None if planted is None else row["prec"][planted] in ("bf16", "int8w"),
+            "planted_tier": None if planted is None else row["prec"][planted]})
     table = _aggregate(results)
     return {"model": str(args.model), "device": args.device, "dtype": args.dtype,
             "calibration": f"{args.calibration} × {args.calibration_samples}",
@@ -197,13 +215,16 @@ def _aggregate(results: list[dict]) -> list[dict]:
         k = (r["name"], r["budget"])
         if k not in out:
             out[k] = {"name": r["name"], "budget": r["budget"], "n": 0,
-                      **{x: 0.0 for x in keys}, "planted_protected": r["planted_protected"]}
+                      **{x: 0.0 for x in keys}, "planted_protected": r["planted_protected"],
+                      "planted_tiers": []}
         o = out[k]
         o["n"] += 1
         for x in keys:
             o[x] += r[x]
         if r["planted_protected"] is not None:
             o["planted_protected"] = (o["planted_protected"] if o["n"] > 1 else True) and r["planted_protected"]
+            if r["planted_tier"] not in o["planted_tiers"]:
+                o["planted_tiers"].append(r["planted_tier"])
     rows = []
     nf4 = next(r for r in results if r["name"] == "nf4")
     for o in out.values():
@@ -226,7 +247,7 @@ def markdown(report: dict) -> str:
                  for k, t in report.get("analysis_timing", {}).items()),
              "",
              "| variant | budget | MB | × nf4 | KL vs bf16 | gap closed | top-1 | caption exact "
-             "| same caption as bf16 |" + (" planted 16-bit |" if report["planted"] else ""),
+             "| same caption as bf16 |" + (" planted protected |" if report["planted"] else ""),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if report["planted"] else "")]
     for r in report["rows"]:
         gap = "-" if r["kl_gap_closed"] is None else f"{100 * r['kl_gap_closed']:.0f} %"
@@ -234,7 +255,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['budget']} | {r['bytes'] / 1e6:.3f} | {r['bytes_vs_nf4']:.3f} | "
                      f"{r['kl']:.5f} | {gap} | {r['top1']:.3f} | {r['caption_exact']:.3f} | "
                      f"{r['same_caption_as_bf16']:.3f} |"
-                     + (f" {'yes' if r['planted_protected'] else 'no'} |" if report["planted"] else ""))
+                     + (f" {'yes' if r['planted_protected'] else 'no'} ({'/'.join(r['planted_tiers'])}) |"
+                        if report["planted"] else ""))
     return "\n".join(lines)
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from vlm.kernels._forwards import hf_model, restore_forward, set_forward
 from vlm.kernels._util import interpreting
 from vlm.kernels.fused_linear_cross_entropy import logit_softcap, patch_cross_entropy
@@ -79,11 +81,13 @@ def _language_root(hf, family):
 
 def patch(model, family=None, *, enabled: bool = True, rms_norm: bool = True, rope: bool = True,
           swiglu: bool = True, cross_entropy: bool = True, nf4_lora: bool = True,
-          nf4_linear: bool = False) -> PatchReport:
+          nf4_linear: bool = False, device=None) -> PatchReport:
     """Patch ``model`` (a transformers VLM or a PeftModel around one) in place; return the report.
 
     ``family``: the model's ``vlm.families.Family`` (default: ``model.vlm_family``, which
-    ``vlm.load`` sets). ``swiglu`` switches the gated-MLP kernel of either activation."""
+    ``vlm.load`` sets). ``swiglu`` switches the gated-MLP kernel of either activation. ``device``:
+    where the model will run, when that is not where its weights are now (FSDP training stages the
+    model in host memory and moves each unit to its GPU as it shards it; default: the weights')."""
     hf = hf_model(model)
     if not enabled:
         unpatch(model)
@@ -100,7 +104,7 @@ def patch(model, family=None, *, enabled: bool = True, rms_norm: bool = True, ro
         rep.skipped["all"] = "no family given (pass family=, or load the model with vlm.load)"
         return rep
     rep = PatchReport(family=family.name)
-    dev = next(hf.parameters()).device
+    dev = torch.device(device) if device is not None else next(hf.parameters()).device
     if dev.type != "cuda" and not interpreting():
         rep.skipped["all"] = f"model on {dev.type}: Triton needs CUDA (or TRITON_INTERPRET=1)"
         return rep

@@ -20,7 +20,8 @@ def test_quant_policies_tiny(tmp_path):
     rep = json.loads((tmp_path / "quant_policies.json").read_text())
     rows = {(x["name"], x["budget"]): x for x in rep["rows"]}
     assert {"bf16", "nf4", "skip-list"} <= {n for n, _ in rows}
-    for name in ("random", "heuristic", "policy (propagated)", "policy (KL)"):
+    for name in ("random", "heuristic", "policy (propagated)", "policy (KL)", "random int8w",
+                 "policy (propagated, int8w+bf16)"):
         for budget in ("1.15x nf4", "= skip-list"):
             assert (name, budget) in rows, (name, budget)
     assert rows[("bf16", "-")]["kl"] == 0 and rows[("nf4", "-")]["kl"] > 0
@@ -64,3 +65,15 @@ def test_quant_analysis_cost_tiny(tmp_path):
         assert row["wall_s"] + 0.01 >= t["total_s"] > 0      # wall_s: 2 decimals
     assert 0 < rep["protected_overlap"]["both"] <= rep["protected_overlap"]["either"]
     assert "propagated: analysis" in r.stdout and "output: analysis" in r.stdout
+
+
+def test_int8w_linear_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "int8w_linear.py"), "--tiny", "--device", "cpu",
+                        "--out", str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {x["layer"]: x for x in json.loads((tmp_path / "int8w_linear.json").read_text())["rows"]}
+    assert set(rows) == {"bf16 nn.Linear", "int8w Int8Linear", "nf4 bnb Linear4bit"}
+    assert rows["bf16 nn.Linear"]["rel_error_vs_bf16"] == 0
+    # the tier's point: far below NF4's error at ~half of 16-bit's weight bytes
+    assert 0 < rows["int8w Int8Linear"]["rel_error_vs_bf16"] < 0.2 * rows["nf4 bnb Linear4bit"]["rel_error_vs_bf16"]
+    assert rows["int8w Int8Linear"]["weight_MiB"] < 0.6 * rows["bf16 nn.Linear"]["weight_MiB"]

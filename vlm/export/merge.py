@@ -47,16 +47,20 @@ def _processor_files(folder: Path) -> list[Path]:
 
 
 def dequantize_bnb(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Replace every bitsandbytes 4/8-bit linear in ``model`` by an ``nn.Linear`` in ``dtype``.
+    """Replace every bitsandbytes 4/8-bit linear and every vlm ``Int8Linear`` (int8w) in ``model`` by
+    an ``nn.Linear`` in ``dtype`` holding its dequantized weight.
 
     Returns how many layers were replaced. ``peft``'s own merge into a 4-bit layer would re-quantize
     the merged weight (losing the adapter's fine detail), hence dequantize *before* merging.
     """
+    from vlm.quant.int8_linear import dequantize_int8w
+
+    n_int8w = dequantize_int8w(model, dtype)   # vlm's own int8 tier: W = q · s (vlm.quant.int8_linear)
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
     except ImportError:
-        return 0
+        return n_int8w
     swaps = []
     for name, mod in model.named_modules():
         if isinstance(mod, bnb.nn.Linear4bit):
@@ -96,7 +100,7 @@ def dequantize_bnb(model: torch.nn.Module, dtype: torch.dtype) -> int:
             model._weight_conversions = [c for c in conv if not any(
                 "bitsandbytes" in type(op).__module__ or "bnb" in type(op).__name__.lower()
                 for op in (getattr(c, "operations", None) or []))] or None
-    return len(swaps)
+    return len(swaps) + n_int8w
 
 
 def load_merged(adapter: str | Path, *, base: str | None = None, dtype: str | torch.dtype | None = None,

@@ -113,8 +113,8 @@ def mm_processor_kwargs(limits: dict[str, int]) -> dict:
 def policy_from_record(quant: object) -> object:
     """A quantization spec that reloads the base exactly as training quantized it.
 
-    The recorded plan (``vlm.quant``'s ``policy`` + ``protected``) becomes a static policy whose
-    overrides keep the protected layers 16-bit, so a ``dynamic`` policy is not re-measured (a new
+    The recorded plan (``vlm.quant``'s ``policy`` + ``protected`` + ``protected_int8w``) becomes a
+    static policy whose overrides keep the protected layers 16-bit (or int8w), so a ``dynamic`` policy is not re-measured (a new
     calibration could protect different layers). Preset names / None pass through.
     """
     if not isinstance(quant, dict) or "policy" not in quant:
@@ -123,5 +123,6 @@ def policy_from_record(quant: object) -> object:
     pol["dynamic"] = False
     overrides = dict(pol.get("overrides") or {})
     overrides.update({name: "bf16" for name in quant.get("protected") or []})
+    overrides.update({name: "int8w" for name in quant.get("protected_int8w") or []})
     pol["overrides"] = overrides
     return pol

@@ -8,7 +8,7 @@
 
 Files: policy.py (what), plan.py (where, per full module name), metrics.py (error math, bytes),
 capture.py (calibration inputs in one pass), sensitivity.py (output KL per layer, rank and
-protect), calibration.py (batches), loading.py (bitsandbytes load/save), vllm_names.py (skip names
+protect; ``choose_tiers``: nf4 / int8w / 16-bit per group), int8_linear.py (the int8w tier's layer), calibration.py (batches), loading.py (bitsandbytes load/save), vllm_names.py (skip names
 vLLM reads), agreement.py and report.py (``vlm quant-report``), plants.py (planted outliers that
 tests and benchmarks/quant_policies.py check the analysis with).
 """

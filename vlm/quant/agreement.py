@@ -21,18 +21,18 @@ import torch.nn.functional as F
 
 from vlm.quant.capture import move_batch
 from vlm.quant.metrics import dequantized
-from vlm.quant.policy import QUANTIZED
+from vlm.quant.policy import LOW_BIT
 
 
 @contextmanager
 def simulated(model, precisions: dict[str, str], double_quant: bool = True):
-    """Temporarily replace the weights of layers with a quantized precision by deq(q(W))."""
+    """Temporarily replace the weights of layers with a quantized precision (int8w too) by deq(q(W))."""
     modules = dict(model.named_modules())
     saved = {}
     try:
         with torch.no_grad():
             for name, prec in precisions.items():
-                if prec in QUANTIZED:
+                if prec in LOW_BIT:
                     w = modules[name].weight
                     saved[name] = w.data
                     w.data = dequantized(w.data, prec, double_quant)

@@ -17,7 +17,8 @@
    config.json next to the standard ``quantization_config`` when the model is saved.
 
 Storage type: one of nf4/fp4/int8 per model, the rest 16-bit in the load dtype (bf16/fp16 in a
-policy both mean "not quantized").
+policy both mean "not quantized"), except layers planned ``int8w``: loaded 16-bit by transformers
+(skip list), then swapped to vlm.quant.int8_linear.Int8Linear.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from vlm.quant import plan_cache
 from vlm.quant.calibration import calibration_batches
 from vlm.quant.cpu_path import use_portable_cpu_path
 from vlm.quant.plan import QuantPlan, quantizable_linears, resolve_plan
-from vlm.quant.policy import FOUR_BIT, QUANTIZED, QuantPolicy
-from vlm.quant.sensitivity import GROUP_FIELDS, choose_protected, measure, timing_line
+from vlm.quant.int8_linear import dequantized_linears, int8w_layers, quantize_int8w
+from vlm.quant.policy import FOUR_BIT, INT8W, QUANTIZED, QuantPolicy
+from vlm.quant.sensitivity import GROUP_FIELDS, choose_protected, choose_tiers, measure, timing_line
 from vlm.quant.vllm_names import vllm_skip_names
 
 
@@ -73,8 +75,20 @@ def analyse(model, family, policy: QuantPolicy, batches: list[dict] | None, *,
                      timing=timing)
     if not policy.sensitivity:
         return resolve_plan(policy, model, family, analysis={"errors": errors, "timing": timing})
-    t = time.perf_counter()
-    protected, analysis = choose_protected(base, errors, budget=policy.budget, metric=policy.metric)
+    if INT8W in policy.tiers:   # the same measurement with the candidates stored int8w
+        tier_timing: dict = {}
+        int8w_errors = measure(model, dict.fromkeys(names, INT8W), batches, double_quant=policy.double_quant,
+                               max_rows=policy.max_rows, seed=policy.seed, sensitivity=group_metric,
+                               fp32=policy.analysis_dtype == "fp32", extend=policy.propagate_blocks,
+                               timing=tier_timing)
+        timing["int8w_total_s"] = tier_timing["total_s"]
+        timing["total_s"] = round(timing["total_s"] + tier_timing["total_s"], 3)
+        t = time.perf_counter()
+        protected, analysis = choose_tiers(base, errors, {INT8W: int8w_errors}, budget=policy.budget,
+                                           metric=policy.metric, tiers=policy.tiers)
+    else:
+        t = time.perf_counter()
+        protected, analysis = choose_protected(base, errors, budget=policy.budget, metric=policy.metric)
     timing["ranking_s"] = round(time.perf_counter() - t, 3)
     analysis["errors"] = errors
     analysis["timing"] = timing
@@ -127,9 +141,9 @@ def bnb_layer_names(model) -> dict[str, str]:
 
 
 def verify(model, plan: QuantPlan) -> None:
-    """The bitsandbytes layers of ``model`` must be exactly the plan's quantized layers."""
-    got = bnb_layer_names(model)
-    want = {n: plan.layers[n].precision for n in plan.quantized()}
+    """The bitsandbytes and int8w layers of ``model`` must be exactly the plan's quantized layers."""
+    got = bnb_layer_names(model) | dict.fromkeys(int8w_layers(model), INT8W)
+    want = {n: plan.layers[n].precision for n in plan.quantized() + plan.int8w()}
     if got != want:
         extra = sorted(set(got) - set(want))[:3]
         missing = sorted(set(want) - set(got))[:3]
@@ -143,10 +157,15 @@ def _metadata(plan: QuantPlan) -> dict[str, Any]:
     errs = meta.get("analysis", {}).get("errors")
     if errs:  # compact: name -> [weight_error, activation_error, output_kl, block_error]
         meta["analysis"] = dict(meta["analysis"])
-        meta["analysis"]["errors"] = {n: [_round(e["weight_error"]), _round(e["activation_error"]),
-                                          _round(e.get("output_kl")), _round(e.get("block_error"))]
-                                      for n, e in errs.items()}
+        meta["analysis"]["errors"] = _compact(errs)
+        if meta["analysis"].get("tier_errors"):
+            meta["analysis"]["tier_errors"] = {t: _compact(e) for t, e in meta["analysis"]["tier_errors"].items()}
     return meta
+
+
+def _compact(errs: dict[str, dict]) -> dict[str, list]:
+    return {n: [_round(e["weight_error"]), _round(e["activation_error"]), _round(e.get("output_kl")),
+                _round(e.get("block_error"))] for n, e in errs.items()}
 
 
 def _round(x: float | None) -> float | None:
@@ -186,22 +205,28 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
     device = str(device)
     if policy.quant_kind is None:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device)
-        attach_metadata(model, resolve_plan(policy, model, family))
+        plan = resolve_plan(policy, model, family)
+        quantize_int8w(model, plan.int8w())
+        verify(model, plan)
+        attach_metadata(model, plan)
         return model
     cache_key = plan_cache.key(source, policy, calibration, dtype) if policy.sensitivity else None
     cached = plan_cache.read(cache_key)
     if cached is not None:
-        plan = resolve_plan(policy, meta_model(config, dtype), family, protected=set(cached["protected"]),
+        tiers = dict.fromkeys(cached["protected"], "bf16") | dict.fromkeys(cached.get("protected_int8w", []), INT8W)
+        plan = resolve_plan(policy, meta_model(config, dtype), family, protected=tiers,
                             analysis=cached.get("analysis"))
         print(f"quant: {policy.name} plan from the analysis cache ({len(cached['protected'])} layers kept "
-              f"16-bit; {plan_cache.cache_root() / cache_key}.json; VLM_QUANT_PLAN_CACHE=0 re-analyses)")
+              f"16-bit, {len(cached.get('protected_int8w', []))} int8w; {plan_cache.cache_root() / cache_key}.json; "
+              "VLM_QUANT_PLAN_CACHE=0 re-analyses)")
     elif policy.sensitivity:
         model16 = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device)
         batches = calibration_batches(calibration, processor, n=policy.calibration_samples,
                                       seed=policy.seed)
         plan = analyse(model16, family, policy, batches)
         print(f"quant: {policy.name} (metric {policy.metric}) "
-              f"{timing_line(plan.analysis['timing'])}; {len(plan.kept())} linears kept 16-bit")
+              f"{timing_line(plan.analysis['timing'])}; {len(plan.kept()) - len(plan.int8w())} linears "
+              f"kept 16-bit" + (f", {len(plan.int8w())} int8w" if INT8W in policy.tiers else ""))
         del model16
         gc.collect()
         if torch.cuda.is_available():
@@ -223,6 +248,7 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
         source, quantization_config=qconfig, dtype=dtype, device_map=device)
     model.config.quantization_config.llm_int8_skip_modules = saved_skip
     use_portable_cpu_path(model)   # same numbers on every CPU; no repack crash (vlm.quant.cpu_path)
+    quantize_int8w(model, plan.int8w())   # transformers loaded them 16-bit (skip list)
     verify(model, plan)
     attach_metadata(model, plan)
     return model
@@ -230,11 +256,17 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
 
 def save_quantized(model, out_dir: str | os.PathLike, processor=None) -> Path:
     """Write ``model`` (and ``processor``) to ``out_dir`` atomically: a sibling temp folder, then
-    a rename. config.json carries ``quantization_config`` and ``vlmtune.quant``."""
+    a rename. config.json carries ``quantization_config`` and ``vlmtune.quant``.
+
+    int8w layers are written as ordinary 16-bit linears holding their dequantized weights Ŵ (in
+    the skip list: plain transformers loads them as such and computes what this model computes);
+    ``vlm.load(out, quant=policy_from_record(config.vlmtune.quant))`` stores them int8w again with
+    the same codes (vlm.quant.int8_linear)."""
     from vlm.atomic import replacing_folder
 
     out = Path(out_dir)
-    with replacing_folder(out) as tmp:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
+    with replacing_folder(out) as tmp, dequantized_linears(model, dtype):
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)

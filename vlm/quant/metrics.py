@@ -3,7 +3,9 @@
 deq(q(W)) is computed with ``bitsandbytes.functional``: ``quantize_4bit``/``dequantize_4bit``
 (blocks of 64, absmax per block; with double quantization the absmax values are themselves
 quantized to 8 bit in blocks of 256), and ``int8_vectorwise_quant`` for int8 (row-wise absmax,
-W ≈ C · s/127; LLM.int8's fp16 outlier split is not simulated, so this is an upper bound).
+W ≈ C · s/127; LLM.int8's fp16 outlier split is not simulated, so this is an upper bound); int8w
+(weight-only, row-wise absmax in float32) with vlm.quant.int8_linear's own function, i.e. exactly
+what ``Int8Linear.forward`` multiplies by.
 On the 4-bit path this is exactly what ``Linear4bit.forward`` multiplies by.
 
     weight error      e_w = ‖W − deq(q(W))‖_F / ‖W‖_F
@@ -12,6 +14,7 @@ On the 4-bit path this is exactly what ``Linear4bit.forward`` multiplies by.
 Bytes per layer (out × in weight, bias kept 16-bit):
     16-bit  2 · out · in
     int8    out · in + 4 · out                       (int8 codes + fp32 row scale)
+    int8w   out · in + 4 · out                       (the same layout: vlm.quant.int8_linear)
     4-bit   out · in / 2 + n_b · 4                   (n_b = ⌈out·in/64⌉ fp32 absmax)
     4-bit + double quant   out · in / 2 + n_b + ⌈n_b/256⌉ · 4 + 4   (uint8 absmax, fp32 per 256)
 """
@@ -37,6 +40,10 @@ def dequantized(weight: torch.Tensor, precision: str, double_quant: bool = True)
         q, state = bnbf.quantize_4bit(w.contiguous(), blocksize=BLOCKSIZE,
                                       compress_statistics=double_quant, quant_type=precision)
         return bnbf.dequantize_4bit(q, state).to(weight.dtype).reshape(weight.shape)
+    if precision == "int8w":
+        from vlm.quant.int8_linear import int8w_dequantized
+
+        return int8w_dequantized(w)
     if precision == "int8":
         codes, row_stats, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
         return (codes.float() * (row_stats.float()[:, None] / 127.0)).to(weight.dtype)
@@ -75,7 +82,7 @@ def layer_bytes(out_features: int, in_features: int, precision: str, double_quan
     b = 2 * out_features if bias else 0
     if precision in ("bf16", "fp16"):
         return 2 * n + b
-    if precision == "int8":
+    if precision in ("int8", "int8w"):
         return n + 4 * out_features + b
     if precision in ("nf4", "fp4"):
         nb = math.ceil(n / BLOCKSIZE)

@@ -7,7 +7,11 @@ bitsandbytes integration converts). Each gets, in order:
 2. the last override whose glob matches its full name or the full name of one of its ancestors
    (``fnmatch``: ``model.visual.blocks.1`` covers that block only, ``*.mlp.down_proj`` every
    down projection); a glob that matches no module is an error;
-3. for dynamic policies, "protected" (kept 16-bit) when the sensitivity analysis chose it.
+3. for dynamic policies, "protected" (kept 16-bit, or stored int8w under ``tiers: [int8w, ...]``)
+   when the sensitivity analysis chose it.
+
+int8w layers (vlm.quant.int8_linear) are not bitsandbytes layers: transformers loads them 16-bit
+(they are in the skip list, ``kept``), and the loader swaps them to ``Int8Linear`` after.
 
 The plan also knows the rest of the model's parameters (embeddings, norms, convolutions) so it
 can state whole-model bytes, and produces the ``llm_int8_skip_modules`` list that makes
@@ -26,7 +30,7 @@ from torch import nn
 from vlm.errors import ConfigError, VlmError
 from vlm.families.base import FUSED_LINEARS
 from vlm.quant.metrics import layer_bytes
-from vlm.quant.policy import QUANTIZED, QuantPolicy
+from vlm.quant.policy import INT8W, LOW_BIT, QUANTIZED, QuantPolicy
 
 
 @dataclass
@@ -70,7 +74,12 @@ class QuantPlan:
         return [n for n, lp in self.layers.items() if lp.precision in QUANTIZED]
 
     def kept(self) -> list[str]:
+        """Layers transformers loads 16-bit (not bitsandbytes): 16-bit ones and int8w ones."""
         return [n for n, lp in self.layers.items() if lp.precision not in QUANTIZED]
+
+    def int8w(self) -> list[str]:
+        """Layers stored as vlm.quant.int8_linear.Int8Linear (swapped in after the load)."""
+        return [n for n, lp in self.layers.items() if lp.precision == INT8W]
 
     def count_by_component(self, precision: str | None = None) -> dict[str, int]:
         """Number of layers per component stored in ``precision`` (default: any quantized one)."""
@@ -133,7 +142,11 @@ class QuantPlan:
                 "bytes": self.total_bytes(),
                 "counts": {"quantized": self.count_by_component(),
                            "total": _count_all(self.layers)},
-                "protected": sorted(n for n, lp in self.layers.items() if lp.reason == "protected"),
+                "protected": sorted(n for n, lp in self.layers.items() if lp.reason == "protected"
+                                    and lp.precision != INT8W),
+                "protected_int8w": sorted(n for n, lp in self.layers.items() if lp.reason == "protected"
+                                          and lp.precision == INT8W),
+                "int8w": self.int8w(),
                 "overridden": {n: lp.reason[len("override "):] for n, lp in self.layers.items()
                                if lp.reason.startswith("override ")},
                 "analysis": self.analysis}
@@ -223,11 +236,13 @@ def tied_lm_head(model: nn.Module) -> bool:
     return out is not None and inp is not None and out.weight is inp.weight
 
 
-def resolve_plan(policy: QuantPolicy, model: nn.Module, family, *, protected: set[str] = frozenset(),
+def resolve_plan(policy: QuantPolicy, model: nn.Module, family, *,
+                 protected: set[str] | dict[str, str] = frozenset(),
                  analysis: dict | None = None, dtype_bytes: int = 2) -> QuantPlan:
     """The per-layer plan for ``model`` (a real or meta-device model) under ``policy``.
 
-    ``protected``: names the sensitivity analysis keeps 16-bit (see vlm.quant.sensitivity).
+    ``protected``: names the sensitivity analysis keeps 16-bit (a set), or name → tier
+    ("bf16"/"fp16" = 16-bit, "int8w") under ``tiers`` (see vlm.quant.sensitivity).
     """
     linears = quantizable_linears(model)
     all_names = [n for n, _ in model.named_modules()]
@@ -259,10 +274,11 @@ def resolve_plan(policy: QuantPolicy, model: nn.Module, family, *, protected: se
     unknown = set(protected) - set(layers)
     if unknown:
         raise VlmError(f"protected layers not in the model: {sorted(unknown)[:3]}")
-    for name in protected:
-        layers[name].precision = sixteen
+    tier_of = protected if isinstance(protected, dict) else dict.fromkeys(protected, sixteen)
+    for name, tier in tier_of.items():
+        layers[name].precision = INT8W if tier == INT8W else sixteen
         layers[name].reason = "protected"
-    if "lm_head" in layers and layers["lm_head"].precision in QUANTIZED and tied_lm_head(model):
+    if "lm_head" in layers and layers["lm_head"].precision in LOW_BIT and tied_lm_head(model):
         raise ConfigError("quant.lm_head: lm_head shares its weight with the input embeddings "
                           "(tie_word_embeddings); it cannot be stored in "
                           f"{layers['lm_head'].precision} while the embeddings stay 16-bit: set "

@@ -29,8 +29,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-ANALYSIS_VERSION = 3   # 2: calibration prompts carry one BOS (templates that write it get none added)
+ANALYSIS_VERSION = 4   # 2: calibration prompts carry one BOS (templates that write it get none added)
 #                        3: default metric ``propagated``; the record carries the analysis timing
+#                        4: protection tiers (``protected_int8w``)
 
 
 def cache_root() -> Path:
@@ -83,7 +84,7 @@ def key(source: str, policy, calibration: Any, dtype) -> str | None:
 
 
 def read(cache_key: str | None) -> dict | None:
-    """``{"protected": [...], "analysis": {...}}`` of a cached plan, or None (absent or unreadable)."""
+    """``{"protected": [...], "protected_int8w": [...], "analysis": {...}}`` of a cached plan, or None (absent or unreadable)."""
     if cache_key is None:
         return None
     path = cache_root() / f"{cache_key}.json"
@@ -102,7 +103,12 @@ def write(cache_key: str | None, plan) -> Path | None:
         return None
     from vlm.atomic import write_text
 
-    entry = {"protected": sorted(n for n, lp in plan.layers.items() if lp.reason == "protected"),
+    from vlm.quant.policy import INT8W
+
+    entry = {"protected": sorted(n for n, lp in plan.layers.items() if lp.reason == "protected"
+                                 and lp.precision != INT8W),
+             "protected_int8w": sorted(n for n, lp in plan.layers.items() if lp.reason == "protected"
+                                       and lp.precision == INT8W),
              "analysis": plan.analysis, "analysis_version": ANALYSIS_VERSION}
     try:
         return write_text(cache_root() / f"{cache_key}.json", json.dumps(entry, default=float))

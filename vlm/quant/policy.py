@@ -5,7 +5,9 @@ A policy names a precision per component (``vision``, ``projector``, ``language`
 ``dynamic`` policies, a protection budget for the sensitivity analysis (vlm.quant.sensitivity).
 
 Precisions: ``bf16`` / ``fp16`` (not quantized: kept in the model's load dtype), ``int8``
-(bitsandbytes LLM.int8), ``nf4`` / ``fp4`` (bitsandbytes 4-bit, blocks of 64). Embeddings are
+(bitsandbytes LLM.int8), ``nf4`` / ``fp4`` (bitsandbytes 4-bit, blocks of 64), ``int8w`` (this
+project's weight-only int8, one scale per output channel, vlm.quant.int8_linear: it may sit beside
+nf4/fp4/int8 in one model, since transformers loads those layers 16-bit and vlm swaps them after). Embeddings are
 ``nn.Embedding`` and stay 16-bit (bitsandbytes' transformers integration quantizes linears only).
 
 Presets:
@@ -18,7 +20,9 @@ Presets:
              stream, relative to it, vlm.quant.propagated; or the KL of the next-token
              distribution against 16-bit; in float32) and keeps in 16-bit first the outlier
              layers, then those with the highest score per byte saved, until the budget (default
-             10% of the parameters it may quantize) is spent.
+             10% of the parameters it may quantize) is spent. With ``tiers: [int8w, bf16]`` it
+             also measures each group in int8w and chooses per group among nf4 / int8w / bf16 by
+             measured error removed per extra byte (vlm.quant.sensitivity.choose_tiers).
 
 A policy is given as a preset name, a dict (``preset:`` plus keys that change it), a YAML path, or
 a ``QuantPolicy``. Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
@@ -31,6 +35,7 @@ a ``QuantPolicy``. Example YAML (the ``quant:`` block of a recipe, or a file of 
     propagate: 3            # propagated metric: measured this many blocks past the layer's own
                             # (0: its block only, fastest), or "end": at the end of its stack
     analysis_dtype: fp32    # fp32 (default: the same plan on any CPU or GPU) or model (load dtype)
+    tiers: [int8w, bf16]    # protection tiers (default [bf16]); int8w: ~1/3 of bf16's extra bytes
     overrides:
       "model.language_model.layers.0.*": bf16
 """
@@ -48,10 +53,13 @@ from typing import Any, Mapping
 from vlm.errors import ConfigError
 from vlm.families.base import COMPONENTS
 
-PRECISIONS = ("bf16", "fp16", "int8", "nf4", "fp4")
+PRECISIONS = ("bf16", "fp16", "int8", "nf4", "fp4", "int8w")
 SIXTEEN_BIT = ("bf16", "fp16")
 FOUR_BIT = ("nf4", "fp4")
-QUANTIZED = ("int8", "nf4", "fp4")
+QUANTIZED = ("int8", "nf4", "fp4")          # bitsandbytes storage types (one per checkpoint)
+INT8W = "int8w"                             # vlm.quant.int8_linear: beside any of them
+LOW_BIT = QUANTIZED + (INT8W,)              # every precision stored below 16 bits
+TIERS = ("int8w", "bf16")                   # what the dynamic analysis may protect a layer in
 METRICS = ("propagated", "output", "activation", "weight")
 ANALYSIS_DTYPES = ("fp32", "model")
 DEFAULT_BUDGET = 0.10
@@ -65,12 +73,16 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "double_quant": True, "sensitivity": False},
     "dynamic": {"components": {"vision": "nf4", "projector": "bf16", "language": "nf4",
                                "lm_head": "bf16", "embeddings": "bf16"},
-                "double_quant": True, "sensitivity": True},
+                "double_quant": True, "sensitivity": True,
+                # ("int8w", "bf16") closes 73 % of the KL gap at 1.15x NF4 on the demo base vs 29 %
+                # (benchmarks/results/quant_policies_demo_base); opt-in until measured on the GPU
+                "tiers": ("bf16",)},
 }
 PRESETS = tuple(_PRESETS)
 
 _KEYS = ("preset", "components", *COMPONENTS, "overrides", "double_quant", "dynamic", "sensitivity",
-         "budget", "metric", "propagate", "seed", "calibration_samples", "max_rows", "analysis_dtype")
+         "budget", "metric", "propagate", "seed", "calibration_samples", "max_rows", "analysis_dtype",
+         "tiers")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
@@ -133,6 +145,7 @@ class QuantPolicy:
     calibration_samples: int = 4
     max_rows: int = 256                             # calibration rows kept per layer
     name: str = "custom"
+    tiers: tuple[str, ...] = ("bf16",)              # protection tiers of the dynamic analysis
 
     def __post_init__(self):
         comps = dict(self.components)
@@ -173,6 +186,12 @@ class QuantPolicy:
             raise ConfigError(f"quant.analysis_dtype: {self.analysis_dtype!r} is not one of "
                               f"{', '.join(ANALYSIS_DTYPES)}")
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        tiers = (self.tiers,) if isinstance(self.tiers, str) else self.tiers
+        if (not isinstance(tiers, (list, tuple)) or not tiers
+                or any(not isinstance(t, str) or t not in TIERS for t in tiers)):
+            raise ConfigError(f"quant.tiers: {self.tiers!r} must be a list of protection tiers "
+                              f"from {', '.join(TIERS)} (e.g. [int8w, bf16])")
+        object.__setattr__(self, "tiers", tuple(sorted(set(tiers), key=TIERS.index)))
         for key in ("seed", "calibration_samples", "max_rows"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1):
@@ -202,7 +221,8 @@ class QuantPolicy:
                 "dynamic": self.sensitivity, "budget": self.budget, "metric": self.metric,
                 "propagate": self.propagate,
                 "seed": self.seed, "calibration_samples": self.calibration_samples,
-                "max_rows": self.max_rows, "analysis_dtype": self.analysis_dtype}
+                "max_rows": self.max_rows, "analysis_dtype": self.analysis_dtype,
+                "tiers": list(self.tiers)}
 
     def replace(self, **changes) -> "QuantPolicy":
         return dataclasses.replace(self, **changes)
@@ -215,7 +235,7 @@ class QuantPolicy:
                               f"{_closest(name, PRESETS)} (or give a YAML path / dict)")
         p = _PRESETS[name]
         return cls(components=dict(p["components"]), double_quant=p["double_quant"],
-                   sensitivity=p["sensitivity"], name=name)
+                   sensitivity=p["sensitivity"], tiers=p.get("tiers", ("bf16",)), name=name)
 
     @classmethod
     def parse(cls, spec: Any, *, budget: Any = None) -> "QuantPolicy":
@@ -299,6 +319,7 @@ class QuantPolicy:
                    analysis_dtype=data.get("analysis_dtype", "fp32"),
                    calibration_samples=data.get("calibration_samples", 4),
                    max_rows=data.get("max_rows", 256),
+                   tiers=tuple(data["tiers"]) if isinstance(data.get("tiers"), list) else data.get("tiers", base["tiers"]),
                    name=str(data.get("name", name or preset)))
 
 

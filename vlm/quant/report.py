@@ -101,13 +101,16 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"agreement with 16-bit, {k}: mean KL {a['kl']:.5f}, top-1 {a['top1']:.3f}")
     if report["protected"]:
         b = report["budget"]
-        lines.append(f"kept 16-bit by the analysis (metric {b.get('metric')}; outliers first, then "
+        kept = ("protected by the analysis (16-bit or int8w)" if any("tier" in g for g in report["protected"])
+                else "kept 16-bit by the analysis")
+        lines.append(f"{kept} (metric {b.get('metric')}; outliers first, then "
                      f"score per MB saved; budget {b['budget']} {b['budget_unit']}, spent "
                      f"{b['budget_spent']:.0f} of {b['budget_limit']:.0f}, "
                      f"+{(b.get('extra_bytes') or 0) / 2**20:.2f} MiB for the layers it keeps):")
         for g in report["protected"]:
+            tier = f"  -> {g['tier']} (score there {g['error_in_tier']:.4g})" if "tier" in g else ""
             lines.append(f"  #{g['rank']:<3} {g['group']}  {g.get('why', '')}  score {g['error']:.4g}  "
-                         f"{g['error_per_MB']:.4g}/MB")
+                         f"{g['error_per_MB']:.4g}/MB{tier}")
     return "\n".join(lines)
 
 

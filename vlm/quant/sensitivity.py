@@ -27,7 +27,7 @@
      At equal bytes both rank as well (benchmarks/results/quant_policies_*: the same KL gap closed
      at 1.15× NF4 on the demo base, and every planted outlier protected by both).
 
-2. ``choose_protected``: a group's score s_g is E_g (``metric: propagated``, the default), KL_g
+2. ``choose_protected`` (``tiers: [bf16]``, the default): a group's score s_g is E_g (``metric: propagated``, the default), KL_g
    (``metric: output``), or Σ e_a / Σ e_w of its members (``metric: activation`` / ``weight``,
    the older rankings). Protecting g
    costs S_g = Σ (bytes16 − bytesQ) of its members. Order:
@@ -43,6 +43,9 @@
    Each group is protected when it still fits the budget (a fraction f: protected parameters ≤ f ×
    candidate parameters; bytes B: Σ S_g ≤ B), else skipped and the next one tried. The analysis
    records what the protection costs in bytes either way (``extra_bytes``).
+
+3. ``choose_tiers`` (``tiers: [int8w, bf16]``): the same outlier rules, then per group nf4 / int8w
+   (vlm.quant.int8_linear) / 16-bit by measured error removed per extra byte; see its docstring.
 
 Deterministic given the errors; the errors are reproducible for a seed and a calibration set.
 ``measure(timing=...)`` records where the analysis time went (capture, per-layer errors, group
@@ -346,3 +349,102 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
                 "protected_groups": chosen,
                 "errors": {n: errors[n] for n in sorted(errors)}}
     return protected, analysis
+
+
+def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str, dict[str, dict]], *,
+                 budget: float | int, metric: str = "propagated", tiers: tuple[str, ...] = ("int8w", "bf16")
+                 ) -> tuple[dict[str, str], dict[str, Any]]:
+    """Per group, a storage tier among nf4 (the plan's), ``tiers`` (int8w, bf16) under ``budget``.
+
+    ``errors``: ``measure`` with the candidates in their quantized type (score s_g^q); ``tier_errors``:
+    {tier: ``measure`` of the same layers stored in that tier} (s_g^t; 16-bit scores 0). Cost of
+    tier t: C_g^t = Σ (bytes_t − bytes_q) of the members (int8w: out·in + 4·out, about a third of
+    16-bit's extra bytes). A fraction budget f means f × Σ (bytes₁₆ − bytes_q) over the candidates:
+    the bytes that protecting f of them in 16-bit costs, so both rankings spend the same bytes.
+
+    1. Outliers (the rules of ``choose_protected``: local and score outliers, worst first) take the
+       cheapest tier that ends them (its group score < OUTLIER_FACTOR × median score and every
+       member's own error < LOCAL_OUTLIER_FACTOR × median layer error), else the most precise
+       tier, when the budget holds it.
+    2. Then greedy upgrades: among every (group, tier above its current one) that fits the budget,
+       the one with the largest error removed per extra byte, (s_g^cur − s_g^t) / (C_g^t − C_g^cur),
+       until none fits or none removes error.
+
+    Returns ({layer: tier} for the layers leaving nf4, analysis record)."""
+    dq = plan.policy.double_quant
+    cands = {n: lp for n, lp in plan.layers.items()
+             if lp.precision in QUANTIZED and lp.reason == "component"}
+    groups: dict[str, list[str]] = {}
+    for n, lp in cands.items():
+        groups.setdefault(lp.group, []).append(n)
+    full_cost = sum(lp.nbytes("bf16", dq) - lp.nbytes(lp.precision, dq) for lp in cands.values())
+    limit = float(budget) * full_cost if isinstance(budget, float) else float(budget)
+    score = {"nf4": {g: group_score(ms, errors, metric) for g, ms in groups.items()}}
+    cost = {"nf4": dict.fromkeys(groups, 0)}
+    own = {"nf4": {n: ranking_error(errors[n], "weight" if metric == "weight" else "activation")
+                   for n in cands}}
+    for t in tiers:
+        cost[t] = {g: sum(cands[m].nbytes(t, dq) - cands[m].nbytes(cands[m].precision, dq) for m in ms)
+                   for g, ms in groups.items()}
+        if t in ("bf16", "fp16"):
+            score[t] = dict.fromkeys(groups, 0.0)
+            own[t] = dict.fromkeys(cands, 0.0)
+        else:
+            score[t] = {g: group_score(ms, tier_errors[t], metric) for g, ms in groups.items()}
+            own[t] = {n: ranking_error(tier_errors[t][n], "weight" if metric == "weight" else "activation")
+                      for n in cands}
+    median = statistics.median(score["nf4"].values()) if groups else 0.0
+    local_median = statistics.median(own["nf4"].values()) if cands else 0.0
+    worst = {g: max(own["nf4"][m] for m in ms) for g, ms in groups.items()}
+    local_out = sorted((g for g in groups if worst[g] > 0 and worst[g] >= LOCAL_OUTLIER_FACTOR * local_median),
+                       key=lambda g: (-worst[g], g))
+    score_out = sorted((g for g in groups if g not in local_out and score["nf4"][g] > 0
+                        and score["nf4"][g] >= OUTLIER_FACTOR * median), key=lambda g: (-score["nf4"][g], g))
+    state = dict.fromkeys(groups, "nf4")
+    spent, chosen, left_out = 0.0, [], []
+    for g in local_out + score_out:
+        ends = [t for t in tiers if score[t][g] < OUTLIER_FACTOR * median
+                and all(own[t][m] < LOCAL_OUTLIER_FACTOR * local_median for m in groups[g])]
+        t = ends[0] if ends else tiers[-1]
+        if spent + cost[t][g] <= limit:
+            spent += cost[t][g]
+            state[g] = t
+            chosen.append({"group": g, "tier": t, "why": "local outlier" if g in local_out else "output outlier",
+                           "error": score["nf4"][g], "error_in_tier": score[t][g], "extra_bytes": cost[t][g],
+                           "error_per_MB": (score["nf4"][g] - score[t][g]) / max(cost[t][g], 1) * 1e6})
+        else:
+            left_out.append({"group": g, "error": score["nf4"][g], "tier": t, "cost": cost[t][g],
+                             "budget_left": limit - spent})
+    ladder = ("nf4",) + tiers
+    while True:
+        best = None
+        for g, cur in state.items():
+            for t in ladder[ladder.index(cur) + 1:]:
+                extra = cost[t][g] - cost[cur][g]
+                gain = score[cur][g] - score[t][g]
+                if extra <= 0 or gain <= 0 or spent + extra > limit:
+                    continue
+                key = (gain / extra, g, t)
+                if best is None or key[0] > best[0] or (key[0] == best[0] and (g, t) < best[1:]):
+                    best = key
+        if best is None:
+            break
+        _, g, t = best
+        spent += cost[t][g] - cost[state[g]][g]
+        state[g] = t
+        chosen.append({"group": g, "tier": t, "why": "per byte", "error": score["nf4"][g],
+                       "error_in_tier": score[t][g], "extra_bytes": cost[t][g], "error_per_MB": best[0] * 1e6})
+    out = {m: t for g, t in state.items() if t != "nf4" for m in groups[g]}
+    unit = "× the candidates' 16-bit extra bytes" if isinstance(budget, float) else "bytes"
+    analysis = {"metric": metric, "budget": budget, "budget_unit": unit, "budget_limit": limit,
+                "budget_spent": spent, "extra_bytes": int(spent), "tiers": list(tiers),
+                "candidate_params": sum(lp.params for lp in cands.values()),
+                "median_error": median, "median_layer_error": local_median,
+                "outlier_factors": {"output": OUTLIER_FACTOR, "local": LOCAL_OUTLIER_FACTOR},
+                "outliers": local_out + score_out, "outliers_over_budget": left_out,
+                "protected_groups": [dict(c, rank=i, layers=sorted(groups[c["group"]]))
+                                     for i, c in enumerate(chosen)],
+                "tier_counts": {t: sum(1 for s in state.values() if s == t) for t in ladder},
+                "errors": {n: errors[n] for n in sorted(errors)},
+                "tier_errors": {t: {n: e for n, e in sorted(es.items())} for t, es in tier_errors.items()}}
+    return out, analysis

@@ -19,10 +19,12 @@ stops. The same holds for the states: v_t = 0.999·v + 0.001·g² changes v by 0
   checkpoint draws the same bits as an uninterrupted one (resume is exact), and on a GPU the whole
   update of a tensor compiles into one kernel.
 - ``rounding="kahan"``: a bf16 compensation buffer c holds what rounding dropped, so w + c carries
-  ~16 significant bits: y = (w + c) + Δw; w ← bf16(y) (to nearest); c ← bf16(y − w), stochastically
-  rounded (c's own 8 bits would otherwise drop a steady small update the same way every step). The
-  weight the model sees lags y by at most half a bf16 spacing instead of a random walk; 2 more
-  bytes per parameter.
+  ~16 significant bits: y = (w + c) + Δw; w ← bf16(y) (to nearest, ties to even); c ← bf16(y − w),
+  stochastically rounded (c's own 8 bits would otherwise drop a steady small update the same way
+  every step). y − w is exact in fp32, so w + c = y up to c's rounding. The weight the model sees
+  lags y by at most half a bf16 spacing instead of a random walk; 2 more bytes per parameter. Both
+  roundings are done on the bit pattern (``round_nearest``, ``stochastic_round``): a compiler that
+  keeps bf16 values in fp32 (inductor's Triton code does) cannot skip them, and c is not silently 0.
 
 The moments m and v are stored in ``state_dtype`` (default: the weight's dtype, bf16): their writes
 are stochastically rounded too (unbiased, so v tracks g² instead of freezing); ``state_dtype=
@@ -151,7 +153,36 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | in
         bits = random_bits16(x, key, offset)
     # bits.to(int32): the wide hash's words are int64 (a real conversion, so the sum is int32 in Triton too)
     rounded = (x.contiguous().view(torch.int32) + bits.to(torch.int32)) & _HIGH16
-    return rounded.view(torch.float32).to(torch.bfloat16)    # exact: the low 16 bits are zero
+    return _keep_nan(x, rounded.view(torch.float32)).to(torch.bfloat16)    # exact: the low 16 bits are zero
+
+
+def round_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (fp32) rounded to the nearest ``dtype`` (bf16) value, ties to even: ``x.to(dtype)`` of
+    eager torch, written so that no compiler can drop it.
+
+    On the fp32 bit pattern u: add 0x7FFF + (bit 16 of u) and clear the low 16 bits. The dropped part
+    d = u & 0xFFFF carries one bf16 ulp (away from zero) exactly when d > 0x8000, or d = 0x8000 and
+    bit 16 is set (the tie goes to the even neighbour); a finite value past bf16's largest rounds to
+    inf, as in torch. Why not ``x.to(torch.bfloat16)``: inside a compiled kernel inductor's Triton
+    code keeps bf16 intermediates in fp32 and, when the cast result is used again as fp32 (Kahan's
+    c = y − bf16(y)), emits no rounding at all: c came out 0 everywhere and the compiled Kahan update
+    left eager's by up to 48× a bf16 ulp on an H200 (torch 2.11 / triton 3.6; reproduced on the CPU
+    with inductor's Triton backend under ``TRITON_INTERPRET=1``). Integer arithmetic has no such
+    shortcut. fp16 (not a truncated fp32) keeps ``x.to(dtype)``; the compiled update asks inductor
+    for eager's casts (``COMPILE_OPTIONS``) so that one stays too."""
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    u = x.contiguous().view(torch.int32)
+    rounded = (u + (((u >> 16) & 1) + 0x7FFF)) & _HIGH16
+    return _keep_nan(x, rounded.view(torch.float32)).to(torch.bfloat16)     # exact: the low 16 bits are zero
+
+
+def _keep_nan(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """``rounded`` (x's bits after a carry into bit 16), with x's NaNs kept as NaN: a NaN's low bits
+    can carry through the exponent into the sign (CUDA's NaN is 0x7FFFFFFF: + 1 gives 0x80000000,
+    -0.0), and a diverged weight must stay visibly NaN, not turn into a zero. (x != x rather than
+    isnan: the same test, and plain comparison in every backend, Triton's interpreter included.)"""
+    return torch.where(x != x, x, rounded)
 
 
 def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: float, beta2: float,
@@ -197,7 +228,7 @@ def adamw_update(p, grad, m_store, v_store, master, comp, scalars, key, beta1: f
     elif p.dtype == torch.float32:
         p.copy_(w)
     elif comp is not None:
-        rounded = w.to(p.dtype)
+        rounded = round_nearest(w, p.dtype)      # a rounding no compiler drops (round_nearest): c needs it
         p.copy_(rounded)
         comp.copy_(w - rounded.float() if h1 is None else
                    stochastic_round(w - rounded.float(), comp.dtype, key, bits=(h1 >> 16) & _LOW16))
@@ -273,6 +304,10 @@ def adamw_update_group(ps, grads, ms, vs, masters, comps, scalars, keys, beta1: 
 
 
 EAGER_CHUNK = 16384    # elements per block of the eager (CPU) update
+# inductor options of the compiled update: eager's numerics. emulate_precision_casts keeps every
+# fp32 → bf16/fp16 cast that eager performs (inductor's Triton code otherwise computes through them in
+# fp32) and turns off Triton's FMA contraction, so a compiled step rounds what the eager one rounds
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
 GROUP = 16             # tensors per compiled call (a group's graph is reused: flat views, dynamic sizes)
 EIGHT_BIT = "8bit"
 BLOCK = 256            # elements per absmax block of the 8-bit moments (bitsandbytes' optimizer size)
@@ -288,7 +323,10 @@ class BF16AdamW(torch.optim.Optimizer):
             ``"8bit"``: m and v stored as bitsandbytes' blockwise dynamic 8-bit codes (signed map for
             m, unsigned for v, one fp32 absmax per 256 elements: 1.03 bytes per moment), decoded to
             fp32 for the update and encoded again after it (round to nearest, as bitsandbytes' 8-bit
-            optimizers do). The weight keeps this optimizer's stochastic or Kahan update:
+            optimizers do; bitsandbytes 0.50's CPU encoder is not exactly that, measured on random
+            moments: 0.1 % of signed codes one step from the nearest, 3 % of unsigned codes, up to 7
+            steps among the smallest values; after 4 steps 99.98 % of the weights were the same bits
+            as with nearest codes, the rest one bf16 rounding apart). The weight keeps this optimizer's stochastic or Kahan update:
             bitsandbytes' own AdamW8bit writes bf16 weights by round-to-nearest, where small updates
             stall (measured: lr 1e-5 on |w| ~ 0.02, 85 % of weights unchanged after 20 steps).
             Tensors under 4,096 elements keep 16-bit moments (as bitsandbytes).
@@ -336,14 +374,14 @@ class BF16AdamW(torch.optim.Optimizer):
     def _update_fn(self, device: torch.device):
         if self._update is None:
             if self._compiled(device):   # one fused kernel per tensor: its temporaries live in registers
-                self._update = torch.compile(adamw_update, dynamic=True)
+                self._update = torch.compile(adamw_update, dynamic=True, options=COMPILE_OPTIONS)
             else:
                 self._update = partial(adamw_update_chunked, chunk=EAGER_CHUNK)
         return self._update
 
     def _group_fn(self):
         if self._update_group is None:
-            self._update_group = torch.compile(adamw_update_group, dynamic=True)
+            self._update_group = torch.compile(adamw_update_group, dynamic=True, options=COMPILE_OPTIONS)
         return self._update_group
 
     def _key(self, step: int, index: int) -> int:

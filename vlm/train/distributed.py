@@ -76,6 +76,28 @@ def device_for(device: str, w: World | None = None) -> str:
     return device
 
 
+def staging_device(cfg, device: str, strat: str) -> str:
+    """Where ``vlm.load`` puts the model: ``device``, except under FSDP on a GPU, where a 16-bit model
+    is loaded to host memory and each unit reaches its GPU only when it is sharded
+    (``vlm.train.fsdp_units.shard_model``: ``fully_shard`` moves a unit to the process's device,
+    keeps its shard there and frees the whole unit). Loaded onto the GPU, every process held the
+    whole model there before sharding (2 x H200, Qwen2-VL-7B 16-bit: 15.6 GiB, plus its 7.8 GiB
+    half under accelerate's own cut: a 23.47 GiB load peak per GPU for a 7.8 GiB share). The host
+    then holds one copy of the model per process while it loads (7B: ~15.6 GiB each), freed unit by
+    unit as it is sharded.
+
+    A policy with 4/8-bit weights loads on the GPU as before: bitsandbytes quantizes as it moves
+    weights to CUDA, and a quantized weight's state (absmax, code) would not follow ``fully_shard``'s
+    move of its data. Method full / projector load on the GPU too (not yet measured staged); for
+    them and for 4-bit models ``shard_model`` still frees each unit as it is sharded (peak: the model
+    as loaded, not the model plus its shards)."""
+    from vlm.train.fast_path import _quantized
+
+    if strat != "fsdp" or not str(device).startswith("cuda") or cfg.method != "lora" or _quantized(cfg.quant):
+        return device
+    return "cpu"
+
+
 def quant_storage(cfg, compute_dtype: str, strat: str) -> str | None:
     """bitsandbytes 4-bit storage dtype name for ``vlm.load`` (None: bitsandbytes' uint8)."""
     q = cfg.distributed.quant_storage

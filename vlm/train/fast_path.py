@@ -72,7 +72,9 @@ def resolve(cfg, device: str, strategy: str) -> Plan:
     return Plan(compiled=compiled, cuda_graphs=cuda_graphs, pad_to=pad_to)
 
 
-def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
+def apply(model, family, cfg, plan: Plan, lengths: list[int], device=None) -> Applied:
+    """``device``: where the model will train when it is staged elsewhere now (FSDP: host memory,
+    each unit moved to its GPU as it is sharded: ``vlm.train.distributed.staging_device``)."""
     from vlm.train.no_kv_cache import disable_kv_cache
     from vlm.vision_attention import batch_equal_images
 
@@ -84,7 +86,7 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int]) -> Applied:
         from vlm.kernels import patch
         from vlm.train.compile import kernel_patch_options
 
-        done.kernels = patch(model, family, **kernel_patch_options(plan.compiled))
+        done.kernels = patch(model, family, device=device, **kernel_patch_options(plan.compiled))
     if not plan.compiled:
         return done
     from vlm.train.compile import chunk_mlps, compile_language_layers, compile_vision_blocks

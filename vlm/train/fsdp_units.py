@@ -62,7 +62,7 @@ def sharding_report(model) -> dict:
         whole += _nbytes(p)
         local += _nbytes(p._local_tensor if isinstance(p, DTensor) else p)
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    # a unit is an FSDP state: the layers of one group (fsdp_units.shard_layer_groups) share one
+    # a unit is an FSDP state: the layers of one group (fsdp_units.shard_model) share one
     states = {id(m._get_fsdp_state()) for m in units}
     report = {"parameter_bytes_this_process": local, "parameter_bytes_whole": whole, "fsdp_units": len(states)}
     kinds: dict[str, int] = {}
@@ -94,14 +94,16 @@ def sharding_report(model) -> dict:
     return report
 
 
-def unit_classes(model, family, replicate_frozen_towers: bool = False) -> list[str] | None:
+def unit_classes(model, family, replicate_frozen_towers: bool = False, tower_blocks: bool = False) -> list[str] | None:
     """Class names for accelerate's ``transformer_layer_cls_to_wrap``: the decoder layer's, and per
     vision tower the tower's own class when nothing in it trains (LoRA on the language model: one
     unit, module doc) or its block class when something does (method full / projector, vision LoRA:
     a unit per block, so its backward gathers one block at a time). None when this model has no
     decoder layers where the family says (accelerate's default cut then applies).
     ``replicate_frozen_towers``: a frozen tower is no unit at all (``distributed.fsdp_frozen_towers:
-    replicate``: its parameters are left out of FSDP by ``Layout.pre_wrap``)."""
+    replicate``: its parameters are left out of FSDP by ``Layout.pre_wrap``). ``tower_blocks``
+    (``fsdp_frozen_towers: blocks``): a frozen tower is cut per block too (its forward then holds
+    one block and the prefetched next one whole, not the whole tower: ``configure_prefetch``)."""
     from vlm.train.compile import language_layers, vision_blocks
 
     try:
@@ -116,7 +118,7 @@ def unit_classes(model, family, replicate_frozen_towers: bool = False) -> list[s
             continue   # a "tower" that holds the decoder: leave it to the layers' units
         if frozen and replicate_frozen_towers:
             continue
-        for name in ([type(tower).__name__] if frozen else
+        for name in ([type(tower).__name__] if frozen and not tower_blocks else
                      sorted({type(m).__name__ for m in tower.modules()} & blocks)):
             if name not in names:
                 names.append(name)
@@ -125,7 +127,7 @@ def unit_classes(model, family, replicate_frozen_towers: bool = False) -> list[s
 
 def decoder_units(model, family) -> list:
     """One FSDP module per decoder unit, in forward order: each layer when a layer is a unit, the
-    first layer of each group when several share one (``shard_layer_groups``: they share one state)."""
+    first layer of each group when several share one (``shard_model``: they share one state)."""
     from torch.distributed.fsdp import FSDPModule
 
     from vlm.train.compile import language_layers
@@ -143,7 +145,7 @@ def configure_prefetch(model, family) -> dict:
     it set, for the sharding report. No-op outside FSDP2."""
     from torch.distributed.fsdp import FSDPModule
 
-    from vlm.train.compile import language_layers
+    from vlm.train.compile import language_layers, vision_blocks
 
     if not isinstance(model, FSDPModule):
         return {}
@@ -155,6 +157,11 @@ def configure_prefetch(model, family) -> dict:
         prev.set_modules_to_forward_prefetch([nxt])
         nxt.set_modules_to_backward_prefetch([prev])
     starters = towers
+    blocks = [b for b in (vision_blocks(model, family) if family.vision_blocks else []) if isinstance(b, FSDPModule)]
+    if blocks and not towers:   # a unit per vision block: each starts the next one's all-gather
+        for prev, nxt in zip(blocks, blocks[1:]):
+            prev.set_modules_to_forward_prefetch([nxt])
+        starters = blocks[-1:]
     if not starters:   # towers replicated (or none): the input embeddings' unit starts the first layer's
         embed = getattr(model, "get_input_embeddings", lambda: None)()
         starters = [embed] if isinstance(embed, FSDPModule) and embed not in layers else []
@@ -166,22 +173,24 @@ def configure_prefetch(model, family) -> dict:
 
     states = [id(m._get_fsdp_state()) for m in language_layers(model, family) if isinstance(m, FSDPModule)]
     sizes = [states.count(id(u._get_fsdp_state())) for u in layers]
-    fwd = sum(1 for m in layers + starters if targets(m, "forward"))
+    fwd = sum(1 for m in layers + list(dict.fromkeys(blocks + starters)) if targets(m, "forward"))
     bwd = sum(1 for m in layers if targets(m, "backward"))
     return {"decoder_unit_layers": sizes,   # decoder layers in each unit, in order
             "forward_prefetch": f"{fwd} units start the next decoder unit's all-gather as they start"
                                 f" ({len(layers) - 1} decoder units, {len(towers)} whole vision tower units"
-                                + ("" if towers or not starters else ", the input embeddings") + ")",
+                                + (f", {len(blocks)} vision block units" if blocks and not towers else "")
+                                + ("" if towers or blocks or not starters else ", the input embeddings") + ")",
             "backward_prefetch": f"{bwd} decoder units start the previous unit's all-gather"}
 
 
 class Layout:
     """The ``distributed.fsdp_*`` layout knobs, applied around accelerate's wrapping.
 
-    ``pre_wrap`` runs just before accelerate shards the model (``VlmTrainer._prepare_for_training``):
+    ``pre_wrap`` runs just before accelerate would shard the model (``VlmTrainer._apply_fsdp_layout``):
     frozen vision towers left out of FSDP (``replicate_towers``: accelerate's ``ignored_modules``,
     i.e. FSDP2's ``ignored_params``: whole on every process, no unit, no hooks, no all-gather; frozen,
-    so no gradient to sync) and the decoder layers cut into groups (``shard_layer_groups``).
+    so no gradient to sync), the decoder layers cut into groups, and the whole model sharded unit by
+    unit (``shard_model``).
     ``callback`` sets the prefetch once the units exist and records the layout for the summary."""
 
     def __init__(self, family, layers_per_unit: int = 1, replicate_towers: bool = False,
@@ -192,23 +201,17 @@ class Layout:
         self.replicated_bytes = 0
         self.applied = False
 
-    def pre_wrap(self, model, accelerator) -> dict:
-        """Apply the layout; returns {parameter before: parameter after} for what ``fully_shard``
-        replaced (the grouped layers' parameters, now DTensor shards), to re-point an optimizer."""
+    def pre_wrap(self, model, accelerator) -> None:
+        """Apply the layout and shard the model unit by unit (``shard_model``). Holds no reference to
+        a weight: each unit's unsharded weights are freed as soon as it is sharded."""
         self.applied = True
-        before = dict(model.named_parameters())
         plugin = accelerator.state.fsdp_plugin
         if self.replicate_towers and not isinstance(plugin.ignored_modules, str):
             towers = frozen_towers(model, self.family)
             plugin.ignored_modules = list(plugin.ignored_modules or []) + towers
             self.replicated_bytes = sum(_nbytes(p) for t in towers for p in t.parameters())
-        self.groups = shard_layer_groups(model, self.family, accelerator, self.layers_per_unit)
-        names = getattr(plugin, "transformer_cls_names_to_wrap", None)
-        if self.groups and names:   # already units (renamed FSDP<Layer>): accelerate must not look for them
-            grouped = {type(layer).__name__.removeprefix("FSDP") for g in self.groups for layer in g}
-            plugin.transformer_cls_names_to_wrap = [n for n in names if n not in grouped]
-        after = dict(model.named_parameters())
-        return {p: after[n] for n, p in before.items() if n in after and after[n] is not p}
+            del towers
+        self.groups = shard_model(model, self.family, accelerator, self.layers_per_unit) or []
 
     def describe(self) -> dict:
         out = {}
@@ -279,46 +282,86 @@ def layer_groups(layers, setting: int, compute_dtype=None, budget: int = AUTO_UN
     return groups
 
 
-def shard_layer_groups(model, family, accelerator, setting: int) -> list[list]:
-    """``fully_shard`` the decoder layers in groups (``layer_groups``) before accelerate wraps the
-    rest; accelerate then skips them (it wraps only modules not yet FSDP units) and cuts the vision
-    towers, embeddings, lm_head and the root as before. Each group is one FSDP2 unit: one all-gather,
-    one reduce-scatter, one set of hooks (``fully_shard([layer_i, …])``: unshard at the first layer's
-    forward, reshard after the last's). Returns the groups (empty: nothing to group, one layer per
-    unit, or a device mesh other than the default: accelerate's per-layer cut applies).
+def shard_model(model, family, accelerator, setting: int) -> list[list] | None:
+    """Cut ``model`` into FSDP2 units, one unit at a time, before accelerate would: the decoder layers
+    in groups (``layer_groups``), then accelerate's own cut for the rest — the classes it is told to
+    wrap (``unit_classes``: the vision towers or their blocks), bottom-up; the input embeddings; the
+    "tail" (final norm + lm_head, kept gathered from forward to backward; tied embeddings join it);
+    the root. accelerate's ``fsdp2_prepare_model`` then finds an FSDP model and leaves it as is.
+    Returns the decoder layer groups; None when accelerate keeps the whole cut (a device mesh,
+    ``cpu_ram_efficient_loading``, or an accelerate without the helpers mirrored here).
 
-    The keywords are the ones accelerate's ``fsdp2_prepare_model`` uses for its units (the plugin's
-    reshard, offload and mixed-precision policy, its ignored modules), after the same fp32 upcast of
-    trainable weights it applies under mixed precision."""
+    Why not leave the rest to accelerate: its ``fsdp2_prepare_model`` keeps ``model.state_dict()``
+    (every unsharded weight) alive until the last unit is sharded, so each process held the whole
+    model *and* its shards at once (2 x H200, Qwen2-VL-7B, 16-bit: load peak 23.47 GiB per GPU =
+    the 15.59 GiB model + its 7.8 GiB half). Here a unit's unsharded weights are freed when its
+    ``fully_shard`` returns (nothing else may hold them: ``VlmTrainer._apply_fsdp_layout`` lifts the
+    optimizer's references meanwhile), so the peak is the model as loaded, falling as it is sharded;
+    from a host-staged model (``vlm.train.distributed.staging_device``) ``fully_shard`` moves each
+    unit to the GPU as it shards it: the GPU holds the shards so far plus one unit.
+
+    The keywords are the ones accelerate uses for its units (the plugin's reshard, offload and
+    mixed-precision policy, its ignored modules, frozen uint8 4-bit storage left unsharded), after
+    the same fp32 upcast of trainable weights it applies under mixed precision."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from vlm.train.compile import language_layers
 
+    try:
+        from accelerate.utils.fsdp_utils import _find_final_norm, get_module_children_bottom_up
+    except ImportError:   # another accelerate: its own cut (and its load peak) applies
+        return None
     plugin = accelerator.state.fsdp_plugin
-    if getattr(accelerator, "torch_device_mesh", None) is not None:
-        return []
+    if (getattr(accelerator, "torch_device_mesh", None) is not None or isinstance(model, FSDPModule)
+            or getattr(plugin, "cpu_ram_efficient_loading", False) or isinstance(plugin.ignored_modules, str)):
+        return None   # (ignored_modules as a name pattern: accelerate resolves and moves those itself)
     try:
         layers = [m for m in language_layers(model, family) if not isinstance(m, FSDPModule)]
     except ValueError:
-        return []
+        layers = []
     mp = plugin.mixed_precision_policy or MixedPrecisionPolicy()
-    groups = layer_groups(layers, setting, mp.param_dtype)
-    if all(len(g) == 1 for g in groups):
-        return []
-    params = [p for g in groups for layer in g for p in layer.parameters()]
     has_4bit = any(type(p).__name__ == "Params4bit" for p in model.parameters())
     if accelerator.mixed_precision != "no" and not has_4bit:   # accelerate's rule, applied before it would
-        for p in params:
+        for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.to(torch.float32)
     ignored = {p for m in (plugin.ignored_modules or []) if isinstance(m, torch.nn.Module) for p in m.parameters()}
-    ignored |= {p for p in params if type(p).__name__ == "Params4bit" and not p.requires_grad
+    ignored |= {p for p in model.parameters() if type(p).__name__ == "Params4bit" and not p.requires_grad
                 and not p.is_floating_point()}   # uint8 4-bit storage: accelerate leaves it unsharded too
+    for m in plugin.ignored_modules or []:   # fully_shard moves only what it shards to the device
+        m.to(accelerator.device)
     kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
               "mp_policy": mp}
+
+    def shard(modules, **override):
+        # (no set of the unit's parameters here: it would keep them alive through fully_shard)
+        mine = {p for m in (modules if isinstance(modules, list) else [modules]) for p in m.parameters()
+                if p in ignored}
+        fully_shard(modules, **{**kwargs, **override}, **({"ignored_params": mine} if mine else {}))
+
+    groups = layer_groups(layers, setting, mp.param_dtype)
     for group in groups:
-        mine = {p for layer in group for p in layer.parameters()} & ignored
-        fully_shard(group if len(group) > 1 else group[0], **kwargs, **({"ignored_params": mine} if mine else {}))
+        shard(group if len(group) > 1 else group[0])
+    names = set(getattr(plugin, "transformer_cls_names_to_wrap", None) or getattr(model, "_no_split_modules", None)
+                or [])
+    for module in get_module_children_bottom_up(model)[:-1]:
+        inner = getattr(module, "_checkpoint_wrapped_module", module)
+        if type(inner).__name__ in names and not isinstance(module, FSDPModule):
+            shard(module)
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    tied = getattr(embed, "weight", None) is not None and getattr(embed, "weight", None) is getattr(head, "weight", 0)
+    if not tied and embed is not None and not isinstance(embed, FSDPModule):
+        shard(embed)
+    tail = [m for m in ((_find_final_norm(model), embed, head) if tied else (_find_final_norm(model), head))
+            if m is not None and not isinstance(m, FSDPModule)]
+    if tail:
+        shard(tail, reshard_after_forward=False)
+    # the root: torch's default for it (not resharded after forward), as accelerate leaves it
+    fully_shard(model, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"},
+                **({"ignored_params": ignored} if ignored else {}))
+    # every class is an FSDP unit now (renamed FSDP<Class>): accelerate must not look for them again
+    plugin.transformer_cls_names_to_wrap = []
     return groups
 
 

@@ -119,7 +119,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     # the data section's image root and bad-record policy hold for calibration records too
     calibration = ({"path": cfg.data.train[0].path, "image_root": cfg.data.image_root,
                     "on_error": cfg.data.on_error} if cfg.data.train else None)
-    model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=device, quant=cfg.quant,
+    # FSDP on GPUs: a 16-bit model loads to host memory; each unit reaches the GPU as it is sharded
+    load_device = dist.staging_device(cfg, device, strat)
+    model, processor = vlm.load(cfg.model.path, dtype=cfg.model.dtype, device=load_device, quant=cfg.quant,
                                 calibration=calibration,
                                 quant_storage=dist.quant_storage(cfg, cfg.model.dtype, strat))
     family = model.vlm_family
@@ -177,7 +179,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             warnings.warn_explicit(caught_warning.message, caught_warning.category,
                                    caught_warning.filename, caught_warning.lineno, source=caught_warning.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fast = fast_path.apply(model, family, cfg, plan, train_set.lengths)
+    fast = fast_path.apply(model, family, cfg, plan, train_set.lengths, device=device)
     packing_hook = (packed_forward.enable(model, family, varlen=cfg.training.packed_attention == "varlen",
                                           cuda_graphs=plan.cuda_graphs)
                     if budget is not None and budget.packed else None)
@@ -228,7 +230,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         **batch_transfer_arguments(device),
         **precision,
         **dist.training_arguments(cfg, strat, "cpu" if device == "cpu" else "cuda",
-                                  wrap_classes=unit_classes(model, family, replicate) if strat == "fsdp" else None),
+                                  wrap_classes=unit_classes(model, family, replicate,
+                                                            tower_blocks=cfg.distributed.fsdp_frozen_towers == "blocks")
+                                  if strat == "fsdp" else None),
     )
     note = dist.one_device_per_process(args, strat, w)
     if note and w.is_main:
@@ -244,6 +248,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         trainer.fsdp_layout = Layout(family, d.fsdp_layers_per_unit, replicate, d.fsdp_reshard_after_forward,
                                      say=print if w.is_main else (lambda _: None))
         trainer.add_callback(trainer.fsdp_layout.callback())
+    # where the training peak is reached: eager runs (hooks in a compiled layer would break its graph)
+    if torch.cuda.is_available() and str(device).startswith("cuda") and not plan.compiled:
+        from vlm.train import peak_phase
+
+        trainer.peak_phases = peak_phase.PeakPhases()
+        trainer.add_callback(peak_phase.callback(trainer.peak_phases, family))
     if cfg.logging.profile_steps:   # every process: rank r > 0 writes profile_rank{r}.txt
         from vlm.train.profiling import StepProfiler
         trainer.add_callback(StepProfiler(*cfg.logging.profile_steps, out, rank=w.rank))
@@ -368,6 +378,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         "parameter_bytes_per_process": param_bytes_per_process,     # FSDP: each process's shards
         "sharding": sharding,    # whole parameter bytes; FSDP units and what the root unit holds whole
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss",
+        # this process's: the phase of the step in which the training peak was reached (CUDA)
+        "training_peak_phase": trainer.peak_phases.report() if trainer.peak_phases is not None else None,
         "trainable_parameters": trainable,
         "bytes_per_trained_parameter": per_param,
         "final_loss": losses[-1] if losses else None,

@@ -90,6 +90,9 @@ class VlmTrainer(Trainer):
         self.autocast_dtype = None
         # set by the recipe under FSDP2: layer groups and replicated towers (vlm.train.fsdp_units.Layout)
         self.fsdp_layout = None
+        # set by the recipe on CUDA: in which phase of the step the training peak was reached
+        # (vlm.train.peak_phase)
+        self.peak_phases = None
         self.run_before: dict = {}            # run totals of the checkpoint resumed from
         # set by the recipe with training.cuda_graphs: each micro-batch marked as a CUDA-graph step
         # and guarded by the narrow fallback (vlm.train.graph_steps)
@@ -147,10 +150,20 @@ class VlmTrainer(Trainer):
         return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
 
     def _apply_fsdp_layout(self) -> None:
-        """Shard by our layout and re-point the optimizer's param groups at the sharded parameters."""
-        sharded = self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+        """Shard by our layout and re-point the optimizer's param groups at the sharded parameters.
+
+        The groups hold parameter *names* meanwhile: an optimizer holding the unsharded weights would
+        keep each of them alive after its unit is sharded (method full: the whole model beside its
+        shards), which is the load peak ``fsdp_units.shard_model`` exists to avoid."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        slots = []
         for group in self.optimizer.param_groups:
-            group["params"] = [sharded.get(p, p) for p in group["params"]]
+            slots.append([names.get(id(p), p) for p in group["params"]])
+            group["params"] = []
+        self.fsdp_layout.pre_wrap(self.model, self.accelerator)
+        after = dict(self.model.named_parameters())
+        for group, slot in zip(self.optimizer.param_groups, slots):
+            group["params"] = [after[p] if isinstance(p, str) else p for p in slot]
 
     def _clip_grad_norm(self, model):
         # FSDP2: the norm from the local shards and one all-reduce (vlm.train.local_step), not
@@ -200,6 +213,8 @@ class VlmTrainer(Trainer):
             self.load_peak_bytes = self.peak_memory_bytes()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()   # from here on: the training peak
+                if self.peak_phases is not None:
+                    self.peak_phases.reset()
         ids = inputs.get("input_ids")
         if ids is not None:
             self.computed_tokens += ids.numel()
@@ -212,10 +227,14 @@ class VlmTrainer(Trainer):
             self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=self.args.device.type, dtype=self.autocast_dtype):
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+        else:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+        if self.peak_phases is not None:   # from here: the loss's backward (cross-entropy, lm_head)
+            self.peak_phases.mark("loss backward (cross-entropy, lm_head)")
+        return out
 
     def log(self, logs, *args, **kwargs):
         """Adds ``tokens_per_s`` (non-padding tokens / wall second since the first step) and memory

@@ -85,3 +85,23 @@ def test_a_corrupt_entry_is_analysed_again_and_the_switch_turns_it_off(cached, t
     entry.unlink()
     vlm.load(str(ckpt), device="cpu", dtype="bf16", quant="dynamic")
     assert len(calls) == 3 and not list(root.glob("*.json"))
+
+
+def test_tiered_plan_cached_with_its_int8w_layers(cached, tiny_checkpoint, tmp_path, capsys):
+    from vlm.quant.int8_linear import int8w_layers
+
+    calls, root = cached
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("qwen2_vl"), ckpt)
+    tiered = {"preset": "dynamic", "tiers": ["int8w", "bf16"], "budget": 0.3}
+    first, processor = vlm.load(str(ckpt), device="cpu", dtype="bf16", quant=tiered)
+    int8w = first.vlm_quant_plan.int8w()
+    assert int8w and len(calls) == 1
+    entry = json.loads(next(root.glob("*.json")).read_text())
+    assert entry["protected_int8w"] == sorted(int8w)
+    capsys.readouterr()
+    second, _ = vlm.load(str(ckpt), device="cpu", dtype="bf16", quant=tiered)
+    assert len(calls) == 1 and "int8w" in capsys.readouterr().out
+    assert sorted(int8w_layers(second)) == sorted(int8w)
+    assert first.config.vlmtune["quant"] == second.config.vlmtune["quant"]
+    assert torch.equal(_logits(first, processor), _logits(second, processor))

@@ -39,6 +39,9 @@ def test_frozen_tower_is_one_unit_a_trained_one_a_unit_per_block(tiny_checkpoint
     # fsdp_frozen_towers: replicate: a frozen tower is no unit (Layout.pre_wrap leaves it out of FSDP)
     kept = unit_classes(peft, family, replicate_frozen_towers=True)
     assert not {type(t).__name__ for t in towers} & set(kept) and set(kept) >= layers, kept
+    # fsdp_frozen_towers: blocks: a frozen tower cut per block (its forward holds ~2 blocks whole)
+    cut = unit_classes(peft, family, tower_blocks=True)
+    assert blocks <= set(cut) and not {type(t).__name__ for t in towers} & set(cut), cut
 
     if not blocks or not towers:
         return
