@@ -14,6 +14,8 @@ compile + cuda_graphs, fp32. The step that failed on the H200 was the first repl
   no_mark        no step marks and no fallback: the code before the fix (raw torch error)
   no_mark_bf16   no_mark with 16-bit weights and precision bf16 (the benchmark's dtype)
   no_mark_no_gc  no_mark without gradient checkpointing (no checkpoint inside the layers)
+  no_mark_cache  no_mark with the training forward's KV cache kept on (the code before ea6bd5e:
+                 compiled layers with the checkpoint inside were handed transformers' DynamicCache)
 
 Prints one line per variant: ok (steps, losses, fallback) or the error torch raised.
 """
@@ -27,11 +29,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "shipped": ({}, True, True),
-    "no_mark": ({}, False, False),
-    "no_mark_bf16": ({"model.dtype": "bf16", "training.precision": "bf16"}, False, False),
-    "no_mark_no_gc": ({"training.gradient_checkpointing": False}, False, False),
+VARIANTS = {   # name -> (config overrides, step marks, fallback, KV cache turned off)
+    "shipped": ({}, True, True, True),
+    "no_mark": ({}, False, False, True),
+    "no_mark_bf16": ({"model.dtype": "bf16", "training.precision": "bf16"}, False, False, True),
+    "no_mark_no_gc": ({"training.gradient_checkpointing": False}, False, False, True),
+    "no_mark_cache": ({}, False, False, False),
 }
 
 
@@ -58,10 +61,15 @@ def run_variant(name: str, root: Path, ckpt: Path, data: Path, device: str, step
     import torch
 
     import vlm.train.graph_steps as graph_steps
+    import vlm.train.no_kv_cache as no_kv_cache
+    import vlm.train.recipe as recipe
     from vlm.train.recipe import train
 
-    extra, mark, fallback = VARIANTS[name]
+    extra, mark, fallback, no_cache = VARIANTS[name]
     real_mark, real_fall_back = graph_steps.mark_step_begin, graph_steps.GraphSteps._fall_back
+    real_disable = no_kv_cache.disable_kv_cache
+    keep = (lambda model: []) if not no_cache else real_disable   # the callers import it by name
+    no_kv_cache.disable_kv_cache = recipe.disable_kv_cache = keep
 
     def no_fallback(self, error):
         raise RuntimeError(error)
@@ -84,6 +92,7 @@ def run_variant(name: str, root: Path, ckpt: Path, data: Path, device: str, step
         return f"{name}: {type(e).__name__}: {str(e).strip()[:200]} ({time.perf_counter() - t0:.0f} s)"
     finally:
         graph_steps.mark_step_begin, graph_steps.GraphSteps._fall_back = real_mark, real_fall_back
+        no_kv_cache.disable_kv_cache = recipe.disable_kv_cache = real_disable
 
 
 def main(argv=None) -> int:
