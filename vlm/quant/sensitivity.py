@@ -283,6 +283,17 @@ def group_score(members: list[str], errors: dict[str, dict], metric: str) -> flo
     return sum(ranking_error(errors[m], fallback) for m in members)
 
 
+def candidate_groups(plan: QuantPlan) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The layers a policy may protect (quantized because of their component, not pinned by a
+    rule) and their sensitivity groups: ({layer: LayerPlan}, {group: [layer, ...]})."""
+    cands = {n: lp for n, lp in plan.layers.items()
+             if lp.precision in QUANTIZED and lp.reason == "component"}
+    groups: dict[str, list[str]] = {}
+    for n, lp in cands.items():
+        groups.setdefault(lp.group, []).append(n)
+    return cands, groups
+
+
 def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float | int,
                      metric: str = "propagated", outliers_first: bool = True
                      ) -> tuple[set[str], dict[str, Any]]:
@@ -291,11 +302,7 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
     ``outliers_first=False`` with ``metric="activation"`` is the earlier heuristic (greedy by
     activation error per byte saved), kept for comparisons (benchmarks/quant_policies.py)."""
     dq = plan.policy.double_quant
-    cands = {n: lp for n, lp in plan.layers.items()
-             if lp.precision in QUANTIZED and lp.reason == "component"}
-    groups: dict[str, list[str]] = {}
-    for n, lp in cands.items():
-        groups.setdefault(lp.group, []).append(n)
+    cands, groups = candidate_groups(plan)
     cand_params = sum(lp.params for lp in cands.values())
     if isinstance(budget, float):
         limit, unit = budget * cand_params, "params"
@@ -372,11 +379,7 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
 
     Returns ({layer: tier} for the layers leaving nf4, analysis record)."""
     dq = plan.policy.double_quant
-    cands = {n: lp for n, lp in plan.layers.items()
-             if lp.precision in QUANTIZED and lp.reason == "component"}
-    groups: dict[str, list[str]] = {}
-    for n, lp in cands.items():
-        groups.setdefault(lp.group, []).append(n)
+    cands, groups = candidate_groups(plan)
     full_cost = sum(lp.nbytes("bf16", dq) - lp.nbytes(lp.precision, dq) for lp in cands.values())
     limit = float(budget) * full_cost if isinstance(budget, float) else float(budget)
     score = {"nf4": {g: group_score(ms, errors, metric) for g, ms in groups.items()}}
