@@ -62,14 +62,13 @@ def run_variant(name: str, root: Path, ckpt: Path, data: Path, device: str, step
 
     import vlm.train.graph_steps as graph_steps
     import vlm.train.no_kv_cache as no_kv_cache
-    import vlm.train.recipe as recipe
     from vlm.train.recipe import train
 
     extra, mark, fallback, no_cache = VARIANTS[name]
     real_mark, real_fall_back = graph_steps.mark_step_begin, graph_steps.GraphSteps._fall_back
     real_disable = no_kv_cache.disable_kv_cache
-    keep = (lambda model: []) if not no_cache else real_disable   # the callers import it by name
-    no_kv_cache.disable_kv_cache = recipe.disable_kv_cache = keep
+    # fast_path.apply imports it from the module when it runs: the module's name is the one to swap
+    no_kv_cache.disable_kv_cache = (lambda model: []) if not no_cache else real_disable
 
     def no_fallback(self, error):
         raise RuntimeError(error)
@@ -92,7 +91,7 @@ def run_variant(name: str, root: Path, ckpt: Path, data: Path, device: str, step
         return f"{name}: {type(e).__name__}: {str(e).strip()[:200]} ({time.perf_counter() - t0:.0f} s)"
     finally:
         graph_steps.mark_step_begin, graph_steps.GraphSteps._fall_back = real_mark, real_fall_back
-        no_kv_cache.disable_kv_cache = recipe.disable_kv_cache = real_disable
+        no_kv_cache.disable_kv_cache = real_disable
 
 
 def main(argv=None) -> int:

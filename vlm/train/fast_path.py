@@ -78,8 +78,9 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int], device=None) -> Ap
     from vlm.train.no_kv_cache import disable_kv_cache
     from vlm.vision_attention import batch_equal_images
 
-    # a compiled layer given a cache compiles once per layer and, under CUDA graphs, records the
-    # cache's tensors (vlm.train.no_kv_cache); every caller of the fast path trains without one
+    # every method, compiled or not: a training forward builds no KV cache (vlm.train.no_kv_cache;
+    # with one, each compiled layer compiled its own graph). The one place: vlm train, train_step.py
+    # and train_modes.py all set a model up through this function
     disable_kv_cache(model)
     done = Applied(vision_attention_batched=batch_equal_images(model, family))
     if cfg.kernels:

@@ -87,6 +87,7 @@ class GraphSteps:
         self.marks = 0                  # micro-batches begun with torch's step mark
         self.fallback: dict | None = None   # why and when CUDA graphs were dropped (summary.json)
         self._recompile = recompile or self._drop_graphs
+        self._trainable = None          # the trainable parameters, listed on the first micro-batch
 
     def _drop_graphs(self) -> int:
         from vlm.train.compile import drop_cuda_graphs
@@ -99,7 +100,9 @@ class GraphSteps:
         mark_step_begin()
         self.marks += 1
         tr = self.trainer
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self._trainable is None:
+            self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = self._trainable
         grads_before = any(p.grad is not None for p in trainable)
         if tr.args.gradient_accumulation_steps > 1:
             stable_grads(trainable)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from vlm.errors import ConfigError, VlmError
-from vlm.train.no_kv_cache import disable_kv_cache, use_cache_as_loaded
+from vlm.train.no_kv_cache import use_cache_as_loaded
 
 MODEL_DIR = "model"
 PROJECTOR_DIR = "projector"
@@ -180,7 +180,6 @@ def prepare(model, family, cfg, *, device: str | None = None, strategy: str = "s
             # embeddings; text-only batches need the text embeddings to carry one (as in vlm.lora)
             emb = model.get_input_embeddings()
             emb.register_forward_hook(_output_requires_grad)
-    disable_kv_cache(model)   # every config the modules read (vlm.train.no_kv_cache)
     no_grad_when_frozen(model, family)
     opt, name = optimizer_for(model, cfg)
     return ModeSetup(trainable=counts, optimizer_cls_and_kwargs=opt, optimizer=name, checkpointing=decision)

@@ -32,7 +32,6 @@ from vlm.atomic import ensure_writable_folder, write_json
 from vlm.train import checkpointing, fast_path, modes
 from vlm.train.checkpoints import checkpoint_record, resume_point, run_totals
 from vlm.train.config import TrainConfig, to_plain
-from vlm.train.no_kv_cache import disable_kv_cache
 
 log = logging.getLogger("vlm.train")
 
@@ -143,7 +142,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         print(token_budget_line(budget))
     t_data = time.perf_counter()
 
-    disable_kv_cache(model)        # every method: a training forward must not build a cache (no_kv_cache)
     mode = None                    # method: full / projector (vlm.train.modes); lora below
     if cfg.model.projector_init:
         print(f"model.projector_init: {modes.load_projector(model, family, cfg.model.projector_init)} "
