@@ -2,6 +2,14 @@
 
     python benchmarks/quant_memory.py                     # GPU: Qwen2-VL-2B and Llama-3.2-11B-Vision
     python benchmarks/quant_memory.py --tiny --device cpu # smoke test of this script on CPU
+    python benchmarks/quant_memory.py --plan-only         # CPU, seconds: planned bytes from shapes
+
+``--plan-only`` builds each model on the meta device (no weights) and computes, from the shapes,
+the bytes of the bf16 / nf4 presets, the ``dynamic`` floor (its 16-bit projector and lm_head, nothing
+protected) and its budget's cap, then runs the tiered planner (vlm.quant.sensitivity.choose_tiers)
+under the default budget on three made-up error rankings (random; largest layers worst; smallest
+layers worst): the planned bytes never exceed the cap, whatever the ranking. Writes
+results/quant_memory_plan.{json,md}.
 
 For each model: build the config, initialise random bf16 weights directly on the device, save a
 checkpoint, then load it three times through ``vlm.quant.loading.load_quantized`` (the path
@@ -185,6 +193,69 @@ def measure(name: str, path: Path, policy: str, device: str, tiny: bool) -> dict
     return row
 
 
+def plan_bytes(name: str, tiny: bool, policy: str = "dynamic") -> dict:
+    """Planned whole-model bytes of ``name`` from its shapes (meta device; see the docstring)."""
+    import random
+
+    from vlm.families import family_for_config
+    from vlm.quant.loading import meta_model
+    from vlm.quant.plan import resolve_plan
+    from vlm.quant.policy import INT8W, NF4Multiple, QuantPolicy
+    from vlm.quant.sensitivity import candidate_groups, choose_tiers
+
+    config = MODELS[name][0](tiny)
+    model = meta_model(config)
+    family = family_for_config(config)
+    pol = QuantPolicy.parse(policy)
+    row = {"model": name, "policy": pol.to_dict()["name"], "budget": str(pol.budget),
+           "tiers": list(pol.tiers)}
+    for preset in ("bf16", "nf4"):
+        row[f"{preset}_gib"] = resolve_plan(QuantPolicy.preset(preset), model, family).total_bytes() / GiB
+    base = resolve_plan(pol, model, family)
+    row["floor_gib"] = base.total_bytes() / GiB
+    if isinstance(pol.budget, NF4Multiple):
+        row["cap_gib"] = pol.budget.ratio * base.nf4_preset_bytes() / GiB
+    cands, groups = candidate_groups(base)
+    size = {g: sum(cands[m].params for m in ms) for g, ms in groups.items()}
+    rankings = {"random": lambda g, r: r.random(), "largest worst": lambda g, r: size[g],
+                "smallest worst": lambda g, r: 1.0 / size[g]}
+    row["planned_gib"] = {}
+    for label, fn in rankings.items():
+        rng = random.Random(0)
+        score = {g: fn(g, rng) for g in groups}
+        errors = {m: {"weight_error": score[g], "activation_error": score[g], "block_error": score[g]}
+                  for g, ms in groups.items() for m in ms}
+        errors8 = {m: dict.fromkeys(e, 0.01 * e["block_error"]) for m, e in errors.items()}
+        tiers, a = choose_tiers(base, errors, {INT8W: errors8}, budget=pol.budget, tiers=pol.tiers)
+        plan = resolve_plan(pol, model, family, protected=tiers)
+        row["planned_gib"][label] = plan.total_bytes() / GiB
+        row.setdefault("tier_counts", {})[label] = a["tier_counts"]
+    row["published_gib"] = PUBLISHED.get(name, {}).get("dynamic")
+    return row
+
+
+def write_plan(rows: list[dict], out: Path) -> None:
+    from vlm.atomic import write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "quant_memory_plan.json", {"rows": rows}, indent=1)
+    lines = ["# Planned bytes from the shapes (GiB; meta device, no weights)", "",
+             "`python benchmarks/quant_memory.py --plan-only`. cap = the budget × nf4; planned = the "
+             "tiered planner's plan under the policy's budget for three made-up error rankings (the cap "
+             "holds whatever the analysis measures); groups per tier in brackets (nf4/int8w/bf16).", "",
+             "| model | policy | budget | bf16 | nf4 | floor | cap | planned (random / largest worst / "
+             "smallest worst) | published dynamic |", "|---|---|---|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        planned = " / ".join(f"{v:.3f} ({'/'.join(str(c) for c in r['tier_counts'][k].values())})"
+                             for k, v in r["planned_gib"].items())
+        cap = f"{r['cap_gib']:.3f}" if "cap_gib" in r else "-"
+        lines.append(f"| {r['model']} | {r['policy']} | {r['budget']} | {r['bf16_gib']:.3f} | "
+                     f"{r['nf4_gib']:.3f} | {r['floor_gib']:.3f} | {cap} | {planned} | "
+                     f"{r['published_gib'] if r['published_gib'] is not None else '-'} |")
+    write_text(out / "quant_memory_plan.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write(rows: list[dict], out: Path, env: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {"env": env, "rows": rows}
@@ -223,7 +294,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--plan-only", action="store_true",
+                    help="planned bytes from the shapes on the meta device (CPU, seconds; no load)")
     args = ap.parse_args(argv)
+    if args.plan_only:
+        write_plan([plan_bytes(name, args.tiny) for name in args.models.split(",")], Path(args.out))
+        return 0
     import bitsandbytes
     import transformers
 

@@ -17,9 +17,12 @@ Rows (every linear of vision tower, projector and language model is a candidate;
     policy (propagated, int8w+bf16)  ``tiers: [int8w, bf16]``: each group also measured stored
                   int8w, then per group nf4 / int8w / bf16 by error removed per extra byte
                   (vlm.quant.sensitivity.choose_tiers)
+    dynamic (default preset)  what ``quant: dynamic`` plans for this model, through the product's
+                  own ``vlm.quant.loading.analyse``: its 16-bit projector (not a candidate),
+                  tiers [int8w, bf16], whole model ≤ its default budget (1.08x nf4 bytes)
 
-random / heuristic / policy run at two byte budgets: ``--ratio`` × the NF4 bytes (default 1.15) and
-the skip list's bytes. Metrics against the bf16 model on held-out scenes (never the calibration
+random / heuristic / policy run at the byte budgets ``--ratio`` × the NF4 bytes (default 1.15 and
+the default preset's 1.08; a comma list) and the skip list's bytes. Metrics against the bf16 model on held-out scenes (never the calibration
 set): mean next-token KL(p_bf16 ‖ q) and top-1 agreement over the caption positions (teacher
 forcing), exact-match caption accuracy of greedy captions against the references, and the share
 of captions identical to bf16's. "gap closed" = 1 − KL / KL_nf4.
@@ -54,7 +57,7 @@ LARGE_MROPE = [8, 12, 12]                       # sums to head_dim / 2 = 64 / 2
 LARGE_VISION = dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4)
 
 
-def _variants(plan, errors, ratio: float, random_seeds: int, loo=None, propagated=None,
+def _variants(plan, errors, ratios: list[float], random_seeds: int, loo=None, propagated=None,
               propagated_int8w=None) -> list[dict]:
     """Rows: name, budget label, precisions per layer, and (for random) the seed."""
     from vlm.quant.policy import QUANTIZED
@@ -70,8 +73,8 @@ def _variants(plan, errors, ratio: float, random_seeds: int, loo=None, propagate
     rows = [{"name": "bf16", "budget": "-", "prec": {n: "bf16" for n in base}},
             {"name": "nf4", "budget": "-", "prec": base},
             {"name": "skip-list", "budget": "-", "prec": skip}]
-    budgets = {f"{ratio:.2f}x nf4": int((ratio - 1) * nf4_bytes),
-               "= skip-list": plan.bytes_if(skip, dq) - nf4_bytes}
+    budgets = {f"{ratio:.2f}x nf4": int((ratio - 1) * nf4_bytes) for ratio in ratios}
+    budgets["= skip-list"] = plan.bytes_if(skip, dq) - nf4_bytes
     groups: dict[str, list[str]] = {}
     for n, lp in plan.layers.items():
         if lp.precision in QUANTIZED:
@@ -141,6 +144,7 @@ def run(args) -> dict:
     from vlm.load import load
     from vlm.quant.agreement import agreement, reference_logits, simulated
     from vlm.quant.calibration import calibration_batches
+    from vlm.quant.loading import analyse
     from vlm.quant.plan import resolve_plan
     from vlm.quant.plants import plant_outliers
     from vlm.quant.policy import QuantPolicy
@@ -185,7 +189,12 @@ def run(args) -> dict:
     ref = reference_logits(model, batches)
     ref_captions = _captions(model, processor, items, args.batch_size)
     refs = [it.reference for it in items]
-    rows = _variants(plan, errors, args.ratio, args.random_seeds, loo, prop, prop8)
+    rows = _variants(plan, errors, args.ratios, args.random_seeds, loo, prop, prop8)
+    default = QuantPolicy.preset("dynamic")     # the product's default, as `vlm.load` plans it
+    dplan = analyse(model, family, default, calib)   # the same calibration as the rows above
+    rows.append({"name": "dynamic (default preset)", "budget": str(default.budget),
+                 "prec": {n: lp.precision for n, lp in dplan.layers.items()},
+                 "outliers": dplan.analysis["outliers"]})
     results = []
     for row in rows:
         a = agreement(model, row["prec"], batches, double_quant=True, reference=ref)
@@ -204,7 +213,7 @@ def run(args) -> dict:
     return {"model": str(args.model), "device": args.device, "dtype": args.dtype,
             "calibration": f"{args.calibration} × {args.calibration_samples}",
             "planted": planted, "analysis_seconds": round(analysis_s, 2), "analysis_timing": timing,
-            "eval_samples": args.eval_samples, "ratio": args.ratio, "rows": table, "raw": results}
+            "eval_samples": args.eval_samples, "ratios": args.ratios, "rows": table, "raw": results}
 
 
 def _aggregate(results: list[dict]) -> list[dict]:
@@ -278,7 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for quant_policies.json and .md")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--ratio", type=float, default=1.15)
+    ap.add_argument("--ratio", default="1.15,1.08", help="byte budgets as multiples of the NF4 bytes "
+                    "(comma list; 1.08: the dynamic preset's default)")
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -295,6 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-samples", type=int, default=8000)
     ap.add_argument("--tiny", action="store_true", help="smoke run: a tiny random zoo model, 8 scenes")
     args = ap.parse_args(argv)
+    args.ratios = [float(r) for r in str(args.ratio).split(",")]
     torch.set_num_threads(1) if args.device == "cpu" else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

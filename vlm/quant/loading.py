@@ -95,6 +95,27 @@ def analyse(model, family, policy: QuantPolicy, batches: list[dict] | None, *,
     return resolve_plan(policy, model, family, protected=protected, analysis=analysis)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.3f} MiB"
+
+
+def budget_line(plan: QuantPlan) -> str:
+    """What the protection was allowed and what the plan weighs; says so when the policy's own
+    16-bit layers (dynamic: projector, lm_head) already exceed an ``NF4Multiple`` cap."""
+    a = plan.analysis
+    cap = a.get("budget_nf4")
+    if not cap:
+        return (f"quant: budget {a.get('budget')} ({a.get('budget_unit')}): spent {a.get('budget_spent', 0):.0f} "
+                f"of {a.get('budget_limit', 0):.0f}; plan {_size(plan.total_bytes())}")
+    line = (f"quant: budget {a['budget']} of the nf4 bytes ({_size(cap['nf4_bytes'])}): cap "
+            f"{_size(cap['cap_bytes'])}, plan {_size(plan.total_bytes())}")
+    if cap["floor_over_cap_bytes"]:
+        line += (f"; warning: the layers the policy keeps 16-bit by component already take "
+                 f"{cap['floor_over_cap_bytes'] / 2**20:.1f} MiB more than the cap, so the analysis "
+                 f"protected nothing (raise the budget, or quantize them: e.g. projector: nf4)")
+    return line
+
+
 def bnb_config(plan: QuantPlan, dtype: torch.dtype, quant_storage: torch.dtype | None = None):
     """The BitsAndBytesConfig that quantizes exactly ``plan.quantized()``.
 
@@ -227,6 +248,7 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
         print(f"quant: {policy.name} (metric {policy.metric}) "
               f"{timing_line(plan.analysis['timing'])}; {len(plan.kept()) - len(plan.int8w())} linears "
               f"kept 16-bit" + (f", {len(plan.int8w())} int8w" if INT8W in policy.tiers else ""))
+        print(budget_line(plan))
         del model16
         gc.collect()
         if torch.cuda.is_available():
@@ -237,6 +259,14 @@ def load_quantized(source: str, *, config=None, family=None, quant: Any, dtype: 
                   "and policy skips the analysis)")
     else:
         plan = resolve_plan(policy, meta_model(config, dtype), family)
+    if plan.quant_kind is None:
+        # the analysis protected every candidate (a budget as large as the model): nothing for
+        # bitsandbytes, the int8w layers are swapped in after a 16-bit load
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device)
+        quantize_int8w(model, plan.int8w())
+        verify(model, plan)
+        attach_metadata(model, plan)
+        return model
     qconfig = bnb_config(plan, dtype, quant_storage)
     saved_skip = qconfig.llm_int8_skip_modules
     # Load with the kept layers as one merged pattern (plan.skip_pattern): transformers tries every

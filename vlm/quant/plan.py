@@ -94,6 +94,14 @@ class QuantPlan:
         dq = self.policy.double_quant
         return self.other_bytes + sum(lp.nbytes(double_quant=dq) for lp in self.layers.values())
 
+    def nf4_preset_bytes(self) -> int:
+        """Whole-model bytes of this model under the ``nf4`` preset (every vision, projector and
+        language linear NF4 with double quantization; lm_head, embeddings and linears outside the
+        components 16-bit): the reference of an ``NF4Multiple`` budget."""
+        comps = QuantPolicy.preset("nf4").components
+        prec = {n: comps.get(lp.component, "bf16") for n, lp in self.layers.items()}
+        return self.bytes_if(prec, double_quant=True)
+
     def bytes_if(self, precision_of: dict[str, str], double_quant: bool = True) -> int:
         return self.other_bytes + sum(lp.nbytes(precision_of.get(n, lp.precision), double_quant)
                                       for n, lp in self.layers.items())

@@ -14,28 +14,37 @@ Presets:
     bf16     nothing quantized.
     nf4      every quantizable linear in NF4 (vision, projector, language), double quantization;
              lm_head 16-bit as in transformers' standard ``load_in_4bit`` (the "standard 4-bit").
-    dynamic  projector and lm_head 16-bit; vision and language NF4 with double quantization; the
-             sensitivity analysis (vlm.quant.sensitivity) measures what quantizing each layer
+    dynamic  lm_head 16-bit; vision, projector and language NF4 with double quantization (the
+             projector is measured like every other candidate, not pinned: a pinned 16-bit
+             projector alone took 1.16 × the demo base's NF4 bytes); the sensitivity analysis (vlm.quant.sensitivity) measures what quantizing each layer
              does to the model (by default the error it propagates three blocks down the residual
              stream, relative to it, vlm.quant.propagated; or the KL of the next-token
-             distribution against 16-bit; in float32) and keeps in 16-bit first the outlier
-             layers, then those with the highest score per byte saved, until the budget (default
-             10% of the parameters it may quantize) is spent. With ``tiers: [int8w, bf16]`` it
-             also measures each group in int8w and chooses per group among nf4 / int8w / bf16 by
-             measured error removed per extra byte (vlm.quant.sensitivity.choose_tiers).
+             distribution against 16-bit; in float32), in NF4 and in int8w, and chooses per group
+             among nf4 / int8w / bf16 (``tiers: [int8w, bf16]``): outlier layers first, then by
+             measured error removed per extra byte (vlm.quant.sensitivity.choose_tiers), while the
+             whole model stays within ``budget: 1.08x``, i.e. 1.08 × the bytes of the same model
+             under the ``nf4`` preset (the standard 4-bit load; before protection the two plans
+             are the same bytes). The cap holds whatever the
+             analysis measures: Llama-3.2-11B-Vision plans ≤ 7.17 GiB (NF4 6.64; published
+             dynamic 7.23), Qwen2-VL-2B ≤ 1.50 GiB (benchmarks/quant_memory.py --plan-only).
+             ``tiers: [bf16]`` is the earlier 16-bit-only protection.
 
 A policy is given as a preset name, a dict (``preset:`` plus keys that change it), a YAML path, or
-a ``QuantPolicy``. Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
+a ``QuantPolicy``. A dict that names one quantized type for some components (``vision: fp4``)
+gives it to the preset's other quantized components too (one checkpoint holds one type). Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
 
     preset: dynamic
-    budget: 0.05            # fraction of quantizable parameters, or bytes: 300000000 / "300MB"
+    budget: 1.08x           # whole model ≤ 1.08 × its nf4-preset bytes (the default); or a
+                            # fraction of the quantizable parameters kept 16-bit (0.05; with
+                            # int8w: the same bytes), or extra bytes: 300000000 / "300MB"
     metric: propagated      # ranking: propagated (residual-stream error, default; 4 blocks per
                             # group) / output (next-token KL; a whole-model forward per group)
                             # / activation / weight error
     propagate: 3            # propagated metric: measured this many blocks past the layer's own
                             # (0: its block only, fastest), or "end": at the end of its stack
     analysis_dtype: fp32    # fp32 (default: the same plan on any CPU or GPU) or model (load dtype)
-    tiers: [int8w, bf16]    # protection tiers (default [bf16]); int8w: ~1/3 of bf16's extra bytes
+    tiers: [int8w, bf16]    # protection tiers (the default); [bf16]: 16-bit only. int8w costs
+                            # ~1/3 of bf16's extra bytes
     overrides:
       "model.language_model.layers.0.*": bf16
 """
@@ -62,7 +71,8 @@ LOW_BIT = QUANTIZED + (INT8W,)              # every precision stored below 16 bi
 TIERS = ("int8w", "bf16")                   # what the dynamic analysis may protect a layer in
 METRICS = ("propagated", "output", "activation", "weight")
 ANALYSIS_DTYPES = ("fp32", "model")
-DEFAULT_BUDGET = 0.10
+DEFAULT_BUDGET = 0.10      # the static presets' field (unused there); dynamic's is DYNAMIC_BUDGET
+DYNAMIC_BUDGET = "1.08x"   # the dynamic preset: whole model ≤ 1.08 × its NF4 bytes (NF4Multiple)
 DEFAULT_PROPAGATE = 3     # propagated metric: blocks measured past the layer's own (vlm.quant.propagated)
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -71,12 +81,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "nf4": {"components": {"vision": "nf4", "projector": "nf4", "language": "nf4",
                            "lm_head": "bf16", "embeddings": "bf16"},
             "double_quant": True, "sensitivity": False},
-    "dynamic": {"components": {"vision": "nf4", "projector": "bf16", "language": "nf4",
+    "dynamic": {"components": {"vision": "nf4", "projector": "nf4", "language": "nf4",
                                "lm_head": "bf16", "embeddings": "bf16"},
                 "double_quant": True, "sensitivity": True,
-                # ("int8w", "bf16") closes 73 % of the KL gap at 1.15x NF4 on the demo base vs 29 %
-                # (benchmarks/results/quant_policies_demo_base); opt-in until measured on the GPU
-                "tiers": ("bf16",)},
+                # int8w + bf16 closes far more of the KL gap than 16-bit-only protection at equal
+                # bytes (benchmarks/results/quant_policies_*); the NF4-relative cap bounds the
+                # whole model's bytes by construction (see NF4Multiple)
+                "tiers": ("int8w", "bf16"), "budget": DYNAMIC_BUDGET},
 }
 PRESETS = tuple(_PRESETS)
 
@@ -100,19 +111,48 @@ def _check_precision(value: Any, where: str) -> str:
     return value.lower()
 
 
-def parse_budget(value: Any) -> float | int:
-    """Budget as a fraction in [0, 1] (a float) or a number of bytes (an int, or "300MB", "1.5GiB").
+@dataclass(frozen=True)
+class NF4Multiple:
+    """Budget ``r``x: the whole planned model holds at most r × the bytes the ``nf4`` preset
+    stores it in (every vision/projector/language linear NF4 with double quantization, lm_head and
+    embeddings 16-bit: transformers' standard 4-bit load). The analysis may spend
+        B = r · bytes_nf4 − bytes_floor
+    extra bytes, bytes_floor being the policy's plan before protection (``dynamic``: its 16-bit
+    projector and lm_head included), so bytes_plan ≤ bytes_floor + B = r · bytes_nf4 whatever it
+    measures (B < 0, a floor above the cap: nothing is protected and the analysis says so)."""
 
-    Fraction f: the protected layers hold at most f × (parameters the policy may quantize).
-    Bytes B: protecting costs at most B extra bytes (16-bit bytes minus quantized bytes).
+    ratio: float
+
+    def __post_init__(self):
+        if not (isinstance(self.ratio, (int, float)) and 1.0 <= self.ratio <= 16.0):
+            raise ConfigError(f"quant.budget: {self.ratio!r}x is not a multiple of the NF4 bytes ≥ 1 "
+                              f"(e.g. '1.08x'; the NF4 model itself is 1x)")
+
+    def __str__(self) -> str:
+        return f"{self.ratio:g}x"
+
+
+def parse_budget(value: Any) -> float | int | NF4Multiple:
+    """Budget as a fraction in [0, 1] (a float), a number of bytes (an int, or "300MB", "1.5GiB"),
+    or a multiple of the NF4 model's bytes ("1.08x", ``NF4Multiple``).
+
+    Fraction f: the protected layers hold at most f × (parameters the policy may quantize); with
+    ``tiers: [int8w, ...]`` the bytes that protecting f of them in 16-bit costs.
+    Bytes B: protecting costs at most B extra bytes (their bytes minus their quantized bytes).
+    r x: the whole model ≤ r × its bytes under the ``nf4`` preset (see NF4Multiple).
     """
+    if isinstance(value, NF4Multiple):
+        return value
     if isinstance(value, bool) or value is None:
-        raise ConfigError(f"quant.budget: {value!r} is not a fraction in [0, 1] or a byte count")
+        raise ConfigError(f"quant.budget: {value!r} is not a fraction in [0, 1], a byte count or a "
+                          f"multiple of the NF4 bytes ('1.08x')")
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*[xX×]\s*(nf4)?\s*", value, re.I):
+        return NF4Multiple(float(re.match(r"\s*([0-9]*\.?[0-9]+)", value).group(1)))
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"quant.budget: cannot read {value!r}; give a fraction (0.1) or bytes "
-                              f"(300000000, '300MB', '1.5GiB')")
+            raise ConfigError(f"quant.budget: cannot read {value!r}; give a fraction (0.1), bytes "
+                              f"(300000000, '300MB', '1.5GiB') or a multiple of the NF4 bytes ('1.08x')")
         number, unit = float(m.group(1)), m.group(2).lower()
         if unit == "" and "." in m.group(1):
             return parse_budget(number)
@@ -120,13 +160,15 @@ def parse_budget(value: Any) -> float | int:
     if isinstance(value, float):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"quant.budget: fraction {value} is out of range [0, 1] (bytes are "
-                              f"written as an integer or with a unit, e.g. '300MB')")
+                              f"written as an integer or with a unit, e.g. '300MB'; a multiple of the "
+                              f"NF4 bytes with an x, e.g. '{value:g}x')")
         return float(value)
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"quant.budget: {value} bytes is negative")
         return int(value)
-    raise ConfigError(f"quant.budget: {value!r} is not a fraction in [0, 1] or a byte count")
+    raise ConfigError(f"quant.budget: {value!r} is not a fraction in [0, 1], a byte count or a "
+                      f"multiple of the NF4 bytes ('1.08x')")
 
 
 @dataclass(frozen=True)
@@ -137,7 +179,7 @@ class QuantPolicy:
     overrides: tuple[tuple[str, str], ...] = ()     # (glob, precision); later entries win
     double_quant: bool = True
     sensitivity: bool = False                       # run the dynamic analysis
-    budget: float | int = DEFAULT_BUDGET            # float = fraction, int = bytes
+    budget: float | int | NF4Multiple = DEFAULT_BUDGET   # fraction / extra bytes / × nf4 bytes
     metric: str = "propagated"                      # propagated / output (KL) / activation / weight
     propagate: str | int = DEFAULT_PROPAGATE        # propagated metric: k blocks further / "end"
     analysis_dtype: str = "fp32"                    # fp32: same plan on any machine; model: load dtype
@@ -218,7 +260,9 @@ class QuantPolicy:
         """A plain dict that ``QuantPolicy.parse`` reads back (saved in checkpoints)."""
         return {"name": self.name, "components": dict(self.components),
                 "overrides": {g: p for g, p in self.overrides}, "double_quant": self.double_quant,
-                "dynamic": self.sensitivity, "budget": self.budget, "metric": self.metric,
+                "dynamic": self.sensitivity,
+                "budget": str(self.budget) if isinstance(self.budget, NF4Multiple) else self.budget,
+                "metric": self.metric,
                 "propagate": self.propagate,
                 "seed": self.seed, "calibration_samples": self.calibration_samples,
                 "max_rows": self.max_rows, "analysis_dtype": self.analysis_dtype,
@@ -235,7 +279,8 @@ class QuantPolicy:
                               f"{_closest(name, PRESETS)} (or give a YAML path / dict)")
         p = _PRESETS[name]
         return cls(components=dict(p["components"]), double_quant=p["double_quant"],
-                   sensitivity=p["sensitivity"], tiers=p.get("tiers", ("bf16",)), name=name)
+                   sensitivity=p["sensitivity"], tiers=p.get("tiers", ("bf16",)),
+                   budget=p.get("budget", DEFAULT_BUDGET), name=name)
 
     @classmethod
     def parse(cls, spec: Any, *, budget: Any = None) -> "QuantPolicy":
@@ -298,6 +343,16 @@ class QuantPolicy:
                 raise ConfigError(f"quant: unknown component {c!r}; components: "
                                   f"{', '.join(COMPONENTS)}{_closest(str(c), COMPONENTS)}")
             comps[c] = p
+        named = [c for c, _ in nested.items()] + [c for c in COMPONENTS if c in data]
+        kinds = {str(comps[c]).lower() for c in named} & set(QUANTIZED)
+        if len(kinds) == 1:
+            # one checkpoint holds one bitsandbytes type: the preset's other quantized components
+            # take the one the config names ({preset: dynamic, vision: fp4, language: fp4} stores
+            # the projector, a dynamic candidate, in fp4 too)
+            kind = kinds.pop()
+            for c in COMPONENTS:
+                if c not in named and comps[c] in QUANTIZED:
+                    comps[c] = kind
         raw_ov = data.get("overrides") or {}
         if isinstance(raw_ov, Mapping):
             overrides = tuple((str(g), p) for g, p in raw_ov.items())
@@ -313,7 +368,7 @@ class QuantPolicy:
         sens = data.get("dynamic", data.get("sensitivity", base["dynamic"]))
         return cls(components=comps, overrides=overrides,
                    double_quant=data.get("double_quant", base["double_quant"]),
-                   sensitivity=sens, budget=data.get("budget", DEFAULT_BUDGET),
+                   sensitivity=sens, budget=data.get("budget", base["budget"]),
                    metric=data.get("metric", "propagated"), propagate=data.get("propagate", DEFAULT_PROPAGATE),
                    seed=data.get("seed", 0),
                    analysis_dtype=data.get("analysis_dtype", "fp32"),

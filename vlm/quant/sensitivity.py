@@ -67,7 +67,7 @@ from vlm.quant.agreement import simulated
 from vlm.quant.capture import capture_inputs, move_batch
 from vlm.quant.metrics import activation_error, dequantized, weight_error
 from vlm.quant.plan import QuantPlan, group_key
-from vlm.quant.policy import DEFAULT_PROPAGATE, QUANTIZED
+from vlm.quant.policy import DEFAULT_PROPAGATE, QUANTIZED, NF4Multiple
 from vlm.quant.propagated import propagated_sensitivity
 
 OUTLIER_FACTOR = 10.0     # score outlier: the group's score is ≥ 10 × the median group score
@@ -294,7 +294,17 @@ def candidate_groups(plan: QuantPlan) -> tuple[dict[str, Any], dict[str, list[st
     return cands, groups
 
 
-def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float | int,
+def nf4_multiple_limit(plan: QuantPlan, budget: NF4Multiple) -> dict[str, Any]:
+    """The extra bytes an ``NF4Multiple`` budget r leaves the protection of ``plan`` (the plan
+    before protection): B = r · bytes_nf4 − bytes_floor, clamped at 0 (see NF4Multiple), with the
+    figures for the analysis record."""
+    nf4, floor = plan.nf4_preset_bytes(), plan.total_bytes()
+    cap = int(budget.ratio * nf4)
+    return {"limit": float(max(cap - floor, 0)), "nf4_bytes": nf4, "floor_bytes": floor, "cap_bytes": cap,
+            "floor_over_cap_bytes": max(floor - cap, 0)}
+
+
+def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float | int | NF4Multiple,
                      metric: str = "propagated", outliers_first: bool = True
                      ) -> tuple[set[str], dict[str, Any]]:
     """Protection under ``budget`` (see the module docstring); returns (names, analysis record).
@@ -304,7 +314,10 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
     dq = plan.policy.double_quant
     cands, groups = candidate_groups(plan)
     cand_params = sum(lp.params for lp in cands.values())
-    if isinstance(budget, float):
+    cap = nf4_multiple_limit(plan, budget) if isinstance(budget, NF4Multiple) else {}
+    if cap:
+        limit, unit = cap["limit"], "bytes"
+    elif isinstance(budget, float):
         limit, unit = budget * cand_params, "params"
     else:
         limit, unit = float(budget), "bytes"
@@ -346,7 +359,8 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
         elif is_outlier:
             left_out.append({"group": s["group"], "error": s["error"], "cost": cost,
                              "budget_left": limit - spent})
-    analysis = {"metric": metric, "budget": budget, "budget_unit": unit, "budget_limit": limit,
+    analysis = {"metric": metric, "budget": _budget_record(budget), "budget_unit": unit, "budget_limit": limit,
+                **({"budget_nf4": cap} if cap else {}),
                 "budget_spent": spent, "extra_bytes": extra_bytes, "candidate_params": cand_params,
                 "median_error": median, "median_layer_error": local_median,
                 "outlier_factors": ({"output": OUTLIER_FACTOR, "local": LOCAL_OUTLIER_FACTOR}
@@ -358,8 +372,12 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
     return protected, analysis
 
 
+def _budget_record(budget) -> float | int | str:
+    return str(budget) if isinstance(budget, NF4Multiple) else budget
+
+
 def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str, dict[str, dict]], *,
-                 budget: float | int, metric: str = "propagated", tiers: tuple[str, ...] = ("int8w", "bf16")
+                 budget: float | int | NF4Multiple, metric: str = "propagated", tiers: tuple[str, ...] = ("int8w", "bf16")
                  ) -> tuple[dict[str, str], dict[str, Any]]:
     """Per group, a storage tier among nf4 (the plan's), ``tiers`` (int8w, bf16) under ``budget``.
 
@@ -367,12 +385,14 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
     {tier: ``measure`` of the same layers stored in that tier} (s_g^t; 16-bit scores 0). Cost of
     tier t: C_g^t = Σ (bytes_t − bytes_q) of the members (int8w: out·in + 4·out, about a third of
     16-bit's extra bytes). A fraction budget f means f × Σ (bytes₁₆ − bytes_q) over the candidates:
-    the bytes that protecting f of them in 16-bit costs, so both rankings spend the same bytes.
+    the bytes that protecting f of them in 16-bit costs, so both rankings spend the same bytes; an
+    ``NF4Multiple`` r: the whole model within r × its nf4-preset bytes (``nf4_multiple_limit``).
 
-    1. Outliers (the rules of ``choose_protected``: local and score outliers, worst first) take the
-       cheapest tier that ends them (its group score < OUTLIER_FACTOR × median score and every
-       member's own error < LOCAL_OUTLIER_FACTOR × median layer error), else the most precise
-       tier, when the budget holds it.
+    1. Outliers (the rules of ``choose_protected``: local and score outliers) take the cheapest
+       tier that ends them (its group score < OUTLIER_FACTOR × median score and every member's own
+       error < LOCAL_OUTLIER_FACTOR × median layer error), else the most precise tier, when the
+       budget holds it; in order of score removed per byte, (s_g^q − s_g^t) / C_g^t, so a budget
+       too small for every outlier keeps those whose quantization hurts the model most.
     2. Then greedy upgrades: among every (group, tier above its current one) that fits the budget,
        the one with the largest error removed per extra byte, (s_g^cur − s_g^t) / (C_g^t − C_g^cur),
        until none fits or none removes error.
@@ -381,7 +401,13 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
     dq = plan.policy.double_quant
     cands, groups = candidate_groups(plan)
     full_cost = sum(lp.nbytes("bf16", dq) - lp.nbytes(lp.precision, dq) for lp in cands.values())
-    limit = float(budget) * full_cost if isinstance(budget, float) else float(budget)
+    cap = nf4_multiple_limit(plan, budget) if isinstance(budget, NF4Multiple) else {}
+    if cap:
+        limit, unit = cap["limit"], f"bytes (whole model ≤ {budget.ratio:g} × nf4 bytes)"
+    elif isinstance(budget, float):
+        limit, unit = float(budget) * full_cost, "× the candidates' 16-bit extra bytes"
+    else:
+        limit, unit = float(budget), "bytes"
     score = {"nf4": {g: group_score(ms, errors, metric) for g, ms in groups.items()}}
     cost = {"nf4": dict.fromkeys(groups, 0)}
     own = {"nf4": {n: ranking_error(errors[n], "weight" if metric == "weight" else "activation")
@@ -405,10 +431,17 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
                         and score["nf4"][g] >= OUTLIER_FACTOR * median), key=lambda g: (-score["nf4"][g], g))
     state = dict.fromkeys(groups, "nf4")
     spent, chosen, left_out = 0.0, [], []
+    ending = {}
     for g in local_out + score_out:
         ends = [t for t in tiers if score[t][g] < OUTLIER_FACTOR * median
                 and all(own[t][m] < LOCAL_OUTLIER_FACTOR * local_median for m in groups[g])]
-        t = ends[0] if ends else tiers[-1]
+        ending[g] = ends[0] if ends else tiers[-1]
+    # among outliers, the most score removed per byte first: when the budget cannot hold them all
+    # it keeps those that matter most to the model (demo base at 1.08x: layer 0's down_proj, score
+    # 10x layer 1's at the same own error, had been left for layers 1-3's)
+    per_byte = {g: (score["nf4"][g] - score[t][g]) / max(cost[t][g], 1) for g, t in ending.items()}
+    for g in sorted(ending, key=lambda g: (-per_byte[g], g)):
+        t = ending[g]
         if spent + cost[t][g] <= limit:
             spent += cost[t][g]
             state[g] = t
@@ -438,8 +471,8 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
         chosen.append({"group": g, "tier": t, "why": "per byte", "error": score["nf4"][g],
                        "error_in_tier": score[t][g], "extra_bytes": cost[t][g], "error_per_MB": best[0] * 1e6})
     out = {m: t for g, t in state.items() if t != "nf4" for m in groups[g]}
-    unit = "× the candidates' 16-bit extra bytes" if isinstance(budget, float) else "bytes"
-    analysis = {"metric": metric, "budget": budget, "budget_unit": unit, "budget_limit": limit,
+    analysis = {"metric": metric, "budget": _budget_record(budget), "budget_unit": unit, "budget_limit": limit,
+                **({"budget_nf4": cap} if cap else {}),
                 "budget_spent": spent, "extra_bytes": int(spent), "tiers": list(tiers),
                 "candidate_params": sum(lp.params for lp in cands.values()),
                 "median_error": median, "median_layer_error": local_median,

@@ -44,7 +44,7 @@ def test_forward_within_bound_and_far_below_nf4():
     assert torch.equal(q(xb), q.to_linear(torch.bfloat16)(xb))
 
 
-def _plan_and_errors(path, planted_site=None):
+def _plan_and_errors(path, planted_site=None, policy=TIERED):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlm.families import family_for_config
@@ -59,7 +59,7 @@ def _plan_and_errors(path, planted_site=None):
     model.to(torch.bfloat16).eval()
     processor = AutoProcessor.from_pretrained(path)
     batches = calibration_batches(None, processor, n=2, seed=0)
-    plan = resolve_plan(QuantPolicy.parse(TIERED), model, family_for_config(model.config))
+    plan = resolve_plan(QuantPolicy.parse(policy), model, family_for_config(model.config))
     cands = {n: lp.precision for n, lp in plan.layers.items() if lp.precision == "nf4"}
     e4 = measure(model, cands, batches, sensitivity="propagated")
     e8 = measure(model, dict.fromkeys(cands, "int8w"), batches, sensitivity="propagated")
@@ -70,7 +70,9 @@ def test_planner_picks_int8w_where_it_pays_and_16bit_where_int8_fails(tiny_check
     from vlm.quant.agreement import agreement
     from vlm.quant.sensitivity import choose_protected, choose_tiers
 
-    model, batches, plan, e4, e8, planted = _plan_and_errors(tiny_checkpoint("qwen2_vl"), "language_mlp")
+    # the layout this was measured on first: projector pinned 16-bit (the default now measures it)
+    model, batches, plan, e4, e8, planted = _plan_and_errors(tiny_checkpoint("qwen2_vl"), "language_mlp",
+                                                             TIERED | {"projector": "bf16"})
     base = {n: lp.precision for n, lp in plan.layers.items()}
     nf4_bytes = plan.bytes_if(base)
     budget = int(0.15 * nf4_bytes)
@@ -91,6 +93,14 @@ def test_planner_picks_int8w_where_it_pays_and_16bit_where_int8_fails(tiny_check
     kl_tiered = agreement(model, tiered, batches)["kl"]
     kl_16 = agreement(model, base | dict.fromkeys(only16, "bf16"), batches)["kl"]
     assert kl_tiered < 0.5 * kl_16
+    # the default layout (projector a candidate too): still ahead of 16-bit only at equal bytes
+    model, batches, plan, e4, e8, planted = _plan_and_errors(tiny_checkpoint("qwen2_vl"), "language_mlp")
+    base = {n: lp.precision for n, lp in plan.layers.items()}
+    tiers, _ = choose_tiers(plan, e4, {"int8w": e8}, budget=budget, tiers=("int8w", "bf16"))
+    only16, _ = choose_protected(plan, e4, budget=budget)
+    assert tiers[planted] == "bf16" and planted in only16
+    assert agreement(model, base | tiers, batches)["kl"] < agreement(model, base | dict.fromkeys(only16, "bf16"),
+                                                                     batches)["kl"]
 
 
 def test_tiered_load_save_reload_lora_merge(tiny_checkpoint, tmp_path):
@@ -157,3 +167,19 @@ def test_tiers_key_validated():
     assert QuantPolicy.parse(QuantPolicy.parse(TIERED).to_dict()).tiers == ("int8w", "bf16")
     with pytest.raises(ConfigError, match="quant.tiers"):
         QuantPolicy.parse({"preset": "dynamic", "tiers": ["int4"]})
+
+
+def test_budget_that_protects_every_candidate_loads_without_bitsandbytes(tiny_checkpoint, capsys):
+    """A budget near the 16-bit model's bytes ("1.5x" the NF4 bytes): the analysis moves every candidate
+    to int8w or 16-bit and nothing is left for bitsandbytes; the load takes the 16-bit path and
+    swaps the int8w layers in (it had raised "bnb_config: the plan quantizes nothing")."""
+    from vlm.load import load
+    from vlm.quant.loading import bnb_layer_names
+
+    model, _ = load(tiny_checkpoint("qwen2_vl"), device="cpu", dtype="bf16",
+                    quant={"preset": "dynamic", "budget": "1.5x"})
+    plan = model.vlm_quant_plan
+    assert plan.quant_kind is None and not bnb_layer_names(model)
+    assert plan.int8w() and sorted(int8w_layers(model)) == sorted(plan.int8w())
+    assert all(lp.precision in ("bf16", "int8w") for lp in plan.layers.values())
+    assert "budget 1.5x of the nf4 bytes" in capsys.readouterr().out

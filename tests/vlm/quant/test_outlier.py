@@ -36,8 +36,10 @@ def test_planted_activation_outliers_are_protected(tiny_checkpoint, tmp_path):
     assert errs[planted]["activation_error"] > 5 * median
     assert errs[planted]["weight_error"] < 2 * median          # invisible to the weight error
     assert planted in plan.analysis["outliers"]
+    # int8 rounds the planted layer's small columns away too (test_int8_linear): 16-bit
     assert plan.layers[planted].precision == "bf16" and plan.layers[planted].reason == "protected"
     assert type(dict(dyn.named_modules())[planted]) is torch.nn.Linear
+    assert plan.total_bytes() <= plan.analysis["budget_nf4"]["cap_bytes"]
 
     nf4, _ = load(tmp_path / "planted", device="cpu", dtype="bf16", quant="nf4")
     assert nf4.vlm_quant_plan.layers[planted].precision == "nf4"
@@ -77,8 +79,13 @@ def test_planted_outlier_is_protected_under_the_default_metric(tiny_checkpoint, 
     assert a["errors"][planted]["activation_error"] >= 5 * a["median_layer_error"]
     assert a["errors"][planted]["block_error"] >= OUTLIER_FACTOR * a["median_error"] > 0
     assert plan.layers[planted].reason == "protected"
-    assert a["budget_unit"] == "params" and a["budget_spent"] <= a["budget_limit"]
-    assert a["extra_bytes"] == sum(g["bytes_saved_if_quantized"] for g in a["protected_groups"])
+    assert plan.layers[planted].precision in ("bf16", "int8w")
+    # the default budget: the whole planned model within 1.08 × its nf4-preset bytes, and the
+    # bytes it spent are exactly what the plan weighs above NF4
+    assert a["budget"] == "1.08x" and a["budget_spent"] <= a["budget_limit"]
+    nf4 = a["budget_nf4"]["nf4_bytes"]
+    assert plan.total_bytes() <= a["budget_nf4"]["cap_bytes"] == int(1.08 * nf4)
+    assert a["extra_bytes"] == plan.total_bytes() - nf4 > 0
 
 
 @pytest.mark.parametrize("site", ["language_attention", "language_mlp"])

@@ -24,7 +24,10 @@ def plan_and_errors(tiny_checkpoint):
     from vlm.quant.loading import meta_model
 
     config = AutoConfig.from_pretrained(tiny_checkpoint("qwen2_vl"))
-    plan = resolve_plan(QuantPolicy.parse("dynamic"), meta_model(config), family_for_config(config))
+    # the layout of the report (before the default became tiered and NF4-relative): projector
+    # pinned 16-bit, a fraction budget
+    plan = resolve_plan(QuantPolicy.parse({"preset": "dynamic", "projector": "bf16", "tiers": ["bf16"],
+                                           "budget": 0.1}), meta_model(config), family_for_config(config))
     errors = {}
     for n, lp in plan.layers.items():
         if lp.reason != "component":
@@ -77,3 +80,68 @@ def test_ties_and_order_are_deterministic(plan_and_errors):
     runs = [choose_protected(plan, dict(reversed(list(errors.items()))), budget=0.10)[1]
             for _ in range(2)] + [choose_protected(plan, errors, budget=0.10)[1]]
     assert runs[0]["protected_groups"] == runs[1]["protected_groups"] == runs[2]["protected_groups"]
+
+
+@pytest.mark.parametrize("ranking", ["random", "largest worst", "smallest worst", "report"])
+def test_nf4_multiple_caps_the_whole_model_whatever_the_ranking(tiny_checkpoint, ranking):
+    """The default budget r = 1.08x: the plan's whole-model bytes ≤ r × the nf4 preset's, for any
+    error ranking, in both planners; the outlier still comes first under it."""
+    import random
+
+    from transformers import AutoConfig
+
+    from vlm.families import family_for_config
+    from vlm.quant.loading import meta_model
+    from vlm.quant.policy import NF4Multiple
+    from vlm.quant.sensitivity import candidate_groups, choose_tiers
+
+    config = AutoConfig.from_pretrained(tiny_checkpoint("qwen2_vl"))
+    model, family = meta_model(config), family_for_config(config)
+    pol = QuantPolicy.parse("dynamic")
+    plan = resolve_plan(pol, model, family)
+    nf4 = resolve_plan(QuantPolicy.preset("nf4"), model, family).total_bytes()
+    assert plan.nf4_preset_bytes() == nf4 == plan.total_bytes()     # the floor is the nf4 model
+    cands, groups = candidate_groups(plan)
+    rng = random.Random(0)
+    size = {n: cands[n].params for n in cands}
+    score = {"random": lambda n: rng.random(), "largest worst": lambda n: size[n],
+             "smallest worst": lambda n: 1 / size[n],
+             "report": lambda n: 0.92 if n == OUTLIER else SMALL_VISION.get(n, 0.09)}[ranking]
+    errors = {n: dict.fromkeys(("weight_error", "activation_error", "block_error"), score(n)) for n in cands}
+    errors8 = {n: dict.fromkeys(e, e["block_error"] / 50) for n, e in errors.items()}
+    cap = int(1.08 * nf4)
+    tiers, a = choose_tiers(plan, errors, {"int8w": errors8}, budget=pol.budget, tiers=pol.tiers)
+    tiered = resolve_plan(pol, model, family, protected=tiers)
+    assert tiered.total_bytes() <= cap and a["budget_nf4"]["cap_bytes"] == cap
+    assert a["budget_spent"] == tiered.total_bytes() - nf4 <= a["budget_limit"]
+    assert a["budget_limit"] > cap - nf4 - 1             # nothing else eats the budget
+    assert sum(a["tier_counts"].values()) == len(groups) and len(tiers) > 0
+    only16, b = choose_protected(plan, errors, budget=NF4Multiple(1.08))
+    assert resolve_plan(pol, model, family, protected=only16).total_bytes() <= cap
+    assert b["budget_unit"] == "bytes" and b["budget"] == "1.08x"
+    if ranking == "report":                               # the outlier first, in both
+        assert a["protected_groups"][0]["group"] == OUTLIER and OUTLIER in tiers
+        assert b["protected_groups"][0]["group"] == OUTLIER
+
+
+def test_floor_over_the_cap_protects_nothing_and_says_so(tiny_checkpoint):
+    """A policy whose own 16-bit components already exceed r × nf4 (here the tiny model's large
+    projector pinned 16-bit): nothing is protected, the record says by how much, the load line warns."""
+    from transformers import AutoConfig
+
+    from vlm.families import family_for_config
+    from vlm.quant.loading import budget_line, meta_model
+    from vlm.quant.sensitivity import candidate_groups, choose_tiers
+
+    config = AutoConfig.from_pretrained(tiny_checkpoint("qwen2_vl"))
+    model, family = meta_model(config), family_for_config(config)
+    pol = QuantPolicy.parse({"preset": "dynamic", "projector": "bf16"})
+    plan = resolve_plan(pol, model, family)
+    cands, _ = candidate_groups(plan)
+    errors = {n: dict.fromkeys(("weight_error", "activation_error", "block_error"), 0.5) for n in cands}
+    tiers, a = choose_tiers(plan, errors, {"int8w": errors}, budget=pol.budget, tiers=pol.tiers)
+    over = plan.total_bytes() - int(1.08 * plan.nf4_preset_bytes())
+    assert over > 0 and tiers == {} and a["budget_limit"] == 0
+    assert a["budget_nf4"]["floor_over_cap_bytes"] == over
+    line = budget_line(resolve_plan(pol, model, family, analysis=a))
+    assert "warning" in line and "projector: nf4" in line
