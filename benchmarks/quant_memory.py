@@ -185,8 +185,10 @@ def measure(name: str, path: Path, policy: str, device: str, tiny: bool) -> dict
     if policy == "dynamic":
         a = plan.analysis
         row["protected"] = plan.to_json()["protected"]
+        row["int8w"] = plan.int8w()
         row["budget"] = {k: a.get(k) for k in ("budget", "budget_unit", "budget_limit", "budget_spent",
-                                               "candidate_params")}
+                                               "candidate_params", "budget_nf4", "tier_counts")}
+        row["analysis_timing"] = a.get("timing")
     row["published_gib"] = PUBLISHED[name][policy]
     del model
     _free()
@@ -278,9 +280,16 @@ def write(rows: list[dict], out: Path, env: dict) -> None:
                      f"{r['load_seconds']:.1f} |")
     for r in rows:
         if r["policy"] == "dynamic":
-            lines += ["", f"**{r['model']} dynamic** kept 16-bit by the analysis "
-                          f"({len(r['protected'])} layers; budget {r['budget']}): "
-                          + ", ".join(r["protected"][:40]) + (" ..." if len(r["protected"]) > 40 else "")]
+            b = r["budget"]
+            cap = b.get("budget_nf4") or {}
+            lines += ["", f"**{r['model']} dynamic**: budget {b['budget']} ({b['budget_unit']}"
+                          + (f"; cap {cap['cap_bytes'] / GiB:.3f} GiB = {b['budget']} × nf4 "
+                             f"{cap['nf4_bytes'] / GiB:.3f} GiB" if cap else "") + f"), groups per tier "
+                          f"{b.get('tier_counts')}; analysis {(r.get('analysis_timing') or {}).get('total_s')} s. "
+                          f"int8w ({len(r.get('int8w', []))} layers): " + ", ".join(r.get("int8w", [])[:20])
+                          + (" ..." if len(r.get("int8w", [])) > 20 else "")
+                          + f"; 16-bit ({len(r['protected'])} layers): " + ", ".join(r["protected"][:20])
+                          + (" ..." if len(r["protected"]) > 20 else "")]
     tmp = out / "quant_memory.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / "quant_memory.md")

@@ -13,7 +13,8 @@ def configure(parser):
     parser.add_argument("--policy", default="dynamic",
                         help="preset (dynamic, nf4, bf16) or a policy YAML file (default: dynamic)")
     parser.add_argument("--budget", default=None,
-                        help="protection budget: fraction of quantizable params (0.1) or bytes "
+                        help="protection budget: a multiple of the nf4 model's bytes (1.08x, the "
+                             "dynamic default), a fraction of quantizable params (0.1) or bytes "
                              "(300000000, 300MB)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     parser.add_argument("--plot", default=None, metavar="OUT.png",

@@ -168,6 +168,19 @@ class BlockCache:
         return _first_tensor(self.modules[block](*args, **kwargs))
 
 
+def sequential_part(chain: list[str], cache: BlockCache, n: int) -> list[str]:
+    """The leading part of ``chain`` whose blocks read their predecessor's output: it ends before a
+    block whose hidden-state input has another shape than the previous block's output. A ModuleList
+    is not always a stack: Qwen3-VL's DeepStack mergers each read another vision layer's features
+    (a projector candidate of the ``dynamic`` preset), so its group is measured at its own output."""
+    out = chain[:1]
+    for prev, b in zip(chain, chain[1:]):
+        if any(cache.hidden_in(b, i).shape != cache.outputs[prev][i].shape for i in range(n)):
+            break
+        out.append(b)
+    return out
+
+
 def relative_error_sum(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
     """(Σ_t ‖got_t − ref_t‖² / ‖ref_t‖², number of tokens t), tokens along the last axis."""
     d = got.float().reshape(-1, got.shape[-1])
@@ -188,6 +201,7 @@ def propagated_sensitivity(model: nn.Module, groups: dict[str, dict[str, str]], 
     needed = sorted({b for chain in chains.values() for b in chain})
     cache = BlockCache(model, needed)
     cache.record(model, batches)
+    chains = {g: sequential_part(chain, cache, len(batches)) for g, chain in chains.items()}
     out: dict[str, float | None] = {g: None for g in groups}
     with torch.no_grad():
         for g, chain in chains.items():

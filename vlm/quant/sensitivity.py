@@ -391,8 +391,8 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
     1. Outliers (the rules of ``choose_protected``: local and score outliers) take the cheapest
        tier that ends them (its group score < OUTLIER_FACTOR × median score and every member's own
        error < LOCAL_OUTLIER_FACTOR × median layer error), else the most precise tier, when the
-       budget holds it; in order of score removed per byte, (s_g^q − s_g^t) / C_g^t, so a budget
-       too small for every outlier keeps those whose quantization hurts the model most.
+       budget holds it; largest group score s_g^q first (not own error), so a budget too small
+       for every outlier keeps those whose quantization hurts the model most.
     2. Then greedy upgrades: among every (group, tier above its current one) that fits the budget,
        the one with the largest error removed per extra byte, (s_g^cur − s_g^t) / (C_g^t − C_g^cur),
        until none fits or none removes error.
@@ -436,11 +436,12 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
         ends = [t for t in tiers if score[t][g] < OUTLIER_FACTOR * median
                 and all(own[t][m] < LOCAL_OUTLIER_FACTOR * local_median for m in groups[g])]
         ending[g] = ends[0] if ends else tiers[-1]
-    # among outliers, the most score removed per byte first: when the budget cannot hold them all
-    # it keeps those that matter most to the model (demo base at 1.08x: layer 0's down_proj, score
-    # 10x layer 1's at the same own error, had been left for layers 1-3's)
-    per_byte = {g: (score["nf4"][g] - score[t][g]) / max(cost[t][g], 1) for g, t in ending.items()}
-    for g in sorted(ending, key=lambda g: (-per_byte[g], g)):
+    # among outliers, the largest group score first (what quantizing the group does to the model),
+    # not the largest own error: when the budget cannot hold them all it keeps those that matter
+    # most (demo base at 1.08x: layer 0's down_proj, score 10x layer 1's at the same own error, had
+    # been left for layers 1-3's). Not per byte: a planted layer that only 16-bit ends must not
+    # wait behind cheap int8w outliers (planted MLP, scenes calibration, at 1.08x)
+    for g in sorted(ending, key=lambda g: (-score["nf4"][g], g)):
         t = ending[g]
         if spent + cost[t][g] <= limit:
             spent += cost[t][g]
@@ -478,8 +479,10 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
                 "median_error": median, "median_layer_error": local_median,
                 "outlier_factors": {"output": OUTLIER_FACTOR, "local": LOCAL_OUTLIER_FACTOR},
                 "outliers": local_out + score_out, "outliers_over_budget": left_out,
+                # one entry per group, its final tier (a group upgraded nf4 → int8w → bf16 is
+                # listed once, where it was first chosen)
                 "protected_groups": [dict(c, rank=i, layers=sorted(groups[c["group"]]))
-                                     for i, c in enumerate(chosen)],
+                                     for i, c in enumerate({c["group"]: c for c in chosen}.values())],
                 "tier_counts": {t: sum(1 for s in state.values() if s == t) for t in ladder},
                 "errors": {n: errors[n] for n in sorted(errors)},
                 "tier_errors": {t: {n: e for n, e in sorted(es.items())} for t, es in tier_errors.items()}}

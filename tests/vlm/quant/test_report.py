@@ -28,7 +28,11 @@ def test_quant_report_json_and_plot(tiny_checkpoint, tmp_path):
     kls = {r["name"]: r["block_error"] for r in rep["layers"]}
     assert all(v is not None and v >= 0 for n, v in kls.items() if n != "lm_head")
     assert max(kls.values(), key=lambda v: v or 0) > 0
-    assert rep["budget"]["extra_bytes"] == sum(g["bytes_saved_if_quantized"] for g in rep["protected"])
+    # the budget counts what the plan weighs above NF4 (the dynamic preset's floor is the nf4 model),
+    # each protected group once, in its final tier
+    assert rep["budget"]["extra_bytes"] == t["policy_bytes"] - t["nf4_bytes"]
+    assert rep["budget"]["extra_bytes"] == sum(g["extra_bytes"] for g in rep["protected"])
+    assert len({g["group"] for g in rep["protected"]}) == len(rep["protected"])
     assert png.stat().st_size > 1000
 
 

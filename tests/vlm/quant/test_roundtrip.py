@@ -25,8 +25,9 @@ def test_save_reload_lora_and_simulation(tiny_checkpoint, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     meta = cfg["vlmtune"]["quant"]
-    assert meta["policy"]["name"] == "dynamic" and meta["protected"] == sorted(
+    assert meta["policy"]["name"] == "dynamic" and sorted(meta["protected"] + meta["protected_int8w"]) == sorted(
         n for n, lp in plan.layers.items() if lp.reason == "protected")
+    assert meta["protected_int8w"] == sorted(plan.int8w()) and meta["policy"]["budget"] == "1.08x"
 
     reloaded = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu")
     # plain transformers keeps bitsandbytes' machine-dependent CPU path; vlm.load picks the portable one
