@@ -50,7 +50,19 @@ def test_int8w_base_trains_sharded_under_fsdp2_like_one_process(tmp_path, tiny_c
     assert len(int8w) >= 4, "the plan stores layers int8w"
     assert int8w == read_metadata(tmp_path / "one" / "out" / "adapter")["quant"]["protected_int8w"]
 
+    # the int8 codes are parameters of the loaded base (FSDP2 shards parameters, not buffers), and
+    # FSDP2's whole is that base plus the fp32 LoRA weights: each process holds half of it
+    import torch
+
+    from vlm.load import load
+
+    base, _ = load(ck, dtype="fp32", device="cpu", quant=QUANT)
+    plan = base.vlm_quant_plan
+    assert sorted(plan.int8w()) == sorted(int8w)
+    codes = sum(p.numel() for p in base.parameters() if p.dtype == torch.int8)
+    assert codes == sum(plan.layers[n].out_features * plan.layers[n].in_features for n in int8w) > 0
     whole = got["sharding"]["parameter_bytes_whole"]
+    assert whole == sum(p.numel() * p.element_size() for p in base.parameters()) + 4 * got["trainable_parameters"]
     assert got["parameter_bytes_per_process"] == [whole // 2, whole // 2], "every weight sharded, int8 codes too"
 
     ref_loss, loss = dict(ref["loss_history"]), dict(got["loss_history"])
