@@ -145,3 +145,29 @@ def test_floor_over_the_cap_protects_nothing_and_says_so(tiny_checkpoint):
     assert a["budget_nf4"]["floor_over_cap_bytes"] == over
     line = budget_line(resolve_plan(pol, model, family, analysis=a))
     assert "warning" in line and "projector: nf4" in line
+
+
+def test_tiered_outliers_by_group_score_when_the_budget_holds_one(tiny_checkpoint):
+    """Two local outliers with about the same own error, one of which hurts the model 10× more
+    (the demo base's down_projs at 1.08x): a budget that holds one protects that one, not the one
+    with the slightly larger own error."""
+    from transformers import AutoConfig
+
+    from vlm.families import family_for_config
+    from vlm.quant.loading import meta_model
+    from vlm.quant.sensitivity import candidate_groups, choose_tiers
+
+    config = AutoConfig.from_pretrained(tiny_checkpoint("qwen2_vl"))
+    pol = QuantPolicy.parse("dynamic")
+    plan = resolve_plan(pol, meta_model(config), family_for_config(config))
+    cands, _ = candidate_groups(plan)
+    loud, quiet = "model.language_model.layers.1.mlp.down_proj", "model.language_model.layers.0.mlp.down_proj"
+    own = {loud: 0.22, quiet: 0.19}
+    block = {loud: 0.002, quiet: 0.02}
+    errors = {n: {"weight_error": 0.01, "activation_error": own.get(n, 0.03), "block_error": block.get(n, 1e-4)}
+              for n in cands}
+    errors8 = {n: dict.fromkeys(e, e["block_error"] / 1000) for n, e in errors.items()}
+    one = plan.layers[loud].nbytes("int8w") - plan.layers[loud].nbytes("nf4")
+    tiers, a = choose_tiers(plan, errors, {"int8w": errors8}, budget=one + 100, tiers=pol.tiers)
+    assert set(a["outliers"][:2]) == {loud, quiet}
+    assert tiers == {quiet: "int8w"} and a["protected_groups"][0]["why"] == "local outlier"
