@@ -305,6 +305,9 @@ def setup_steps(startup: dict) -> str:
     steps = ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in split.items()
                       if k.endswith("_s") and k not in ("cpu_s", "wall_s"))
     ready = split.get("compile_workers_ready_at_start")
+    imported = split.get("imports_in_phase") or {}
+    if imported.get("s"):
+        steps += "; first imports " + ", ".join(f"{k} {v}" for k, v in imported.items())
     return (f"{split['wall_s']} = {steps} (CPU {split['cpu_s']})"
             + ("" if ready is None else f"; compile workers up at its start: {ready}"))
 

@@ -201,6 +201,10 @@ class StepClock:
         self.started = self.last = time.perf_counter()
         self.cpu_started = time.process_time()
         self.seconds: dict[str, float] = {}
+        # modules first imported inside the phase (the CLI's import clock): a step that is the first
+        # to need a package (Triton, vlm.kernels, peft's tuners) pays its import, .pyc or not
+        clock = import_clock()
+        self.imports_before = dict(clock.seconds) if clock is not None else None
 
     def mark(self, step: str) -> None:
         """The time since the previous mark (or the start) belongs to ``step`` (summed if repeated)."""
@@ -213,6 +217,12 @@ class StepClock:
         out = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
         out["cpu_s"] = round(time.process_time() - self.cpu_started, 3)
         out["wall_s"] = round(time.perf_counter() - self.started, 3)
+        clock = import_clock()
+        if clock is not None and self.imports_before is not None:
+            new = {k: v - self.imports_before.get(k, 0.0) for k, v in clock.seconds.items()}
+            new = {k: v for k, v in new.items() if v > 0}
+            out["imports_in_phase"] = {"s": round(sum(new.values()), 3),
+                                       **{k: round(v, 3) for k, v in sorted(new.items(), key=lambda kv: -kv[1])[:5]}}
         return out
 
 
@@ -221,6 +231,10 @@ def describe_steps(name: str, split: dict) -> str:
     steps = [f"{k.removesuffix('_s')} {v:.2f}" for k, v in split.items()
              if k.endswith("_s") and k not in ("cpu_s", "wall_s") and not isinstance(v, dict)]
     line = f"startup: {name} {split['wall_s']:.2f} s = " + " + ".join(steps) + " s"
+    imported = split.get("imports_in_phase") or {}
+    if imported.get("s", 0) >= 0.01:
+        line += (f"; of which first imports {imported['s']:.2f} s ("
+                 + ", ".join(f"{k} {v:.2f}" for k, v in imported.items() if k != "s") + ")")
     line += f" (process CPU {split['cpu_s']:.2f} s"
     if split["wall_s"] > 2 * split["cpu_s"] + 0.5:
         line += "; the rest waited: GPU, disk, or a CPU core taken by other processes"
