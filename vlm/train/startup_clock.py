@@ -292,7 +292,9 @@ def traced_frames(max_reason: int = 240) -> list[dict]:
         name = getattr(m, "co_name", None)
         if name is None or getattr(m, "is_runtime", False):   # runtime records: no frame was traced
             continue
-        total = getattr(m, "entire_frame_compile_time_s", None) or 0.0
+        total = getattr(m, "entire_frame_compile_time_s", None)
+        if total is None:   # a release that keeps only the microsecond duration
+            total = (getattr(m, "duration_us", None) or 0) / 1e6
         backend = getattr(m, "backend_compile_time_s", None) or 0.0
         reason = getattr(m, "recompile_reason", None)
         frames.append({"code": f"{name} ({os.path.basename(getattr(m, 'co_filename', '') or '?')}:"
