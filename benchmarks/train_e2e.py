@@ -176,18 +176,27 @@ def run_hf(name: str, ckpt: Path, data: Path, root: Path, args, vlm_tokens_per_s
 
 
 def _run(cmd: list[str], out: Path) -> dict:
+    """Run one row's process with its whole output streamed to OUT/run.log as it comes (a row cut by
+    a time limit, the row's own ``E2E_ROW_TIMEOUT`` seconds or the caller's, still leaves its log)."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)   # the whole output, kept
-    tail = [line for line in r.stdout.splitlines()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")]))
+    limit = float(os.environ["E2E_ROW_TIMEOUT"]) if os.environ.get("E2E_ROW_TIMEOUT") else None
+    log = out / "run.log"
+    with open(log, "w") as sink:
+        try:
+            rc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env,
+                                timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"cut after {limit:.0f} s (E2E_ROW_TIMEOUT)"
+    text = log.read_text(errors="replace")
+    tail = [line for line in text.splitlines()
             if line.startswith(("startup:", "data:", "torch.compile", "warning", "attention:"))]
     print("\n".join(tail), flush=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (rc {rc}); its output ({log}) ends:\n{text[-5000:]}")
     return json.loads((out / "summary.json").read_text())
 
 
