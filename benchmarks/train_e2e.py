@@ -289,15 +289,36 @@ def startup_table(rows: list[dict]) -> str:
                         f"{fx['hit']}/{fx['miss']}, AOT cache {aot['hit']}/{aot['miss']} (hit/miss)")
         else:
             compiled = "— (nothing compiled)"
+        if c and c.get("frames_traced"):
+            from vlm.train.startup_clock import describe_frames
+
+            compiled += f"; traced: {describe_frames(c['frames_traced'])}"
         compiled = f"setup {s.get('first_step_setup_s')}; " + compiled + (
             "" if s.get("compile_workers_ready") is None else f"; compile workers ready: {s['compile_workers_ready']}")
-        lines.append(f"| {r['model']} | {r['row']} | {s.get('imports_s')}: {imports} | {compiled} | "
+        lines.append(f"| {r['model']} | {r['row']} | {s.get('imports_s')}: {imports} | {setup_steps(s)} | {compiled} | "
                      f"{s.get('first_step_run_s')} (data wait {s.get('first_step_data_wait_s')}) |")
     if not lines:
         return ""
     return "\n".join(["", "Startup opened up (seconds; `summary.json` `startup_seconds`):", "",
-                      "| model | row | imports: slowest packages | first step: Trainer setup; compile | first step: run |",
-                      "|---|---|---|---|---|", *lines]) + "\n"
+                      "| model | row | imports: slowest packages | LoRA + fast path: steps (process CPU) | "
+                      "first step: Trainer setup; compile | first step: run |",
+                      "|---|---|---|---|---|---|", *lines]) + "\n"
+
+
+def setup_steps(startup: dict) -> str:
+    """The LoRA + fast path phase by step, its process CPU time, and whether inductor's compile
+    workers were up when it began (``lora_and_fast_path_split``)."""
+    split = startup.get("lora_and_fast_path_split")
+    if not split:
+        return str(startup.get("lora_and_fast_path_s"))
+    steps = ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in split.items()
+                      if k.endswith("_s") and k not in ("cpu_s", "wall_s"))
+    ready = split.get("compile_workers_ready_at_start")
+    imported = split.get("imports_in_phase") or {}
+    if imported.get("s"):
+        steps += "; first imports " + ", ".join(f"{k} {v}" for k, v in imported.items())
+    return (f"{split['wall_s']} = {steps} (CPU {split['cpu_s']})"
+            + ("" if ready is None else f"; compile workers up at its start: {ready}"))
 
 
 def main(argv=None) -> int:
