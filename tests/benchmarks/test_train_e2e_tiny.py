@@ -58,3 +58,6 @@ def test_tiny_rows_measure_and_learn_the_same_thing(tmp_path):
     # startup opened up: the CLI's import clock by package (the eager CPU row compiles nothing)
     assert rows["vlmtune"]["startup"]["imports_split"]["torch._C"] > 0
     assert "| vlmtune | " in md.split("Startup opened up")[1] and "(nothing compiled)" in md
+    # ... and the LoRA + fast path phase by step (the full row has no LoRA step: method full)
+    assert "lora " in md.split("| 2b_lora | vlmtune |")[-1] and "(CPU " in md.split("Startup opened up")[1]
+    assert rows["vlmtune"]["startup"]["lora_and_fast_path_split"]["lora_s"] >= 0

@@ -72,22 +72,27 @@ def resolve(cfg, device: str, strategy: str) -> Plan:
     return Plan(compiled=compiled, cuda_graphs=cuda_graphs, pad_to=pad_to)
 
 
-def apply(model, family, cfg, plan: Plan, lengths: list[int], device=None) -> Applied:
+def apply(model, family, cfg, plan: Plan, lengths: list[int], device=None, clock=None) -> Applied:
     """``device``: where the model will train when it is staged elsewhere now (FSDP: host memory,
-    each unit moved to its GPU as it is sharded: ``vlm.train.distributed.staging_device``)."""
+    each unit moved to its GPU as it is sharded: ``vlm.train.distributed.staging_device``).
+    ``clock``: a ``vlm.train.startup_clock.StepClock`` that times each step below for the startup
+    report (``vision_attention``, ``kernels``, ``compile_setup``)."""
     from vlm.train.no_kv_cache import disable_kv_cache
     from vlm.vision_attention import batch_equal_images
 
+    mark = clock.mark if clock is not None else (lambda step: None)
     # every method, compiled or not: a training forward builds no KV cache (vlm.train.no_kv_cache;
     # with one, each compiled layer compiled its own graph). The one place: vlm train, train_step.py
     # and train_modes.py all set a model up through this function
     disable_kv_cache(model)
     done = Applied(vision_attention_batched=batch_equal_images(model, family))
+    mark("vision_attention")
     if cfg.kernels:
         from vlm.kernels import patch
         from vlm.train.compile import kernel_patch_options
 
         done.kernels = patch(model, family, device=device, **kernel_patch_options(plan.compiled))
+        mark("kernels")
     if not plan.compiled:
         return done
     from vlm.train.compile import chunk_mlps, compile_language_layers, compile_vision_blocks
@@ -112,6 +117,7 @@ def apply(model, family, cfg, plan: Plan, lengths: list[int], device=None) -> Ap
     if done.mlp_chunks > 1:
         chunk_mlps(model, family, done.mlp_chunks)
         print(f"MLP over {done.mlp_chunks} token blocks in each compiled layer (training.mlp_chunks)")
+    mark("compile_setup")
     return done
 
 

@@ -191,6 +191,56 @@ def bytecode_hint() -> str:
             "and set PYTHONPYCACHEPREFIX to a writable folder (or `python -m compileall` the site-packages)")
 
 
+class StepClock:
+    """Wall seconds of the named steps inside one startup phase, and this process's CPU seconds
+    over the whole phase (``time.process_time``: every thread of the process). Wall well above CPU
+    means the process waited: on the GPU (a synchronizing call), on disk, or for a CPU core (other
+    processes booting at the same time, such as inductor's compile workers or DataLoader workers)."""
+
+    def __init__(self):
+        self.started = self.last = time.perf_counter()
+        self.cpu_started = time.process_time()
+        self.seconds: dict[str, float] = {}
+        # modules first imported inside the phase (the CLI's import clock): a step that is the first
+        # to need a package (Triton, vlm.kernels, peft's tuners) pays its import, .pyc or not
+        clock = import_clock()
+        self.imports_before = dict(clock.seconds) if clock is not None else None
+
+    def mark(self, step: str) -> None:
+        """The time since the previous mark (or the start) belongs to ``step`` (summed if repeated)."""
+        now = time.perf_counter()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self.last
+        self.last = now
+
+    def split(self) -> dict:
+        """``{step}_s`` for each step, ``cpu_s`` and ``wall_s`` for the phase so far (rounded)."""
+        out = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
+        out["cpu_s"] = round(time.process_time() - self.cpu_started, 3)
+        out["wall_s"] = round(time.perf_counter() - self.started, 3)
+        clock = import_clock()
+        if clock is not None and self.imports_before is not None:
+            new = {k: v - self.imports_before.get(k, 0.0) for k, v in clock.seconds.items()}
+            new = {k: v for k, v in new.items() if v > 0}
+            out["imports_in_phase"] = {"s": round(sum(new.values()), 3),
+                                       **{k: round(v, 3) for k, v in sorted(new.items(), key=lambda kv: -kv[1])[:5]}}
+        return out
+
+
+def describe_steps(name: str, split: dict) -> str:
+    """One line: the phase's steps, then its CPU time against its wall time."""
+    steps = [f"{k.removesuffix('_s')} {v:.2f}" for k, v in split.items()
+             if k.endswith("_s") and k not in ("cpu_s", "wall_s") and not isinstance(v, dict)]
+    line = f"startup: {name} {split['wall_s']:.2f} s = " + " + ".join(steps) + " s"
+    imported = split.get("imports_in_phase") or {}
+    if imported.get("s", 0) >= 0.01:
+        line += (f"; of which first imports {imported['s']:.2f} s ("
+                 + ", ".join(f"{k} {v:.2f}" for k, v in imported.items() if k != "s") + ")")
+    line += f" (process CPU {split['cpu_s']:.2f} s"
+    if split["wall_s"] > 2 * split["cpu_s"] + 0.5:
+        line += "; the rest waited: GPU, disk, or a CPU core taken by other processes"
+    return line + ")"
+
+
 def compile_split() -> dict:
     """torch.compile's time in this process so far, by phase (seconds), and its cache hits."""
     try:
@@ -221,7 +271,50 @@ def compile_split() -> dict:
                                "bypass": int(aot["autograd_cache_bypass"])},
         # why a graph was not cached (watch_cache_bypasses): a warm run compiles those again
         "cache_bypass_reasons": {cache: sorted(r) for cache, r in _bypass_reasons.items() if r},
+        # each frame dynamo traced: which code, its dynamo and backend seconds, why it recompiled
+        "frames_traced": traced_frames(),
     }
+
+
+def traced_frames(max_reason: int = 240) -> list[dict]:
+    """Every frame dynamo compiled in this process so far, from its own compilation metrics
+    (``torch._dynamo.utils.get_compilation_metrics``): ``code`` (function, file, line), ``dynamo_s``
+    (tracing and guards: what a warm start pays again, since dynamo's output is never cached),
+    ``backend_s`` (AOT autograd + inductor, or their cache loads) and ``recompile`` (the guard that
+    failed when the code had been compiled before: a frame that compiles twice for one run's data
+    is a recompile to remove). Empty where this torch keeps no such metrics."""
+    try:
+        from torch._dynamo.utils import get_compilation_metrics
+    except ImportError:   # pragma: no cover - a torch without them
+        return []
+    frames = []
+    for m in get_compilation_metrics():
+        name = getattr(m, "co_name", None)
+        if name is None or getattr(m, "is_runtime", False):   # runtime records: no frame was traced
+            continue
+        total = getattr(m, "entire_frame_compile_time_s", None)
+        if total is None:   # a release that keeps only the microsecond duration
+            total = (getattr(m, "duration_us", None) or 0) / 1e6
+        backend = getattr(m, "backend_compile_time_s", None) or 0.0
+        reason = getattr(m, "recompile_reason", None)
+        frames.append({"code": f"{name} ({os.path.basename(getattr(m, 'co_filename', '') or '?')}:"
+                               f"{getattr(m, 'co_firstlineno', '?')})",
+                       "compile_id": getattr(m, "compile_id", None),
+                       "dynamo_s": round(max(total - backend, 0.0), 2), "backend_s": round(backend, 2),
+                       "recompile": reason[:max_reason] if reason else None,
+                       "failed": getattr(m, "fail_reason", None)})
+    return frames
+
+
+def describe_frames(frames: list[dict]) -> str:
+    """The traced frames in one phrase: each code with how many times it was traced and the
+    dynamo seconds it cost, then the recompile reasons."""
+    by_code: dict[str, list[float]] = {}
+    for f in frames:
+        by_code.setdefault(f["code"], []).append(f["dynamo_s"])
+    parts = [f"{code} x{len(s)} {sum(s):.1f} s" for code, s in by_code.items()]
+    reasons = sorted({f["recompile"].splitlines()[0] for f in frames if f.get("recompile")})
+    return "; ".join(parts) + "".join(f"; recompiled: {r}" for r in reasons)
 
 
 def describe_compile(split: dict, first_step_s: float, data_wait_s: float | None = None,
@@ -244,7 +337,9 @@ def describe_compile(split: dict, first_step_s: float, data_wait_s: float | None
             + (f" / {aot['bypass']} bypass" if aot.get("bypass") else "")
             + f") + run {max(first_step_s - split['compile_s'] - setup_s, 0):.1f} s{wait}"
             + "".join(f"; {cache} cache bypassed: {'; '.join(reasons)}"
-                      for cache, reasons in split.get("cache_bypass_reasons", {}).items()))
+                      for cache, reasons in split.get("cache_bypass_reasons", {}).items())
+            + (f"; frames traced (dynamo): {describe_frames(split['frames_traced'])}"
+               if split.get("frames_traced") else ""))
 
 
 # what torch logs (at INFO) when a graph cannot be cached: the next process compiles it again

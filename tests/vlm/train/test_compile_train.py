@@ -73,6 +73,19 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, tiny_checkpoint):
         assert split["dynamo_trace_s"] > 0 and split["backend_s"] > 0
         imports = startup["imports_split"]
         assert imports["python_start"] >= 0 and imports["torch._C"] > 0 and sum(imports.values()) <= startup["imports_s"] + 0.05
+        # the LoRA + fast path phase by step: the steps add up to the phase, CPU time beside them
+        steps = startup["lora_and_fast_path_split"]
+        assert {"lora_s", "vision_attention_s", "compile_setup_s", "packing_s"} <= set(steps)
+        assert sum(v for k, v in steps.items() if k.endswith("_s") and k not in ("cpu_s", "wall_s")) \
+            == pytest.approx(steps["wall_s"], abs=0.01)
+        assert steps["wall_s"] == pytest.approx(startup["lora_and_fast_path_s"], abs=0.02) and steps["cpu_s"] > 0
+        assert steps["imports_in_phase"]["s"] >= 0 and steps["compile_workers_ready_at_start"] is None   # no pool on CPU
+        # each frame dynamo traced, by code: the decoder layer (checkpoint inside) and the vision block
+        frames = split["frames_traced"]
+        assert len(frames) == split["frames"]
+        assert {f["code"].split()[0] for f in frames} == {"_checkpointed_call", "forward"}
+        assert all(f["dynamo_s"] > 0 and f["failed"] is None for f in frames)
+        assert not any(f["recompile"] for f in frames)   # token dims marked dynamic up front: no recompile
     # the second process loads every graph the first compiled from inductor's caches (none recompiled)
     assert cold["first_step_compile"]["fx_graph_cache"]["bypass"] == 0
     assert warm["first_step_compile"]["fx_graph_cache"]["miss"] == 0 and warm["first_step_compile"]["fx_graph_cache"]["hit"] >= 2

@@ -100,3 +100,45 @@ def test_a_python_without_bytecode_cache_is_named_with_the_fix():
     few = startup_lines({**base, "imports_without_pyc": {"modules": 12, "s": 0.2}})
     assert "12 modules had no .pyc" in "\n".join(few)
     assert not any("PYTHONPYCACHEPREFIX" in line for line in few)
+
+
+def test_step_clock_splits_a_phase_and_says_when_it_waited(tmp_path):
+    # a phase of three steps: waiting 0.6 s (no CPU), a first import (0.3 s of its own), CPU work
+    (tmp_path / "late_pkg").mkdir()
+    (tmp_path / "late_pkg" / "__init__.py").write_text("import time\ntime.sleep(0.3)\n")
+    code = textwrap.dedent("""
+        import json, time
+        from vlm.train.startup_clock import StepClock, describe_steps, install_import_clock
+        install_import_clock()
+        clock = StepClock()
+        time.sleep(0.6); clock.mark("wait")
+        import late_pkg; clock.mark("first_import")
+        t = time.process_time()
+        while time.process_time() - t < 0.1:
+            pass
+        clock.mark("work")
+        split = clock.split()
+        print(json.dumps({"split": split, "line": describe_steps("phase", split)}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    split, line = got["split"], got["line"]
+    assert split["wait_s"] >= 0.6 and split["first_import_s"] >= 0.3 and split["work_s"] >= 0.1
+    assert abs(split["wait_s"] + split["first_import_s"] + split["work_s"] - split["wall_s"]) < 0.01
+    assert 0.1 <= split["cpu_s"] < split["wall_s"] - 0.8   # sleeping costs no CPU: the clock tells them apart
+    assert 0.3 <= split["imports_in_phase"]["late_pkg"] < 0.45 and split["imports_in_phase"]["s"] >= 0.3
+    assert line.startswith(f"startup: phase {split['wall_s']:.2f} s = wait ")
+    assert "first imports" in line and "late_pkg" in line and "the rest waited" in line
+
+
+def test_traced_frames_are_described_by_code_with_recompile_reasons():
+    from vlm.train.startup_clock import describe_frames
+
+    frames = [{"code": "_checkpointed_call (compile.py:74)", "dynamo_s": 0.5, "recompile": None},
+              {"code": "forward (modeling_qwen2_vl.py:466)", "dynamo_s": 0.25, "recompile": None},
+              {"code": "_checkpointed_call (compile.py:74)", "dynamo_s": 0.5,
+               "recompile": "0/0: tensor 'args[0]' size mismatch at index 1. expected 64, actual 96\nmore"}]
+    assert describe_frames(frames) == ("_checkpointed_call (compile.py:74) x2 1.0 s; "
+                                       "forward (modeling_qwen2_vl.py:466) x1 0.2 s; recompiled: 0/0: tensor "
+                                       "'args[0]' size mismatch at index 1. expected 64, actual 96")
