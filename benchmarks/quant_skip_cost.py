@@ -11,7 +11,7 @@ meta-device Qwen2-VL-7B (config only):
                passed it before
     merged     plan.skip_pattern(): the kept layers as ONE trie regex (what loading passes now)
 
-for two plans: ``dynamic`` at its default budget (errors drawn at random, seeded: the analysis
+for two plans: ``dynamic`` at its default budget and tiers (errors drawn at random, seeded: the analysis
 itself is not what is timed) and the usual skip list (vision tower + projector + lm_head kept).
 Per row: seconds in transformers' replace_with_bnb_linear, re.match calls and regex compiles it
 made, and that both key forms convert exactly the same modules. Also times building the saved
@@ -98,19 +98,22 @@ def _pairwise_skip_modules(plan) -> list[str]:
             for n in plan.kept()]
 
 
-def plans(config, family):
+def plans(config, family, budget=None):
+    """``budget``: the dynamic policy's (None: its default, 1.08x; the tiny smoke run passes a
+    fraction, since a tiny model's embeddings make 1.08x of its NF4 bytes hold every layer)."""
     from vlm.quant.plan import resolve_plan
     from vlm.quant.policy import QuantPolicy
-    from vlm.quant.sensitivity import choose_protected
+    from vlm.quant.sensitivity import choose_tiers
 
     model = _meta(config)
-    dyn = QuantPolicy.parse("dynamic")
+    dyn = QuantPolicy.parse("dynamic", budget=budget)
     base = resolve_plan(dyn, model, family)
     rng = random.Random(0)
     errors = {n: {"weight_error": rng.uniform(0.05, 0.15), "activation_error": rng.uniform(0.05, 0.3),
-                  "output_kl": rng.lognormvariate(-9, 1.5)}
+                  "block_error": rng.lognormvariate(-9, 1.5)}
               for n, lp in base.layers.items() if lp.reason == "component" and lp.precision == "nf4"}
-    protected, analysis = choose_protected(base, errors, budget=dyn.budget)
+    int8w = {n: {k: v / 300 for k, v in e.items()} for n, e in errors.items()}
+    protected, analysis = choose_tiers(base, errors, {"int8w": int8w}, budget=dyn.budget, tiers=dyn.tiers)
     skip = QuantPolicy.parse({"preset": "nf4", "vision": "bf16", "projector": "bf16"})
     return {"dynamic (default budget)": resolve_plan(dyn, model, family, protected=protected,
                                                      analysis=analysis),
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
     config = qwen2_vl_config(args.tiny, args.size)
     family = family_for_config(config)
     rows = []
-    for label, plan in plans(config, family).items():
+    for label, plan in plans(config, family, 0.1 if args.tiny else None).items():
         t0 = time.perf_counter()
         old_saved = _pairwise_skip_modules(plan)
         pairwise_s = time.perf_counter() - t0
