@@ -146,6 +146,28 @@ def test_qlora_compiles_without_graph_breaks(tiny_checkpoint):
         torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_int8w_layers_compile_without_graph_breaks(tiny_checkpoint):
+    """The default ``dynamic`` policy stores protected groups as Int8Linear (vlm.quant.int8_linear):
+    compiled decoder layers with LoRA on int8w and NF4 bases trace whole (its autograd Function
+    included) and give the eager loss and gradients."""
+    pytest.importorskip("bitsandbytes")
+    from vlm.quant.int8_linear import int8w_layers
+
+    model, processor = vlm.load(tiny_checkpoint("qwen2_vl"), dtype="bf16", device="cpu",
+                                quant={"preset": "dynamic", "budget": "1.1x"})
+    assert any(".language_model." in n for n in int8w_layers(model)), int8w_layers(model)
+    batch = _batch(processor)
+    peft_model = _lora(model)
+    l_eager, g_eager = _loss_and_grads(peft_model, batch, autocast=True)
+    torch._dynamo.reset()
+    compile_language_layers(peft_model, model.vlm_family, backend="aot_eager")
+    l_comp, g_comp = _loss_and_grads(peft_model, batch, autocast=True)
+    assert _graph_breaks() == 0
+    assert l_comp == pytest.approx(l_eager, rel=1e-6)
+    for name, g in g_eager.items():
+        torch.testing.assert_close(g_comp[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_qwen2_5_vl_tower_with_batched_windows_compiles_whole(tiny_checkpoint):
     """With equal windows (vlm.vision_attention) the Qwen2.5-VL blocks trace without a graph break
     and training gives the eager loss and gradients."""
