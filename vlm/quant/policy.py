@@ -15,23 +15,24 @@ Presets:
     nf4      every quantizable linear in NF4 (vision, projector, language), double quantization;
              lm_head 16-bit as in transformers' standard ``load_in_4bit`` (the "standard 4-bit").
     dynamic  lm_head 16-bit; vision, projector and language NF4 with double quantization (the
-             projector is measured like every other candidate, not pinned: a pinned 16-bit
-             projector alone took 1.16 × the demo base's NF4 bytes); the sensitivity analysis (vlm.quant.sensitivity) measures what quantizing each layer
-             does to the model (by default the error it propagates three blocks down the residual
-             stream, relative to it, vlm.quant.propagated; or the KL of the next-token
-             distribution against 16-bit; in float32), in NF4 and in int8w, and chooses per group
-             among nf4 / int8w / bf16 (``tiers: [int8w, bf16]``): outlier layers first, then by
-             measured error removed per extra byte (vlm.quant.sensitivity.choose_tiers), while the
-             whole model stays within ``budget: 1.08x``, i.e. 1.08 × the bytes of the same model
-             under the ``nf4`` preset (the standard 4-bit load; before protection the two plans
-             are the same bytes). The cap holds whatever the
-             analysis measures: Llama-3.2-11B-Vision plans ≤ 7.17 GiB (NF4 6.64; published
-             dynamic 7.23), Qwen2-VL-2B ≤ 1.50 GiB (benchmarks/quant_memory.py --plan-only).
-             ``tiers: [bf16]`` is the earlier 16-bit-only protection.
+             projector is measured like every other candidate, not pinned: pinned 16-bit, it
+             alone took 1.16 × the demo base's NF4 bytes). The sensitivity analysis
+             (vlm.quant.sensitivity) measures what quantizing each layer does to the model (by
+             default the error it propagates three blocks down the residual stream, relative to
+             it, vlm.quant.propagated; or the KL of the next-token distribution against 16-bit;
+             in float32), stored NF4 and stored int8w, and chooses per group among nf4 / int8w /
+             bf16 (``tiers: [int8w, bf16]``): outliers first, then by measured error removed per
+             extra byte (vlm.quant.sensitivity.choose_tiers), while the whole model stays within
+             ``budget: 1.08x``, 1.08 × the bytes of the same model under the ``nf4`` preset (the
+             standard 4-bit load; before protection both plans weigh the same). The cap holds
+             whatever the analysis measures: Llama-3.2-11B-Vision plans ≤ 7.17 GiB (NF4 6.64,
+             published dynamic 7.23), Qwen2-VL-2B ≤ 1.50 GiB (benchmarks/quant_memory.py
+             --plan-only). ``tiers: [bf16]`` is the earlier 16-bit-only protection.
 
 A policy is given as a preset name, a dict (``preset:`` plus keys that change it), a YAML path, or
 a ``QuantPolicy``. A dict that names one quantized type for some components (``vision: fp4``)
-gives it to the preset's other quantized components too (one checkpoint holds one type). Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
+gives it to the preset's other quantized components too (one checkpoint holds one type).
+Example YAML (the ``quant:`` block of a recipe, or a file of its own)::
 
     preset: dynamic
     budget: 1.08x           # whole model ≤ 1.08 × its nf4-preset bytes (the default); or a

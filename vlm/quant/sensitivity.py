@@ -27,7 +27,7 @@
      At equal bytes both rank as well (benchmarks/results/quant_policies_*: the same KL gap closed
      at 1.15× NF4 on the demo base, and every planted outlier protected by both).
 
-2. ``choose_protected`` (``tiers: [bf16]``, the default): a group's score s_g is E_g (``metric: propagated``, the default), KL_g
+2. ``choose_protected`` (``tiers: [bf16]``): a group's score s_g is E_g (``metric: propagated``, the default), KL_g
    (``metric: output``), or Σ e_a / Σ e_w of its members (``metric: activation`` / ``weight``,
    the older rankings). Protecting g
    costs S_g = Σ (bytes16 − bytesQ) of its members. Order:
@@ -41,10 +41,13 @@
         on small layers while the budget can hold it;
      c. then the rest by s_g / S_g (score per byte saved), ties by name.
    Each group is protected when it still fits the budget (a fraction f: protected parameters ≤ f ×
-   candidate parameters; bytes B: Σ S_g ≤ B), else skipped and the next one tried. The analysis
+   candidate parameters; bytes B: Σ S_g ≤ B; a multiple r of the NF4 bytes, ``NF4Multiple``:
+   Σ S_g ≤ r · bytes_nf4 − bytes_floor, so the whole plan ≤ r · bytes_nf4), else skipped and the
+   next one tried. The analysis
    records what the protection costs in bytes either way (``extra_bytes``).
 
-3. ``choose_tiers`` (``tiers: [int8w, bf16]``): the same outlier rules, then per group nf4 / int8w
+3. ``choose_tiers`` (``tiers: [int8w, bf16]``, the default): the same outlier rules (largest
+   group score first), then per group nf4 / int8w
    (vlm.quant.int8_linear) / 16-bit by measured error removed per extra byte; see its docstring.
 
 Deterministic given the errors; the errors are reproducible for a seed and a calibration set.
