@@ -29,9 +29,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-ANALYSIS_VERSION = 4   # 2: calibration prompts carry one BOS (templates that write it get none added)
+ANALYSIS_VERSION = 5   # 2: calibration prompts carry one BOS (templates that write it get none added)
 #                        3: default metric ``propagated``; the record carries the analysis timing
 #                        4: protection tiers (``protected_int8w``)
+#                        5: tiered outliers by group score; propagated chains stop where a
+#                           ModuleList is no stack (Qwen3-VL DeepStack mergers)
 
 
 def cache_root() -> Path:
