@@ -56,7 +56,8 @@ def test_tiny_rows_measure_and_learn_the_same_thing(tmp_path):
     md = (tmp_path / "2b_lora" / "train_e2e_tiny.md").read_text()
     assert md.startswith("# `vlm train` end to end")
     # startup opened up: the CLI's import clock by package (the eager CPU row compiles nothing)
-    assert rows["vlmtune"]["startup"]["imports_split"]["torch._C"] > 0
+    split = rows["vlmtune"]["startup"]["imports_split"]   # the 14 slowest packages (which: the machine's)
+    assert any(k.startswith("torch") and v > 0 for k, v in split.items()) and split["other"] >= 0, split
     assert "| vlmtune | " in md.split("Startup opened up")[1] and "(nothing compiled)" in md
     # ... and the LoRA + fast path phase by step (the full row has no LoRA step: method full)
     assert "lora " in md.split("| 2b_lora | vlmtune |")[-1] and "(CPU " in md.split("Startup opened up")[1]
