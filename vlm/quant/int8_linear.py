@@ -74,7 +74,23 @@ def int8w_linear(x: torch.Tensor, codes: torch.Tensor, step: torch.Tensor,
     cannot store, so every decoder layer holding an int8w linear compiled again on each warm start
     (H200, Qwen2-VL-7B QLoRA: 3 of 7 graphs bypassed the cache, 10.5 s of a warm start's 18.5 s
     compile). An op is one node that the cache keys like any aten op."""
-    return F.linear(x, dequantize_rows(codes, step, x.dtype), bias)
+    return F.linear(x, _rebuilt(codes, step, x.dtype), bias)
+
+
+_FUSED: dict = {}
+
+
+def _rebuilt(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ = (q · s).to(dtype), the same bits as ``dequantize_rows``. On CUDA through one compiled
+    kernel (an op's body is opaque to an outer compile, so eager it would be three kernels and two
+    float32 copies of the weight: int8 → float32, × s, → 16-bit); elsewhere eagerly. Exact either
+    way: one float32 product per element, rounded once to nearest."""
+    if codes.is_cuda:
+        fn = _FUSED.get("deq")
+        if fn is None:
+            fn = _FUSED["deq"] = torch.compile(dequantize_rows, dynamic=True)
+        return fn(codes, step, dtype)
+    return dequantize_rows(codes, step, dtype)
 
 
 @int8w_linear.register_fake
@@ -85,7 +101,7 @@ def _(x, codes, step, bias):
 @torch.library.custom_op("vlm::int8w_linear_grad_input", mutates_args=())
 def int8w_linear_grad_input(grad_y: torch.Tensor, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """∂L/∂x = ∂L/∂y · Ŵ, Ŵ rebuilt from the codes in ∂L/∂y's dtype."""
-    return grad_y.matmul(dequantize_rows(codes, step, grad_y.dtype))
+    return grad_y.matmul(_rebuilt(codes, step, grad_y.dtype))
 
 
 @int8w_linear_grad_input.register_fake
