@@ -33,6 +33,7 @@ of a code in bf16), so a reload under the recorded plan computes what the saved 
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -77,7 +78,9 @@ def int8w_linear(x: torch.Tensor, codes: torch.Tensor, step: torch.Tensor,
     return F.linear(x, _rebuilt(codes, step, x.dtype), bias)
 
 
-_FUSED: dict = {}
+@functools.cache
+def _fused_dequantize():
+    return torch.compile(dequantize_rows, dynamic=True)
 
 
 def _rebuilt(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -86,10 +89,7 @@ def _rebuilt(codes: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> tor
     float32 copies of the weight: int8 → float32, × s, → 16-bit); elsewhere eagerly. Exact either
     way: one float32 product per element, rounded once to nearest."""
     if codes.is_cuda:
-        fn = _FUSED.get("deq")
-        if fn is None:
-            fn = _FUSED["deq"] = torch.compile(dequantize_rows, dynamic=True)
-        return fn(codes, step, dtype)
+        return _fused_dequantize()(codes, step, dtype)
     return dequantize_rows(codes, step, dtype)
 
 

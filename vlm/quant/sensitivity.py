@@ -307,6 +307,17 @@ def nf4_multiple_limit(plan: QuantPlan, budget: NF4Multiple) -> dict[str, Any]:
             "floor_over_cap_bytes": max(floor - cap, 0)}
 
 
+def budget_limit(plan: QuantPlan, budget: float | int | NF4Multiple, fraction_of: float
+                 ) -> tuple[float, dict[str, Any]]:
+    """(extra bytes or parameters the protection may spend, the ``NF4Multiple`` record or {}): an
+    ``NF4Multiple`` through ``nf4_multiple_limit``, a fraction f as f × ``fraction_of`` (each planner
+    says of what), a byte count as itself."""
+    if isinstance(budget, NF4Multiple):
+        cap = nf4_multiple_limit(plan, budget)
+        return cap["limit"], cap
+    return (budget * fraction_of if isinstance(budget, float) else float(budget)), {}
+
+
 def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float | int | NF4Multiple,
                      metric: str = "propagated", outliers_first: bool = True
                      ) -> tuple[set[str], dict[str, Any]]:
@@ -317,13 +328,8 @@ def choose_protected(plan: QuantPlan, errors: dict[str, dict], *, budget: float 
     dq = plan.policy.double_quant
     cands, groups = candidate_groups(plan)
     cand_params = sum(lp.params for lp in cands.values())
-    cap = nf4_multiple_limit(plan, budget) if isinstance(budget, NF4Multiple) else {}
-    if cap:
-        limit, unit = cap["limit"], "bytes"
-    elif isinstance(budget, float):
-        limit, unit = budget * cand_params, "params"
-    else:
-        limit, unit = float(budget), "bytes"
+    limit, cap = budget_limit(plan, budget, cand_params)
+    unit = "params" if isinstance(budget, float) else "bytes"
     scored = []
     for key, members in groups.items():
         score = group_score(members, errors, metric)
@@ -404,13 +410,9 @@ def choose_tiers(plan: QuantPlan, errors: dict[str, dict], tier_errors: dict[str
     dq = plan.policy.double_quant
     cands, groups = candidate_groups(plan)
     full_cost = sum(lp.nbytes("bf16", dq) - lp.nbytes(lp.precision, dq) for lp in cands.values())
-    cap = nf4_multiple_limit(plan, budget) if isinstance(budget, NF4Multiple) else {}
-    if cap:
-        limit, unit = cap["limit"], f"bytes (whole model ≤ {budget.ratio:g} × nf4 bytes)"
-    elif isinstance(budget, float):
-        limit, unit = float(budget) * full_cost, "× the candidates' 16-bit extra bytes"
-    else:
-        limit, unit = float(budget), "bytes"
+    limit, cap = budget_limit(plan, budget, full_cost)
+    unit = (f"bytes (whole model ≤ {budget.ratio:g} × nf4 bytes)" if cap else
+            "× the candidates' 16-bit extra bytes" if isinstance(budget, float) else "bytes")
     score = {"nf4": {g: group_score(ms, errors, metric) for g, ms in groups.items()}}
     cost = {"nf4": dict.fromkeys(groups, 0)}
     own = {"nf4": {n: ranking_error(errors[n], "weight" if metric == "weight" else "activation")

@@ -305,7 +305,6 @@ def _without_duck_sizing(compiled):
         with fx_config.patch(use_duck_shape=False):
             return compiled(*args, **kwargs)
 
-    call.compiled = compiled
     return call
 
 

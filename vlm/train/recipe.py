@@ -172,7 +172,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 "count and strategy, and OUT/model is a gathered standard checkpoint either way")
         mode = modes.prepare(model, family, cfg, device=device, strategy=strat)
         print(modes.describe(mode, cfg))
-        setup_clock.mark("method")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if mode is None:
@@ -470,7 +469,7 @@ def startup_lines(startup: dict) -> list[str]:
         ready = split.get("compile_workers_ready_at_start")
         lines.append(describe_steps("lora_and_fast_path", split)
                      + ("" if ready is None else
-                        f"; inductor's compile workers {'were' if ready else 'were still booting (they share the CPU)'} "
+                        f"; inductor's compile workers {'were up' if ready else 'were still booting (they share the CPU)'} "
                         "when it began"))
     if startup.get("imports_split"):
         nopyc = startup.get("imports_without_pyc") or {}
