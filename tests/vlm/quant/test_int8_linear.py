@@ -221,3 +221,25 @@ def test_compiled_lora_on_int8w_is_stored_by_aot_autograds_cache(tmp_path, monke
     step(x).backward()          # eager: the same gradients
     for t, want in zip((x, lora_a, lora_b), eager_grads):
         torch.testing.assert_close(t.grad, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_rebuild_has_the_eager_bits():
+    """On CUDA the op rebuilds Ŵ in one compiled kernel: the same bits as ``dequantize_rows`` in
+    bf16 and float32, and forward and backward equal to a linear holding the eager Ŵ (checked on the
+    H200 in session 10 before this test existed, by the same comparisons)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from vlm.quant.int8_linear import _rebuilt, dequantize_rows
+
+    q = Int8Linear.from_linear(torch.nn.Linear(3584, 1024).cuda())
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(_rebuilt(q.weight, q.weight_scale, dtype), dequantize_rows(q.weight, q.weight_scale, dtype))
+    x = torch.randn(64, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = q(x)                                    # through the op (x needs a gradient)
+    y.float().square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    w = dequantize_rows(q.weight, q.weight_scale, torch.bfloat16)
+    y2 = torch.nn.functional.linear(x2, w, q.bias.bfloat16())
+    y2.float().square().sum().backward()
+    assert torch.equal(y.detach(), y2.detach()) and torch.equal(x.grad, x2.grad)
